@@ -1,0 +1,26 @@
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test example quickstart bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python  ## editable install with the tested versions pinned
+	$(BIN)/pip install -q -e ".[dev]" -c constraints.txt
+
+test: install  ## the default test run (CI runs exactly this)
+	$(BIN)/python -m pytest -q -n 2
+
+example: install  ## digits CNN in every format optcli reads, plus .npz data, under build/example
+	$(BIN)/python -m optcli.examples.digits build/example
+
+quickstart: example
+	$(BIN)/optcli run configs/digits_static_int8.yaml -o out/digits --overwrite
+
+bench: install
+	$(BIN)/python benchmarks/bench_digits_int8.py
+
+clean:
+	rm -rf build out .pytest_cache

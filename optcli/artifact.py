@@ -1,0 +1,400 @@
+"""Load and save models by format: ONNX, TorchScript, torch.export (.pt2), state_dict + factory.
+
+Safe by default: torch.load runs with weights_only=True unless the user opts in to
+unpickling, and ONNX external data must live inside the model's own folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from optcli.errors import BadInput
+
+BATCH = "batch"
+ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message limit
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]  # concrete example shape; shape[0] is the batch when batch_dynamic
+    dtype: str
+    batch_dynamic: bool = True
+
+    def shape_for(self, batch: int) -> tuple[int, ...]:
+        if self.batch_dynamic and self.shape:
+            return (batch, *self.shape[1:])
+        return self.shape
+
+
+@dataclass
+class Model:
+    """A model between passes: a torch module in memory, or an ONNX file on disk."""
+
+    format: str  # "torch" | "onnx"
+    inputs: list[InputSpec]
+    module: Any = None
+    path: Path | None = None
+    output_names: list[str] = field(default_factory=list)
+    kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle
+
+    def with_(self, **changes) -> "Model":
+        return replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(spec, trust_pickle: bool = False) -> Model:
+    """Load the model a recipe's `model:` section names (a ModelSpec)."""
+    path = Path(spec.path)
+    if not path.is_file():
+        raise BadInput(f"model {path} not found")
+    if path.stat().st_size == 0:
+        raise BadInput(f"model {path} is empty (0 bytes): re-export or re-download it")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        model = load_onnx(path)
+    elif suffix == ".pt2":
+        model = _load_exported_program(path)
+    elif suffix == ".safetensors":
+        model = _from_state_dict(_load_safetensors(path), spec, path)
+    else:
+        model = _load_torch_file(path, spec, trust_pickle or spec.trust_pickle)
+    inputs = resolve_inputs(model.inputs, spec.inputs, path)
+    return model.with_(inputs=inputs, output_names=spec.output_names or model.output_names)
+
+
+def check_onnx_external_data(proto, folder: Path, path: Path) -> None:
+    """External data must be a file inside the model's folder: never ../../etc/passwd or /abs/path."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    root = folder.resolve()
+    for tensor in _get_all_tensors(proto):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        if os.path.isabs(location) or root not in target.parents:
+            raise BadInput(f"{path}: external data of tensor {tensor.name!r} points outside the model folder ({location!r}); refusing to read it")
+        if not target.is_file():
+            raise BadInput(f"{path}: external data file {location!r} (tensor {tensor.name!r}) is missing; keep it next to the model")
+
+
+def load_onnx(path: Path) -> Model:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise BadInput(f"{path}: not a valid ONNX file ({type(e).__name__}); was it truncated or is it another format?") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise BadInput(f"{path}: not a valid ONNX file (no graph); was it truncated or is it another format?")
+    check_onnx_external_data(proto, path.parent, path)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # onnx raises ValidationError and several C++ error types
+        raise BadInput(f"{path}: ONNX checker refused the model: {str(e).splitlines()[0][:300]}") from None
+    return Model(format="onnx", inputs=onnx_inputs(proto), path=path, output_names=[o.name for o in proto.graph.output], kind="onnx")
+
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
+
+
+def onnx_inputs(proto) -> list[dict]:
+    initializers = {t.name for t in proto.graph.initializer}
+    out = []
+    for inp in proto.graph.input:
+        if inp.name in initializers:
+            continue
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        out.append({"name": inp.name, "shape": dims, "dtype": _ONNX_DTYPES.get(tt.elem_type, f"onnx:{tt.elem_type}")})
+    return out
+
+
+def _load_exported_program(path: Path) -> Model:
+    import torch
+
+    if not zipfile.is_zipfile(path):
+        raise BadInput(f"{path}: not a torch.export archive (.pt2 is a zip file); was it truncated?")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise BadInput(f"{path}: could not load the torch.export program ({type(e).__name__}: {str(e)[:200]})") from None
+    inputs = []
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            shape = [d if isinstance(d, int) else None for d in val.shape] if val is not None else []
+            inputs.append({"name": node.name, "shape": shape, "dtype": str(val.dtype).removeprefix("torch.") if val is not None else "float32"})
+    return Model(format="torch", inputs=inputs, module=program.module(), path=path, kind="torch.export")
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInput(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
+    import torch
+
+    if _is_torchscript(path):
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise BadInput(f"{path}: could not load the TorchScript archive ({type(e).__name__}: {str(e)[:200]})") from None
+        return Model(format="torch", inputs=[], module=module.eval(), path=path, kind="torchscript")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        kind = "state_dict"
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "Unsupported operand" not in str(e):
+            raise BadInput(f"{path}: not a PyTorch checkpoint (cannot be read by torch.load); is it truncated or another format?") from None
+        if not trust_pickle:
+            raise BadInput(
+                f"{path}: holds pickled Python objects, which run code when loaded; save a state_dict instead, "
+                "or opt in with model.trust_pickle: true / --trust-pickle if you trust this file"
+            ) from None
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise BadInput(f"{path}: could not unpickle ({type(e).__name__}: {str(e)[:200]})") from None
+        kind = "pickle"
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError) as e:
+        raise BadInput(f"{path}: not a PyTorch checkpoint ({type(e).__name__}); is it truncated or another format?") from None
+    if isinstance(obj, torch.nn.Module):
+        return Model(format="torch", inputs=[], module=obj.eval(), path=path, kind="pickle")
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: holds a {type(obj).__name__}, not a state_dict or module")
+    model = _from_state_dict(_unwrap_checkpoint(obj), spec, path)
+    return model.with_(kind=kind)
+
+
+def _unwrap_checkpoint(obj: dict) -> dict:
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def _from_state_dict(state: dict, spec, path: Path) -> Model:
+    import torch
+
+    if spec.factory is None:
+        raise BadInput(f"{path}: is a state_dict (weights only); set model.factory: module:callable that builds the nn.Module")
+    module = build_from_factory(spec.factory, spec.factory_kwargs, "model.factory")
+    if not isinstance(module, torch.nn.Module):
+        raise BadInput(f"model.factory {spec.factory} returned {type(module).__name__}, not a torch.nn.Module")
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise BadInput(
+            f"{path}: does not fit the module built by {spec.factory}: "
+            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}; check model.factory_kwargs"
+        )
+    return Model(format="torch", inputs=[], module=module.eval(), path=path, kind="state_dict")
+
+
+def import_ref(ref: str, what: str):
+    """Import `module:callable`. The working directory is searched too, like `python -m`."""
+    module_name, _, attr = ref.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise BadInput(f"{what}: cannot import module {module_name!r} ({e}); is it on PYTHONPATH?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise BadInput(f"{what}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_from_factory(ref: str, kwargs: dict, what: str):
+    factory = import_ref(ref, what)
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        raise BadInput(f"{what} {ref}: {e}; check the *_kwargs given to it") from None
+
+
+def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[InputSpec]:
+    """Input specs from the file where it fixes them, else from model.inputs; batch is dim 0."""
+    given = {t.name: t for t in recipe_inputs or []}
+    if not file_inputs:
+        if not given:
+            raise BadInput(f"{path}: the file does not record its inputs; list them under model.inputs (name, shape, dtype)")
+        return [InputSpec(t.name, tuple(t.shape), t.dtype, batch_dynamic=len(t.shape) > 0) for t in recipe_inputs]
+    names = [i["name"] for i in file_inputs]
+    for name in given:
+        if name not in names:
+            raise BadInput(f"model.inputs: {name!r} is not an input of {path.name} (its inputs: {', '.join(names)})")
+    specs = []
+    for item in file_inputs:
+        name, dims = item["name"], list(item["shape"])
+        if name in given:
+            t = given[name]
+            if len(t.shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims[1:], t.shape[1:])):
+                raise BadInput(f"model.inputs: {name!r} has shape {t.shape} but the file says {dims}")
+            specs.append(InputSpec(name, tuple(t.shape), t.dtype, batch_dynamic=bool(dims) and not isinstance(dims[0], int)))
+            continue
+        for axis, d in enumerate(dims[1:], start=1):
+            if not isinstance(d, int) or d <= 0:
+                raise BadInput(
+                    f"input {name!r} has a dynamic dimension {axis} ({d or '?'}) with no size: give it in model.inputs "
+                    f"(- {{name: {name}, shape: [...], dtype: {item['dtype']}}}) or with --shape {name}=1x..."
+                )
+        batch_dynamic = bool(dims) and not (isinstance(dims[0], int) and dims[0] > 0)
+        shape = tuple([1 if batch_dynamic else dims[0], *dims[1:]]) if dims else ()
+        specs.append(InputSpec(name, shape, item["dtype"], batch_dynamic=batch_dynamic))
+    for spec in specs:
+        if math.prod(spec.shape) > 2**31:
+            raise BadInput(f"input {spec.name!r}: shape {spec.shape} is too large to allocate")
+    return specs
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def fold_pruning(module):
+    """A copy of the module with pruning masks / parametrizations folded into plain weights."""
+    import copy
+
+    import torch
+    from torch.nn.utils import parametrize, prune
+
+    module = copy.deepcopy(module)
+    for sub in module.modules():
+        for hook in list(sub._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(sub, hook._tensor_name)
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations.keys()):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+    return module.eval() if isinstance(module, torch.nn.Module) else module
+
+
+def example_inputs(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dict:
+    """Plausible inputs of the declared shapes: floats ~N(0,1), ids in a small range, masks of ones."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        shape = spec.shape_for(batch)
+        lname = spec.name.lower()
+        if spec.dtype.startswith("float") or spec.dtype == "bfloat16":
+            arr = rng.standard_normal(shape).astype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+        elif spec.dtype == "bool":
+            arr = np.ones(shape, dtype=bool)
+        elif "mask" in lname:
+            arr = np.ones(shape, dtype=spec.dtype)
+        elif "type" in lname or "segment" in lname:
+            arr = np.zeros(shape, dtype=spec.dtype)
+        else:
+            arr = rng.integers(0, 100, size=shape).astype(spec.dtype)
+        feeds[spec.name] = arr
+    return feeds
+
+
+def save_torch(module, inputs: list[InputSpec], folder: Path) -> Path:
+    """Write a torch module with torch.export (.pt2, dynamic batch). Returns the file."""
+    import torch
+
+    module = fold_pruning(module)
+    feeds = example_inputs(inputs, batch=2)
+    args = tuple(torch.from_numpy(feeds[s.name]) for s in inputs)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic = tuple({0: batch} if s.batch_dynamic else None for s in inputs)
+    target = folder / "model.pt2"
+    if isinstance(module, torch.jit.ScriptModule):
+        raise BadInput("a TorchScript module cannot be re-saved by torch.export; give a state_dict + factory or a .pt2 to run torch passes")
+    program = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+    torch.export.save(program, str(target))
+    return target
+
+
+def save_onnx(proto, target: Path) -> Path:
+    """Save an ONNX model; weights go to an external data file past the protobuf limit."""
+    import onnx
+
+    large = proto.ByteSize() > ONNX_EXTERNAL_THRESHOLD if _has_inline_data(proto) else True
+    if large:
+        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data")
+    else:
+        onnx.save_model(proto, str(target))
+    return target
+
+
+def _has_inline_data(proto) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return not any(uses_external_data(t) for t in proto.graph.initializer)
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """The model file plus any external data files it references."""
+    files = [path]
+    if path.suffix == ".onnx":
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+        proto = onnx.load(str(path), load_external_data=False)
+        seen = set()
+        for t in _get_all_tensors(proto):
+            if uses_external_data(t):
+                loc = next(e.value for e in t.external_data if e.key == "location")
+                if loc not in seen:
+                    seen.add(loc)
+                    files.append(path.parent / loc)
+    return files
+
+
+def parse_shape_arg(item: str) -> tuple[str, list[int], str]:
+    """`name=1x3x32x32[:dtype]` -> (name, [1, 3, 32, 32], dtype)."""
+    name, sep, rest = item.partition("=")
+    dims, _, dtype = rest.partition(":")
+    try:
+        shape = [int(d) for d in dims.lower().split("x")] if dims else []
+    except ValueError:
+        shape = None
+    if not sep or not name or shape is None or any(d < 1 for d in shape):
+        raise BadInput(f"--shape {item!r}: write name=1x3x32x32 (optionally :int64), every size a positive integer")
+    return name, shape, dtype or "float32"
+
+
+def load_any(path: Path, shapes: list[str] = (), trust_pickle: bool = False, factory: str | None = None) -> Model:
+    """Load a model file outside a recipe (inspect, bench, init), with --shape for unknown inputs."""
+    from optcli.config import TensorSpec
+    from optcli.recipe import ModelSpec
+
+    try:
+        given = [TensorSpec(name=n, shape=s, dtype=d) for n, s, d in (parse_shape_arg(x) for x in shapes)]
+        spec = ModelSpec(path=path, factory=factory, inputs=given or None)
+    except ValueError as e:
+        raise BadInput(f"--shape/--factory: {str(e).splitlines()[-1].strip()}") from None
+    return load_model(spec, trust_pickle=trust_pickle)

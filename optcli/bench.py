@@ -1,0 +1,30 @@
+"""`optcli bench`: latency percentiles of a model file, ONNX Runtime for ONNX, torch otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def bench_model(path: Path, shapes: list[str], batch_sizes: list[int], threads: int, warmup: int, runs: int) -> dict:
+    from optcli.artifact import load_any
+    from optcli.measure import latency, runner_for
+
+    model = load_any(path, shapes)
+    runner = runner_for(model, threads)
+    results, notes = latency(runner, batch_sizes, warmup, runs)
+    return {"path": str(path), "engine": runner.engine, "threads": threads, "warmup": warmup, "runs": runs,
+            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs],
+            "latency": results, "notes": notes}
+
+
+def render_bench(result: dict):
+    from rich.table import Table
+
+    t = Table(title=f"{result['path']} on {result['engine']}, {result['threads']} threads, {result['runs']} runs")
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "items/s"):
+        t.add_column(col, justify="right")
+    for key, row in result["latency"].items():
+        t.add_row(key.removeprefix("batch_"), f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}", f"{row['p99_ms']:.3f}", f"{row['throughput_per_s']:.1f}")
+    for note in result["notes"]:
+        t.caption = (t.caption or "") + note
+    return t

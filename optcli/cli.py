@@ -1,0 +1,228 @@
+"""The optcli command line. Thin: parse, call one library function, render.
+
+torch / onnxruntime are imported inside commands only, so `optcli --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Optimize saved models (int8, pruning, distillation, export) and report size, latency and accuracy honestly.")
+
+DEBUG_HELP = "show the full traceback on errors"
+JSON_HELP = "print only JSON on stdout (human text goes to stderr)"
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(message.rstrip() + "\n")
+
+
+def _console(stderr: bool = True):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stderr.isatty() else 160)
+
+
+def guarded(fn: Callable[[], int | None], debug: bool) -> None:
+    """Run a command body; map errors to exit codes with one line on stderr (traceback with --debug)."""
+    from optcli.errors import EXIT_INTERRUPTED, OptcliError
+
+    def _sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    debug = debug or os.environ.get("OPTCLI_DEBUG") == "1"
+    try:
+        code = fn() or 0
+    except OptcliError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _err(f"error: {e}")
+        code = e.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted: nothing half-written was left at the output paths")
+        code = EXIT_INTERRUPTED
+    except Exception as e:  # a bug: still one line unless --debug
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _err(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback)")
+        code = 3
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(code)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or table; errors still go to stderr"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    set_: List[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    resume: bool = typer.Option(False, "--resume", help="reuse finished steps whose input and config are unchanged"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"),
+):
+    """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
+
+    def body():
+        from optcli.recipe import load_recipe
+        from optcli.report import render_table, write_reports
+        from optcli.runner import RunOptions, run_recipe
+
+        err = _console()
+        log = (lambda m: None) if quiet else (lambda m: err.print(f"[dim]optcli[/dim] {m}"))
+        rec = load_recipe(recipe, overrides=set_)
+        report = run_recipe(rec, RunOptions(out=out, overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, log=log))
+        write_reports(report, out)
+        if json_out:
+            _print_json(report)
+            if not quiet:
+                err.print(render_table(report))
+        elif not quiet:
+            _console(stderr=False).print(render_table(report))
+            _console(stderr=False).print(f"wrote {report['output']['path']} and {out}/report.{{json,md,html}}")
+        failed = [g["name"] for g in report["gates"] if not g["passed"]]
+        if failed:
+            _err(f"gate failed: {', '.join(failed)} (see {out}/report.json)")
+            return 1
+        return 0
+
+    guarded(body, debug)
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="YAML recipe"),
+    set_: List[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+):
+    """Check a recipe (keys, types, files, pass order) without running anything."""
+
+    def body():
+        from optcli.recipe import load_recipe
+
+        rec = load_recipe(recipe, overrides=set_)
+        resolved = rec.model_dump(mode="json")
+        if json_out:
+            _print_json({"valid": True, "recipe": resolved})
+        else:
+            steps = " -> ".join(["original", *[f"{i + 1}-{p.type}" for i, p in enumerate(rec.passes)]])
+            _err(f"{recipe}: valid ({steps})")
+
+    guarded(body, debug)
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="model file (.onnx, .pt/.pth, .pt2, .safetensors)"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full torch module"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+):
+    """Parameters, sparsity, dtypes, ops, inputs and outputs of a model file."""
+
+    def body():
+        from optcli.inspect import inspect_model, render_inspection
+
+        info = inspect_model(model, trust_pickle=trust_pickle)
+        _print_json(info) if json_out else _console(stderr=False).print(render_inspection(info))
+
+    guarded(body, debug)
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="model file (.onnx or .pt2)"),
+    shape: List[str] = typer.Option([], "--shape", help="input shape, name=1x3x32x32 (repeatable)"),
+    batch: List[int] = typer.Option([1], "--batch", help="batch size (repeatable)"),
+    threads: int = typer.Option(2, "--threads", min=1),
+    warmup: int = typer.Option(10, "--warmup", min=0),
+    runs: int = typer.Option(100, "--runs", min=1),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+):
+    """Latency percentiles and throughput of a model file (ONNX Runtime or torch)."""
+
+    def body():
+        from optcli.bench import bench_model, render_bench
+
+        result = bench_model(model, shapes=shape, batch_sizes=batch, threads=threads, warmup=warmup, runs=runs)
+        _print_json(result) if json_out else _console(stderr=False).print(render_bench(result))
+
+    guarded(body, debug)
+
+
+@app.command()
+def passes(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
+    """Every pass with its options, types and defaults."""
+    from optcli.catalog import pass_catalog, render_pass_catalog
+
+    catalog = pass_catalog()
+    _print_json(catalog) if json_out else _console(stderr=False).print(render_pass_catalog(catalog))
+
+
+@app.command()
+def schema():
+    """JSON Schema of recipes, for editor completion (yaml-language-server)."""
+    from optcli.recipe import recipe_model
+
+    _print_json(recipe_model().model_json_schema())
+
+
+@app.command()
+def init(
+    model: Path = typer.Argument(..., help="model file the recipe starts from"),
+    factory: Optional[str] = typer.Option(None, "--factory", help="module:callable that builds the module (state_dict files)"),
+    shape: List[str] = typer.Option([], "--shape", help="input shape where the file does not fix it: name=1x1x8x8[:dtype]"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+):
+    """Print a starter recipe for MODEL (inputs filled in from the file) to stdout."""
+
+    def body():
+        from optcli.starter import starter_recipe
+
+        sys.stdout.write(starter_recipe(model, factory=factory, shapes=shape))
+
+    guarded(body, debug)
+
+
+@app.command()
+def compare(
+    report: Path = typer.Argument(..., help="report.json of the new run"),
+    baseline: Path = typer.Argument(..., help="report.json to compare against"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+):
+    """What changed between two runs' final artifacts (size, latency, accuracy, fidelity)."""
+
+    def body():
+        from optcli.compare import compare_reports, render_comparison
+
+        result = compare_reports(report, baseline)
+        _print_json(result) if json_out else _console(stderr=False).print(render_comparison(result))
+
+    guarded(body, debug)
+
+
+def main() -> None:
+    app()

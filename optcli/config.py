@@ -1,0 +1,72 @@
+"""Typed building blocks shared by the recipe and the pass configs.
+
+Every config is strict: unknown keys, NaN/inf and wrong types are errors when
+the recipe loads, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+DType = Literal["float32", "float16", "float64", "bfloat16", "int64", "int32", "int8", "uint8", "bool"]
+
+# Refuse shapes whose tensors could not be allocated on a normal machine before
+# trying: one input of more than 2**31 elements is almost surely a typo.
+MAX_INPUT_ELEMENTS = 2**31
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, validate_default=True)
+
+
+def _resolve_against_recipe(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+# Relative paths in a recipe are relative to the recipe file, so a recipe runs
+# the same from any working directory.
+RecipePath = Annotated[Path, AfterValidator(_resolve_against_recipe)]
+
+ImportRef = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", description="module:callable")]
+
+
+class TensorSpec(StrictModel):
+    name: str = Field(min_length=1)
+    shape: list[Annotated[int, Field(ge=1, le=2**31)]] = Field(min_length=0, max_length=8)
+    dtype: DType = "float32"
+
+    @model_validator(mode="after")
+    def _not_huge(self) -> "TensorSpec":
+        if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"shape {self.shape} has {math.prod(self.shape):,} elements; the limit is {MAX_INPUT_ELEMENTS:,}")
+        return self
+
+
+class DataSource(StrictModel):
+    """A file of arrays keyed by input name (.npz/.pt/.safetensors), or a factory returning batches."""
+
+    path: RecipePath | None = None
+    factory: ImportRef | None = None
+    factory_kwargs: dict = Field(default_factory=dict)
+    samples: int | None = Field(default=None, ge=1, le=10_000_000)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    labels: str | None = Field(default=None, description="key of the labels array, if any")
+    metric: str = Field(default="accuracy", description="accuracy | top5 | mse | module:callable(outputs, labels) -> float")
+    shuffle: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSource":
+        if (self.path is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'path' (a .npz/.pt/.safetensors file) or 'factory' (module:callable)")
+        if self.metric not in ("accuracy", "top5", "mse") and ":" not in self.metric:
+            raise ValueError(f"metric '{self.metric}' is not accuracy, top5, mse or module:callable")
+        return self

@@ -1,0 +1,152 @@
+"""Data sources -> arrays keyed by model input name, batched with a fixed seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from optcli.artifact import InputSpec, build_from_factory
+from optcli.errors import BadInput
+
+LABEL_KEYS = ("labels", "label", "y", "target", "targets")
+
+
+@dataclass
+class Dataset:
+    name: str  # calibration | eval | train
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    batch_size: int
+    metric: str
+    shuffle: bool = False
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def batches(self, batch_size: int | None = None, limit: int | None = None, epoch: int = 0) -> Iterator[tuple[dict, np.ndarray | None]]:
+        n = min(len(self), limit) if limit else len(self)
+        order = np.arange(len(self))
+        if self.shuffle:
+            order = np.random.default_rng(self.seed + epoch).permutation(len(self))
+        order = order[:n]
+        size = batch_size or self.batch_size
+        for start in range(0, n, size):
+            idx = order[start : start + size]
+            yield {k: v[idx] for k, v in self.arrays.items()}, (self.labels[idx] if self.labels is not None else None)
+
+    def head(self, n: int) -> dict:
+        return {k: v[:n] for k, v in self.arrays.items()}
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return load_file(str(path))
+        if suffix in (".pt", ".pth"):
+            import torch
+
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict):
+                raise BadInput(f"{path}: holds a {type(obj).__name__}; a data .pt must be a dict of tensors keyed by input name")
+            return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in obj.items()}
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"{path}: cannot read data ({type(e).__name__}: {str(e)[:160]}); expected arrays keyed by input name") from None
+    raise BadInput(f"{path}: unknown data format {suffix!r}; use .npz, .pt (dict of tensors) or .safetensors")
+
+
+def _from_factory(source) -> dict[str, np.ndarray]:
+    batches = build_from_factory(source.factory, source.factory_kwargs, "data factory")
+    parts: dict[str, list] = {}
+    total = 0
+    for batch in batches:
+        if not isinstance(batch, dict):
+            raise BadInput(f"data factory {source.factory}: yields {type(batch).__name__}; yield dicts of arrays keyed by input name")
+        for k, v in batch.items():
+            parts.setdefault(k, []).append(v.numpy() if hasattr(v, "numpy") else np.asarray(v))
+        total += len(next(iter(batch.values())))
+        if source.samples and total >= source.samples:
+            break
+    if not parts:
+        raise BadInput(f"data factory {source.factory}: yielded no batches")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
+    where = f"data.{name} ({source.path or source.factory})"
+    arrays = read_arrays(Path(source.path)) if source.path is not None else _from_factory(source)
+    label_key = source.labels or next((k for k in LABEL_KEYS if k in arrays and k not in {i.name for i in inputs}), None)
+    if source.labels and source.labels not in arrays:
+        raise BadInput(f"{where}: no labels key {source.labels!r} (keys: {', '.join(arrays)})")
+    missing = [i.name for i in inputs if i.name not in arrays]
+    if missing:
+        raise BadInput(f"{where}: no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays)}); key arrays by input name")
+    feeds = {}
+    n = None
+    for spec in inputs:
+        arr = arrays[spec.name]
+        if spec.shape and (arr.ndim != len(spec.shape) or any(a != s for a, s in zip(arr.shape[1:], spec.shape[1:]))):
+            raise BadInput(f"{where}: {spec.name!r} has shape {arr.shape}, the model takes (N, {', '.join(map(str, spec.shape[1:]))})")
+        feeds[spec.name] = _cast(arr, spec, where)
+        if n is not None and len(arr) != n:
+            raise BadInput(f"{where}: arrays have different lengths ({n} vs {len(arr)} for {spec.name!r})")
+        n = len(arr) if spec.shape else n
+    labels = arrays.get(label_key) if label_key else None
+    if labels is not None and n is not None and len(labels) != n:
+        raise BadInput(f"{where}: {len(labels)} labels for {n} samples")
+    if n == 0:
+        raise BadInput(f"{where}: holds no samples")
+    if source.samples:
+        feeds = {k: v[: source.samples] if v.ndim else v for k, v in feeds.items()}
+        labels = labels[: source.samples] if labels is not None else None
+    return Dataset(name, feeds, labels, source.batch_size, source.metric, source.shuffle, source.seed)
+
+
+def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    want = np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+    if arr.dtype == want:
+        return arr
+    same_kind = (arr.dtype.kind == "f") == (want.kind == "f")
+    if not same_kind:
+        raise BadInput(f"{where}: {spec.name!r} is {arr.dtype}, the model takes {spec.dtype}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BadInput(f"{where}: {spec.name!r} holds NaN or inf values")
+    return arr.astype(want)
+
+
+class DataCatalog:
+    """The recipe's data sections, each read once on first use."""
+
+    def __init__(self, spec, inputs: list[InputSpec]):
+        self._spec = spec
+        self._inputs = inputs
+        self._cache: dict[str, Dataset | None] = {}
+
+    def get(self, name: str) -> Dataset | None:
+        if name not in self._cache:
+            source = getattr(self._spec, name)
+            self._cache[name] = load_dataset(name, source, self._inputs) if source is not None else None
+        return self._cache[name]
+
+    @property
+    def calibration(self) -> Dataset | None:
+        return self.get("calibration")
+
+    @property
+    def eval(self) -> Dataset | None:
+        return self.get("eval")
+
+    @property
+    def train(self) -> Dataset | None:
+        return self.get("train")

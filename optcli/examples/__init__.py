@@ -1,0 +1,1 @@
+"""Small example models and data the README and tests use (no downloads)."""

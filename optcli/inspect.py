@@ -1,0 +1,123 @@
+"""`optcli inspect`: what a model file holds (params, sparsity, dtypes, ops, inputs, outputs)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from optcli.errors import BadInput
+
+
+def inspect_model(path: Path, trust_pickle: bool = False) -> dict:
+    from optcli.artifact import load_onnx
+    from optcli.measure import parameter_counts, size_on_disk
+
+    if not path.is_file():
+        raise BadInput(f"model {path} not found")
+    if path.stat().st_size == 0:
+        raise BadInput(f"model {path} is empty (0 bytes)")
+    if path.suffix.lower() == ".onnx":
+        model = load_onnx(path)
+        info = {"path": str(path), "format": "onnx", **size_on_disk(path), **parameter_counts(path), **_onnx_details(path)}
+        info["inputs"] = model.inputs
+        return info
+    return _inspect_torch(path, trust_pickle)
+
+
+def _onnx_details(path: Path) -> dict:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    dtypes = Counter(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in proto.graph.initializer)
+    layers = {}
+    for t in proto.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        if arr.ndim >= 2:
+            layers[t.name] = round(1 - np.count_nonzero(arr) / arr.size, 4)
+    return {
+        "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "ops": dict(Counter(n.op_type for n in proto.graph.node).most_common()),
+        "initializer_dtypes": dict(dtypes),
+        "outputs": [o.name for o in proto.graph.output],
+        "layer_sparsity": layers,
+    }
+
+
+def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
+    import torch
+
+    from optcli.artifact import _is_torchscript
+    from optcli.measure import size_on_disk
+
+    info = {"path": str(path), **size_on_disk(path)}
+    if path.suffix == ".pt2":
+        from optcli.artifact import _load_exported_program
+
+        model = _load_exported_program(path)
+        program = torch.export.load(str(path))
+        tensors = {n: program.state_dict[n] for n in program.graph_signature.parameters if n in program.state_dict}
+        info.update(format="torch.export", inputs=model.inputs, ops=dict(Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function").most_common(20)))
+    elif _is_torchscript(path):
+        module = torch.jit.load(str(path), map_location="cpu")
+        tensors = dict(module.named_parameters())
+        info.update(format="torchscript", inputs=None)
+    else:
+        from optcli.artifact import _load_safetensors, _unwrap_checkpoint
+
+        if path.suffix == ".safetensors":
+            state = _load_safetensors(path)
+        else:
+            from optcli.recipe import ModelSpec
+            from optcli.artifact import _load_torch_file
+
+            try:
+                state = _unwrap_checkpoint(torch.load(str(path), map_location="cpu", weights_only=True))
+            except Exception:
+                model = _load_torch_file(path, ModelSpec(path=path), trust_pickle)  # raises the right one-line error
+                state = dict(model.module.named_parameters())
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and "running_" not in k}
+        info.update(format="state_dict", inputs=None)
+    total = sum(t.numel() for t in tensors.values())
+    nonzero = sum(int(torch.count_nonzero(t)) for t in tensors.values())
+    info.update(
+        parameters=total, nonzero_parameters=nonzero, sparsity=round(1 - nonzero / total, 6) if total else 0.0,
+        parameter_dtypes=dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
+        layer_sparsity={k: round(1 - int(torch.count_nonzero(t)) / t.numel(), 4) for k, t in tensors.items() if t.ndim >= 2},
+    )
+    return info
+
+
+def render_inspection(info: dict):
+    from rich.console import Group
+    from rich.table import Table
+
+    from optcli.report import format_bytes
+
+    head = Table(show_header=False, box=None)
+    head.add_row("file", info["path"])
+    head.add_row("format", info["format"])
+    head.add_row("size", f"{format_bytes(info['size_bytes'])} ({format_bytes(info['compressed_bytes'])} deflated)")
+    head.add_row("parameters", f"{info['parameters']:,} ({info['sparsity']:.1%} zero)")
+    for key in ("opset", "initializer_dtypes", "parameter_dtypes", "outputs"):
+        if info.get(key):
+            head.add_row(key.replace("_", " "), str(info[key]))
+    parts = [head]
+    if info.get("inputs"):
+        t = Table(title="inputs")
+        for col in ("name", "shape", "dtype", "batch"):
+            t.add_column(col)
+        for i in info["inputs"]:
+            i = i if isinstance(i, dict) else i.__dict__
+            t.add_row(i["name"], str(list(i["shape"])), i["dtype"], "dynamic" if i.get("batch_dynamic") else "fixed")
+        parts.append(t)
+    if info.get("ops"):
+        t = Table(title="ops")
+        t.add_column("op")
+        t.add_column("count", justify="right")
+        for op, n in list(info["ops"].items())[:20]:
+            t.add_row(op, str(n))
+        parts.append(t)
+    return Group(*parts)

@@ -1,0 +1,233 @@
+"""Size, parameters, latency, accuracy and fidelity of an artifact as written to disk."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from optcli.artifact import InputSpec, Model, artifact_files, example_inputs
+
+# Inputs 1.. of these ops are scales / zero points, not weights.
+_QUANT_PARAM_INPUTS = {
+    "QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}, "DynamicQuantizeLinear": set(),
+    "MatMulInteger": {2, 3}, "ConvInteger": {2, 3},
+    "QLinearMatMul": {1, 2, 4, 5, 6, 7}, "QLinearConv": {1, 2, 4, 5, 6, 7},
+}
+
+
+class Runner:
+    """Runs a model on numpy feeds; ONNX Runtime for ONNX, torch for torch."""
+
+    def __init__(self, fn: Callable[[dict], list[np.ndarray]], inputs: list[InputSpec], engine: str):
+        self._fn = fn
+        self.inputs = inputs
+        self.engine = engine
+
+    def __call__(self, feeds: dict) -> list[np.ndarray]:
+        return self._fn(feeds)
+
+
+def onnx_runner(path: Path, inputs: list[InputSpec], threads: int) -> Runner:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+
+    def run(feeds):
+        return session.run(None, {k: v for k, v in feeds.items() if k in names})
+
+    return Runner(run, inputs, f"onnxruntime {ort.__version__}")
+
+
+def torch_runner(module, inputs: list[InputSpec], threads: int) -> Runner:
+    import torch
+
+    torch.set_num_threads(threads)
+    if hasattr(module, "eval") and not _is_graph_module(module):
+        module.eval()
+
+    def run(feeds):
+        with torch.inference_mode():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in inputs])
+        return [t.detach().float().numpy() if t.is_floating_point() else t.numpy() for t in _flatten(out)]
+
+    return Runner(run, inputs, f"torch {torch.__version__}")
+
+
+def _is_graph_module(module) -> bool:
+    # torch.export's unlifted modules refuse .eval(); they were exported in eval mode already.
+    return type(module).__name__ == "GraphModule"
+
+
+def _flatten(out) -> list:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    flat = []
+    for item in out:
+        flat.extend(_flatten(item))
+    return flat
+
+
+def runner_for(model: Model, threads: int) -> Runner:
+    if model.format == "onnx":
+        return onnx_runner(model.path, model.inputs, threads)
+    return torch_runner(model.module, model.inputs, threads)
+
+
+def load_written(path: Path, inputs: list[InputSpec], threads: int) -> Runner:
+    """A runner on a step artifact read back from disk (ONNX or torch.export)."""
+    if path.suffix == ".onnx":
+        return onnx_runner(path, inputs, threads)
+    import torch
+
+    return torch_runner(torch.export.load(str(path)).module(), inputs, threads)
+
+
+# --------------------------------------------------------------------------- size
+
+
+def size_on_disk(path: Path) -> dict:
+    files = artifact_files(path)
+    size = sum(f.stat().st_size for f in files)
+    compressed = 0
+    for f in files:
+        comp = zlib.compressobj(6)
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                compressed += len(comp.compress(chunk))
+        compressed += len(comp.flush())
+    return {"size_bytes": size, "compressed_bytes": compressed, "files": [f.name for f in files]}
+
+
+def parameter_counts(path: Path, module=None) -> dict:
+    """Weights held by the artifact (scales, zero points, shape constants and buffers left out)."""
+    if path.suffix == ".onnx":
+        total, nonzero = _onnx_weights(path)
+    else:
+        total, nonzero = _torch_weights(path, module)
+    return {"parameters": total, "nonzero_parameters": nonzero, "sparsity": round(1 - nonzero / total, 6) if total else 0.0}
+
+
+def _onnx_weights(path: Path) -> tuple[int, int]:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path), load_external_data=True)
+    skip = set()
+    for node in proto.graph.node:
+        for idx in _QUANT_PARAM_INPUTS.get(node.op_type, ()):
+            if idx < len(node.input):
+                skip.add(node.input[idx])
+    total = nonzero = 0
+    for init in proto.graph.initializer:
+        if init.name in skip or init.data_type not in (1, 10, 11, 16, 3, 2, 5):  # float types and int8/uint8/int16
+            continue
+        arr = numpy_helper.to_array(init)
+        if arr.size <= 1:
+            continue
+        total += arr.size
+        nonzero += int(np.count_nonzero(arr))
+    return total, nonzero
+
+
+def _torch_weights(path: Path, module=None) -> tuple[int, int]:
+    import torch
+
+    if path.suffix == ".pt2":
+        program = torch.export.load(str(path))
+        tensors = [program.state_dict[n] for n in program.graph_signature.parameters if n in program.state_dict]
+    elif module is not None:
+        tensors = [p for _, p in module.named_parameters()]
+    else:
+        return 0, 0
+    total = sum(t.numel() for t in tensors)
+    nonzero = sum(int(torch.count_nonzero(t)) for t in tensors)
+    return total, nonzero
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def latency(runner: Runner, batch_sizes: list[int], warmup: int, runs: int) -> tuple[dict, list[str]]:
+    """p50/p90/p99 and throughput per batch size; batch sizes the model cannot take are skipped with a note."""
+    results, notes = {}, []
+    for batch in batch_sizes:
+        if any(not s.batch_dynamic and s.shape and s.shape[0] != batch for s in runner.inputs):
+            notes.append(f"batch {batch} skipped: the model's batch dimension is fixed")
+            continue
+        feeds = example_inputs(runner.inputs, batch=batch, seed=batch)
+        for _ in range(warmup):
+            runner(feeds)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            runner(feeds)
+            times.append((time.perf_counter() - t0) * 1000)
+        p50, p90, p99 = np.percentile(times, [50, 90, 99])
+        results[f"batch_{batch}"] = {
+            "p50_ms": round(float(p50), 4), "p90_ms": round(float(p90), 4), "p99_ms": round(float(p99), 4),
+            "throughput_per_s": round(batch * 1000 / float(p50), 2), "runs": runs,
+        }
+    return results, notes
+
+
+# --------------------------------------------------------------------------- accuracy and fidelity
+
+
+def predict(runner: Runner, batches) -> list[np.ndarray]:
+    """Run every batch; return each output concatenated over batches."""
+    outs: list[list[np.ndarray]] = []
+    for feeds in batches:
+        result = runner(feeds)
+        if not outs:
+            outs = [[] for _ in result]
+        for slot, arr in zip(outs, result):
+            slot.append(arr)
+    return [np.concatenate(s) if s[0].ndim else s[0] for s in outs]
+
+
+def metric_value(metric: str, outputs: list[np.ndarray], labels: np.ndarray) -> float:
+    logits = outputs[0]
+    if metric == "accuracy":
+        return float((logits.argmax(-1) == labels).mean())
+    if metric == "top5":
+        top = np.argsort(-logits, axis=-1)[:, :5]
+        return float((top == labels[:, None]).any(-1).mean())
+    if metric == "mse":
+        return float(((logits.reshape(labels.shape) - labels) ** 2).mean())
+    from optcli.artifact import import_ref
+
+    return float(import_ref(metric, "data.eval.metric")(outputs, labels))
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != "mse"
+
+
+def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
+    """How far the first output drifted from the original model's on the same inputs."""
+    ref, out = reference[0].astype(np.float64), outputs[0].astype(np.float64)
+    if ref.shape != out.shape:
+        return {"cosine_mean": None, "max_abs_error": None, "top1_agreement": None, "note": f"output shape {out.shape} differs from {ref.shape}"}
+    n = ref.shape[0] if ref.ndim else 1
+    a, b = ref.reshape(n, -1), out.reshape(n, -1)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cos = np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1), 1.0)
+    result = {"cosine_mean": round(float(cos.mean()), 6), "max_abs_error": float(np.abs(a - b).max()), "top1_agreement": None}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        result["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
+    return result

@@ -1,0 +1,61 @@
+"""What every pass is: a typed config, the formats it takes and gives, one apply().
+
+A pass module defines `Config` (a StrictModel with a literal `type`) and a
+`PASS = PassSpec(...)`. It imports torch/onnxruntime only inside its functions so
+validating a recipe or printing `optcli passes` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from optcli.config import StrictModel
+
+if TYPE_CHECKING:
+    from optcli.model import Model
+    from optcli.recipe import Recipe
+
+Format = Literal["torch", "onnx"]
+
+
+class PassConfig(StrictModel):
+    type: str
+
+
+@dataclass
+class Context:
+    """What a pass may use besides the model: the recipe, the original model, data, a folder of its own."""
+
+    recipe: "Recipe"
+    step_name: str
+    step_dir: Path
+    reference: "Model"
+    data: Any  # optcli.data.DataCatalog
+    seed: int = 0
+    quiet: bool = False
+    log: Callable[[str], None] = print
+    # Anything the pass wants in its report step (exporter used, max error, training curve ...).
+    details: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    # Filled by the runner for passes that resume (fine-tune epochs); empty otherwise.
+    options: dict = field(default_factory=dict)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(f"{self.step_name}: {message}")
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    type: str
+    config: type[PassConfig]
+    consumes: frozenset[str]
+    apply: Callable[["Model", Any, Context], "Model"]
+    summary: str
+    produces: str | None = None  # None: same format as its input
+    # Checks against the whole recipe at load time (data present, options compatible); raises ValueError.
+    check: Callable[[Any, "Recipe", str], None] | None = None
+
+    def output_format(self, input_format: str) -> str:
+        return self.produces or input_format

@@ -1,0 +1,237 @@
+"""YAML recipe -> typed, validated Recipe. Every mistake is found here, before any work starts."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import Field, ValidationError, create_model
+
+from optcli.config import DataSource, ImportRef, RecipePath, StrictModel, TensorSpec
+from optcli.errors import BadInput
+from optcli.passes import all_passes, get_pass
+
+ONNX_SUFFIXES = (".onnx",)
+TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".safetensors", ".bin")
+
+
+class ModelSpec(StrictModel):
+    path: RecipePath
+    factory: ImportRef | None = Field(default=None, description="module:callable that builds the nn.Module; needed for a state_dict")
+    factory_kwargs: dict = Field(default_factory=dict)
+    inputs: list[TensorSpec] | None = Field(default=None, description="input names/shapes/dtypes where the file does not fix them")
+    output_names: list[str] | None = None
+    trust_pickle: bool = Field(default=False, description="allow torch.load to unpickle arbitrary objects (runs code from the file)")
+
+    @property
+    def format(self) -> str:
+        return "onnx" if self.path.suffix.lower() in ONNX_SUFFIXES else "torch"
+
+
+class DataSpec(StrictModel):
+    calibration: DataSource | None = None
+    eval: DataSource | None = None
+    train: DataSource | None = None
+
+
+class LatencySpec(StrictModel):
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[1], min_length=1)
+    warmup: int = Field(default=5, ge=0, le=10_000)
+    runs: int = Field(default=30, ge=1, le=100_000)
+    threads: int = Field(default=2, ge=1, le=1024)
+
+
+class ReportSpec(StrictModel):
+    latency: LatencySpec = LatencySpec()
+    fidelity_samples: int = Field(default=64, ge=1, le=100_000, description="inputs compared with the original model when there is no eval data")
+
+
+class Gates(StrictModel):
+    max_accuracy_drop: float | None = Field(default=None, ge=0)
+    min_fidelity_cosine: float | None = Field(default=None, ge=-1, le=1)
+    max_size_bytes: int | None = Field(default=None, ge=1)
+    min_speedup: float | None = Field(default=None, gt=0)
+
+
+@functools.cache
+def recipe_model() -> type[StrictModel]:
+    """The Recipe class, built from the registered passes so each `type:` picks its own config class."""
+    configs = tuple(p.config for p in all_passes())
+    PassUnion = Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007 (runtime tuple)
+    return create_model(
+        "Recipe",
+        __base__=StrictModel,
+        model=(ModelSpec, ...),
+        data=(DataSpec, DataSpec()),
+        passes=(list[PassUnion], Field(default_factory=list)),
+        report=(ReportSpec, ReportSpec()),
+        gates=(Gates, Gates()),
+        seed=(int, 0),
+    )
+
+
+Recipe = Any  # an instance of recipe_model(); kept loose for type hints in other modules
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"recipe {path} not found: give the path of a YAML recipe (optcli init MODEL writes one)")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise BadInput(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); only plain YAML is read, no python tags") from None
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: a recipe is a mapping with at least 'model:' (optcli init MODEL writes one)")
+    for item in overrides:
+        _apply_override(raw, item)
+    recipe = _validate(raw, root, path)
+    check_recipe(recipe, path, root, check_files=check_files)
+    return with_implicit_exports(recipe)
+
+
+def recipe_from_dict(raw: dict, base_dir: Path, check_files: bool = True) -> Recipe:
+    """Validate an in-memory recipe (tests, `optcli init`)."""
+    recipe = _validate(raw, None, base_dir / "recipe.yaml")
+    check_recipe(recipe, base_dir / "recipe.yaml", None, check_files=check_files)
+    return with_implicit_exports(recipe)
+
+
+def _validate(raw: dict, root, path: Path) -> Recipe:
+    try:
+        return recipe_model().model_validate(raw, context={"base_dir": path.parent.resolve()})
+    except ValidationError as e:
+        err = _most_useful(e.errors(include_url=False), raw)
+        loc = [p for p in err["loc"] if not _is_union_tag(p, raw, err["loc"])]
+        raise BadInput(f"{_where(path, root, loc)}: {_dotted(loc) or 'recipe'}: {_message(err)}") from None
+
+
+def _most_useful(errors: list[dict], raw: dict) -> dict:
+    # An unknown pass type yields one error per union member; the tag error says it best.
+    for err in errors:
+        if err["type"] == "union_tag_invalid":
+            return err
+    return errors[0]
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key (check the spelling; `optcli schema` lists the keys)"
+    if err["type"] == "union_tag_invalid":
+        return f"unknown pass type {err['input'].get('type')!r} (known: {', '.join(p.type for p in all_passes())})"
+    if err["type"] == "union_tag_not_found":
+        return f"each pass needs a 'type' (one of: {', '.join(p.type for p in all_passes())})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if "input" in err and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _is_union_tag(part, raw: dict, loc) -> bool:
+    # pydantic inserts the discriminator value ('quantize') into the location of pass errors.
+    return isinstance(part, str) and part in {p.type for p in all_passes()} and "passes" in loc[:1]
+
+
+def _dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _where(path: Path, root, loc) -> str:
+    """path:line of the deepest YAML node the location reaches (the line a user should edit)."""
+    node, line = root, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            node = next((v for k, v in node.value if k.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return f"{path}:{line}" if line else str(path)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise BadInput(f"--set {item!r}: write key.path=value, e.g. --set passes.0.sparsity=0.5")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise BadInput(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} has {len(node)} items, no index {part!r}")
+            if last:
+                node[int(part)] = yaml.safe_load(value)
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = yaml.safe_load(value)
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise BadInput(f"--set {key}: {'.'.join(parts[:i])} is a value, not a mapping or list")
+
+
+def pass_step_names(recipe: Recipe) -> list[str]:
+    return [f"{i + 1}-{p.type}" for i, p in enumerate(recipe.passes)]
+
+
+def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> None:
+    """Checks that need the whole recipe: files present, each pass able to follow the one before."""
+    spec = recipe.model
+    if check_files:
+        if not spec.path.exists():
+            raise BadInput(f"{_where(path, root, ['model', 'path'])}: model.path: {spec.path} not found")
+        for name in ("calibration", "eval", "train"):
+            source = getattr(recipe.data, name)
+            if source is not None and source.path is not None and not source.path.is_file():
+                raise BadInput(f"{_where(path, root, ['data', name, 'path'])}: data.{name}.path: {source.path} not found")
+    suffix = spec.path.suffix.lower()
+    if suffix not in ONNX_SUFFIXES + TORCH_SUFFIXES:
+        raise BadInput(f"model.path: {spec.path.name} has an unknown extension; use .onnx, .pt/.pth (state_dict or TorchScript), .pt2 (torch.export) or .safetensors")
+    if suffix in (".safetensors", ".bin") and spec.factory is None:
+        raise BadInput(f"model.factory: {spec.path.name} holds only weights; set model.factory: module:callable that builds the nn.Module")
+    fmt = spec.format
+    for i, cfg in enumerate(recipe.passes):
+        p = get_pass(cfg.type)
+        where = _where(path, root, ["passes", i])
+        if fmt == "torch" and p.consumes == {"onnx"}:
+            fmt = "onnx"  # an export with defaults is inserted before it (with_implicit_exports)
+        if fmt not in p.consumes:
+            hint = " (put it before the export pass, or start from the torch checkpoint)" if fmt == "onnx" else ""
+            raise BadInput(f"{where}: passes[{i}] ({cfg.type}) needs a {'/'.join(sorted(p.consumes))} model but gets {fmt}{hint}")
+        if p.check is not None:
+            try:
+                p.check(cfg, recipe, fmt)
+            except ValueError as e:
+                raise BadInput(f"{where}: passes[{i}] ({cfg.type}): {e}") from None
+        fmt = p.output_format(fmt)
+
+
+def with_implicit_exports(recipe: Recipe) -> Recipe:
+    """A torch model handed to an ONNX-only pass (quantize) is exported first, as a step of its own."""
+    export_config = get_pass("export").config
+    fmt, passes = recipe.model.format, []
+    for cfg in recipe.passes:
+        p = get_pass(cfg.type)
+        if fmt == "torch" and p.consumes == {"onnx"}:
+            passes.append(export_config(type="export"))
+            fmt = "onnx"
+        passes.append(cfg)
+        fmt = p.output_format(fmt)
+    return recipe.model_copy(update={"passes": passes})
