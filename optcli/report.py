@@ -293,13 +293,26 @@ def _search_rows(step: dict) -> list[list[str]]:
 # --------------------------------------------------------------------------- terminal
 
 
+def _compact(headers: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The terminal's narrower view of the steps table: size and its ratio in one cell, no params/seconds."""
+    idx = {h: i for i, h in enumerate(headers)}
+    keep = [h for h in headers if h not in ("size ratio", "params", "seconds")]
+    out_headers = ["size (×)" if h == "size" else h.replace(" (speed-up)", " (×)") for h in keep]
+    out_rows = []
+    for row in rows:
+        cells = {h: row[i] for h, i in idx.items()}
+        cells["size"] = f"{cells['size']} ({cells['size ratio']})"
+        out_rows.append([cells[h] for h in keep])
+    return out_headers, out_rows
+
+
 def render_table(report: dict) -> Group:
     """A rich renderable: the steps table, then gates, warnings, notes and per-layer sparsity."""
     report = clean(report)
-    headers, rows = step_table(report)
+    headers, rows = _compact(*step_table(report))
     table = Table(title=f"optcli report: {_verdict(report)}", title_justify="left")
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=i > 0)
+        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
     for row in rows:
         table.add_row(*(Text(c) for c in row))  # Text: no rich markup parsing of names
     parts: list[Any] = [table]
