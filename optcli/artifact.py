@@ -209,7 +209,11 @@ def _from_state_dict(state: dict, spec, path: Path) -> Model:
     module = build_from_factory(spec.factory, spec.factory_kwargs, "model.factory")
     if not isinstance(module, torch.nn.Module):
         raise BadInput(f"model.factory {spec.factory} returned {type(module).__name__}, not a torch.nn.Module")
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even with strict=False
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise BadInput(f"{path}: does not fit the module built by {spec.factory} ({detail[:200]}); check model.factory_kwargs") from None
     if result.missing_keys or result.unexpected_keys:
         raise BadInput(
             f"{path}: does not fit the module built by {spec.factory}: "

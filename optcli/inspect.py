@@ -19,9 +19,13 @@ def inspect_model(path: Path, trust_pickle: bool = False) -> dict:
     if path.suffix.lower() == ".onnx":
         model = load_onnx(path)
         info = {"path": str(path), "format": "onnx", **size_on_disk(path), **parameter_counts(path), **_onnx_details(path)}
-        info["inputs"] = model.inputs
+        info["inputs"] = _described(model.inputs)
         return info
     return _inspect_torch(path, trust_pickle)
+
+
+def _described(file_inputs: list[dict]) -> list[dict]:
+    return [{**i, "batch_dynamic": bool(i["shape"]) and not isinstance(i["shape"][0], int)} for i in file_inputs]
 
 
 def _onnx_details(path: Path) -> dict:
@@ -59,7 +63,7 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
         model = _load_exported_program(path)
         program = torch.export.load(str(path))
         tensors = {n: program.state_dict[n] for n in program.graph_signature.parameters if n in program.state_dict}
-        info.update(format="torch.export", inputs=model.inputs, ops=dict(Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function").most_common(20)))
+        info.update(format="torch.export", inputs=_described(model.inputs), ops=dict(Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function").most_common(20)))
     elif _is_torchscript(path):
         module = torch.jit.load(str(path), map_location="cpu")
         tensors = dict(module.named_parameters())
