@@ -168,6 +168,8 @@ def _load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
         except Exception as e:
             raise BadInput(f"{path}: could not load the TorchScript archive ({type(e).__name__}: {str(e)[:200]})") from None
         return Model(format="torch", inputs=[], module=module.eval(), path=path, kind="torchscript")
+    if not _looks_like_torch_save(path):
+        raise BadInput(f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a pickle); is it truncated or another format?")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
         kind = "state_dict"
@@ -192,6 +194,13 @@ def _load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
         raise BadInput(f"{path}: holds a {type(obj).__name__}, not a state_dict or module")
     model = _from_state_dict(_unwrap_checkpoint(obj), spec, path)
     return model.with_(kind=kind)
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    # torch.save writes a zip since 1.6; older files are a pickle starting with the PROTO opcode.
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _unwrap_checkpoint(obj: dict) -> dict:

@@ -114,14 +114,18 @@ def validate(
     recipe: Path = typer.Argument(..., help="YAML recipe"),
     set_: List[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
-    """Check a recipe (keys, types, files, pass order) without running anything."""
+    """Check a recipe (keys, types, files, pass order, model and data files) without running any pass."""
 
     def body():
         from optcli.recipe import load_recipe
 
+        from optcli.runner import preflight
+
         rec = load_recipe(recipe, overrides=set_)
+        preflight(rec, trust_pickle)
         resolved = rec.model_dump(mode="json")
         if json_out:
             _print_json({"valid": True, "recipe": resolved})

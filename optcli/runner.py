@@ -162,19 +162,27 @@ def _reload(step_dir: Path, record: dict, model: Model) -> Model:
     return model.with_(format="torch", module=torch.export.load(str(path)).module(), path=path)
 
 
+def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
+    """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
+    original = load_model(recipe.model, trust_pickle=trust_pickle)
+    data = DataCatalog(recipe.data, original.inputs)
+    for name in ("calibration", "eval", "train"):
+        data.get(name)
+    return original, data
+
+
 def run_recipe(recipe, options: RunOptions) -> dict:
-    log = options.log
+    original, data = preflight(recipe, options.trust_pickle)
     folder = OutputFolder(options.out, options.overwrite, options.resume)
     try:
-        return _run(recipe, options, folder, log)
+        return _run(recipe, options, folder, original, data)
     finally:
         folder.close()
 
 
-def _run(recipe, options: RunOptions, folder: OutputFolder, log) -> dict:
+def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, data: DataCatalog) -> dict:
+    log = options.log
     t0 = time.perf_counter()
-    original = load_model(recipe.model, trust_pickle=options.trust_pickle)
-    data = DataCatalog(recipe.data, original.inputs)
     evaluator = Evaluator(recipe, original, data, log)
     log(f"measuring the original model ({original.kind}, {recipe.model.path.name})")
     row = evaluator.measure(recipe.model.path, original, runner=runner_for(original, recipe.report.latency.threads) if original.format == "torch" or original.path else None)

@@ -110,7 +110,11 @@ def apply(model, config: Config, ctx: Context):
     if eval_data is not None:
         check = eval_data.head(config.check_samples)
     ref = torch_runner(module, model.inputs, threads=2)(check)
-    got = onnx_runner(target, model.inputs, threads=2)(check)
+    try:
+        got = onnx_runner(target, model.inputs, threads=2)(check)
+    except Exception as e:  # e.g. a tracer that baked the example batch into the graph
+        raise PassFailed(ctx.step_name, f"the exported ONNX graph does not run on new inputs ({str(e).strip().splitlines()[0][:200]}); "
+                         "the model likely has data-dependent Python code the exporter could not capture") from None
     max_err = max(float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max()) if r.size else 0.0 for r, g in zip(ref, got))
     scale = max(float(np.abs(r).max()) if r.size else 0.0 for r in ref)
     limit = config.atol + config.rtol * scale
