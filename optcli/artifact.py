@@ -300,6 +300,12 @@ def fold_pruning(module):
     import torch
     from torch.nn.utils import parametrize, prune
 
+    with torch.no_grad():
+        # After a training forward the masked `weight` is a non-leaf tensor, which deepcopy refuses: recompute it as a leaf.
+        for sub in module.modules():
+            for hook in list(sub._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(sub, hook._tensor_name, hook.apply_mask(sub))
     module = copy.deepcopy(module)
     for sub in module.modules():
         for hook in list(sub._forward_pre_hooks.values()):

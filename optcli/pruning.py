@@ -1,0 +1,243 @@
+"""Magnitude pruning helpers: which layers to prune, exact masks, the cubic schedule.
+
+Masks are torch.nn.utils.prune forward-pre-hooks (`weight_orig` * `weight_mask`),
+one per layer, left on the module: they stay in force through a later fine-tune
+(pruned weights get zero gradient and stay exactly zero) and
+optcli.artifact.fold_pruning folds them into plain weights when an artifact is written.
+
+Gradual pruning hook (for the fine-tune loop)
+---------------------------------------------
+With `schedule: {steps: N}` the prune pass starts at `initial_sparsity` and leaves a
+`PruneSchedule` on the root module as `module._optcli_prune_schedule`. A training loop
+that finds one must
+
+    schedule = getattr(model, "_optcli_prune_schedule", None)
+    ...
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()          # advance the cubic ramp one optimizer step, raise masks
+    ...
+    if schedule is not None:
+        schedule.finish()        # after the last step: reach the final sparsity even if fewer than N steps ran
+
+`step()` and `finish()` return the sparsity now targeted; `schedule.per_layer_sparsity()`
+gives the per-layer figures for a report, `schedule.describe()` a summary dict.
+Masks only ever grow: a weight pruned once stays pruned (Zhu & Gupta 2017,
+"To prune, or not to prune", arXiv:1710.01878).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from optcli.errors import BadInput
+
+
+def cubic_sparsity(step: int, steps: int, final: float, initial: float = 0.0) -> float:
+    """Zhu & Gupta's ramp: s_t = s_f + (s_i - s_f) * (1 - t/n)^3, fast at first, flat at the end."""
+    if steps <= 0:
+        return final
+    t = min(max(step, 0), steps)
+    return final + (initial - final) * (1.0 - t / steps) ** 3
+
+
+# --------------------------------------------------------------------------- choosing layers
+
+
+@dataclass
+class Layer:
+    name: str
+    kind: str  # "conv" | "linear"
+    numel: int
+    handle: Any = None  # the nn.Module (torch) or the holder of an ONNX initializer
+
+
+@dataclass
+class Plan:
+    """Which layers get which sparsity; each group is pruned to its sparsity as one pool of weights."""
+
+    groups: list[tuple[list[Layer], float]] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)  # layer -> why it is left alone
+
+    @property
+    def layers(self) -> list[Layer]:
+        return [layer for members, _ in self.groups for layer in members]
+
+
+def default_exclusions(ordered: list[Layer]) -> set[str]:
+    """The first conv (few weights, every later layer depends on it) and the last layer (the classifier head)."""
+    names = set()
+    first_conv = next((layer for layer in ordered if layer.kind == "conv"), None)
+    if first_conv is not None:
+        names.add(first_conv.name)
+    if ordered:
+        names.add(ordered[-1].name)
+    return names
+
+
+def make_plan(ordered: list[Layer], config, what: str) -> Plan:
+    """Resolve exclude / layers globs / min_params / scope into groups. Raises BadInput on an impossible request.
+
+    `ordered` is every prunable layer in execution order; `what` names the model in messages.
+    """
+    if not ordered:
+        raise BadInput(f"prune: {what} has no prunable layers (Conv or Linear weights); nothing to prune")
+    names = [layer.name for layer in ordered]
+    overrides: dict[str, float] = {}
+    for pattern, sparsity in config.layers.items():
+        hits = fnmatch.filter(names, pattern)
+        if not hits:
+            raise BadInput(f"prune: layers glob {pattern!r} matches no prunable layer of {what} (layers: {_few(names)})")
+        for name in hits:
+            overrides.setdefault(name, sparsity)  # the first glob that names a layer wins
+    plan = Plan()
+    if config.exclude is None:
+        for name in default_exclusions(ordered):
+            if name not in overrides:
+                plan.excluded[name] = "excluded by default (first conv / classifier head); set exclude: [] to prune it"
+    else:
+        for pattern in config.exclude:
+            hits = fnmatch.filter(names, pattern)
+            if not hits:
+                raise BadInput(f"prune: exclude glob {pattern!r} matches no prunable layer of {what} (layers: {_few(names)})")
+            for name in hits:
+                plan.excluded[name] = f"exclude: {pattern}"
+    shared: list[Layer] = []
+    for layer in ordered:
+        if layer.name in plan.excluded:
+            continue
+        if layer.name in overrides:
+            if overrides[layer.name] > 0:
+                plan.groups.append(([layer], overrides[layer.name]))
+            else:
+                plan.excluded[layer.name] = "layers: sparsity 0"
+        elif layer.numel < config.min_params:
+            plan.excluded[layer.name] = f"{layer.numel} weights < min_params {config.min_params}"
+        elif config.sparsity > 0:
+            shared.append(layer)
+    if shared:
+        if config.scope == "global":
+            plan.groups.append((shared, config.sparsity))
+        else:
+            plan.groups.extend(([layer], config.sparsity) for layer in shared)
+    if not plan.groups and (config.sparsity > 0 or overrides):
+        raise BadInput(
+            f"prune: no layer of {what} is left to prune after exclude/min_params ({len(plan.excluded)} of {len(names)} "
+            f"left alone: {_few(sorted(plan.excluded))}); loosen exclude or min_params"
+        )
+    return plan
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def ensure_mask(module, name: str = "weight") -> None:
+    """Give the module a prune mask hook (all ones) unless it has one; masks are then raised in place."""
+    from torch.nn.utils import prune
+
+    if not prune.is_pruned(module) or not hasattr(module, f"{name}_mask"):
+        prune.identity(module, name)
+
+
+def raise_masks(members: list, sparsity: float, name: str = "weight") -> int:
+    """Zero the smallest-|w| weights of the pooled modules until round(sparsity * n) are zero; returns that count.
+
+    Uses torch's own L1Unstructured inside a PruningContainer, as prune.global_unstructured does, so already
+    pruned weights stay pruned and the count is exact. Masks are written in place: one hook per layer however
+    often a schedule raises them.
+    """
+    import torch
+    from torch.nn.utils import prune
+
+    for module in members:
+        ensure_mask(module, name)
+    masks = [getattr(module, f"{name}_mask") for module in members]
+    origs = [getattr(module, f"{name}_orig") for module in members]
+    total = sum(m.numel() for m in masks)
+    target = int(round(sparsity * total))
+    with torch.no_grad():
+        current = torch.cat([m.reshape(-1) for m in masks])
+        already = int((current == 0).sum())
+        if target > already:
+            scores = torch.cat([(o.detach() * m).reshape(-1) for o, m in zip(origs, masks)])
+            container = prune.PruningContainer()
+            container._tensor_name = name
+            method = prune.L1Unstructured(amount=target - already)
+            method._tensor_name = name
+            container.add_pruning_method(method)
+            new = container.compute_mask(scores, default_mask=current)
+            offset = 0
+            for mask in masks:
+                mask.copy_(new[offset : offset + mask.numel()].view_as(mask))
+                offset += mask.numel()
+        for module in members:  # the hook recomputes weight on the next forward; do it now for readers in between
+            setattr(module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask"))
+    return max(target, already)
+
+
+def apply_plan(plan: Plan, scale: float = 1.0) -> None:
+    """Raise every group's masks to scale x its sparsity (scale < 1 during a gradual ramp)."""
+    for members, sparsity in plan.groups:
+        raise_masks([layer.handle for layer in members], sparsity * scale)
+
+
+def layer_sparsity(module, name: str = "weight") -> float:
+    import torch
+
+    weight = getattr(module, name)
+    return float(1.0 - torch.count_nonzero(weight).item() / weight.numel()) if weight.numel() else 0.0
+
+
+class PruneSchedule:
+    """The gradual-pruning hook a fine-tune loop calls after each optimizer step (see the module docstring)."""
+
+    def __init__(self, plan: Plan, steps: int, initial: float, every: int = 1):
+        self.plan = plan
+        self.steps = steps
+        self.initial = initial
+        self.every = every
+        self.t = 0
+        self.current = initial
+        self._raise(initial)
+
+    def _raise(self, overall: float) -> None:
+        # Each group ramps to its own target; `overall` is the fraction of the way expressed as the base sparsity.
+        for members, final in self.plan.groups:
+            raise_masks([layer.handle for layer in members], cubic_sparsity(self.t, self.steps, final, min(self.initial, final)))
+        self.current = overall
+
+    def target(self) -> float:
+        finals = [s for _, s in self.plan.groups]
+        final = max(finals) if finals else 0.0
+        return cubic_sparsity(self.t, self.steps, final, min(self.initial, final))
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.steps
+
+    def step(self) -> float:
+        if self.done:
+            return self.current
+        self.t += 1
+        if self.t % self.every == 0 or self.done:
+            self._raise(self.target())
+        return self.current
+
+    def finish(self) -> float:
+        if not self.done or self.current != self.target():
+            self.t = self.steps
+            self._raise(self.target())
+        return self.current
+
+    def per_layer_sparsity(self) -> dict[str, float]:
+        return {layer.name: round(layer_sparsity(layer.handle), 6) for layer in self.plan.layers}
+
+    def describe(self) -> dict:
+        return {"steps": self.steps, "taken": self.t, "initial_sparsity": self.initial, "every": self.every,
+                "targeted_sparsity": round(self.current, 6), "done": self.done}
