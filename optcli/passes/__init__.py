@@ -9,6 +9,7 @@ from optcli.passes.base import PassSpec
 _MODULES = {
     "export": "optcli.passes.export",
     "quantize": "optcli.passes.quantize",
+    "finetune": "optcli.passes.finetune",
     "prune": "optcli.passes.prune",
 }
 
