@@ -89,7 +89,9 @@ def nonfinite_tensors(path: Path, batches: list[dict]) -> set[str]:
             for attr in node.attribute:
                 if attr.name == "value" and attr.t.data_type == TensorProto.FLOAT and not np.isfinite(numpy_helper.to_array(attr.t)).all():
                     bad.add(node.output[0])
-    extra = [n for n in float_names if n not in outputs]
+    produced = {o for node in proto.graph.node for o in node.output if o}
+    # value_info can name tensors no node of the main graph produces (subgraphs, stale entries): ORT refuses those as outputs.
+    extra = [n for n in float_names if n not in outputs and n in produced]
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in extra)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
