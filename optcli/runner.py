@@ -168,6 +168,10 @@ def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     data = DataCatalog(recipe.data, original.inputs)
     for name in ("calibration", "eval", "train"):
         data.get(name)
+    for config in recipe.passes:
+        spec = get_pass(config.type)
+        if spec.preflight is not None:
+            spec.preflight(config, recipe, original)
     return original, data
 
 

@@ -56,6 +56,8 @@ class PassSpec:
     produces: str | None = None  # None: same format as its input
     # Checks against the whole recipe at load time (data present, options compatible); raises ValueError.
     check: Callable[[Any, "Recipe", str], None] | None = None
+    # Checks against the loaded original model (validate and run, before any work): (config, recipe, model); raises BadInput.
+    preflight: Callable[[Any, "Recipe", "Model"], None] | None = None
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format

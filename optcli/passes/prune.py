@@ -75,6 +75,20 @@ def _check_onnx_layers(config: Config, path) -> None:
         raise ValueError(str(e).removeprefix("prune: ")) from None
 
 
+def preflight(config: Config, recipe, original) -> None:
+    """Globs that match nothing and models with nothing to prune fail at validate, before any work.
+
+    Only for prune passes that see the original module: passes before them may rename or replace layers.
+    """
+    from optcli.pruning import make_plan
+
+    index = next(i for i, p in enumerate(recipe.passes) if p is config)
+    if original.format != "torch" or any(p.type != "prune" for p in recipe.passes[:index]):
+        return
+    _refuse_scripted(original)
+    make_plan(_torch_layers(original.module, original.inputs), config, _describe(original.module))
+
+
 def apply(model, config: Config, ctx: Context):
     if model.format == "onnx":
         return _prune_onnx(model, config, ctx)
@@ -310,5 +324,6 @@ PASS = PassSpec(
     consumes=frozenset({"torch", "onnx"}),
     apply=apply,
     check=check,
+    preflight=preflight,
     summary="magnitude pruning: unstructured masks (torch, ONNX initializers) or whole channels removed with torch-pruning",
 )
