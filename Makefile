@@ -10,7 +10,7 @@ $(BIN)/python:
 install: $(BIN)/python  ## editable install with the tested versions pinned
 	$(BIN)/pip install -q -e ".[dev]" -c constraints.txt
 
-test: install  ## the default test run (CI runs exactly this)
+test:  ## the default test run (CI runs exactly this, after make install)
 	$(BIN)/python -m pytest -q -n 2
 
 example: install  ## digits CNN in every format optcli reads, plus .npz data, under build/example
