@@ -7,6 +7,7 @@ the recipe loads, before any work starts.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,7 +28,7 @@ def _resolve_against_recipe(value: Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir")
     value = value.expanduser()
     if base is not None and not value.is_absolute():
-        value = Path(base) / value
+        value = Path(os.path.normpath(Path(base) / value))
     return value
 
 
