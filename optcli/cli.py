@@ -80,6 +80,10 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished steps whose input and config are unchanged"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"),
+    nproc_per_node: Optional[str] = typer.Option(None, "--nproc-per-node", help="finetune workers on this machine: N or auto (one per GPU); overrides the recipe"),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="machines of a multi-node finetune; run the same command on each"),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="this machine's index in a multi-node finetune"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port of the rendezvous on node 0 (multi-node)"),
 ):
     """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
 
@@ -90,8 +94,12 @@ def run(
 
         err = _console()
         log = (lambda m: None) if quiet else (lambda m: err.print(f"[dim]optcli[/dim] {m}"))
+        from optcli.distributed import cli_overrides
+
         rec = load_recipe(recipe, overrides=set_)
-        report = run_recipe(rec, RunOptions(out=out, overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, log=log))
+        launch = cli_overrides(rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        report = run_recipe(rec, RunOptions(out=out, overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, log=log,
+                                            extra={"distributed": launch, "debug": debug}))
         write_reports(report, out)
         if json_out:
             _print_json(report)

@@ -13,6 +13,7 @@ from typing import Literal, Union
 from pydantic import Field, model_validator
 
 from optcli.config import ImportRef, RecipePath, StrictModel
+from optcli.distributed import AmpSetting, DeviceSetting, DistributedConfig, ScaleLr
 from optcli.passes.base import Context, PassConfig, PassSpec
 
 
@@ -74,6 +75,10 @@ class Config(PassConfig):
         default=None, description="train this model instead of the incoming one, e.g. {factory: mypkg:small_net}")
     head: Head | None = Field(default=None, description="swap the classifier for a new task and train it")
     freeze: list[str] = Field(default_factory=list, description="parameter-name globs kept fixed, e.g. ['stem.*']")
+    device: DeviceSetting = Field(default="auto", description="auto (cuda when torch sees a GPU) | cpu | cuda | cuda:N; worker k of a node takes GPU k")
+    amp: AmpSetting = Field(default="none", description="mixed precision on CUDA: bf16 | fp16 (with loss scaling) | none")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="workers and nodes, torchrun's options: {nproc_per_node: 2}; optcli run --nproc-per-node etc. override")
+    scale_lr: ScaleLr = Field(default="none", description="linear: lr x world size, since the global batch is batch_size x world size")
 
 
 def _ref(value) -> ModelRef | None:
@@ -83,6 +88,9 @@ def _ref(value) -> ModelRef | None:
 
 
 def check(config: Config, recipe, input_format: str) -> None:
+    from optcli.distributed import check_settings
+
+    check_settings(config.distributed, config.device, config.amp)
     train = recipe.data.train
     if train is None:
         raise ValueError("finetune needs training data: add data.train (path: train.npz, batch_size: 64), arrays keyed by input name")
@@ -154,7 +162,8 @@ def apply(model, config: Config, ctx: Context):
     import torch
 
     from optcli.errors import BadInput
-    from optcli.training import TrainJob, freeze, replace_head, train
+    from optcli.distributed import run_training
+    from optcli.training import TrainJob, freeze, replace_head
 
     seed = ctx.seed if config.seed is None else config.seed
     config = config.model_copy(update={"seed": seed})
@@ -197,13 +206,13 @@ def apply(model, config: Config, ctx: Context):
     checkpoints = Path(ctx.options["resume_dir"] + ".ckpt") if ctx.options.get("resume_dir") else None
     job = TrainJob(config=config, student=student, train=train_data, eval=eval_data, teacher=teacher, input_names=names,
                    checkpoint_dir=str(checkpoints) if checkpoints else None)
-    result = train(job, progress=not ctx.quiet, log=ctx.log)
+    result, world = run_training(job, config, ctx)  # one process here, or workers through torch's elastic launcher
 
     ctx.details["training"] = {
         "epochs": result.epochs, "best_epoch": result.best_epoch, "metric": result.metric, "seconds": result.seconds,
         "samples_per_s": result.samples_per_s, "steps": result.steps, "stopped_early": result.stopped_early,
         "resumed_from_epoch": result.resumed_from_epoch, "train_samples": len(train_data), "seed": seed,
-        "loss": _loss_name(config, train_data.labels is not None),
+        "loss": _loss_name(config, train_data.labels is not None), **world,
     }
     if frozen:
         ctx.details["training"]["frozen_parameters"] = len(frozen)

@@ -1,0 +1,421 @@
+"""Retraining on several GPUs or machines through torch's own launcher (torchrun's elastic agent) and DDP.
+
+    finetune: {distributed: {nproc_per_node: 2}}       # or: optcli run r.yaml -o out --nproc-per-node 2
+
+`run_training(job, config, ctx)` is what the finetune pass calls. With one worker it trains in this
+process. With more it writes the job to the step folder, starts the workers with
+torch.distributed.launcher.api.elastic_launch (the in-process API behind `torchrun`: c10d rendezvous,
+restarts, error files, signal forwarding) and each worker runs `_worker`: bind the device of its
+LOCAL_RANK, init_process_group, rebuild the job, call optcli.training.train (which shards the data
+with DistributedSampler and wraps the student in DistributedDataParallel). Rank 0 alone writes
+checkpoints and logs; the trained student comes back to this process as rank 0's return value.
+
+Multi-node is the same command on every node, as with torchrun: nnodes, node_rank and an
+rdzv_endpoint (host:port on node 0) reachable by all.
+
+This module imports torch inside functions only, so recipe validation stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from optcli.config import StrictModel
+from optcli.errors import BadInput, PassFailed
+
+DeviceSetting = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+AmpSetting = Literal["none", "bf16", "fp16"]
+ScaleLr = Literal["none", "linear"]
+
+# Overrides that `optcli run` flags may carry (RunOptions.extra["distributed"]).
+CLI_KEYS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
+
+# A worker whose peer died sees a socket error within milliseconds. Before it exits it waits this
+# long, so the agent reports the worker that really failed (the root cause), not its victim.
+PEER_LOSS_GRACE_S = 3.0
+_PEER_LOSS = re.compile(r"connection (closed|reset)|broken pipe|remote process exited|peer|socket", re.IGNORECASE)
+
+
+class DistributedConfig(StrictModel):
+    """How many workers retrain, and where: torchrun's own options, passed through."""
+
+    nproc_per_node: int | Literal["auto"] = Field(
+        default=1, description="workers on this machine; auto = one per visible GPU (1 on a CPU-only machine)")
+    nnodes: int = Field(default=1, ge=1, le=100_000, description="machines; run the same command on each")
+    node_rank: int = Field(default=0, ge=0, description="this machine's index (static rendezvous; c10d assigns ranks itself)")
+    rdzv_endpoint: str | None = Field(
+        default=None, description="host:port of the rendezvous on node 0; required when nnodes > 1 (one machine: a free local port)")
+    rdzv_backend: Literal["c10d", "static"] = Field(default="c10d", description="torch.distributed rendezvous backend")
+    rdzv_id: str = Field(default="optcli", min_length=1, description="job id shared by all nodes of one run (multi-node)")
+    max_restarts: int = Field(default=0, ge=0, le=1000, description="restart all workers this often after a failure; they resume from the last epoch checkpoint")
+    backend: Literal["auto", "nccl", "gloo"] = Field(default="auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistributedConfig":
+        if isinstance(self.nproc_per_node, int) and not 1 <= self.nproc_per_node <= 1024:
+            raise ValueError(f"nproc_per_node must be 1..1024 or auto (got {self.nproc_per_node})")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint: host:port of node 0, reachable from every node (e.g. 10.0.0.1:29400)")
+        if self.rdzv_endpoint and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        return self
+
+
+def with_overrides(config: DistributedConfig, overrides: dict | None, where: str = "--nproc-per-node/--nnodes/--node-rank/--rdzv-endpoint") -> DistributedConfig:
+    """The recipe's distributed block with `optcli run` flags on top (the flags win)."""
+    from pydantic import ValidationError
+
+    if not overrides:
+        return config
+    try:
+        return DistributedConfig.model_validate({**config.model_dump(), **overrides})
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        raise BadInput(f"{where}: {'.'.join(map(str, err['loc'])) or 'distributed'}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def cli_overrides(recipe, **flags) -> dict:
+    """`optcli run` flags -> overrides of every finetune pass's distributed block, checked now (exit 2), not mid-run."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return {}
+    if "nproc_per_node" in given and given["nproc_per_node"] != "auto":
+        if not str(given["nproc_per_node"]).isdigit():
+            raise BadInput(f"--nproc-per-node {given['nproc_per_node']!r}: give a number of workers or auto")
+        given["nproc_per_node"] = int(given["nproc_per_node"])
+    finetunes = [(i, p) for i, p in enumerate(recipe.passes) if p.type == "finetune"]
+    flag_names = ", ".join("--" + k.replace("_", "-") for k in given)
+    if not finetunes:
+        raise BadInput(f"{flag_names}: the recipe has no finetune pass, the only pass that runs workers; drop the flag(s) or add a finetune pass")
+    for i, p in finetunes:
+        merged = with_overrides(p.distributed, given, flag_names)
+        try:
+            check_settings(merged, p.device, p.amp)
+        except ValueError as e:
+            raise BadInput(f"{flag_names} with passes[{i}] (finetune): {e}") from None
+    return given
+
+
+# --------------------------------------------------------------------------- selection (pure, unit-tested)
+
+
+def nproc_for(config: DistributedConfig, device: str, cuda_count: int) -> int:
+    """Workers on this node. `auto` is one per GPU; on CPU one process already uses every core through
+    intra-op threads, so auto means 1 there (ask for N explicitly to shard a CPU retrain)."""
+    if config.nproc_per_node != "auto":
+        return config.nproc_per_node
+    if device == "cpu" or cuda_count == 0:
+        return 1
+    if re.fullmatch(r"cuda:\d+", device):
+        return 1
+    return cuda_count
+
+
+def device_for(setting: str, local_rank: int, cuda_count: int, nproc: int = 1) -> str:
+    """The torch device of one worker: worker k on a node binds GPU k (LOCAL_RANK), as torchrun expects."""
+    if setting == "cpu" or (setting == "auto" and cuda_count == 0):
+        return "cpu"
+    if cuda_count == 0:
+        raise BadInput(f"device {setting}: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use device: cpu or auto")
+    if setting.startswith("cuda:"):
+        index = int(setting.split(":")[1])
+        if nproc > 1:
+            raise BadInput(f"device {setting} names one GPU but {nproc} workers run per node; use device: cuda (worker k takes GPU k)")
+        if index >= cuda_count:
+            raise BadInput(f"device {setting}: only {cuda_count} GPU(s) visible (cuda:0..cuda:{cuda_count - 1})")
+        return setting
+    if local_rank >= cuda_count:
+        raise BadInput(f"{nproc} workers per node but only {cuda_count} GPU(s) visible; lower nproc_per_node or use auto")
+    return f"cuda:{local_rank}"
+
+
+def backend_for(setting: str, device: str) -> str:
+    """NCCL moves CUDA tensors between GPUs; gloo is the backend that works on CPU tensors."""
+    kind = device.split(":")[0]
+    if setting == "auto":
+        return "nccl" if kind == "cuda" else "gloo"
+    if setting == "nccl" and kind != "cuda":
+        raise BadInput("distributed.backend nccl needs CUDA devices; use backend: auto (gloo on CPU) or device: cuda")
+    return setting
+
+
+def check_settings(config: DistributedConfig, device: str, amp: str) -> None:
+    """Load-time checks (recipe -> exit 2 with its line): combinations that can never run."""
+    if config.backend == "nccl" and device == "cpu":
+        raise ValueError("distributed.backend nccl needs device cuda (or auto on a GPU machine); gloo is the CPU backend")
+    if amp != "none" and device == "cpu":
+        raise ValueError(f"amp {amp} is for CUDA devices; on CPU use amp: none")
+    if device.startswith("cuda:") and config.nproc_per_node not in (1, "auto"):
+        raise ValueError(f"device {device} names one GPU but nproc_per_node is {config.nproc_per_node}; use device: cuda (worker k takes GPU k)")
+
+
+def scaled_lr(lr: float, world_size: int, rule: str) -> float:
+    """linear: lr x world size (Goyal et al. 2017), since the global batch grows with the workers."""
+    return lr * world_size if rule == "linear" else lr
+
+
+def amp_dtype(amp: str, device: str):
+    import torch
+
+    if amp == "none" or not device.startswith("cuda"):
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+@contextmanager
+def autocast(amp: str, device: str):
+    """Mixed precision for the forward pass and loss on CUDA (torch.autocast); a no-op otherwise."""
+    import torch
+
+    dtype = amp_dtype(amp, device)
+    with torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext():
+        yield
+
+
+def grad_scaler(amp: str, device: str):
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+    import torch
+
+    return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.startswith("cuda"))
+
+
+def to_sync_batchnorm(module, device: str):
+    """Global-batch BatchNorm statistics across workers on CUDA, so N workers with batch b train like
+    one worker with batch N*b. torch's SyncBatchNorm refuses CPU tensors, so on CPU (gloo) every worker
+    normalizes with the statistics of its own slice: the usual DDP behaviour, noted in the report.
+    Returns (module, the original BatchNorm classes by name, to put back after training)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return module, {}
+    classes = {n: type(m) for n, m in module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module), classes
+
+
+def from_sync_batchnorm(module, classes: dict):
+    """Put the original BatchNorm classes back (same parameters and buffers) so the artifact exports as before."""
+    import torch
+
+    if not classes:
+        return module
+
+    def plain(name: str, sync):
+        bn = classes[name](sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats)
+        bn.load_state_dict(sync.state_dict())
+        return bn.train(sync.training)
+
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        return plain("", module)
+    for name, child in list(module.named_modules()):
+        if isinstance(child, torch.nn.SyncBatchNorm):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, plain(name, child))
+    return module
+
+
+def has_batchnorm(module) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+# --------------------------------------------------------------------------- the finetune pass's entry point
+
+
+def run_training(job, config, ctx) -> tuple[Any, dict]:
+    """Train `job` with the finetune config's device / amp / distributed settings.
+
+    Returns (TrainResult, the report's world figures). One worker trains here; more go through the launcher.
+    """
+    import torch
+
+    from optcli.training import Env, train
+
+    dist_cfg = with_overrides(config.distributed, ctx.options.get("distributed"))
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = config.device if config.device != "auto" else ("cuda" if cuda_count else "cpu")
+    nproc = nproc_for(dist_cfg, device, cuda_count)
+    world = nproc * dist_cfg.nnodes
+    if config.scale_lr == "linear" and world > 1:
+        job.config = job.config.model_copy(update={"lr": scaled_lr(job.config.lr, world, config.scale_lr)})
+    if world == 1:
+        dev = device_for(device, 0, cuda_count, 1)
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(dev)
+        with autocast(config.amp, dev):
+            result = train(job, Env(device=dev), progress=not ctx.quiet, log=ctx.log)
+        return result, _world_figures(result, 1, 1, None, [_device_name(dev)], config, job)
+    if has_batchnorm(job.student) and device == "cpu":
+        ctx.warn(f"BatchNorm statistics are per worker on CPU (batch {job.config.batch_size or job.train.batch_size} each, not the global batch): "
+                 "torch's SyncBatchNorm needs CUDA, so the result differs slightly from one worker")
+    settings = {"device": device, "backend": dist_cfg.backend, "amp": config.amp, "quiet": ctx.quiet, "debug": bool(ctx.options.get("debug"))}
+    result, info = launch(job, dist_cfg, nproc, settings, ctx.step_dir, ctx.step_name, ctx.log)
+    return result, _world_figures(result, world, nproc, info["backend"], info["devices"], config, job)
+
+
+def _world_figures(result, world: int, nproc: int, backend: str | None, devices: list[str], config, job) -> dict:
+    per_worker = job.config.batch_size or job.train.batch_size
+    return {"world_size": world, "nproc_per_node": nproc, "backend": backend, "devices": devices,
+            "batch_per_worker": per_worker, "global_batch": per_worker * world, "lr": job.config.lr, "scale_lr": config.scale_lr,
+            "amp": config.amp, "samples_per_s_per_worker": round(result.samples_per_s / world, 1)}
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------- launcher (runs in the optcli process)
+
+
+def launch(job, config: DistributedConfig, nproc: int, settings: dict, step_dir: Path, step_name: str, log) -> tuple[Any, dict]:
+    """Start nproc workers on this node with torch's elastic agent; return rank 0's (TrainResult, info).
+
+    A worker that raises or dies ends the run with PassFailed naming its rank and the root cause
+    (read from the agent's error file); with max_restarts > 0 the agent restarts every worker and
+    they resume from the last epoch checkpoint. Ctrl-C / SIGTERM stop every worker before returning.
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    job_dir = Path(step_dir) / "distributed-job"
+    job.save(job_dir)
+    logs = Path(tempfile.mkdtemp(prefix="optcli-elastic-"))  # the agent's error files: outside the output folder
+    single = config.nnodes == 1
+    launch_config = LaunchConfig(
+        min_nodes=config.nnodes, max_nodes=config.nnodes, nproc_per_node=nproc,
+        # One machine: torchrun --standalone's choice, a c10d store on a free local port and a fresh id.
+        rdzv_backend=config.rdzv_backend, rdzv_endpoint=config.rdzv_endpoint or "localhost:0",
+        run_id=config.rdzv_id if not single else uuid.uuid4().hex,
+        rdzv_configs={"rank": config.node_rank} if config.rdzv_backend == "static" else {},
+        max_restarts=config.max_restarts, start_method="spawn",
+        # Only local rank 0 keeps its console; the others' errors reach us through their error files.
+        logs_specs=DefaultLogsSpecs(log_dir=str(logs), local_ranks_filter=None if settings["debug"] else {0}),
+    )
+    log(f"{step_name}: {nproc * config.nnodes} workers ({nproc} on this node x {config.nnodes} node(s)), torch elastic launch")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        with _quiet_agent(settings["debug"]):
+            results = elastic_launch(launch_config, _worker)(str(job_dir), settings)
+    except ChildFailedError as e:
+        raise PassFailed(step_name, failure_message(e, config.max_restarts)) from None
+    except SignalException as e:
+        # The agent has already stopped every worker (SIGTERM, then SIGKILL after its timeout).
+        raise KeyboardInterrupt(str(e)) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(job_dir, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
+    # Every node's local rank 0 returns its copy (DDP keeps replicas equal), so each node can finish the recipe.
+    returned = [results[r] for r in sorted(results) if results[r] is not None]
+    if not returned:
+        raise PassFailed(step_name, "no worker returned the trained model")
+    return returned[0]
+
+
+def failure_message(error, max_restarts: int) -> str:
+    """One line from torch's ChildFailedError: which rank failed first, and why."""
+    rank, failure = error.get_first_failure()
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    if not message or message.startswith("To enable traceback"):
+        message = f"exited with code {failure.exitcode}"
+    message = str(message).strip().splitlines()[0][:400]
+    if failure.exitcode < 0:
+        message = f"killed by signal {failure.signal_name()} ({message})"
+    attempts = f" after {max_restarts} restart(s)" if max_restarts else ""
+    return f"worker rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) failed{attempts}: {message}"
+
+
+@contextmanager
+def _quiet_agent(debug: bool):
+    # The agent logs every failure with the worker's traceback; the user gets one line from us instead.
+    names = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    previous = {n: logging.getLogger(n).level for n in names}
+    if not debug:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, level in previous.items():
+            logging.getLogger(n).setLevel(level)
+
+
+# --------------------------------------------------------------------------- worker (runs in each spawned process)
+
+
+def worker_env() -> dict:
+    """This worker's place, from the variables the elastic agent sets (as torchrun does)."""
+    env = os.environ
+    return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]), "local_rank": int(env["LOCAL_RANK"]),
+            "local_world_size": int(env["LOCAL_WORLD_SIZE"]), "restart": int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+
+
+def _worker(job_dir: str, settings: dict):
+    """One worker: bind the device, join the process group, train, return rank 0's result.
+
+    The agent wraps this in torch's @record, so an exception lands in the worker's error file.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from optcli.training import Env, TrainJob, train
+
+    place = worker_env()
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = device_for(settings["device"], place["local_rank"], cuda_count, place["local_world_size"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    else:
+        # torchrun would set OMP_NUM_THREADS=1; share the cores instead so N workers never oversubscribe them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // place["local_world_size"]))
+    backend = backend_for(settings["backend"], device)
+    dist.init_process_group(backend, device_id=torch.device(device) if backend == "nccl" else None)
+    try:
+        job = TrainJob.load(Path(job_dir))
+        job.student, bn_classes = to_sync_batchnorm(job.student, device)
+        env = Env(rank=place["rank"], world_size=place["world_size"], local_rank=place["local_rank"], device=device)
+        main = env.is_main and not settings["quiet"]
+        log = (lambda m: print(f"optcli {m}", file=sys.stderr, flush=True)) if main else (lambda m: None)
+        if place["restart"] and main:
+            log(f"restart {place['restart']}: workers resume from the last epoch checkpoint")
+        try:
+            with autocast(settings["amp"], device):
+                result = train(job, env, progress=main, log=log)
+        except Exception as e:
+            if _PEER_LOSS.search(str(e)):
+                time.sleep(PEER_LOSS_GRACE_S)
+            raise
+        result.student = from_sync_batchnorm(result.student, bn_classes)
+        devices = [None] * place["world_size"]
+        dist.all_gather_object(devices, _device_name(device))
+    finally:
+        dist.destroy_process_group()
+    if place["local_rank"] != 0:
+        return None
+    return result, {"backend": backend, "devices": devices}
