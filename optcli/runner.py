@@ -282,6 +282,10 @@ def check_gates(gates, steps: list[dict]) -> list[dict]:
         speedups = [first["latency"][b]["p50_ms"] / last["latency"][b]["p50_ms"] for b in first["latency"] if b in last["latency"]]
         value = round(min(speedups), 4) if speedups else None
         results.append({"name": "min_speedup", "limit": gates.min_speedup, "value": value, "passed": value is not None and value >= gates.min_speedup, "note": "slowest batch size, p50"})
+    # A pass can hold its own promise to the user (a quantize target): it lists gates in details["gates"].
+    for step in steps[1:]:
+        for gate in (step.get("details") or {}).get("gates") or []:
+            results.append({**gate, "name": f"{step['name']}: {gate['name']}"})
     return results
 
 
