@@ -213,7 +213,8 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> 
         if fmt == "torch" and p.consumes == {"onnx"}:
             fmt = "onnx"  # an export with defaults is inserted before it (with_implicit_exports)
         if fmt not in p.consumes:
-            hint = " (put it before the export pass, or start from the torch checkpoint)" if fmt == "onnx" else ""
+            hint = (": an ONNX graph has no autograd or module structure for torch passes to train or edit; give the torch checkpoint "
+                    "(.pt + model.factory, or .pt2) as model.path, or put this pass before the export") if fmt == "onnx" else ""
             raise BadInput(f"{where}: passes[{i}] ({cfg.type}) needs a {'/'.join(sorted(p.consumes))} model but gets {fmt}{hint}")
         if p.check is not None:
             try:
