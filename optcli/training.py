@@ -28,7 +28,8 @@ Contract (also what optcli/distributed.py builds on):
 - Pruning: masks of torch.nn.utils.prune live in forward pre-hooks, so pruned weights stay zero
   by construction. Weights that arrive already sparse without hooks (a pruned model re-read from
   disk) keep their zeros too: they are re-zeroed after each optimizer step. A gradual prune
-  schedule, `model._optcli_prune_schedule`, gets `.step()` after every optimizer step.
+  schedule, `model._optcli_prune_schedule`, gets `.step()` after every optimizer step and `.finish()`
+  after the last; epochs before it is done are not candidates for "best epoch" (their masks are not final).
 """
 
 from __future__ import annotations
@@ -477,6 +478,8 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
     if latest is not None:
         state = torch.load(latest, map_location=device, weights_only=True)
         if state.get("fingerprint") == key:
+            for _ in range(state["step"] if schedule is not None else 0):
+                schedule.step()  # bring a gradual prune schedule to where it was; the masks themselves come from the state
             net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step, start_epoch, history, bad_epochs = state["step"], state["epoch"], state["history"], state["bad_epochs"]
@@ -568,6 +571,9 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
                 if step >= total_steps:
                     break
             train_seconds = time.perf_counter() - started
+            last_epoch = epoch == epochs - 1 or step >= total_steps
+            if schedule is not None and last_epoch:
+                schedule.finish()  # the final sparsity is reached even if fewer steps ran than the schedule planned
             if env.world_size > 1:  # DDP: the epoch loss over all ranks' samples
                 pair = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(pair)
@@ -579,14 +585,16 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
             history.append(row)
             bar.update(task, metric=f"{metric_name} {metric:.4f}" if metric is not None else "")
 
-            # early stopping on the eval metric; the best epoch's weights are kept
+            # early stopping on the eval metric; the best epoch's weights are kept. While a gradual prune
+            # schedule still ramps, an epoch is not a candidate: its masks are not the final ones yet.
             score = metric if metric is not None else -row["loss"]
             if metric is not None and _lower_is_better(metric_name):
                 score = -metric
-            if best is None or score > best["score"] + cfg.min_delta:
+            candidate = schedule is None or schedule.done
+            if candidate and (best is None or score > best["score"] + cfg.min_delta):
                 best = {"score": score, "epoch": epoch + 1, "model": {k: v.detach().clone() for k, v in net.state_dict().items()}}
                 bad_epochs = 0
-            else:
+            elif candidate:
                 bad_epochs += 1
             if ckpt_dir is not None and env.is_main:  # DDP: rank 0 writes, every rank can read it back
                 _save_checkpoint(ckpt_dir, epoch + 1, {"fingerprint": key, "epoch": epoch + 1, "step": step, "history": history,

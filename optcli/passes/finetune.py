@@ -157,8 +157,6 @@ def _trainable(module, where: str):
 
 
 def apply(model, config: Config, ctx: Context):
-    import copy
-
     import torch
 
     from optcli.errors import BadInput
@@ -175,7 +173,7 @@ def apply(model, config: Config, ctx: Context):
     if student_ref is not None:
         student = _trainable(_load_other(student_ref, model, "student", ctx), "student")
     else:
-        student = copy.deepcopy(_trainable(model.module, "the model"))  # never train the reference in place
+        student = _copy(_trainable(model.module, "the model"))  # never train the reference in place
     if config.head is not None:
         replace_head(student, config.head.replace, config.head.num_classes)
     frozen = freeze(student, config.freeze) if config.freeze else []
@@ -223,6 +221,21 @@ def apply(model, config: Config, ctx: Context):
 
         shutil.rmtree(checkpoints, ignore_errors=True)  # the step's artifact now holds the result
     return model.with_(module=result.student)
+
+
+def _copy(module):
+    import copy
+
+    import torch
+    from torch.nn.utils import prune
+
+    with torch.no_grad():
+        # A masked `weight` computed with grad enabled is a non-leaf tensor, which deepcopy refuses: recompute it as a leaf.
+        for sub in module.modules():
+            for hook in list(sub._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(sub, hook._tensor_name, hook.apply_mask(sub))
+    return copy.deepcopy(module)
 
 
 def _logits(module, inputs, role: str):
