@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from optcli import __version__
+from optcli import __version__, library_warnings
 from optcli.artifact import Model, artifact_files, example_inputs, load_model, save_torch
 from optcli.data import DataCatalog, Dataset
 from optcli.errors import BadInput, OptcliError, PassFailed
@@ -213,7 +213,9 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
                       quiet=options.quiet, log=log, options=dict(options.extra, resume_dir=str(folder.root / "steps" / name)))
         started = time.perf_counter()
         try:
-            model = spec.apply(model, config, ctx)
+            with library_warnings.captured() as said:
+                model = spec.apply(model, config, ctx)
+            ctx.warnings.extend(f"{name}: {message}" for message in said)
             if model.format == "torch":
                 model = model.with_(path=save_torch(model.module, model.inputs, tmp))
         except (OptcliError, KeyboardInterrupt):

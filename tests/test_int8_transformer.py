@@ -65,3 +65,11 @@ def test_static_int8_calibration_survives_inf_attention_masks_and_says_so(encode
     assert final["details"]["nonfinite_tensors"], "the -inf mask tensors should have been found"
     assert any("inf" in w for w in report["warnings"])
     assert np.isfinite(final["fidelity"]["cosine_mean"]) and final["fidelity"]["cosine_mean"] > 0.9
+
+
+def test_library_warnings_land_in_the_report_not_the_terminal(encoder, tmp_path):
+    # Without pre-processing ONNX Runtime's quantizer logs advice; the user finds it in report.json.
+    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "preprocess": False})), "-o", tmp_path / "out", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    assert any("2-quantize" in w and "pre-process" in w for w in result.json()["warnings"])
