@@ -146,3 +146,41 @@ def test_pickled_module_needs_trust(digits, tmp_path):
     refused = run_cli("inspect", tmp_path / "whole.pt")
     assert refused.exit_code == 2 and "--trust-pickle" in refused.stderr
     assert run_cli("inspect", tmp_path / "whole.pt", "--trust-pickle").exit_code == 0
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt", ".safetensors"])
+def test_eval_data_reads_npz_pt_and_safetensors_alike(digits, tmp_path, suffix):
+    from safetensors.numpy import save_file
+
+    arrays = dict(np.load(digits / "digits_test.npz"))
+    path = tmp_path / f"test{suffix}"
+    if suffix == ".npz":
+        np.savez(path, **arrays)
+    elif suffix == ".pt":
+        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+    else:
+        save_file(arrays, str(path))
+    recipe = digits_recipe(digits, [])
+    recipe["data"] = {"eval": {"path": str(path), "labels": "y", "samples": 100}}
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    x, y = arrays["x"][:100], arrays["y"][:100]
+    from optcli.examples.digits import build_cnn
+
+    model = build_cnn(16)
+    model.load_state_dict(torch.load(digits / "digits_cnn.pt", weights_only=True))
+    with torch.inference_mode():
+        expected = float((model.eval()(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+    assert result.json()["steps"][0]["accuracy"]["value"] == pytest.approx(expected)
+
+
+def test_top5_and_mse_metrics_match_scikit_learn():
+    from sklearn.metrics import mean_squared_error, top_k_accuracy_score
+
+    from optcli.measure import metric_value
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.standard_normal((200, 10)), rng.integers(0, 10, 200)
+    assert metric_value("top5", [logits], labels) == pytest.approx(top_k_accuracy_score(labels, logits, k=5, labels=range(10)))
+    pred, target = rng.standard_normal((50, 1)), rng.standard_normal(50)
+    assert metric_value("mse", [pred], target) == pytest.approx(mean_squared_error(target, pred.ravel()))
