@@ -1,0 +1,390 @@
+"""Accuracy-aware int8: find the fastest int8 model that stays inside a stated metric target.
+
+1. Base candidates (dynamic / static QDQ, per-channel / per-tensor, calibration method, SmoothQuant alpha) are each
+   written with onnxruntime.quantization and measured on the written file: metric on data.eval, latency, size.
+2. If a faster candidate misses the target, nodes fall back to fp32 greedily: nodes are ranked by sensitivity
+   (quantize-one-node: the metric drop when only that node is int8, on a subset of data.eval), then the most
+   sensitive ones are excluded one more per trial, re-measuring each time, until the target holds.
+3. The fastest candidate meeting the target wins. Int8 slower than fp32 is never kept silently.
+Everything is bounded by max_trials and time_budget_s.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from optcli.measure import fidelity, higher_is_better, latency, metric_value, onnx_runner, predict, runner_for, size_on_disk
+
+# Ops ONNX Runtime quantizes that carry weights; sensitivity is ranked over these.
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
+# Static candidates quantize only compute ops unless op_types is given: QDQ pairs around data-movement ops cost CPU time.
+STATIC_COMPUTE_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One int8 configuration (what quantize_onnx needs)."""
+
+    mode: str = "dynamic"
+    per_channel: bool = False
+    calibration: str = "minmax"
+    smooth_alpha: float | None = None
+    exclude: frozenset[str] = frozenset()
+    op_types: tuple[str, ...] | None = None
+
+    def name(self) -> str:
+        parts = [self.mode, "per-channel" if self.per_channel else "per-tensor"]
+        if self.mode == "static":
+            parts.append(self.calibration)
+        if self.smooth_alpha is not None:
+            parts.append(f"smooth{self.smooth_alpha:g}")
+        if self.exclude:
+            parts.append(f"fp32x{len(self.exclude)}")
+        return "/".join(parts)
+
+    def summary(self) -> dict:
+        out = {"mode": self.mode, "per_channel": self.per_channel, "smoothquant_alpha": self.smooth_alpha, "fp32_nodes": len(self.exclude)}
+        if self.mode == "static":
+            out["calibration"] = self.calibration
+        return out
+
+
+@dataclass
+class Trial:
+    name: str
+    settings: Settings | None  # None: the fp32 input, for comparison
+    metric: float | None = None
+    latency_ms: float | None = None
+    size_bytes: int | None = None
+    seconds: float = 0.0
+    meets: bool = False
+    path: Path | None = None
+    error: str | None = None
+
+    def row(self, chosen: bool) -> dict:
+        row = {"name": self.name, "config": self.settings.summary() if self.settings else {"mode": "fp32"},
+               "metric": None if self.metric is None else round(self.metric, 6), "latency_ms": self.latency_ms,
+               "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3), "chosen": chosen, "meets_target": self.meets}
+        if self.error:
+            row["error"] = self.error
+        return row
+
+
+@dataclass
+class Goal:
+    metric: str
+    threshold: float
+    baseline: float
+    higher_better: bool
+
+    def meets(self, value: float | None) -> bool:
+        if value is None or not np.isfinite(value):
+            return False
+        return value >= self.threshold - 1e-12 if self.higher_better else value <= self.threshold + 1e-12
+
+    def better(self, a: float | None, b: float | None) -> bool:
+        if a is None:
+            return False
+        if b is None:
+            return True
+        return a > b if self.higher_better else a < b
+
+
+@dataclass
+class Evaluation:
+    """Scores an artifact on data.eval against the reference model's outputs, and times it."""
+
+    batches: list[dict]
+    labels: np.ndarray | None
+    metric: str
+    reference: list[np.ndarray]
+    inputs: list
+    threads: int
+    latency_batch: int
+    latency_runs: int
+
+    def score(self, outputs: list[np.ndarray]) -> float:
+        """The metric of outputs computed on the first len(outputs) eval samples."""
+        n = len(outputs[0])
+        if self.metric == "cosine":
+            value = fidelity([r[:n] for r in self.reference], outputs)["cosine_mean"]
+            return float("nan") if value is None else float(value)
+        return metric_value(self.metric, outputs, self.labels[:n])
+
+    def measure(self, path: Path, subset: int | None = None, timed: bool = True) -> tuple[float, float | None]:
+        runner = onnx_runner(path, self.inputs, self.threads)
+        batches = self.batches if subset is None else _head(self.batches, subset)
+        outputs = predict(runner, batches)
+        value = self.score(outputs)
+        lat = None
+        if timed:
+            figures, _ = latency(runner, [self.latency_batch], warmup=2, runs=self.latency_runs)
+            lat = figures[f"batch_{self.latency_batch}"]["p50_ms"] if figures else None
+        return value, lat
+
+
+def _head(batches: list[dict], n: int) -> list[dict]:
+    out, total = [], 0
+    for feeds in batches:
+        if total >= n:
+            break
+        out.append(feeds)
+        total += len(next(iter(feeds.values())))
+    return out
+
+
+def make_goal(target, reference_value: float) -> Goal:
+    higher = target.metric == "cosine" or higher_is_better(target.metric)
+    if target.min_value is not None:
+        threshold = target.min_value
+    else:
+        threshold = reference_value - target.max_drop if higher else reference_value + target.max_drop
+    return Goal(target.metric, float(threshold), float(reference_value), higher)
+
+
+def base_candidates(config, has_calibration: bool) -> list[Settings]:
+    space = config.search
+    user_ops = tuple(config.op_types) if config.op_types else None
+    out = []
+    for mode in space.modes:
+        if mode == "static" and not has_calibration:
+            continue
+        for per_channel in space.per_channel:
+            for alpha in space.smoothquant:
+                methods = space.calibration if mode == "static" else ["minmax"]
+                for method in methods:
+                    ops = user_ops if (mode == "dynamic" or user_ops) else tuple(STATIC_COMPUTE_OPS)
+                    out.append(Settings(mode, per_channel, method, alpha, frozenset(), ops))
+    return out
+
+
+def quantizable_nodes(path: Path, settings: Settings, excluded: set[str]) -> list[str]:
+    """Nodes this configuration would turn into int8: weight ops (and, for static, activation MatMuls)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {t.name for t in proto.graph.initializer}
+    ops = set(settings.op_types or WEIGHT_OPS)
+    names = []
+    for node in proto.graph.node:
+        if not node.name or node.name in excluded or node.op_type not in ops or node.op_type not in WEIGHT_OPS:
+            continue
+        has_weight = any(i in inits for i in node.input[:2])
+        if node.op_type == "Gather":
+            has_weight = bool(node.input) and node.input[0] in inits
+        if has_weight or (settings.mode == "static" and node.op_type == "MatMul"):
+            names.append(node.name)
+    return names
+
+
+class Search:
+    def __init__(self, config, ctx, source: Path, model, quantize_fn, evaluation: Evaluation, goal: Goal, calib_batches):
+        self.config = config
+        self.space = config.search
+        self.ctx = ctx
+        self.source = source
+        self.model = model
+        self.quantize_fn = quantize_fn  # (source, target, settings, calib_batches, smooth_batches) -> details
+        self.ev = evaluation
+        self.goal = goal
+        self.calib = calib_batches
+        self.smooth_batches = calib_batches or _head(evaluation.batches, self.space.sensitivity_samples)
+        self.started = time.perf_counter()
+        self.trials: list[Trial] = []
+        self.work = ctx.step_dir / "candidates"
+        self.work.mkdir(exist_ok=True)
+        self.sensitivity: dict[str, float] = {}
+        self.quantizable_count: int | None = None
+        self.notes: list[str] = []
+
+    # ----------------------------------------------------------------- budget
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def out_of_budget(self) -> bool:
+        return self.elapsed() >= self.space.time_budget_s
+
+    def trials_used(self) -> int:
+        return sum(1 for t in self.trials if t.settings is not None)
+
+    # ----------------------------------------------------------------- trials
+    def _write(self, settings: Settings, tag: str) -> Path:
+        folder = self.work / tag
+        folder.mkdir(exist_ok=True)
+        target = folder / "model.onnx"
+        self.quantize_fn(self.source, target, settings, self.calib, self.smooth_batches)
+        return target
+
+    def try_settings(self, settings: Settings) -> Trial:
+        trial = Trial(settings.name(), settings)
+        t0 = time.perf_counter()
+        try:
+            trial.path = self._write(settings, f"{len(self.trials):03d}")
+            trial.metric, trial.latency_ms = self.ev.measure(trial.path)
+            trial.size_bytes = size_on_disk(trial.path)["size_bytes"]
+            trial.meets = self.goal.meets(trial.metric)
+        except Exception as e:  # one configuration failing (an op ORT cannot quantize) must not end the search
+            trial.error = f"{type(e).__name__}: {str(e).strip()[:200]}"
+            self.ctx.warn(f"candidate {trial.name} failed: {trial.error}")
+        trial.seconds = time.perf_counter() - t0
+        self.trials.append(trial)
+        self.ctx.log(f"{self.ctx.step_name}: {trial.name}: {self.goal.metric} {_fmt(trial.metric)}, p50 {_fmt(trial.latency_ms)} ms"
+                     f"{' (meets target)' if trial.meets else ''}")
+        return trial
+
+    def measure_fp32(self) -> Trial:
+        t0 = time.perf_counter()
+        trial = Trial("fp32 (input)", None)
+        trial.metric, trial.latency_ms = self.ev.measure(self.source)
+        trial.size_bytes = size_on_disk(self.model.path)["size_bytes"]
+        trial.meets = self.goal.meets(trial.metric)
+        trial.seconds = time.perf_counter() - t0
+        self.trials.append(trial)
+        return trial
+
+    def can_try(self) -> bool:
+        return self.trials_used() < self.space.max_trials and not self.out_of_budget()
+
+    # ----------------------------------------------------------------- sensitivity + fallback
+    def rank(self, base: Settings, nodes: list[str]) -> list[str]:
+        """Quantize-one-node sensitivity: metric lost when only this node is int8 (subset of data.eval)."""
+        n = self.space.sensitivity_samples
+        count = sum(len(next(iter(b.values()))) for b in _head(self.ev.batches, n))
+        reference_value = self.ev.score([r[:count] for r in self.ev.reference])
+        for i, node in enumerate(nodes):
+            if self.out_of_budget():
+                self.notes.append(f"time budget reached while ranking: {len(nodes) - i} of {len(nodes)} nodes unranked (ranked last)")
+                break
+            others = frozenset(x for x in nodes if x != node) | base.exclude
+            path = self._write(replace(base, exclude=others), "sensitivity")
+            try:
+                value, _ = self.ev.measure(path, subset=n, timed=False)
+            except Exception as e:
+                self.ctx.warn(f"sensitivity of {node} not measured: {type(e).__name__}: {str(e)[:120]}")
+                continue
+            drop = reference_value - value if self.goal.higher_better else value - reference_value
+            self.sensitivity[node] = float(drop)
+        shutil.rmtree(self.work / "sensitivity", ignore_errors=True)
+        return sorted(nodes, key=lambda x: -self.sensitivity.get(x, float("-inf")))
+
+    def fallback(self, base: Trial, best_latency: float | None) -> None:
+        nodes = quantizable_nodes(self.source, base.settings, set(base.settings.exclude))
+        if not nodes:
+            return
+        limit = int(self.space.max_fallback_fraction * len(nodes))
+        self.ctx.log(f"{self.ctx.step_name}: ranking {len(nodes)} nodes by sensitivity ({base.name})")
+        order = self.rank(base.settings, nodes)
+        self.quantizable_count = len(nodes)
+        for k in range(1, limit + 1):
+            if not self.can_try():
+                self.notes.append("fallback stopped: " + ("time budget reached" if self.out_of_budget() else "max_trials reached"))
+                return
+            trial = self.try_settings(replace(base.settings, exclude=base.settings.exclude | frozenset(order[:k])))
+            if trial.meets:
+                return
+            if best_latency is not None and trial.latency_ms is not None and trial.latency_ms > best_latency:
+                self.notes.append(f"fallback stopped at {k} nodes: already slower than a candidate that meets the target")
+                return
+        self.notes.append(f"fallback stopped at the limit of {limit} nodes (max_fallback_fraction {self.space.max_fallback_fraction})")
+
+    # ----------------------------------------------------------------- the search
+    def run(self, candidates: list[Settings]) -> tuple[Trial, Trial]:
+        fp32 = self.measure_fp32()
+        for settings in candidates:
+            if not self.can_try():
+                self.notes.append(f"{'time budget' if self.out_of_budget() else 'max_trials'} reached before all base candidates were tried")
+                break
+            self.try_settings(settings)
+        done = [t for t in self.trials if t.settings is not None and t.metric is not None]
+        if self.space.fallback and done and self.can_try():
+            meeting = [t for t in done if t.meets]
+            best_latency = min((t.latency_ms for t in meeting), default=None)
+            # Fallback can only pay off from a candidate faster than the best one that already meets the target.
+            ceiling = best_latency if best_latency is not None else (fp32.latency_ms if not self.config.allow_slower else None)
+            pool = [t for t in done if not t.meets and (ceiling is None or (t.latency_ms or 0) < ceiling)]
+            if pool:
+                base = max(pool, key=lambda t: (t.metric if self.goal.higher_better else -t.metric))
+                self.fallback(base, best_latency)
+        return fp32, self.choose()
+
+    def choose(self) -> Trial:
+        done = [t for t in self.trials if t.settings is not None and t.metric is not None and t.path is not None]
+        if not done:
+            raise RuntimeError("no int8 candidate could be written: " + "; ".join(t.error or "" for t in self.trials if t.error)[:400])
+        meeting = [t for t in done if t.meets]
+        if meeting:
+            return min(meeting, key=lambda t: t.latency_ms if t.latency_ms is not None else float("inf"))
+        best = done[0]
+        for t in done[1:]:
+            if self.goal.better(t.metric, best.metric):
+                best = t
+        return best
+
+
+def evaluation_for(model, config, ctx) -> Evaluation:
+    """data.eval batches, their labels, and the original model's outputs on them."""
+    from optcli.errors import PassFailed
+
+    data = ctx.data.eval
+    spec = ctx.recipe.report.latency
+    fixed = [s.shape[0] for s in model.inputs if not s.batch_dynamic and s.shape]
+    pairs = list(data.batches(batch_size=fixed[0] if fixed else data.batch_size, limit=config.search.eval_samples))
+    batches = [feeds for feeds, _ in pairs]
+    labels = np.concatenate([y for _, y in pairs]) if data.labels is not None else None
+    if config.target.metric != "cosine" and labels is None:
+        raise PassFailed(ctx.step_name, f"target metric {config.target.metric} needs labels in data.eval (set data.eval.labels), or use metric: cosine")
+    reference = predict(runner_for(ctx.reference, spec.threads), batches)
+    return Evaluation(batches, labels, config.target.metric, reference, model.inputs, spec.threads,
+                      fixed[0] if fixed else max(spec.batch_sizes), config.search.latency_runs)
+
+
+def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str], calib, quantize_onnx) -> None:
+    """Run the search, write the chosen model to `target`, and record the search block and its gates in ctx.details."""
+    ev = evaluation_for(model, config, ctx)
+    goal = make_goal(config.target, ev.score(ev.reference))
+    candidates = [replace(c, exclude=frozenset(exclude)) for c in base_candidates(config, calib is not None)]
+    if "static" in config.search.modes and calib is None:
+        ctx.warn("search: static candidates skipped (no data.calibration)")
+
+    def write(src, dst, settings, calib_batches, smooth_batches):
+        return quantize_onnx(src, dst, settings, config, calib_batches, smooth_batches, ctx)
+
+    search = Search(config, ctx, source, model, write, ev, goal, calib)
+    fp32, chosen = search.run(candidates)
+    shutil.copyfile(chosen.path, target)
+    shutil.rmtree(search.work, ignore_errors=True)
+    faster = chosen.latency_ms is not None and fp32.latency_ms is not None and chosen.latency_ms < fp32.latency_ms
+    fallen = sorted(chosen.settings.exclude - frozenset(exclude), key=lambda n: -search.sensitivity.get(n, 0.0))
+    ctx.details["search"] = {
+        "metric": goal.metric, "target": goal.threshold, "baseline": goal.baseline, "higher_is_better": goal.higher_better,
+        "chosen": chosen.name, "chosen_config": chosen.settings.summary(),
+        "candidates": [t.row(t is chosen) for t in search.trials],
+        "fallback_nodes": [{"node": n, "sensitivity": round(search.sensitivity[n], 6) if n in search.sensitivity else None} for n in fallen],
+        "quantizable_nodes": search.quantizable_count,
+        "sensitivity": {n: round(v, 6) for n, v in sorted(search.sensitivity.items(), key=lambda kv: -kv[1])},
+        "fp32_latency_ms": fp32.latency_ms, "latency_batch": ev.latency_batch, "threads": ev.threads,
+        "trials": search.trials_used(), "seconds": round(search.elapsed(), 3), "notes": search.notes,
+    }
+    relation = ">=" if goal.higher_better else "<="
+    gates = [{"name": f"target {goal.metric} {relation} {goal.threshold:.6g}", "limit": goal.threshold,
+              "value": round(chosen.metric, 6), "passed": chosen.meets}]
+    if not chosen.meets:
+        ctx.warn(f"no candidate met {goal.metric} {relation} {goal.threshold:.6g}; kept the best, {chosen.name} "
+                 f"({goal.metric} {chosen.metric:.6g}, p50 {_fmt(chosen.latency_ms)} ms vs fp32 {_fmt(fp32.latency_ms)} ms)")
+    if not faster:
+        note = (f"int8 is not faster than fp32 here: {chosen.name} p50 {_fmt(chosen.latency_ms)} ms vs fp32 {_fmt(fp32.latency_ms)} ms "
+                f"(batch {ev.latency_batch}, {ev.threads} threads)")
+        ctx.warn(note + ("; kept because allow_slower: true" if config.allow_slower else "; set allow_slower: true to accept it"))
+        if not config.allow_slower:
+            gates.append({"name": "int8 faster than fp32", "limit": fp32.latency_ms, "value": chosen.latency_ms, "passed": False, "note": note})
+    ctx.details["gates"] = gates
+    ctx.log(f"{ctx.step_name}: chose {chosen.name} ({goal.metric} {chosen.metric:.6g}, p50 {_fmt(chosen.latency_ms)} ms, fp32 {_fmt(fp32.latency_ms)} ms)")
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.4g}"
