@@ -317,7 +317,7 @@ def launch(job, config: DistributedConfig, nproc: int, settings: dict, step_dir:
     log(f"{step_name}: {nproc * config.nnodes} workers ({nproc} on this node x {config.nnodes} node(s)), torch elastic launch")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
-        with _quiet_agent(settings["debug"]):
+        with _quiet_agent(settings["debug"]), _fresh_store_per_attempt():
             results = elastic_launch(launch_config, _worker)(str(job_dir), settings)
     except ChildFailedError as e:
         raise PassFailed(step_name, failure_message(e, config.max_restarts)) from None
@@ -346,15 +346,33 @@ def failure_message(error, max_restarts: int) -> str:
         message = f"exited with code {failure.exitcode}"
     message = str(message).strip().splitlines()[0][:400]
     if failure.exitcode < 0:
-        message = f"killed by signal {failure.signal_name()} ({message})"
+        message = f"killed by signal {-failure.exitcode} ({failure.signal_name()})"
     attempts = f" after {max_restarts} restart(s)" if max_restarts else ""
     return f"worker rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) failed{attempts}: {message}"
 
 
 @contextmanager
+def _fresh_store_per_attempt():
+    # By default the c10d rendezvous shares one TCP store with the workers across restarts, and the
+    # restarted workers' gloo then reads the dead workers' addresses from it (connectFullMesh: connection
+    # refused). torch's own opt-out gives each rendezvous round its own store, so max_restarts works.
+    previous = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+        else:
+            os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = previous
+
+
+@contextmanager
 def _quiet_agent(debug: bool):
     # The agent logs every failure with the worker's traceback; the user gets one line from us instead.
-    names = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    # torch gives each of these module loggers its own level, so each one is quietened, not just the parents.
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(prefixes)] + list(prefixes)
     previous = {n: logging.getLogger(n).level for n in names}
     if not debug:
         for n in names:

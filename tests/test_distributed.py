@@ -1,0 +1,288 @@
+"""Retraining on several workers through torch's elastic launcher, on CPU with gloo and 2 workers.
+
+Every launch costs seconds of process start-up, so four runs carry the whole story: 2 workers match
+1 worker, a killed worker fails the run (exit 3, its rank named), a restart resumes from the epoch
+checkpoint, Ctrl-C leaves no process behind. The rest checks the selection logic without launching.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, CliResult, run_cli, write_recipe
+from optcli import distributed as D
+
+TESTS = Path(__file__).resolve().parent
+TRAIN_SAMPLES, GLOBAL_BATCH = 512, 32  # 16 global steps per epoch; 512 % 32 == 0, so no rank gets padded samples
+STEPS_PER_EPOCH = TRAIN_SAMPLES // GLOBAL_BATCH
+
+
+@pytest.fixture()
+def mlp_recipe(tmp_path, digits) -> dict:
+    """A BatchNorm-free MLP on digits (see tests/distributed_models.py for why no BatchNorm)."""
+    from distributed_models import build_mlp
+
+    torch.manual_seed(0)
+    torch.save(build_mlp().state_dict(), tmp_path / "mlp.pt")
+    with np.load(digits / "digits_train.npz") as z:
+        np.savez(tmp_path / "train.npz", x=z["x"][:TRAIN_SAMPLES], y=z["y"][:TRAIN_SAMPLES])
+    return {
+        "model": {"path": str(tmp_path / "mlp.pt"), "factory": "distributed_models:build_mlp", "factory_kwargs": {},
+                  "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}]},
+        "data": {"train": {"path": str(tmp_path / "train.npz"), "batch_size": GLOBAL_BATCH},
+                 "eval": {"path": str(digits / "digits_test.npz"), "labels": "y"}},
+        "passes": [{"type": "finetune", "epochs": 3, "lr": 3e-3}],
+        "report": {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 3, "threads": 1}},
+    }
+
+
+def run_tagged(*args, timeout: int = 240) -> CliResult:
+    """`python -m optcli ...` in a child process whose environment carries a tag its workers inherit;
+    afterwards no process with that tag may be alive (psutil), whatever happened to the run."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OPTCLI_TEST_TAG": tag}
+    proc = subprocess.run([sys.executable, "-m", "optcli", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert_no_survivors(tag)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def tagged(tag: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("OPTCLI_TEST_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:  # other users' processes, or one that just ended
+            continue
+    return found
+
+
+def assert_no_survivors(tag: str, grace_s: float = 10.0) -> None:
+    deadline = time.monotonic() + grace_s
+    while (alive := tagged(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"processes of the run still alive: {[(p.pid, ' '.join(p.cmdline())[:120]) for p in alive]}"
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.export.load(str(path)).module().state_dict()
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def one_worker_run(tmp_path: Path, recipe: dict, name: str) -> tuple[Path, dict]:
+    """The reference: one process, batch = the global batch of the 2-worker runs."""
+    out = tmp_path / name
+    r = run_cli("run", write_recipe(tmp_path, recipe, f"{name}.yaml"), "-o", out, "--json", "--quiet")
+    assert r.exit_code == 0, r.stderr
+    return out, r.json()
+
+
+def training(report: dict) -> dict:
+    return report["steps"][-1]["details"]["training"]
+
+
+# --------------------------------------------------------------------------- launches (4 in the default run)
+
+
+def test_two_workers_reach_the_weights_and_metric_of_one_worker_with_the_same_global_batch(tmp_path, mlp_recipe):
+    out1, rep1 = one_worker_run(tmp_path, mlp_recipe, "one")
+    two = write_recipe(tmp_path, {**mlp_recipe, "passes": [{**mlp_recipe["passes"][0], "batch_size": GLOBAL_BATCH // 2}]}, "two.yaml")
+    r = run_tagged("run", two, "-o", tmp_path / "two", "--json", "--quiet", "--nproc-per-node", "2")
+    assert r.exit_code == 0, r.stderr
+    rep2, out2 = r.json(), tmp_path / "two"
+
+    w1, w2 = weights(out1 / "model.pt2"), weights(out2 / "model.pt2")
+    assert max_abs_diff(w1, torch.load(mlp_recipe["model"]["path"], weights_only=True)) > 1e-3  # it trained
+    assert max_abs_diff(w1, w2) <= 1e-5
+    # The metric the runner measures on the written artifacts, and the loop's all-reduced eval metric per epoch.
+    assert rep2["steps"][-1]["accuracy"]["value"] == pytest.approx(rep1["steps"][-1]["accuracy"]["value"], abs=1e-9)
+    assert [e["metric"] for e in training(rep2)["epochs"]] == pytest.approx([e["metric"] for e in training(rep1)["epochs"]], abs=1e-6)
+    assert [e["loss"] for e in training(rep2)["epochs"]] == pytest.approx([e["loss"] for e in training(rep1)["epochs"]], abs=1e-5)
+
+    t1, t2 = training(rep1), training(rep2)
+    assert (t1["world_size"], t1["batch_per_worker"], t1["global_batch"]) == (1, GLOBAL_BATCH, GLOBAL_BATCH)
+    assert (t2["world_size"], t2["backend"], t2["batch_per_worker"], t2["global_batch"]) == (2, "gloo", GLOBAL_BATCH // 2, GLOBAL_BATCH)
+    assert len(t2["devices"]) == 2 and all(d.startswith("cpu") for d in t2["devices"])
+    assert t2["samples_per_s_per_worker"] == pytest.approx(t2["samples_per_s"] / 2, rel=0.01)
+    # Only rank 0 writes: the 2-worker output folder holds exactly what a 1-process run writes.
+    assert files_under(out2) == files_under(out1)
+
+
+def test_a_killed_worker_ends_the_run_with_exit_3_naming_its_rank(tmp_path, mlp_recipe):
+    mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": STEPS_PER_EPOCH + 3}  # mid epoch 2
+    mlp_recipe["passes"][0]["batch_size"] = GLOBAL_BATCH // 2
+    r = run_tagged("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--quiet", "--nproc-per-node", "2")
+    assert r.exit_code == 3, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "1-finetune" in lines[0] and "worker rank 1" in lines[0] and "SIGKILL" in lines[0]
+    assert not (tmp_path / "out" / "model.pt2").exists()
+
+
+def test_max_restarts_resumes_from_the_epoch_checkpoint_and_finishes(tmp_path, mlp_recipe):
+    plain = {**mlp_recipe, "passes": [dict(mlp_recipe["passes"][0])]}
+    mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": STEPS_PER_EPOCH + 3}
+    mlp_recipe["passes"][0].update(batch_size=GLOBAL_BATCH // 2, distributed={"max_restarts": 1})
+    r = run_tagged("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--json", "--quiet", "--nproc-per-node", "2")
+    assert r.exit_code == 0, r.stderr
+    assert training(r.json())["resumed_from_epoch"] == 1
+    # Resuming lost nothing: the same weights as an uninterrupted run (one process, same global batch).
+    out1, _ = one_worker_run(tmp_path, plain, "one")
+    assert max_abs_diff(weights(out1 / "model.pt2"), weights(tmp_path / "out" / "model.pt2")) <= 1e-5
+
+
+def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path, mlp_recipe):
+    mlp_recipe["passes"][0].update(epochs=2000, batch_size=GLOBAL_BATCH // 2)
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OPTCLI_TEST_TAG": tag}
+    proc = subprocess.Popen([sys.executable, "-m", "optcli", "run", str(write_recipe(tmp_path, mlp_recipe)), "-o", str(tmp_path / "out"),
+                             "--quiet", "--nproc-per-node", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "out" / "steps" / "1-finetune.ckpt").exists():
+            time.sleep(0.2)  # the first epoch checkpoint: both workers are up and training
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert_no_survivors(tag)
+    assert not (tmp_path / "out" / "model.pt2").exists()
+
+
+# --------------------------------------------------------------------------- bad options: exit 2 before any work
+
+
+def test_bad_distributed_flags_are_refused_in_one_line(tmp_path, mlp_recipe):
+    path = write_recipe(tmp_path, mlp_recipe)
+    for flags, expect in ((["--nproc-per-node", "two"], "--nproc-per-node 'two'"),
+                          (["--nnodes", "2"], "rdzv_endpoint"),
+                          (["--nnodes", "2", "--rdzv-endpoint", "node0"], "host:port"),
+                          (["--node-rank", "3", "--nnodes", "2", "--rdzv-endpoint", "node0:29400"], "node_rank 3")):
+        r = run_cli("run", path, "-o", tmp_path / "out", *flags)
+        assert r.exit_code == 2, (flags, r.stderr)
+        assert expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_distributed_flags_without_a_finetune_pass_are_refused(tmp_path, mlp_recipe):
+    mlp_recipe["passes"] = [{"type": "export"}]
+    r = run_cli("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--nproc-per-node", "2")
+    assert r.exit_code == 2 and "no finetune pass" in r.stderr
+
+
+@pytest.mark.parametrize("finetune, expect", [
+    ({"device": "cuda:0", "distributed": {"nproc_per_node": 2}}, "names one GPU"),
+    ({"device": "cpu", "distributed": {"backend": "nccl"}}, "nccl needs device cuda"),
+    ({"device": "cpu", "amp": "bf16"}, "amp bf16 is for CUDA"),
+    ({"distributed": {"nproc_per_node": 0}}, "nproc_per_node"),
+    ({"distributed": {"nnodes": 2}}, "needs rdzv_endpoint"),
+])
+def test_impossible_device_and_launch_settings_fail_validation_with_their_line(tmp_path, mlp_recipe, finetune, expect):
+    mlp_recipe["passes"][0].update(finetune)
+    r = run_cli("validate", write_recipe(tmp_path, mlp_recipe))
+    assert r.exit_code == 2 and expect in r.stderr and "recipe.yaml:" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- selection logic (what GPUs would get)
+
+
+def test_each_worker_binds_the_gpu_of_its_local_rank():
+    assert D.device_for("cuda", local_rank=3, cuda_count=4, nproc=4) == "cuda:3"
+    assert D.device_for("auto", local_rank=1, cuda_count=2, nproc=2) == "cuda:1"
+    assert D.device_for("auto", local_rank=1, cuda_count=0, nproc=2) == "cpu"
+    assert D.device_for("cuda:2", local_rank=0, cuda_count=4, nproc=1) == "cuda:2"
+    with pytest.raises(D.BadInput, match="no CUDA GPU"):
+        D.device_for("cuda", 0, cuda_count=0)
+    with pytest.raises(D.BadInput, match="only 2 GPU"):
+        D.device_for("cuda", local_rank=2, cuda_count=2, nproc=3)
+    with pytest.raises(D.BadInput, match="names one GPU"):
+        D.device_for("cuda:1", 0, cuda_count=2, nproc=2)
+
+
+def test_backend_auto_is_nccl_on_cuda_and_gloo_on_cpu():
+    assert D.backend_for("auto", "cuda:0") == "nccl"
+    assert D.backend_for("auto", "cpu") == "gloo"
+    assert D.backend_for("gloo", "cuda:1") == "gloo"
+    with pytest.raises(D.BadInput, match="nccl needs CUDA"):
+        D.backend_for("nccl", "cpu")
+
+
+def test_nproc_auto_is_one_per_gpu_and_one_on_cpu():
+    auto = D.DistributedConfig(nproc_per_node="auto")
+    assert D.nproc_for(auto, "cuda", cuda_count=8) == 8
+    assert D.nproc_for(auto, "auto", cuda_count=2) == 2
+    assert D.nproc_for(auto, "cpu", cuda_count=8) == 1
+    assert D.nproc_for(auto, "cuda:3", cuda_count=8) == 1
+    assert D.nproc_for(D.DistributedConfig(nproc_per_node=3), "cpu", cuda_count=0) == 3
+
+
+def test_amp_picks_autocast_dtype_and_loss_scaling_only_on_cuda():
+    assert D.amp_dtype("bf16", "cuda:0") is torch.bfloat16
+    assert D.amp_dtype("fp16", "cuda:1") is torch.float16
+    assert D.amp_dtype("fp16", "cpu") is None and D.amp_dtype("none", "cuda:0") is None
+    with D.autocast("bf16", "cpu"):  # a no-op off CUDA
+        assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+    assert not D.grad_scaler("bf16", "cuda:0").is_enabled()  # bf16 has fp32's exponent range: no scaling
+
+
+def test_linear_lr_scaling_multiplies_by_world_size():
+    assert D.scaled_lr(1e-3, 8, "linear") == pytest.approx(8e-3)
+    assert D.scaled_lr(1e-3, 8, "none") == 1e-3
+
+
+def test_sync_batchnorm_round_trip_restores_the_original_layers():
+    from optcli.examples.digits import build_cnn
+
+    torch.manual_seed(0)
+    model = build_cnn(8).eval()
+    x = torch.randn(4, 1, 8, 8)
+    before = model(x)
+    synced, classes = D.to_sync_batchnorm(model, "cuda:0")
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == len(classes) == 4
+    assert D.to_sync_batchnorm(build_cnn(8), "cpu")[1] == {}  # CPU: torch's SyncBatchNorm cannot run there
+    back = D.from_sync_batchnorm(synced, classes).eval()
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in back.modules())
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in back.modules()) == 4
+    assert torch.equal(back(x), before)
+
+
+def test_failure_message_names_the_first_failed_rank_and_its_error(tmp_path, monkeypatch):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.elastic.multiprocessing.errors.error_handler import ErrorHandler
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    try:
+        raise ValueError("labels go up to 12 but the model has 10 outputs")
+    except ValueError as e:
+        ErrorHandler().record_exception(e)  # what torch's @record writes in a worker
+    failed = ProcessFailure(local_rank=1, pid=4242, exitcode=1, error_file=str(error_file))
+    msg = D.failure_message(ChildFailedError("_worker", {3: failed}), max_restarts=0)
+    assert msg == "worker rank 3 (local rank 1, pid 4242) failed: ValueError: labels go up to 12 but the model has 10 outputs"
+    killed = ProcessFailure(local_rank=0, pid=77, exitcode=-9, error_file=str(tmp_path / "none.json"))
+    assert "worker rank 2 (local rank 0, pid 77) failed after 2 restart(s): killed by signal 9 (SIGKILL)" == \
+        D.failure_message(ChildFailedError("_worker", {2: killed}), max_restarts=2)
+    assert json.loads(error_file.read_text())["message"]["message"].startswith("ValueError")
