@@ -223,19 +223,31 @@ class Search:
     def try_settings(self, settings: Settings) -> Trial:
         trial = Trial(settings.name(), settings)
         t0 = time.perf_counter()
+        tag = f"{len(self.trials):03d}"
         try:
-            trial.path = self._write(settings, f"{len(self.trials):03d}")
+            trial.path = self._write(settings, tag)
             trial.metric, trial.latency_ms = self.ev.measure(trial.path)
             trial.size_bytes = size_on_disk(trial.path)["size_bytes"]
             trial.meets = self.goal.meets(trial.metric)
         except Exception as e:  # one configuration failing (an op ORT cannot quantize) must not end the search
             trial.error = f"{type(e).__name__}: {str(e).strip()[:200]}"
+            trial.path = None
+            shutil.rmtree(self.work / tag, ignore_errors=True)
             self.ctx.warn(f"candidate {trial.name} failed: {trial.error}")
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
+        self._drop_losers()
         self.ctx.log(f"{self.ctx.step_name}: {trial.name}: {self.goal.metric} {_fmt(trial.metric)}, p50 {_fmt(trial.latency_ms)} ms"
                      f"{' (meets target)' if trial.meets else ''}")
         return trial
+
+    def _drop_losers(self) -> None:
+        """Delete written candidates that can no longer be chosen (disk: one int8 model per trial adds up)."""
+        keep = {id(self.choose())}
+        for t in self.trials:
+            if t.settings is not None and t.path is not None and id(t) not in keep:
+                shutil.rmtree(t.path.parent, ignore_errors=True)
+                t.path = None
 
     def measure_fp32(self) -> Trial:
         t0 = time.perf_counter()
@@ -310,12 +322,15 @@ class Search:
             if pool:
                 base = max(pool, key=lambda t: (t.metric if self.goal.higher_better else -t.metric))
                 self.fallback(base, best_latency)
-        return fp32, self.choose()
+        chosen = self.choose()
+        if chosen is None:
+            raise RuntimeError("no int8 candidate could be written and measured: " + "; ".join(t.error or "" for t in self.trials if t.error)[:400])
+        return fp32, chosen
 
-    def choose(self) -> Trial:
-        done = [t for t in self.trials if t.settings is not None and t.metric is not None and t.path is not None]
+    def choose(self) -> Trial | None:
+        done = [t for t in self.trials if t.settings is not None and t.metric is not None and np.isfinite(t.metric) and t.path is not None]
         if not done:
-            raise RuntimeError("no int8 candidate could be written: " + "; ".join(t.error or "" for t in self.trials if t.error)[:400])
+            return None
         meeting = [t for t in done if t.meets]
         if meeting:
             return min(meeting, key=lambda t: t.latency_ms if t.latency_ms is not None else float("inf"))
@@ -351,11 +366,16 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     if "static" in config.search.modes and calib is None:
         ctx.warn("search: static candidates skipped (no data.calibration)")
 
+    cache = {"dir": ctx.step_dir / "candidates"}
+    cache["dir"].mkdir(exist_ok=True)
+
     def write(src, dst, settings, calib_batches, smooth_batches):
-        return quantize_onnx(src, dst, settings, config, calib_batches, smooth_batches, ctx)
+        return quantize_onnx(src, dst, settings, config, calib_batches, smooth_batches, ctx, cache=cache)
 
     search = Search(config, ctx, source, model, write, ev, goal, calib)
     fp32, chosen = search.run(candidates)
+    if search.quantizable_count is None:
+        search.quantizable_count = len(quantizable_nodes(source, chosen.settings, set(exclude)))
     shutil.copyfile(chosen.path, target)
     shutil.rmtree(search.work, ignore_errors=True)
     faster = chosen.latency_ms is not None and fp32.latency_ms is not None and chosen.latency_ms < fp32.latency_ms
@@ -370,6 +390,11 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
         "fp32_latency_ms": fp32.latency_ms, "latency_batch": ev.latency_batch, "threads": ev.threads,
         "trials": search.trials_used(), "seconds": round(search.elapsed(), 3), "notes": search.notes,
     }
+    screened = sorted({t for k, v in cache.items() if k != "dir" and k[0] == "inf" for t in v})
+    if screened:
+        ctx.details["nonfinite_tensors"] = screened
+        ctx.warn(f"static candidates: {len(screened)} tensors hold inf/NaN/huge values on calibration data (e.g. attention masks); "
+                 "the nodes touching them were left in float")
     relation = ">=" if goal.higher_better else "<="
     gates = [{"name": f"target {goal.metric} {relation} {goal.threshold:.6g}", "limit": goal.threshold,
               "value": round(chosen.metric, 6), "passed": chosen.meets}]

@@ -180,11 +180,12 @@ def _resolve_exclude(proto, items: list[str], ctx: Context) -> set[str]:
 
 
 def quantize_onnx(source: Path, target: Path, settings, config: Config, calib_batches: list[dict] | None,
-                  smooth_batches: list[dict] | None, ctx: Context, details: dict | None = None) -> dict:
+                  smooth_batches: list[dict] | None, ctx: Context, details: dict | None = None, cache: dict | None = None) -> dict:
     """Write one int8 model: optional SmoothQuant, then onnxruntime.quantization dynamic or static QDQ.
 
     `settings` is an optcli.quant_search.Settings (mode, per_channel, calibration, smooth_alpha, exclude, op_types);
-    the remaining knobs (types, reduce_range, extra_options) come from the pass config.
+    the remaining knobs (types, reduce_range, extra_options) come from the pass config. A search passes `cache`
+    ({"dir": folder}) so the smoothed graph and the inf screen are computed once per source, not once per trial.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -195,8 +196,16 @@ def quantize_onnx(source: Path, target: Path, settings, config: Config, calib_ba
     if settings.smooth_alpha is not None:
         from optcli.smoothquant import smooth
 
-        smoothed = target.with_name("smoothed.onnx")
-        details["smoothquant"] = smooth(source, smoothed, smooth_batches or calib_batches or [], settings.smooth_alpha)
+        key = ("smooth", str(source), settings.smooth_alpha)
+        if cache is None or key not in cache:
+            smoothed = cache["dir"] / f"smoothed_{settings.smooth_alpha:g}.onnx" if cache is not None else target.with_name("smoothed.onnx")
+            info = smooth(source, smoothed, smooth_batches or calib_batches or [], settings.smooth_alpha)
+            if cache is None:
+                details["smoothquant"] = info
+            else:
+                cache[key] = (smoothed, info)
+        if cache is not None:
+            smoothed, details["smoothquant"] = cache[key]
         source = smoothed
     exclude = set(settings.exclude)
     large = sum(f.stat().st_size for f in artifact_files(Path(source))) > ONNX_EXTERNAL_THRESHOLD
@@ -210,7 +219,10 @@ def quantize_onnx(source: Path, target: Path, settings, config: Config, calib_ba
             nodes_to_exclude=sorted(exclude), use_external_data_format=large, extra_options=extra,
         )
     else:
-        inf = nonfinite_tensors(Path(source), calib_batches)
+        key = ("inf", str(source))
+        inf = cache[key] if cache is not None and key in cache else nonfinite_tensors(Path(source), calib_batches)
+        if cache is not None:
+            cache[key] = inf
         if inf:
             touched = _nodes_touching(onnx.load(str(source), load_external_data=False), inf)
             exclude.update(touched)
@@ -229,7 +241,7 @@ def quantize_onnx(source: Path, target: Path, settings, config: Config, calib_ba
             weight_type=qtype[config.weight_type], nodes_to_exclude=sorted(exclude), use_external_data_format=large,
             calibrate_method=method[settings.calibration], extra_options=extra,
         )
-    if settings.smooth_alpha is not None:
+    if settings.smooth_alpha is not None and cache is None:
         for f in artifact_files(Path(source)):
             f.unlink(missing_ok=True)
     details["excluded_nodes"] = sorted(exclude)
