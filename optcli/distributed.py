@@ -250,6 +250,8 @@ def run_training(job, config, ctx) -> tuple[Any, dict]:
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = config.device if config.device != "auto" else ("cuda" if cuda_count else "cpu")
     nproc = nproc_for(dist_cfg, device, cuda_count)
+    if config.amp != "none" and device == "cpu":
+        ctx.warn(f"amp {config.amp} not used: torch sees no CUDA device, so training runs in fp32 on CPU")
     world = nproc * dist_cfg.nnodes
     if config.scale_lr == "linear" and world > 1:
         job.config = job.config.model_copy(update={"lr": scaled_lr(job.config.lr, world, config.scale_lr)})
@@ -257,13 +259,12 @@ def run_training(job, config, ctx) -> tuple[Any, dict]:
         dev = device_for(device, 0, cuda_count, 1)
         if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
-        with autocast(config.amp, dev):
-            result = train(job, Env(device=dev), progress=not ctx.quiet, log=ctx.log)
+        result = train(job, Env(device=dev), progress=not ctx.quiet, log=ctx.log)
         return result, _world_figures(result, 1, 1, None, [_device_name(dev)], config, job)
     if has_batchnorm(job.student) and device == "cpu":
         ctx.warn(f"BatchNorm statistics are per worker on CPU (batch {job.config.batch_size or job.train.batch_size} each, not the global batch): "
                  "torch's SyncBatchNorm needs CUDA, so the result differs slightly from one worker")
-    settings = {"device": device, "backend": dist_cfg.backend, "amp": config.amp, "quiet": ctx.quiet, "debug": bool(ctx.options.get("debug"))}
+    settings = {"device": device, "backend": dist_cfg.backend, "quiet": ctx.quiet, "debug": bool(ctx.options.get("debug"))}
     result, info = launch(job, dist_cfg, nproc, settings, ctx.step_dir, ctx.step_name, ctx.log)
     return result, _world_figures(result, world, nproc, info["backend"], info["devices"], config, job)
 
@@ -423,8 +424,7 @@ def _worker(job_dir: str, settings: dict):
         if place["restart"] and main:
             log(f"restart {place['restart']}: workers resume from the last epoch checkpoint")
         try:
-            with autocast(settings["amp"], device):
-                result = train(job, env, progress=main, log=log)
+            result = train(job, env, progress=main, log=log)
         except Exception as e:
             if _PEER_LOSS.search(str(e)):
                 time.sleep(PEER_LOSS_GRACE_S)

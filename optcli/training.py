@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optcli.distributed import autocast, grad_scaler
 from optcli.errors import BadInput
 
 # A tensor whose share of exact zeros is at least this came from pruning; dense training never lands on 0.0 this often.
@@ -467,6 +468,8 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[env.local_rank] if device.type == "cuda" else None)
 
     optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
+    amp = getattr(cfg, "amp", "none")
+    scaler = grad_scaler(amp, env.device)
     metric_name = _eval_metric_name(job)
 
     # ---- resume: the last finished epoch of this same job, if its checkpoint is there
@@ -550,12 +553,15 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
             for batch in loader:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total_steps, cfg, steps_per_epoch)
-                loss = loss_for(batch)
+                with autocast(amp, env.device):  # AMP: forward and loss in bf16/fp16 on CUDA; a no-op on CPU
+                    loss = loss_for(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()  # AMP: fp16 loss scaling; identity unless amp: fp16 on CUDA
                 if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 if masks:  # weights that arrived pruned (no mask hooks) stay zero
                     with torch.no_grad():
