@@ -138,6 +138,8 @@ class TrainResult:
 
 def replace_head(module: nn.Module, name: str, num_classes: int) -> nn.Module:
     """Swap the classifier `name` (an nn.Linear) for a fresh one with num_classes outputs."""
+    if type(module).__name__ == "GraphModule":
+        raise BadInput("head.replace: the model is a torch.export graph, whose layers cannot be swapped; give it as a state_dict + model.factory")
     old = dict(module.named_modules()).get(name)
     if old is None:
         linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
@@ -606,6 +608,8 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
                 _save_checkpoint(ckpt_dir, epoch + 1, {"fingerprint": key, "epoch": epoch + 1, "step": step, "history": history,
                                                       "bad_epochs": bad_epochs, "best": best, "model": net.state_dict(),
                                                       "optimizer": optimizer.state_dict()})
+            if ckpt_dir is not None and env.world_size > 1:  # DDP: nobody races ahead of a checkpoint being written
+                torch.distributed.barrier()
             if cfg.patience is not None and bad_epochs >= cfg.patience:
                 stopped_early = True
                 log(f"early stop after epoch {epoch + 1}: no {metric_name or 'loss'} improvement for {cfg.patience} epochs")

@@ -200,6 +200,17 @@ def test_resume_after_an_interrupted_epoch_ends_with_the_same_weights(digits, tm
     assert not (tmp_path / "cut" / "steps" / "1-finetune.ckpt").exists()
 
 
+def test_teacher_and_student_given_as_files(digits, tmp_path):
+    torch.save(build_cnn(8).state_dict(), tmp_path / "small.pt")
+    passes = [{"type": "finetune", "epochs": 1, **FAST, "distill": {"teacher": str(digits / "digits_cnn.pt2")},
+               "student": {"path": "small.pt", "factory": "optcli.examples.digits:build_cnn", "factory_kwargs": {"width": 8}}}]
+    result = _run(tmp_path, _recipe(digits, passes))
+    assert result.exit_code == 0, result.stderr
+    assert _state(tmp_path / "out" / "model.pt2")["stem.0.weight"].shape[0] == 8
+    passes[0]["student"] = {"path": "small.pt"}  # a state_dict with no factory: say which key to set
+    _refused(_run(tmp_path, _recipe(digits, passes), out="again"), "student", "student.factory")
+
+
 def test_early_stopping_keeps_the_best_epoch(digits, tmp_path):
     passes = [{"type": "finetune", "epochs": 6, "batch_size": 32, "lr": 1e-12, "patience": 2, "schedule": "constant"}]
     result = _run(tmp_path, _recipe(digits, passes))

@@ -138,7 +138,10 @@ def _load_other(ref: ModelRef, model, role: str, ctx: Context):
     else:
         spec = ModelSpec(path=ref.path, factory=ref.factory, factory_kwargs=ref.factory_kwargs, trust_pickle=ref.trust_pickle,
                          inputs=ctx.recipe.model.inputs)
-        module = load_model(spec).module
+        try:
+            module = load_model(spec).module
+        except BadInput as e:
+            raise BadInput(f"{role}: {e}".replace("model.factory", f"{role}.factory")) from None
     import torch
 
     if not isinstance(module, torch.nn.Module):
