@@ -228,6 +228,7 @@ def apply(model, config: Config, ctx: Context):
 
 def _copy(module):
     import copy
+    import warnings
 
     import torch
     from torch.nn.utils import prune
@@ -238,7 +239,9 @@ def _copy(module):
             for hook in list(sub._forward_pre_hooks.values()):
                 if isinstance(hook, prune.BasePruningMethod):
                     setattr(sub, hook._tensor_name, hook.apply_mask(sub))
-    return copy.deepcopy(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree notice when copying a torch.export graph
+        return copy.deepcopy(module)
 
 
 def _logits(module, inputs, role: str):
