@@ -291,3 +291,28 @@ def test_teacher_with_another_output_shape_is_refused(digits, tmp_path):
     result = _run(tmp_path, _recipe(digits, passes))
     _refused(result, "distill.teacher", "(2, 3)", "(2, 10)")
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule():
+    from optcli.passes.finetune import Config
+    from optcli.training import lr_at
+
+    cosine = Config(lr=0.1, warmup_steps=4, schedule="cosine")
+    assert [round(lr_at(s, 104, cosine, 10), 4) for s in range(4)] == [0.02, 0.04, 0.06, 0.08]
+    assert lr_at(4, 104, cosine, 10) == pytest.approx(0.1) and lr_at(54, 104, cosine, 10) == pytest.approx(0.05)
+    assert lr_at(103, 104, cosine, 10) < 1e-4
+    step = Config(lr=0.1, schedule="step", step_epochs=2, gamma=0.5)
+    assert [lr_at(s, 100, step, 10) for s in (0, 19, 20, 45)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    assert lr_at(99, 100, Config(lr=0.1, schedule="constant"), 10) == 0.1
+
+
+def test_max_steps_stops_training_mid_epoch(digits):
+    from optcli.data import Dataset
+    from optcli.passes.finetune import Config
+    from optcli.training import TrainJob, train
+
+    z = np.load(digits / "digits_train.npz")
+    job = TrainJob(config=Config(epochs=5, max_steps=7, batch_size=64, seed=0), student=build_cnn(8), input_names=["x"],
+                   train=Dataset("train", {"x": z["x"]}, z["y"], 64, "accuracy"))
+    result = train(job, progress=False)
+    assert result.steps == 7 and len(result.epochs) == 1 and result.epochs[0]["samples"] == 7 * 64
