@@ -487,6 +487,8 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
                 schedule.step()  # bring a gradual prune schedule to where it was; the masks themselves come from the state
             net.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if scaler.is_enabled() and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             step, start_epoch, history, bad_epochs = state["step"], state["epoch"], state["history"], state["bad_epochs"]
             best = state["best"]
             resumed_from = start_epoch
@@ -607,7 +609,7 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
             if ckpt_dir is not None and env.is_main:  # DDP: rank 0 writes, every rank can read it back
                 _save_checkpoint(ckpt_dir, epoch + 1, {"fingerprint": key, "epoch": epoch + 1, "step": step, "history": history,
                                                       "bad_epochs": bad_epochs, "best": best, "model": net.state_dict(),
-                                                      "optimizer": optimizer.state_dict()})
+                                                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
             if ckpt_dir is not None and env.world_size > 1:  # DDP: nobody races ahead of a checkpoint being written
                 torch.distributed.barrier()
             if cfg.patience is not None and bad_epochs >= cfg.patience:
