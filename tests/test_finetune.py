@@ -211,6 +211,21 @@ def test_teacher_and_student_given_as_files(digits, tmp_path):
     _refused(_run(tmp_path, _recipe(digits, passes), out="again"), "student", "student.factory")
 
 
+def test_hidden_features_of_a_narrower_student_are_matched_through_a_projection(digits, tmp_path):
+    distill = {"teacher": "reference", "features": [{"student": "block", "teacher": "block", "weight": 0.5}]}
+    passes = [{"type": "finetune", "epochs": 2, **FAST, "student": {"factory": "optcli.examples.digits:build_cnn", "factory_kwargs": {"width": 8}},
+               "distill": distill}]
+    result = _run(tmp_path, _recipe(digits, passes))
+    assert result.exit_code == 0, result.stderr
+    assert "features MSE" in _step(result.json(), "1-finetune")["details"]["training"]["loss"]
+    state = _state(tmp_path / "out" / "model.pt2")
+    assert not any("projection" in k for k in state)  # the projection trains with the student but is not shipped
+    distill["features"][0]["teacher"] = "blocks"
+    _refused(_run(tmp_path, _recipe(digits, passes), out="typo"), "distill.features", "'blocks'")
+    distill["features"][0]["teacher"] = "features"  # (N, 32, 4, 4) against the student's (N, 8, 8, 8)
+    _refused(_run(tmp_path, _recipe(digits, passes), out="shape"), "distill.features", "only the width")
+
+
 def test_early_stopping_keeps_the_best_epoch(digits, tmp_path):
     passes = [{"type": "finetune", "epochs": 6, "batch_size": 32, "lr": 1e-12, "patience": 2, "schedule": "constant"}]
     result = _run(tmp_path, _recipe(digits, passes))
