@@ -18,7 +18,7 @@ from optcli.passes.base import Context, PassConfig, PassSpec
 
 
 class ModelRef(StrictModel):
-    """Another model: a file (state_dict + factory, .pt2, pickled module) or just a factory (fresh weights)."""
+    """Another model: a file (state_dict + factory, .pt2, pickled module) or just a factory (its own weights: fresh, or pretrained if it loads them)."""
 
     path: RecipePath | None = Field(default=None, description="model file; relative to the recipe")
     factory: ImportRef | None = Field(default=None, description="module:callable that builds the nn.Module")
@@ -101,8 +101,6 @@ def check(config: Config, recipe, input_format: str) -> None:
             raise ValueError(f"{role}: {ref.path.name} is ONNX, which torch cannot run backward or hook into; give the torch checkpoint (.pt + factory, or .pt2)")
         if not ref.path.is_file():
             raise ValueError(f"{role}.path: {ref.path} not found")
-    if config.distill and config.distill.features and config.distill.teacher != "reference" and _ref(config.distill.teacher).path is None:
-        raise ValueError("distill.teacher: a factory alone has untrained weights; give the teacher's path")
     if config.max_steps is None and config.patience is not None and config.patience >= config.epochs:
         raise ValueError(f"patience {config.patience} >= epochs {config.epochs} can never stop early; lower it or drop it")
     names = [t.name for t in recipe.model.inputs or []]
