@@ -6,7 +6,9 @@ unpickling, and ONNX external data must live inside the model's own folder.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import math
 import os
 import pickle
@@ -128,7 +130,8 @@ def _load_exported_program(path: Path) -> Model:
     if not zipfile.is_zipfile(path):
         raise BadInput(f"{path}: not a torch.export archive (.pt2 is a zip file); was it truncated?")
     try:
-        program = torch.export.load(str(path))
+        with _quiet_logger("torch.export"):  # it logs a traceback before raising on a broken archive
+            program = torch.export.load(str(path))
     except Exception as e:
         raise BadInput(f"{path}: could not load the torch.export program ({type(e).__name__}: {str(e)[:200]})") from None
     inputs = []
@@ -139,6 +142,17 @@ def _load_exported_program(path: Path) -> Model:
             shape = [d if isinstance(d, int) else None for d in val.shape] if val is not None else []
             inputs.append({"name": node.name, "shape": shape, "dtype": str(val.dtype).removeprefix("torch.") if val is not None else "float32"})
     return Model(format="torch", inputs=inputs, module=program.module(), path=path, kind="torch.export")
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -317,10 +331,50 @@ def fold_pruning(module):
     return module.eval() if isinstance(module, torch.nn.Module) else module
 
 
+def available_memory() -> int:
+    """Bytes of memory the OS can give us now without swapping (MemAvailable)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(inputs: list[InputSpec], batch: int, setting: str) -> None:
+    """Refuse, before allocating, a batch of inputs larger than the memory available.
+
+    Past the limit Linux overcommits, and the OOM killer ends the run without a word.
+    """
+    import numpy as np
+
+    need = 0
+    for spec in inputs:
+        elements = math.prod(spec.shape_for(batch))
+        # generated values pass through a float64/int64 array before the cast
+        need += elements * (np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype).itemsize + 8)
+    have = available_memory()
+    if need > have:
+        biggest = max(inputs, key=lambda s: math.prod(s.shape_for(batch)))
+        raise BadInput(
+            f"input {biggest.name!r}: batch {batch} of shape {tuple(biggest.shape_for(batch))} ({biggest.dtype}) needs {need / 1e9:,.1f} GB, "
+            f"more than the {have / 1e9:,.1f} GB of memory available; lower {setting} or the input shape"
+        )
+
+
 def example_inputs(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dict:
     """Plausible inputs of the declared shapes: floats ~N(0,1), ids in a small range, masks of ones."""
     import numpy as np
 
+    check_memory(inputs, batch, "the batch size")
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:

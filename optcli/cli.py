@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ JSON_HELP = "print only JSON on stdout (human text goes to stderr)"
 
 
 def _err(message: str) -> None:
-    sys.stderr.write(message.rstrip() + "\n")
+    # One line always: library messages can carry newlines and terminal colour codes (torch's do).
+    message = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", message).split())
+    sys.stderr.write(message + "\n")
 
 
 def _console(stderr: bool = True):
@@ -33,7 +36,7 @@ def _console(stderr: bool = True):
 
 def guarded(fn: Callable[[], int | None], debug: bool) -> None:
     """Run a command body; map errors to exit codes with one line on stderr (traceback with --debug)."""
-    from optcli.errors import EXIT_INTERRUPTED, OptcliError
+    from optcli.errors import DISK_FULL, EXIT_INTERRUPTED, OptcliError
 
     def _sigterm(signum, frame):
         raise KeyboardInterrupt
@@ -57,7 +60,10 @@ def guarded(fn: Callable[[], int | None], debug: bool) -> None:
             import traceback
 
             traceback.print_exc()
-        _err(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback)")
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # a write no writing() block named
+            _err(f"error: disk full while writing {e.filename or 'output'}: free some space and rerun")
+        else:
+            _err(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback)")
         code = 3
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -89,6 +95,7 @@ def run(
 
     def body():
         from optcli.recipe import load_recipe
+        from optcli.errors import writing
         from optcli.report import render_table, write_reports
         from optcli.runner import RunOptions, run_recipe
 
@@ -100,7 +107,8 @@ def run(
         launch = cli_overrides(rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
         report = run_recipe(rec, RunOptions(out=out, overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, log=log,
                                             extra={"distributed": launch, "debug": debug}))
-        write_reports(report, out)
+        with writing(f"{out}/report.{{json,md,html}}"):
+            write_reports(report, out)
         if json_out:
             _print_json(report)
             if not quiet:

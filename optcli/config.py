@@ -62,7 +62,7 @@ class DataSource(StrictModel):
     labels: str | None = Field(default=None, description="key of the labels array, if any")
     metric: str = Field(default="accuracy", description="accuracy | top5 | mse | module:callable(outputs, labels) -> float")
     shuffle: bool = False
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSource":

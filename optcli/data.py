@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -61,6 +62,8 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
             return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in obj.items()}
     except BadInput:
         raise
+    except pickle.UnpicklingError:
+        raise BadInput(f"{path}: holds pickled Python objects, which are never loaded from data files; save a dict of tensors or arrays") from None
     except Exception as e:
         raise BadInput(f"{path}: cannot read data ({type(e).__name__}: {str(e)[:160]}); expected arrays keyed by input name") from None
     raise BadInput(f"{path}: unknown data format {suffix!r}; use .npz, .pt (dict of tensors) or .safetensors")
@@ -85,7 +88,10 @@ def _from_factory(source) -> dict[str, np.ndarray]:
 
 def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
     where = f"data.{name} ({source.path or source.factory})"
-    arrays = read_arrays(Path(source.path)) if source.path is not None else _from_factory(source)
+    try:
+        arrays = read_arrays(Path(source.path)) if source.path is not None else _from_factory(source)
+    except BadInput as e:
+        raise BadInput(f"data.{name}: {e}") from None
     label_key = source.labels or next((k for k in LABEL_KEYS if k in arrays and k not in {i.name for i in inputs}), None)
     if source.labels and source.labels not in arrays:
         raise BadInput(f"{where}: no labels key {source.labels!r} (keys: {', '.join(arrays)})")

@@ -4,6 +4,11 @@ Library code raises these with a message a user can act on; the CLI prints the
 message on one line and exits with the code. Anything else is a bug.
 """
 
+import contextlib
+import errno
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
 
 class OptcliError(Exception):
     exit_code = 3
@@ -23,6 +28,25 @@ class PassFailed(OptcliError):
     def __init__(self, step: str, message: str):
         super().__init__(f"pass {step} failed: {message}")
         self.step = step
+
+
+class DiskFull(OptcliError):
+    """The disk filled up while writing: exit 3 (the run could not finish), the file named."""
+
+    exit_code = 3
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn OS write errors into one line naming the file: full disk -> exit 3, unwritable folder -> exit 2."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise DiskFull(f"disk full while writing {path}: free some space and rerun (--resume keeps the finished steps)") from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise BadInput(f"cannot write {path} ({e.strerror}); choose an output folder you can write to") from e
+        raise
 
 
 class GateFailed(OptcliError):

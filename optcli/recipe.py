@@ -68,7 +68,7 @@ def recipe_model() -> type[StrictModel]:
         passes=(list[PassUnion], Field(default_factory=list)),
         report=(ReportSpec, ReportSpec()),
         gates=(Gates, Gates()),
-        seed=(int, 0),
+        seed=(Annotated[int, Field(ge=0, le=2**32 - 1)], 0),
     )
 
 
@@ -82,11 +82,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_expansion(root, path)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise BadInput(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); only plain YAML is read, no python tags") from None
+    except RecursionError:
+        raise BadInput(f"{path}: YAML nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: a recipe is a mapping with at least 'model:' (optcli init MODEL writes one)")
     for item in overrides:
@@ -94,6 +97,31 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     recipe = _validate(raw, root, path)
     check_recipe(recipe, path, root, check_files=check_files)
     return with_implicit_exports(recipe)
+
+
+MAX_YAML_VALUES = 100_000
+
+
+def _check_expansion(root, path: Path) -> None:
+    """Refuse YAML whose aliases expand to a huge tree (a 'billion laughs'): validating it would never finish."""
+    sizes: dict[int, int] = {}
+
+    def size(node, open_: set) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_:
+            raise BadInput(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to itself; write the value out")
+        open_.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else []
+        total = 1 + sum(size(c, open_) for c in children)
+        open_.discard(id(node))
+        if total > MAX_YAML_VALUES:
+            raise BadInput(f"{path}:{node.start_mark.line + 1}: YAML aliases (*name) expand this to more than {MAX_YAML_VALUES:,} values; write the recipe out plainly")
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root, set())
 
 
 def recipe_from_dict(raw: dict, base_dir: Path, check_files: bool = True) -> Recipe:
@@ -175,16 +203,23 @@ def _apply_override(raw: dict, item: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise BadInput(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} has {len(node)} items, no index {part!r}")
             if last:
-                node[int(part)] = yaml.safe_load(value)
+                node[int(part)] = _override_value(key, value)
             else:
                 node = node[int(part)]
         elif isinstance(node, dict):
             if last:
-                node[part] = yaml.safe_load(value)
+                node[part] = _override_value(key, value)
             else:
                 node = node.setdefault(part, {})
         else:
             raise BadInput(f"--set {key}: {'.'.join(parts[:i])} is a value, not a mapping or list")
+
+
+def _override_value(key: str, value: str):
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise BadInput(f"--set {key}: {value!r} is not a plain YAML value ({getattr(e, 'problem', None) or e})") from None
 
 
 def pass_step_names(recipe: Recipe) -> list[str]:

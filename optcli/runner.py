@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 
 from optcli import __version__, library_warnings
-from optcli.artifact import Model, artifact_files, example_inputs, load_model, save_torch
+from optcli.artifact import Model, artifact_files, check_memory, example_inputs, load_model, save_torch
 from optcli.data import DataCatalog, Dataset
-from optcli.errors import BadInput, OptcliError, PassFailed
+from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed, writing
 from optcli.measure import fidelity, higher_is_better, latency, load_written, metric_value, parameter_counts, predict, runner_for, size_on_disk
 from optcli.passes import get_pass
 from optcli.passes.base import Context
@@ -55,39 +55,60 @@ def sha256_file(path: Path) -> str:
 def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with writing(dst):
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 class OutputFolder:
     """The run's output folder: refuses to clobber, locks against a concurrent run, cleans up temp files."""
 
-    def __init__(self, root: Path, overwrite: bool, resume: bool):
+    def __init__(self, root: Path, overwrite: bool, resume: bool, inputs: list[Path] = ()):
         self.root = root
+        self.lock = root / LOCK
         if root.exists() and not root.is_dir():
             raise BadInput(f"output {root} is a file; give a folder")
+        for path in inputs:  # --overwrite would delete it, the final copy could land on it
+            if _inside(path, root):
+                raise BadInput(f"output folder {root} holds the input {path}; choose an output folder of its own")
+        if self.lock.exists():
+            self._in_use()
         if root.exists() and any(p.name != LOCK for p in root.iterdir()) and not (overwrite or resume):
             raise BadInput(f"output folder {root} is not empty; pass --overwrite to replace it or --resume to continue it")
-        root.mkdir(parents=True, exist_ok=True)
-        self.lock = root / LOCK
-        try:
-            fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise BadInput(f"output folder {root} is in use by another optcli run (pid {self.lock.read_text().strip() or '?'}); wait or delete {self.lock} if that run is gone") from None
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+        with writing(self.lock):
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                self._in_use()
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
         if overwrite and not resume:
             for p in root.iterdir():
                 if p.name != LOCK:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         (root / "steps").mkdir(exist_ok=True)
 
+    def _in_use(self):
+        try:
+            pid = self.lock.read_text().strip()
+        except OSError:
+            pid = ""
+        raise BadInput(f"output folder {self.root} is in use by another optcli run (pid {pid or '?'}); wait for it, "
+                       f"or delete {self.lock} if that run is gone") from None
+
     def step_tmp(self, name: str) -> Path:
         tmp = self.root / "steps" / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with writing(tmp):
+            tmp.mkdir(parents=True)
         return tmp
 
     def finish_step(self, tmp: Path, name: str) -> Path:
@@ -153,6 +174,29 @@ def _step_key(previous: str, config) -> str:
     return hashlib.sha256((previous + json.dumps(config.model_dump(mode="json"), sort_keys=True)).encode()).hexdigest()
 
 
+def _finished_step(done: Path, key: str) -> dict | None:
+    """The record of a finished step with this key whose artifact is intact on disk, else None (run it again)."""
+    try:
+        record = json.loads(done.read_text())
+        if record.get("key") != key:
+            return None
+        artifact = done.parent / record["artifact"]
+        return record if sha256_file(artifact) == record["sha256"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # half-written, edited or from an older optcli: not trusted
+
+
+def _input_key(recipe) -> str:
+    """What every step depends on besides its own config: the model file, the data files, the seed."""
+    parts = [sha256_file(recipe.model.path), json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True),
+             json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True), str(recipe.seed)]
+    for name in ("calibration", "eval", "train"):
+        source = getattr(recipe.data, name)
+        if source is not None and source.path is not None:
+            parts.append(sha256_file(source.path))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def _reload(step_dir: Path, record: dict, model: Model) -> Model:
     path = step_dir / record["artifact"]
     if path.suffix == ".onnx":
@@ -165,6 +209,9 @@ def _reload(step_dir: Path, record: dict, model: Model) -> Model:
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
     original = load_model(recipe.model, trust_pickle=trust_pickle)
+    check_memory(original.inputs, max(recipe.report.latency.batch_sizes), "report.latency.batch_sizes")
+    if recipe.data.eval is None:
+        check_memory(original.inputs, recipe.report.fidelity_samples, "report.fidelity_samples")
     data = DataCatalog(recipe.data, original.inputs)
     for name in ("calibration", "eval", "train"):
         data.get(name)
@@ -177,7 +224,8 @@ def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
 
 def run_recipe(recipe, options: RunOptions) -> dict:
     original, data = preflight(recipe, options.trust_pickle)
-    folder = OutputFolder(options.out, options.overwrite, options.resume)
+    inputs = [recipe.model.path] + [s.path for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None and s.path]
+    folder = OutputFolder(options.out, options.overwrite, options.resume, inputs)
     try:
         return _run(recipe, options, folder, original, data)
     finally:
@@ -193,20 +241,19 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     steps = [{"name": "original", "type": None, "format": original.format, "path": str(recipe.model.path), "seconds": round(time.perf_counter() - t0, 3), **row, "details": {"loaded_as": original.kind}}]
     warnings: list[str] = [f"original: {n}" for n in row.pop("latency_notes")]
     model = original
-    key = hashlib.sha256((sha256_file(recipe.model.path) + json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True)).encode()).hexdigest()
+    key = _input_key(recipe)
     for index, config in enumerate(recipe.passes, start=1):
         name = f"{index}-{config.type}"
         spec = get_pass(config.type)
         key = _step_key(key, config)
         done = folder.root / "steps" / name / "step.json"
-        if options.resume and done.is_file():
-            record = json.loads(done.read_text())
-            if record.get("key") == key:
-                log(f"{name}: unchanged since the last run, reusing it (--resume)")
-                model = _reload(done.parent, record, model)
-                steps.append(record["step"])
-                warnings.extend(record.get("warnings", []))
-                continue
+        record = _finished_step(done, key) if options.resume else None
+        if record is not None:
+            log(f"{name}: unchanged since the last run, reusing it (--resume)")
+            model = _reload(done.parent, record, model)
+            steps.append(record["step"])
+            warnings.extend(record.get("warnings", []))
+            continue
         log(f"{name}: running")
         tmp = folder.step_tmp(name)
         ctx = Context(recipe=recipe, step_name=name, step_dir=tmp, reference=original, data=data, seed=recipe.seed,
@@ -220,18 +267,25 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
                 model = model.with_(path=save_torch(model.module, model.inputs, tmp))
         except (OptcliError, KeyboardInterrupt):
             raise
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise DiskFull(f"pass {name}: disk full while writing {e.filename or tmp}: free some space and rerun with --resume") from e
+            raise PassFailed(name, f"{type(e).__name__}: {e}") from e
         except Exception as e:
             raise PassFailed(name, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}") from e
         seconds = time.perf_counter() - started
         log(f"{name}: measuring {model.path.name}")
         row = evaluator.measure(model.path, model)
         warnings.extend(ctx.warnings + [f"{name}: {n}" for n in row.pop("latency_notes")])
-        final_dir = folder.finish_step(tmp, name)
-        model = model.with_(path=final_dir / model.path.name)
         step = {"name": name, "type": config.type, "format": model.format, "path": str(Path("steps") / name / model.path.name), "seconds": round(seconds, 3), **row, "details": ctx.details}
         _unpruned_latency_note(step, steps[-1])
         steps.append(step)
-        (final_dir / "step.json").write_text(json.dumps({"key": key, "artifact": model.path.name, "step": step, "warnings": ctx.warnings}, indent=2, default=str))
+        # step.json goes in before the rename, so a finished step folder always has it, whole.
+        record = {"key": key, "artifact": model.path.name, "sha256": sha256_file(model.path), "step": step, "warnings": ctx.warnings}
+        with writing(tmp / "step.json"):
+            (tmp / "step.json").write_text(json.dumps(record, indent=2, default=str))
+        final_dir = folder.finish_step(tmp, name)
+        model = model.with_(path=final_dir / model.path.name)
     output = _write_final(model, folder.root)
     gates = check_gates(recipe.gates, steps)
     return {
@@ -259,7 +313,7 @@ def _unpruned_latency_note(step: dict, before: dict) -> None:
 def _write_final(model: Model, root: Path) -> dict:
     src = model.path
     files = artifact_files(src)
-    for f in files:
+    for f in files[1:] + files[:1]:  # external data first: the model file never points at data not yet there
         _atomic_copy(f, root / f.name)
     final = root / src.name
     return {"path": str(final), "format": model.format, "sha256": sha256_file(final)}
