@@ -247,7 +247,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         spec = get_pass(config.type)
         key = _step_key(key, config)
         done = folder.root / "steps" / name / "step.json"
-        record = _finished_step(done, key) if options.resume else None
+        record = _finished_step(done, key) if options.resume and not spec.rerun_on_resume else None
         if record is not None:
             log(f"{name}: unchanged since the last run, reusing it (--resume)")
             model = _reload(done.parent, record, model)

@@ -58,6 +58,8 @@ class PassSpec:
     check: Callable[[Any, "Recipe", str], None] | None = None
     # Checks against the loaded original model (validate and run, before any work): (config, recipe, model); raises BadInput.
     preflight: Callable[[Any, "Recipe", "Model"], None] | None = None
+    # Cheap passes whose in-memory result (mask hooks, a prune schedule) the written artifact cannot carry: --resume re-runs them.
+    rerun_on_resume: bool = False
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format

@@ -134,7 +134,7 @@ def _refuse_scripted(model) -> None:
 
     from optcli.errors import BadInput
 
-    if isinstance(model.module, torch.jit.ScriptModule) or type(model.module).__name__.startswith("GraphModule"):
+    if isinstance(model.module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
         raise BadInput(f"prune: {model.path.name if model.path else 'the model'} was loaded as {model.kind or 'a graph'}, which keeps no "
                        "Conv/Linear modules to prune; give the state_dict with model.factory")
 
@@ -325,5 +325,6 @@ PASS = PassSpec(
     apply=apply,
     check=check,
     preflight=preflight,
+    rerun_on_resume=True,  # seconds of work; reloading the .pt2 would lose the masks and the schedule a finetune needs
     summary="magnitude pruning: unstructured masks (torch, ONNX initializers) or whole channels removed with torch-pruning",
 )
