@@ -180,6 +180,50 @@ def test_channel_pruning_shrinks_layers_keeps_outputs_and_runs_in_onnxruntime(di
     assert init_shapes["features.0.weight"] == after["features.0"]
 
 
+class Branchy(torch.nn.Module):
+    """A depthwise-separable branch and a 1x1 branch joined by a concatenation: channel bookkeeping torch-pruning must get right."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 1))
+        self.side = nn.Conv2d(16, 8, 1)
+        self.mix = nn.Sequential(nn.Conv2d(24, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.mix(torch.cat([self.depthwise(x), self.side(x)], dim=1)))
+
+
+def build_branchy() -> Branchy:
+    torch.manual_seed(0)
+    return Branchy().eval()
+
+
+def test_channel_pruning_handles_depthwise_convs_and_concatenation(tmp_path):
+    torch.save(build_branchy().state_dict(), tmp_path / "branchy.pt")
+    recipe = {
+        "model": {"path": str(tmp_path / "branchy.pt"), "factory": "test_prune:build_branchy", "inputs": [{"name": "x", "shape": [1, 3, 12, 12]}]},
+        "passes": [{"type": "prune", "sparsity": 0.5, "structured": "channels", "scope": "layer", "exclude": ["head"]}, {"type": "export"}],
+        "report": FAST,
+    }
+    out = tmp_path / "out"
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", out, "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    state = torch.export.load(str(out / "steps" / "1-prune" / "model.pt2")).state_dict
+    dw = state["depthwise.0.weight"]
+    assert dw.shape[1] == 1 and dw.shape[0] == state["stem.0.weight"].shape[0] == 8  # depthwise stays depthwise, halved with its input
+    assert state["mix.0.weight"].shape[1] == state["depthwise.3.weight"].shape[0] + state["side.weight"].shape[0] < 24  # the concat shrank
+    x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    with torch.inference_mode():
+        expected = torch.export.load(str(out / "steps" / "1-prune" / "model.pt2")).module()(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == (4, 5)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-3)
+
+
 def test_onnx_initializer_pruning_keeps_the_graph_valid_and_exact(digits, tmp_path):
     recipe = digits_recipe(digits, [{"type": "prune", "sparsity": 0.6, "scope": "layer", "exclude": []}], report=FAST)
     recipe["model"] = {"path": str(digits / "digits_cnn.onnx")}
