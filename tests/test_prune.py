@@ -10,7 +10,6 @@ import torch
 from onnx import numpy_helper
 
 from conftest import digits_recipe, run_cli, write_recipe
-from optcli.passes import pass_types
 
 LAYERS = ["stem.0", "block.conv1", "block.conv2", "features.0", "hidden", "classifier"]
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 2, "threads": 1}}
@@ -70,7 +69,6 @@ def test_min_params_and_exclude_leave_layers_alone(digits, tmp_path):
     assert "hidden" in report["steps"][1]["details"]["excluded_layers"]
 
 
-@pytest.mark.skipif("finetune" not in pass_types(), reason="the finetune pass is not registered in this tree")
 def test_pruned_weights_stay_zero_through_finetune_and_onnx_export(digits, tmp_path):
     passes = [{"type": "prune", "sparsity": 0.7}, {"type": "finetune", "epochs": 1, "lr": 0.01}, {"type": "export"}]
     recipe = digits_recipe(digits, passes, report=FAST)
@@ -87,6 +85,22 @@ def test_pruned_weights_stay_zero_through_finetune_and_onnx_export(digits, tmp_p
         onnx_weight = inits[f"{name}.weight"]
         assert not np.any(onnx_weight[zero.numpy()]), f"{name}: pruned weights are non-zero in the ONNX file"
     assert any(not torch.equal(tuned[n], pruned[n]) for n in LAYERS)  # the surviving weights did train
+
+
+def test_gradual_prune_during_finetune_ends_at_the_exact_sparsity(digits, tmp_path):
+    passes = [{"type": "prune", "sparsity": 0.7, "schedule": {"steps": 20}}, {"type": "finetune", "epochs": 2, "lr": 0.003}]
+    recipe = digits_recipe(digits, passes, report=FAST)
+    recipe["data"]["train"] = {"path": str(digits / "digits_train.npz"), "labels": "y", "batch_size": 64}
+    out = tmp_path / "out"
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", out, "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    start = _pt2_weights(out / "steps" / "1-prune" / "model.pt2")
+    end = _pt2_weights(out / "model.pt2")
+    pruned = [n for n in LAYERS if n not in ("stem.0", "classifier")]
+    assert sum(_zeros(start[k]) for k in pruned) == 0  # the ramp starts dense ...
+    n = sum(end[k].numel() for k in pruned)
+    assert abs(sum(_zeros(end[k]) for k in pruned) - round(0.7 * n)) <= 1  # ... and ends exactly at the target
+    assert result.json()["steps"][1]["details"]["schedule"]["steps"] == 20
 
 
 def test_masks_hold_through_a_plain_training_loop_and_fold_on_save(tmp_path):
