@@ -211,7 +211,7 @@ def apply(model, config: Config, ctx: Context):
         "epochs": result.epochs, "best_epoch": result.best_epoch, "metric": result.metric, "seconds": result.seconds,
         "samples_per_s": result.samples_per_s, "steps": result.steps, "stopped_early": result.stopped_early,
         "resumed_from_epoch": result.resumed_from_epoch, "train_samples": len(train_data), "seed": seed,
-        "loss": _loss_name(config, train_data.labels is not None), **world,
+        "loss": _loss_name(config, train_data.labels is not None), "torch_threads": torch.get_num_threads(), **world,
     }
     if frozen:
         ctx.details["training"]["frozen_parameters"] = len(frozen)
