@@ -218,6 +218,14 @@ def _prune_channels(model, config: Config, ctx: Context):
     channels = {layer.name: round(1 - layer.handle.weight.shape[0] / shapes[layer.name][0], 6) for layer in layers}
     _record(ctx, config, plan, per_layer, before, after, after)
     ctx.details["per_layer_channels_removed"] = channels
+    targets = {layer.name: sparsity for members, sparsity in plan.groups for layer in members if layer.name in chosen}
+    total = sum(shapes[n][0] for n in targets)
+    removed = sum(shapes[n][0] * channels[n] for n in targets)
+    wanted = sum(shapes[n][0] * s for n, s in targets.items())
+    ctx.details["channels_removed"] = round(removed / total, 6) if total else 0.0
+    if abs(removed - wanted) > max(1, len(targets)):  # torch-pruning rounds each layer to whole channels
+        ctx.warn(f"removed {removed:.0f} of {total} output channels of the pruned layers, not the {wanted:.0f} asked: torch-pruning keeps "
+                 "at least one channel per layer and leaves channels alone that an excluded layer shares (residual additions)")
     ctx.details["shrunk_layers"] = shrunk
     ctx.details["output_shapes"] = [list(s) for s in shapes_after]
     if not shrunk:
