@@ -50,13 +50,18 @@ def onnx_runner(path: Path, inputs: list[InputSpec], threads: int) -> Runner:
 def torch_runner(module, inputs: list[InputSpec], threads: int) -> Runner:
     import torch
 
-    torch.set_num_threads(threads)
     if hasattr(module, "eval") and not _is_graph_module(module):
         module.eval()
 
     def run(feeds):
-        with torch.inference_mode():
-            out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in inputs])
+        # Threads are set per call and put back: measurement must not change how later training runs.
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in inputs])
+        finally:
+            torch.set_num_threads(previous)
         return [t.detach().float().numpy() if t.is_floating_point() else t.numpy() for t in _flatten(out)]
 
     return Runner(run, inputs, f"torch {torch.__version__}")
