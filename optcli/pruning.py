@@ -181,10 +181,10 @@ def raise_masks(members: list, sparsity: float, name: str = "weight") -> int:
     return max(target, already)
 
 
-def apply_plan(plan: Plan, scale: float = 1.0) -> None:
-    """Raise every group's masks to scale x its sparsity (scale < 1 during a gradual ramp)."""
+def apply_plan(plan: Plan) -> None:
+    """One-shot pruning: raise every group's masks to its sparsity."""
     for members, sparsity in plan.groups:
-        raise_masks([layer.handle for layer in members], sparsity * scale)
+        raise_masks([layer.handle for layer in members], sparsity)
 
 
 def layer_sparsity(module, name: str = "weight") -> float:
@@ -203,36 +203,34 @@ class PruneSchedule:
         self.initial = initial
         self.every = every
         self.t = 0
-        self.current = initial
-        self._raise(initial)
+        self.raised_at = -1
+        self.current = 0.0  # the highest sparsity any group's masks were raised to, for logs and reports
+        self._raise()
 
-    def _raise(self, overall: float) -> None:
-        # Each group ramps to its own target; `overall` is the fraction of the way expressed as the base sparsity.
-        for members, final in self.plan.groups:
-            raise_masks([layer.handle for layer in members], cubic_sparsity(self.t, self.steps, final, min(self.initial, final)))
-        self.current = overall
-
-    def target(self) -> float:
-        finals = [s for _, s in self.plan.groups]
-        final = max(finals) if finals else 0.0
+    def _target(self, final: float) -> float:
         return cubic_sparsity(self.t, self.steps, final, min(self.initial, final))
+
+    def _raise(self) -> None:
+        for members, final in self.plan.groups:
+            raise_masks([layer.handle for layer in members], self._target(final))
+        self.raised_at = self.t
+        self.current = max((self._target(final) for _, final in self.plan.groups), default=0.0)
 
     @property
     def done(self) -> bool:
         return self.t >= self.steps
 
     def step(self) -> float:
-        if self.done:
-            return self.current
-        self.t += 1
-        if self.t % self.every == 0 or self.done:
-            self._raise(self.target())
+        if not self.done:
+            self.t += 1
+            if self.t % self.every == 0 or self.done:
+                self._raise()
         return self.current
 
     def finish(self) -> float:
-        if not self.done or self.current != self.target():
+        if self.raised_at < self.steps:
             self.t = self.steps
-            self._raise(self.target())
+            self._raise()
         return self.current
 
     def per_layer_sparsity(self) -> dict[str, float]:
