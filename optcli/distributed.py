@@ -395,6 +395,38 @@ def worker_env() -> dict:
             "local_world_size": int(env["LOCAL_WORLD_SIZE"]), "restart": int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))}
 
 
+def _rank0_checkpoint(job, rank: int):
+    """Make every rank resume from rank 0's latest epoch checkpoint.
+
+    Rank 0 alone writes checkpoints, into its node's output folder. A rank on another node (its own -o)
+    would see none there, or a stale one, start from another epoch than rank 0, and the collectives
+    would mismatch. So rank 0 broadcasts its latest checkpoint; a rank that cannot see that same file
+    reads it from a private temporary folder (never the output folder). Returns that folder, or None.
+    """
+    import torch.distributed as dist
+
+    from optcli.training import _latest_checkpoint
+
+    folder = Path(job.checkpoint_dir) if job.checkpoint_dir else None
+    payload: list = [None]
+    if rank == 0 and folder is not None:
+        latest = _latest_checkpoint(folder)
+        payload = [(latest.name, latest.read_bytes()) if latest is not None else None]
+    dist.broadcast_object_list(payload, src=0)
+    if rank == 0 or folder is None:
+        return None
+    shared = payload[0]
+    if shared is not None and (folder / shared[0]).is_file() and (folder / shared[0]).read_bytes() == shared[1]:
+        return None  # rank 0's node, or a shared filesystem
+    if shared is None and _latest_checkpoint(folder) is None:
+        return None
+    private = tempfile.TemporaryDirectory(prefix="optcli-ckpt-")
+    if shared is not None:
+        (Path(private.name) / shared[0]).write_bytes(shared[1])
+    job.checkpoint_dir = private.name
+    return private
+
+
 def _worker(job_dir: str, settings: dict):
     """One worker: bind the device, join the process group, train, return rank 0's result.
 
@@ -415,8 +447,10 @@ def _worker(job_dir: str, settings: dict):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // place["local_world_size"]))
     backend = backend_for(settings["backend"], device)
     dist.init_process_group(backend, device_id=torch.device(device) if backend == "nccl" else None)
+    private = None
     try:
         job = TrainJob.load(Path(job_dir))
+        private = _rank0_checkpoint(job, place["rank"])
         job.student, bn_classes = to_sync_batchnorm(job.student, device)
         env = Env(rank=place["rank"], world_size=place["world_size"], local_rank=place["local_rank"], device=device)
         main = env.is_main and not settings["quiet"]
@@ -434,6 +468,8 @@ def _worker(job_dir: str, settings: dict):
         dist.all_gather_object(devices, _device_name(device))
     finally:
         dist.destroy_process_group()
+        if private is not None:
+            private.cleanup()
     if place["local_rank"] != 0:
         return None
     return result, {"backend": backend, "devices": devices}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -170,6 +171,39 @@ def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path, mlp_recipe):
     assert proc.returncode == 130, err
     assert_no_survivors(tag)
     assert not (tmp_path / "out" / "model.pt2").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_resume_from_rank_0s_checkpoint_and_train_like_one_worker(tmp_path, mlp_recipe):
+    """Multi-node as users run it: the same command on each node with --nnodes 2 --node-rank i
+    --rdzv-endpoint host:port. Both "nodes" are processes on this machine with their own output
+    folders, so only rank 0's node holds the epoch checkpoint: after rank 1 is killed, the other node
+    resumes from rank 0's broadcast copy, and both nodes end with the weights of one worker."""
+    plain = {**mlp_recipe, "passes": [dict(mlp_recipe["passes"][0])]}
+    mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": STEPS_PER_EPOCH + 3}
+    mlp_recipe["passes"][0].update(batch_size=GLOBAL_BATCH // 2, distributed={"max_restarts": 1})
+    path = write_recipe(tmp_path, mlp_recipe)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OPTCLI_TEST_TAG": tag}
+    procs = [subprocess.Popen([sys.executable, "-m", "optcli", "run", str(path), "-o", str(tmp_path / f"node{i}"), "--json", "--quiet",
+                               "--nnodes", "2", "--node-rank", str(i), "--rdzv-endpoint", f"127.0.0.1:{port}", "--nproc-per-node", "1"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert_no_survivors(tag)
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    out1, _ = one_worker_run(tmp_path, plain, "one")
+    for i, (stdout, _) in enumerate(results):
+        block = training(json.loads(stdout))
+        assert (block["world_size"], block["nproc_per_node"], block["resumed_from_epoch"]) == (2, 1, 1)
+        assert max_abs_diff(weights(out1 / "model.pt2"), weights(tmp_path / f"node{i}" / "model.pt2")) <= 1e-5
 
 
 # --------------------------------------------------------------------------- bad options: exit 2 before any work
