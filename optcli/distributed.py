@@ -395,6 +395,23 @@ def worker_env() -> dict:
             "local_world_size": int(env["LOCAL_WORLD_SIZE"]), "restart": int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))}
 
 
+def _die_with_parent() -> None:
+    """Linux: end this worker when the optcli process dies, even by SIGKILL (out of memory, kill -9).
+    Ctrl-C and SIGTERM are handled by the agent; this covers the death no handler sees, which would
+    otherwise leave workers training, or waiting forever to hand back their result."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the line above: nobody will collect this worker
+        os._exit(1)
+
+
 def _rank0_checkpoint(job, rank: int):
     """Make every rank resume from rank 0's latest epoch checkpoint.
 
@@ -437,6 +454,7 @@ def _worker(job_dir: str, settings: dict):
 
     from optcli.training import Env, TrainJob, train
 
+    _die_with_parent()
     place = worker_env()
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = device_for(settings["device"], place["local_rank"], cuda_count, place["local_world_size"])

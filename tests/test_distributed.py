@@ -206,6 +206,27 @@ def test_two_nodes_resume_from_rank_0s_checkpoint_and_train_like_one_worker(tmp_
         assert max_abs_diff(weights(out1 / "model.pt2"), weights(tmp_path / f"node{i}" / "model.pt2")) <= 1e-5
 
 
+@pytest.mark.slow
+def test_workers_die_with_a_killed_optcli_process(tmp_path, mlp_recipe):
+    """kill -9 of optcli runs no handler; the workers still end (PR_SET_PDEATHSIG, see distributed._die_with_parent)."""
+    mlp_recipe["passes"][0].update(epochs=2000, batch_size=GLOBAL_BATCH // 2)
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OPTCLI_TEST_TAG": tag}
+    proc = subprocess.Popen([sys.executable, "-m", "optcli", "run", str(write_recipe(tmp_path, mlp_recipe)), "-o", str(tmp_path / "out"),
+                             "--quiet", "--nproc-per-node", "2"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "out" / "steps" / "1-finetune.ckpt").exists():
+            time.sleep(0.2)
+        assert len(tagged(tag)) >= 3  # optcli + 2 workers
+        proc.kill()  # SIGKILL: no handler runs in optcli; the workers must still go
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert_no_survivors(tag)
+
+
 # --------------------------------------------------------------------------- bad options: exit 2 before any work
 
 
