@@ -22,6 +22,8 @@ from optcli.measure import fidelity, higher_is_better, latency, metric_value, on
 
 # Ops ONNX Runtime quantizes that carry weights; sensitivity is ranked over these.
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
+# A candidate must be this much faster than the best one meeting the target (or fp32) to be worth a fallback.
+NOISE = 0.95
 # Static candidates quantize only compute ops unless op_types is given: QDQ pairs around data-movement ops cost CPU time.
 STATIC_COMPUTE_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose"]
 
@@ -318,7 +320,8 @@ class Search:
             best_latency = min((t.latency_ms for t in meeting), default=None)
             # Fallback can only pay off from a candidate faster than the best one that already meets the target.
             ceiling = best_latency if best_latency is not None else (fp32.latency_ms if not self.config.allow_slower else None)
-            pool = [t for t in done if not t.meets and (ceiling is None or (t.latency_ms or 0) < ceiling)]
+            # Within timing noise (5%) of the ceiling, falling back nodes can only lose: skip those.
+            pool = [t for t in done if not t.meets and (ceiling is None or (t.latency_ms or 0) < NOISE * ceiling)]
             if pool:
                 base = max(pool, key=lambda t: (t.metric if self.goal.higher_better else -t.metric))
                 self.fallback(base, best_latency)
