@@ -182,3 +182,23 @@ def test_smoothquant_keeps_the_float_function_and_folds_into_pre_layernorms(enco
     a = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
     b = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_accuracy_target_on_labelled_digits_holds_on_independent_remeasurement(digits, tmp_path):
+    from conftest import digits_recipe
+
+    quantize = {"type": "quantize", "target": {"metric": "accuracy", "max_drop": 0.01}, "allow_slower": True,
+                "search": {"modes": ["dynamic", "static"], "per_channel": [True], "smoothquant": [None], "max_trials": 4}}
+    recipe = digits_recipe(digits, [{"type": "export"}, quantize])
+    recipe["report"]["latency"]["batch_sizes"] = [8]
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    search = result.json()["steps"][-1]["details"]["search"]
+    assert search["metric"] == "accuracy" and search["target"] == pytest.approx(search["baseline"] - 0.01)
+    import onnxruntime as ort
+
+    test = np.load(digits / "digits_test.npz")
+    logits = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": test["x"]})[0]
+    accuracy = float((logits.argmax(1) == test["y"]).mean())
+    assert accuracy >= float((digits / "accuracy.txt").read_text()) - 0.01 - 1e-9
+    assert accuracy == pytest.approx(next(c for c in search["candidates"] if c["chosen"])["metric"], abs=1e-9)
