@@ -182,8 +182,8 @@ def _finished_step(done: Path, key: str) -> dict | None:
             return None
         artifact = done.parent / record["artifact"]
         return record if sha256_file(artifact) == record["sha256"] else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # half-written, edited or from an older optcli: not trusted
+    except Exception:  # half-written, edited (a broken ONNX raises DecodeError) or from an older optcli: not trusted
+        return None
 
 
 def _input_key(recipe) -> str:
@@ -241,11 +241,13 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     steps = [{"name": "original", "type": None, "format": original.format, "path": str(recipe.model.path), "seconds": round(time.perf_counter() - t0, 3), **row, "details": {"loaded_as": original.kind}}]
     warnings: list[str] = [f"original: {n}" for n in row.pop("latency_notes")]
     model = original
-    key = _input_key(recipe)
+    inputs_key = _input_key(recipe)
+    input_sha = ""  # of the artifact the step reads; the original model's is in inputs_key
     for index, config in enumerate(recipe.passes, start=1):
         name = f"{index}-{config.type}"
         spec = get_pass(config.type)
-        key = _step_key(key, config)
+        # A step is reused only for the same input artifact (bytes), config, model, data and seed.
+        key = _step_key(inputs_key + input_sha, config)
         done = folder.root / "steps" / name / "step.json"
         record = _finished_step(done, key) if options.resume and not spec.rerun_on_resume else None
         if record is not None:
@@ -253,6 +255,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
             model = _reload(done.parent, record, model)
             steps.append(record["step"])
             warnings.extend(record.get("warnings", []))
+            input_sha = record["sha256"]
             continue
         log(f"{name}: running")
         tmp = folder.step_tmp(name)
@@ -282,6 +285,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         steps.append(step)
         # step.json goes in before the rename, so a finished step folder always has it, whole.
         record = {"key": key, "artifact": model.path.name, "sha256": sha256_file(model.path), "step": step, "warnings": ctx.warnings}
+        input_sha = record["sha256"]
         with writing(tmp / "step.json"):
             (tmp / "step.json").write_text(json.dumps(record, indent=2, default=str))
         final_dir = folder.finish_step(tmp, name)
