@@ -7,9 +7,10 @@ GPU machine: also 1 GPU vs every GPU (NCCL). Each configuration is a real `optcl
 recipe; the figure is the report's training samples/s (global samples / rank 0's training time of
 each epoch, so process start-up is left out) with the step's wall seconds (start-up included) beside
 it. The per-worker batch stays fixed, so N workers take N times the global batch (weak scaling);
-scaling efficiency = samples/s with N workers / (N x samples/s of the first 1-worker row). Median over
-repeats, configurations alternated so machine load hits all alike. On a loaded machine, one process
-using every core through OpenMP threads suffers most (its threads wait on each other): check `uptime`.
+scaling efficiency = samples/s with N workers / (N x samples/s of one worker with the same threads
+per worker). Median over repeats, configurations alternated so machine load hits all alike. On a
+loaded machine one process spreading OpenMP threads over every core suffers most (its threads wait
+on each other at every op), so the all-cores row is printed too: check `uptime` beside the figures.
 """
 
 from __future__ import annotations
@@ -53,19 +54,22 @@ def main() -> None:
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
 
-    # One worker with every core is the baseline; one worker on one thread shows what a single core does alone.
-    configs = [(f"cpu, 1 worker x {cores} thr", 1, []), ("cpu, 1 worker x 1 thr", 1, ["--set", "report.latency.threads=1"]),
-               (f"cpu, 2 workers x {max(1, cores // 2)} thr", 2, ["--nproc-per-node", "2"])]
+    # Each of 2 CPU workers gets cores // 2 threads, so the baseline is one worker with that many threads
+    # (OMP_NUM_THREADS); one worker on every core is shown beside it, as one optcli process runs today.
+    half = max(1, cores // 2)
+    configs = [(f"cpu, 1 worker x {half} thr", 1, [], {"OMP_NUM_THREADS": str(half)}),
+               (f"cpu, 2 workers x {half} thr", 2, ["--nproc-per-node", "2"], {}),
+               (f"cpu, 1 worker x {cores} thr", 1, [], {"OMP_NUM_THREADS": str(cores)})]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus:
-        configs += [("cuda, 1 GPU", 1, ["--set", "passes.0.device=cuda"]),
-                    (f"cuda, {gpus} GPUs (nccl)", gpus, ["--set", "passes.0.device=cuda", "--nproc-per-node", "auto"])]
-    rows = {name: {"n": n, "sps": [], "wall": [], "block": None} for name, n, _ in configs}
+        configs += [("cuda, 1 GPU", 1, ["--set", "passes.0.device=cuda"], {}),
+                    (f"cuda, {gpus} GPUs (nccl)", gpus, ["--set", "passes.0.device=cuda", "--nproc-per-node", "auto"], {})]
+    rows = {name: {"n": n, "sps": [], "wall": [], "block": None} for name, n, _, _ in configs}
     for rep in range(args.repeats):
-        for index, (name, _, flags) in enumerate(configs):
+        for index, (name, _, flags, env) in enumerate(configs):
             out = work / f"out-{rep}-{index}"
             proc = subprocess.run([sys.executable, "-m", "optcli", "run", str(path), "-o", str(out), "--json", "--quiet", *flags],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env={**os.environ, **env})
             if proc.returncode != 0:
                 sys.exit(f"{name}: optcli run failed ({proc.returncode}): {proc.stderr.strip()}")
             step = json.loads(proc.stdout)["steps"][-1]
@@ -75,7 +79,7 @@ def main() -> None:
             rows[name]["block"] = block
 
     print(f"digits CNN (width {args.width}) fine-tune, {args.epochs} epochs, {args.batch} samples per worker per step, "
-          f"{cores} CPU cores, median over {args.repeats} repeats")
+          f"{cores} CPU cores (load average {os.getloadavg()[0]:.1f} at the end), median over {args.repeats} repeats")
     print(f"{'configuration':<28}{'world':>6}{'global batch':>13}{'samples/s':>11}{'per worker':>11}{'scaling eff.':>13}{'step wall s':>12}  devices")
     for kind in ("cpu", "cuda"):
         base = next((r for name, r in rows.items() if name.startswith(kind) and r["n"] == 1), None)

@@ -60,6 +60,7 @@ class DistributedConfig(StrictModel):
         default=None, description="host:port of the rendezvous on node 0; required when nnodes > 1 (one machine: a free local port)")
     rdzv_backend: Literal["c10d", "static"] = Field(default="c10d", description="torch.distributed rendezvous backend")
     rdzv_id: str = Field(default="optcli", min_length=1, description="job id shared by all nodes of one run (multi-node)")
+    rdzv_timeout: int = Field(default=900, ge=1, le=86_400, description="seconds to wait for every node to join the rendezvous")
     max_restarts: int = Field(default=0, ge=0, le=1000, description="restart all workers this often after a failure; they resume from the last epoch checkpoint")
     backend: Literal["auto", "nccl", "gloo"] = Field(default="auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU")
 
@@ -255,7 +256,7 @@ def run_training(job, config, ctx) -> tuple[Any, dict]:
     world = nproc * dist_cfg.nnodes
     if config.scale_lr == "linear" and world > 1:
         job.config = job.config.model_copy(update={"lr": scaled_lr(job.config.lr, world, config.scale_lr)})
-    if world == 1:
+    if world == 1 and dist_cfg.max_restarts == 0:  # nothing to launch: train in this process
         dev = device_for(device, 0, cuda_count, 1)
         if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
@@ -299,6 +300,7 @@ def launch(job, config: DistributedConfig, nproc: int, settings: dict, step_dir:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     job_dir = Path(step_dir) / "distributed-job"
@@ -310,7 +312,7 @@ def launch(job, config: DistributedConfig, nproc: int, settings: dict, step_dir:
         # One machine: torchrun --standalone's choice, a c10d store on a free local port and a fresh id.
         rdzv_backend=config.rdzv_backend, rdzv_endpoint=config.rdzv_endpoint or "localhost:0",
         run_id=config.rdzv_id if not single else uuid.uuid4().hex,
-        rdzv_configs={"rank": config.node_rank} if config.rdzv_backend == "static" else {},
+        rdzv_configs={"join_timeout": config.rdzv_timeout, **({"rank": config.node_rank} if config.rdzv_backend == "static" else {})},
         max_restarts=config.max_restarts, start_method="spawn",
         # Only local rank 0 keeps its console; the others' errors reach us through their error files.
         logs_specs=DefaultLogsSpecs(log_dir=str(logs), local_ranks_filter=None if settings["debug"] else {0}),
@@ -325,6 +327,11 @@ def launch(job, config: DistributedConfig, nproc: int, settings: dict, step_dir:
     except SignalException as e:
         # The agent has already stopped every worker (SIGTERM, then SIGKILL after its timeout).
         raise KeyboardInterrupt(str(e)) from None
+    except RendezvousError as e:
+        where = config.rdzv_endpoint or "this machine"
+        why = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:300]}" if str(e).strip() else "")
+        raise PassFailed(step_name, f"rendezvous at {where} failed ({why}); "
+                                    f"check that all {config.nnodes} node(s) run the same command and can reach rdzv_endpoint") from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)

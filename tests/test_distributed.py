@@ -227,6 +227,19 @@ def test_workers_die_with_a_killed_optcli_process(tmp_path, mlp_recipe):
     assert_no_survivors(tag)
 
 
+@pytest.mark.slow
+def test_a_node_left_alone_at_the_rendezvous_fails_with_exit_3_after_rdzv_timeout(tmp_path, mlp_recipe):
+    mlp_recipe["passes"][0]["distributed"] = {"rdzv_timeout": 5}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    r = run_tagged("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--quiet",
+                   "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", f"127.0.0.1:{port}")
+    assert r.exit_code == 3 and "rendezvous at 127.0.0.1" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert time.monotonic() - started < 120
+
+
 # --------------------------------------------------------------------------- bad options: exit 2 before any work
 
 
