@@ -284,7 +284,8 @@ def _device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.machine()}, {threads} thread{'s' if threads != 1 else ''})"
 
 
 # --------------------------------------------------------------------------- launcher (runs in the optcli process)

@@ -278,6 +278,18 @@ def _training_rows(step: dict) -> list[list[str]]:
     ]
 
 
+def training_summary(step: dict) -> str:
+    """One line on where training ran: workers, backend, devices, batch per worker and global, samples/s."""
+    t = _get(step, "details", "training")
+    if not isinstance(t, dict) or not isinstance(t.get("world_size"), int):
+        return ""
+    world, devices = t["world_size"], t.get("devices") or []
+    where = ", ".join(sorted({str(d) for d in devices})) or "?"
+    workers = f"{world} workers ({t.get('backend')})" if world > 1 else "1 process"
+    return (f"{workers} on {where}; batch {_num(t.get('batch_per_worker'))} per worker, global batch {_num(t.get('global_batch'))}; "
+            f"{_num(t.get('samples_per_s'))} samples/s ({_num(t.get('samples_per_s_per_worker'))} per worker)")
+
+
 def _candidate_label(c: dict, i: int) -> str:
     return str(c.get("name") or c.get("label") or f"#{i + 1}")
 
@@ -398,7 +410,8 @@ def _md_step_details(step: dict) -> list[str]:
         rows = [[layer, _fmt_pct(s)] for layer, s in top]
         out += [f"## {name}: most pruned layers", "", md_table(["layer", "sparsity"], rows), ""]
     if _training(step):
-        out += [f"## {name}: training", "", md_table(TRAINING_HEADERS, _training_rows(step)), ""]
+        summary = training_summary(step)
+        out += [f"## {name}: training", "", *([_md_cell(summary), ""] if summary else []), md_table(TRAINING_HEADERS, _training_rows(step)), ""]
     cands, target = _search(step)
     if cands:
         out += [f"## {name}: search (target {_num(target)})", "", md_table(SEARCH_HEADERS, _search_rows(step)), ""]
@@ -598,7 +611,8 @@ def _html_step_details(step: dict) -> list[str]:
         out += [f"<h2>{_e(name)}: most pruned layers</h2>",
                 html_table(["layer", "sparsity"], [[layer, _fmt_pct(s)] for layer, s in top])]
     if _training(step):
-        out += [f"<h2>{_e(name)}: training</h2>", '<div class="charts">', svg_loss_curve(step),
+        summary = training_summary(step)
+        out += [f"<h2>{_e(name)}: training</h2>", *([f"<p>{_e(summary)}</p>"] if summary else []), '<div class="charts">', svg_loss_curve(step),
                 html_table(TRAINING_HEADERS, _training_rows(step)), "</div>"]
     cands, target = _search(step)
     if cands:

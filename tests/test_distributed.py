@@ -125,6 +125,8 @@ def test_two_workers_reach_the_weights_and_metric_of_one_worker_with_the_same_gl
     assert (t2["world_size"], t2["backend"], t2["batch_per_worker"], t2["global_batch"]) == (2, "gloo", GLOBAL_BATCH // 2, GLOBAL_BATCH)
     assert len(t2["devices"]) == 2 and all(d.startswith("cpu") for d in t2["devices"])
     assert t2["samples_per_s_per_worker"] == pytest.approx(t2["samples_per_s"] / 2, rel=0.01)
+    assert "2 workers (gloo) on cpu" in (out2 / "report.md").read_text()
+    assert f"batch {GLOBAL_BATCH // 2} per worker, global batch {GLOBAL_BATCH}" in (out2 / "report.md").read_text()
     # Only rank 0 writes: the 2-worker output folder holds exactly what a 1-process run writes.
     assert files_under(out2) == files_under(out1)
 
