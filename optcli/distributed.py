@@ -2,8 +2,8 @@
 
     finetune: {distributed: {nproc_per_node: 2}}       # or: optcli run r.yaml -o out --nproc-per-node 2
 
-`run_training(job, config, ctx)` is what the finetune pass calls. With one worker it trains in this
-process. With more it writes the job to the step folder, starts the workers with
+`run_training(job, config, ctx)` is what the finetune pass calls. One worker without restarts trains in
+this process. Otherwise it writes the job to the step folder, starts the workers with
 torch.distributed.launcher.api.elastic_launch (the in-process API behind `torchrun`: c10d rendezvous,
 restarts, error files, signal forwarding) and each worker runs `_worker`: bind the device of its
 LOCAL_RANK, init_process_group, rebuild the job, call optcli.training.train (which shards the data
@@ -12,6 +12,14 @@ checkpoints and logs; the trained student comes back to this process as rank 0's
 
 Multi-node is the same command on every node, as with torchrun: nnodes, node_rank and an
 rdzv_endpoint (host:port on node 0) reachable by all.
+
+Why N workers with batch b train like one worker with batch N*b: DistributedSampler gives rank r the
+indices r::N of one permutation seeded by (seed, epoch), so the k-th batches of all ranks together are
+exactly slice k of N*b of that permutation, which one worker's sampler (N=1) takes as its k-th batch;
+DDP averages the ranks' gradients of their mean losses, which is the gradient of the mean loss over
+the N*b samples. What still differs is BatchNorm in train mode (statistics over b, not N*b): on CUDA
+it becomes SyncBatchNorm; on CPU torch has none (see to_sync_batchnorm). The tests check this with a
+BatchNorm-free model: weights equal to 1e-5.
 
 This module imports torch inside functions only, so recipe validation stays fast.
 """
@@ -39,9 +47,6 @@ from optcli.errors import BadInput, PassFailed
 DeviceSetting = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
 AmpSetting = Literal["none", "bf16", "fp16"]
 ScaleLr = Literal["none", "linear"]
-
-# Overrides that `optcli run` flags may carry (RunOptions.extra["distributed"]).
-CLI_KEYS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
 
 # A worker whose peer died sees a socket error within milliseconds. Before it exits it waits this
 # long, so the agent reports the worker that really failed (the root cause), not its victim.
