@@ -17,7 +17,8 @@ Why N workers with batch b train like one worker with batch N*b: DistributedSamp
 indices r::N of one permutation seeded by (seed, epoch), so the k-th batches of all ranks together are
 exactly slice k of N*b of that permutation, which one worker's sampler (N=1) takes as its k-th batch;
 DDP averages the ranks' gradients of their mean losses, which is the gradient of the mean loss over
-the N*b samples. What still differs is BatchNorm in train mode (statistics over b, not N*b): on CUDA
+the N*b samples (when N*b divides the data; otherwise the sampler pads ranks with repeated samples).
+What still differs is BatchNorm in train mode (statistics over b, not N*b): on CUDA
 it becomes SyncBatchNorm; on CPU torch has none (see to_sync_batchnorm). The tests check this with a
 BatchNorm-free model: weights equal to 1e-5.
 
