@@ -102,11 +102,13 @@ def load_onnx(path: Path) -> Model:
     if not proto.graph.node and not proto.graph.output:
         raise BadInput(f"{path}: not a valid ONNX file (no graph); was it truncated or is it another format?")
     check_onnx_external_data(proto, path.parent, path)
+    model = Model(format="onnx", inputs=onnx_inputs(proto), path=path, output_names=[o.name for o in proto.graph.output], kind="onnx")
+    del proto  # the checker reads the file itself; holding inline weights too would add a model's size to the peak
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:  # onnx raises ValidationError and several C++ error types
         raise BadInput(f"{path}: ONNX checker refused the model: {str(e).splitlines()[0][:300]}") from None
-    return Model(format="onnx", inputs=onnx_inputs(proto), path=path, output_names=[o.name for o in proto.graph.output], kind="onnx")
+    return model
 
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}

@@ -114,7 +114,9 @@ def _preprocess(source: Path, target: Path, ctx: Context) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        quant_pre_process(str(source), str(target), skip_symbolic_shape=False)
+        # Weights to a side file: an inline save fails past protobuf's 2 GB and costs ~2 GB more peak memory per GB of model.
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=False, save_as_external_data=True,
+                          all_tensors_to_one_file=True, external_data_location=target.name + ".data")
         return target
     except Exception as e:  # pre-processing is an optimization; quantize the raw graph if it fails
         ctx.warn(f"quantization pre-processing skipped ({type(e).__name__}: {str(e)[:120]})")
@@ -258,6 +260,7 @@ def apply(model, config: Config, ctx: Context):
     source = _preprocess(model.path, work / "preprocessed.onnx", ctx) if config.preprocess else model.path
     proto = onnx.load(str(source), load_external_data=False)
     exclude = _resolve_exclude(proto, config.exclude, ctx)
+    del proto  # an inline model's weights: the quantizer loads its own copy
     target = ctx.step_dir / "model.onnx"
     has_calibration = ctx.data.calibration is not None
     calib = _calibration_batches(model, config, ctx) if has_calibration else None
