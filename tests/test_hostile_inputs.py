@@ -7,6 +7,7 @@ lists every case and the bug it guards. Add a case (and a README line) with ever
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import zipfile
@@ -374,3 +375,29 @@ def test_output_folder_holding_the_inputs_is_refused(digits, tmp_path):
     for flag in ("--overwrite", "--resume"):
         refused(run_cli("run", path, "-o", inputs, flag, *QUIET), str(inputs), "digits_cnn.pt")
     assert tree_hashes(inputs) == before
+
+
+# --------------------------------------------------------------------------- --debug and the report's warnings
+
+
+def test_debug_adds_the_traceback_to_a_refusal(bad):
+    plain = run_cli("inspect", bad / "truncated.onnx")
+    debug = run_cli("inspect", bad / "truncated.onnx", "--debug")
+    assert plain.exit_code == debug.exit_code == 2
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()
+
+
+def test_what_the_run_went_past_is_listed_in_report_warnings(digits, tmp_path):
+    # An exclusion that matches nothing and a gate passed by a hair: both noticed, neither stops the run.
+    out = tmp_path / "first"
+    passes = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "exclude": ["NoSuchNode"]}]
+    recipe = digits_recipe(digits, passes, report={"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}})
+    assert run_cli("run", write_recipe(tmp_path, recipe), "-o", out, *QUIET).exit_code == 0
+    size = json.loads((out / "report.json").read_text())["steps"][-1]["size_bytes"]
+    recipe["gates"] = {"max_size_bytes": int(size * 1.02)}
+    out = tmp_path / "second"
+    assert run_cli("run", write_recipe(tmp_path, recipe), "-o", out, *QUIET).exit_code == 0
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert any("2-quantize" in w and "NoSuchNode" in w for w in warnings), warnings
+    assert any("max_size_bytes" in w and "within 5%" in w for w in warnings), warnings
