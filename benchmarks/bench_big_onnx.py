@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="optcli_big_"))
+    work.mkdir(parents=True, exist_ok=True)
     need = (args.layers + (34 if args.big else 0)) * HIDDEN * HIDDEN * 4 * 2.5
     free = shutil.disk_usage(work).free
     if free < need:
