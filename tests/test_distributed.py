@@ -176,6 +176,18 @@ def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path, mlp_recipe):
 
 
 @pytest.mark.slow
+def test_a_worker_that_raises_ends_the_run_with_its_rank_and_error_in_one_line(tmp_path, mlp_recipe):
+    mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": 5, "raise_instead": True}
+    mlp_recipe["passes"][0]["batch_size"] = GLOBAL_BATCH // 2
+    r = run_tagged("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--quiet", "--nproc-per-node", "2")
+    assert r.exit_code == 3, r.stderr
+    # rank 0 fails too (its peer is gone), but the root cause named is rank 1's, read from its error file
+    assert r.stderr.strip().endswith("worker rank 1 (local rank 1, pid " + r.stderr.split("pid ")[1].split(")")[0] +
+                                     ") failed: ValueError: worker 1 met a NaN in its batch at step 5"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
 def test_two_nodes_resume_from_rank_0s_checkpoint_and_train_like_one_worker(tmp_path, mlp_recipe):
     """Multi-node as users run it: the same command on each node with --nnodes 2 --node-rank i
     --rdzv-endpoint host:port. Both "nodes" are processes on this machine with their own output
