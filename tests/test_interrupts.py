@@ -67,8 +67,10 @@ PHASES = {
 }
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("phase", list(PHASES))
+@pytest.mark.parametrize("phase,sig", [
+    ("export", signal.SIGINT), ("export", signal.SIGTERM), ("calibration", signal.SIGTERM),
+    ("training", signal.SIGINT), ("benchmarking", signal.SIGINT), ("benchmarking", signal.SIGTERM),
+], ids=lambda v: v.name if isinstance(v, signal.Signals) else v)
 def test_signal_exits_130_and_leaves_nothing_half_written(digits, tmp_path, phase, sig):
     passes, report, line = PHASES[phase]
     recipe = digits_recipe(digits, passes, report=report)
