@@ -184,7 +184,7 @@ def latency(runner: Runner, batch_sizes: list[int], warmup: int, runs: int) -> t
             times.append((time.perf_counter() - t0) * 1000)
         p50, p90, p99 = np.percentile(times, [50, 90, 99])
         results[f"batch_{batch}"] = {
-            "p50_ms": round(float(p50), 4), "p90_ms": round(float(p90), 4), "p99_ms": round(float(p99), 4),
+            "p50_ms": round(float(p50), 6), "p90_ms": round(float(p90), 6), "p99_ms": round(float(p99), 6),
             "throughput_per_s": round(batch * 1000 / float(p50), 2), "runs": runs,
         }
     return results, notes
