@@ -7,6 +7,7 @@ lists every case and the bug it guards. Add a case (and a README line) with ever
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -285,6 +286,13 @@ def _data_cases(digits: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     for name, (arrays, words) in cases.items():
         np.savez(folder / name, **arrays)
         out[name] = (folder / name, words)
+    for name, rows in (("header_claims_233TB.npz", 10**12), ("header_claims_10GB.npz", 40_000_000)):
+        # A tiny file whose .npy header promises a huge array: refused without the memory ever being touched.
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (rows, 1, 8, 8)})
+        with zipfile.ZipFile(folder / name, "w") as z:
+            z.writestr("x.npy", header.getvalue() + b"\0" * 1024)
+        out[name] = (folder / name, "cannot read")
     (folder / "not_data.npz").write_bytes(b"PK\x03\x04 broken zip")
     out["not_data.npz"] = (folder / "not_data.npz", "cannot read")
     torch.save(torch.zeros(3), folder / "tensor.pt")
