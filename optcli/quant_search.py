@@ -315,6 +315,8 @@ class Search:
                 break
             self.try_settings(settings)
         done = [t for t in self.trials if t.settings is not None and t.metric is not None]
+        if self.space.fallback and done and not any(t.meets for t in done) and not self.can_try():
+            self.notes.append("fallback skipped: " + ("time budget reached" if self.out_of_budget() else "max_trials reached"))
         if self.space.fallback and done and self.can_try():
             meeting = [t for t in done if t.meets]
             best_latency = min((t.latency_ms for t in meeting), default=None)
