@@ -167,3 +167,27 @@ def test_disk_full_inside_a_pass_exits_3_naming_the_pass(digits, tmp_path, monke
     line = result.stderr.strip()
     assert "\n" not in line and "disk full" in line and "2-quantize" in line, line
     assert_nothing_half_written(out)
+
+
+def test_pass_failing_oddly_on_a_nearly_full_disk_is_reported_as_disk_full(digits, tmp_path, monkeypatch):
+    # Seen on a 300 kB tmpfs: ONNX Runtime's pre-processing wrote a truncated model without raising ENOSPC,
+    # and the quantizer then failed with "Failed to find proper ai.onnx domain".
+    from collections import namedtuple
+
+    import onnxruntime.quantization as q
+
+    from optcli import runner
+
+    def truncated(*a, **k):
+        raise ValueError("Failed to find proper ai.onnx domain")
+
+    monkeypatch.setattr(q, "quantize_dynamic", truncated)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
+    out = tmp_path / "out"
+    recipe = digits_recipe(digits, [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}], report=FAST_MEASURE)
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", out, "-q")
+    assert result.exit_code == 3, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and "2-quantize" in line and "nearly full" in line and "ai.onnx domain" in line, line
+    assert_nothing_half_written(out)
