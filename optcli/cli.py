@@ -95,8 +95,7 @@ def run(
 
     def body():
         from optcli.recipe import load_recipe
-        from optcli.errors import writing
-        from optcli.report import render_table, write_reports
+        from optcli.report import render_table
         from optcli.runner import RunOptions, run_recipe
 
         err = _console()
@@ -107,8 +106,6 @@ def run(
         launch = cli_overrides(rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
         report = run_recipe(rec, RunOptions(out=out, overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, log=log,
                                             extra={"distributed": launch, "debug": debug}))
-        with writing(f"{out}/report.{{json,md,html}}"):
-            write_reports(report, out)
         if json_out:
             _print_json(report)
             if not quiet:
@@ -245,4 +242,19 @@ def compare(
 
 
 def main() -> None:
-    app()
+    # A signal before a command's own handler is in place (start-up, option parsing) must still exit 130, not
+    # click's "Aborted!" 1: note that one arrived, behave as the default handler does, and map the exit code.
+    interrupted: list[int] = []
+
+    def on_signal(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        app()
+    except SystemExit as e:
+        if interrupted and e.code == 1:
+            raise SystemExit(130) from None
+        raise

@@ -28,6 +28,7 @@ from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed
 from optcli.measure import fidelity, higher_is_better, latency, load_written, metric_value, parameter_counts, predict, runner_for, size_on_disk
 from optcli.passes import get_pass
 from optcli.passes.base import Context
+from optcli.report import write_reports
 
 LOCK = ".optcli.lock"
 LOW_DISK = 16 << 20  # bytes free below which a failing pass is reported as a full disk
@@ -228,7 +229,11 @@ def run_recipe(recipe, options: RunOptions) -> dict:
     inputs = [recipe.model.path] + [s.path for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None and s.path]
     folder = OutputFolder(options.out, options.overwrite, options.resume, inputs)
     try:
-        return _run(recipe, options, folder, original, data)
+        report = _run(recipe, options, folder, original, data)
+        # Written while the folder is still locked, so a concurrent --overwrite run cannot interleave with them.
+        with writing(f"{options.out}/report.{{json,md,html}}"):
+            write_reports(report, options.out)
+        return report
     finally:
         folder.close()
 

@@ -191,3 +191,20 @@ def test_pass_failing_oddly_on_a_nearly_full_disk_is_reported_as_disk_full(digit
     line = result.stderr.strip()
     assert "\n" not in line and "2-quantize" in line and "nearly full" in line and "ai.onnx domain" in line, line
     assert_nothing_half_written(out)
+
+
+def test_signal_outside_a_guarded_command_still_exits_130():
+    # Outside a command's own handler (start-up, option parsing, `passes`) click would say "Aborted!" and exit 1.
+    import signal as _signal
+    import subprocess as _subprocess
+    import sys as _sys
+
+    for sig in ("SIGINT", "SIGTERM"):
+        code = ("import os, signal, sys\n"
+                "import optcli.catalog\n"
+                f"optcli.catalog.pass_catalog = lambda: os.kill(os.getpid(), signal.{sig})\n"
+                "from optcli.cli import main\n"
+                "sys.argv = ['optcli', 'passes']\n"
+                "main()\n")
+        proc = _subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 130, (sig, proc.returncode, proc.stderr[-300:])
