@@ -309,20 +309,31 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
 # --------------------------------------------------------------------------- saving
 
 
-def fold_pruning(module):
-    """A copy of the module with pruning masks / parametrizations folded into plain weights."""
+def copy_module(module):
+    """A deep copy that also works on modules carrying torch.nn.utils.prune masks after a training forward."""
     import copy
+    import warnings
 
     import torch
-    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils import prune
 
     with torch.no_grad():
-        # After a training forward the masked `weight` is a non-leaf tensor, which deepcopy refuses: recompute it as a leaf.
+        # After a forward with grad enabled the masked `weight` is a non-leaf tensor, which deepcopy refuses: recompute it as a leaf.
         for sub in module.modules():
             for hook in list(sub._forward_pre_hooks.values()):
                 if isinstance(hook, prune.BasePruningMethod):
                     setattr(sub, hook._tensor_name, hook.apply_mask(sub))
-    module = copy.deepcopy(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree notice when copying a torch.export graph
+        return copy.deepcopy(module)
+
+
+def fold_pruning(module):
+    """A copy of the module with pruning masks / parametrizations folded into plain weights."""
+    import torch
+    from torch.nn.utils import parametrize, prune
+
+    module = copy_module(module)
     for sub in module.modules():
         for hook in list(sub._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):

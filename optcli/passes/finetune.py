@@ -160,8 +160,9 @@ def _trainable(module, where: str):
 def apply(model, config: Config, ctx: Context):
     import torch
 
-    from optcli.errors import BadInput
+    from optcli.artifact import copy_module
     from optcli.distributed import run_training
+    from optcli.errors import BadInput
     from optcli.training import TrainJob, freeze, replace_head
 
     seed = ctx.seed if config.seed is None else config.seed
@@ -174,7 +175,7 @@ def apply(model, config: Config, ctx: Context):
     if student_ref is not None:
         student = _trainable(_load_other(student_ref, model, "student", ctx), "student")
     else:
-        student = _copy(_trainable(model.module, "the model"))  # never train the reference in place
+        student = copy_module(_trainable(model.module, "the model"))  # never train the reference in place
     if config.head is not None:
         replace_head(student, config.head.replace, config.head.num_classes)
     frozen = freeze(student, config.freeze) if config.freeze else []
@@ -224,22 +225,6 @@ def apply(model, config: Config, ctx: Context):
     return model.with_(module=result.student)
 
 
-def _copy(module):
-    import copy
-    import warnings
-
-    import torch
-    from torch.nn.utils import prune
-
-    with torch.no_grad():
-        # A masked `weight` computed with grad enabled is a non-leaf tensor, which deepcopy refuses: recompute it as a leaf.
-        for sub in module.modules():
-            for hook in list(sub._forward_pre_hooks.values()):
-                if isinstance(hook, prune.BasePruningMethod):
-                    setattr(sub, hook._tensor_name, hook.apply_mask(sub))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree notice when copying a torch.export graph
-        return copy.deepcopy(module)
 
 
 def _logits(module, inputs, role: str):
