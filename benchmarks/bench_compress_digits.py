@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,13 +43,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from optcli.artifact import InputSpec
+    from digits_compare import measure, print_table
+
     from optcli.examples.digits import make_example
-    from optcli.measure import latency, metric_value, onnx_runner, predict
 
     work = Path(tempfile.mkdtemp(prefix="optcli-bench-compress-"))
     make_example(work / "example", width=32, epochs=8, formats=("pt",))
-    dense = optcli_run(work, "dense", ["passes=[{type: export, opset: 18}]"])
+    optcli_run(work, "dense", ["passes=[{type: export, opset: 18}]"])
     compressed = optcli_run(work, "compressed", [])
 
     artifacts = {
@@ -58,23 +57,13 @@ def main() -> None:
         "pruned+KD fp32": work / "compressed" / "steps" / "3-export" / "model.onnx",
         "pruned+KD int8": work / "compressed" / "model.onnx",
     }
-    inputs = [InputSpec("x", (1, 1, 8, 8), "float32")]
-    test = np.load(work / "example" / "digits_test.npz")
-    rows = {}
-    for name, path in artifacts.items():
-        runner = onnx_runner(path, inputs, args.threads)
-        logits = predict(runner, ({"x": test["x"][i : i + 64]} for i in range(0, len(test["x"]), 64)))
-        rows[name] = {"runner": runner, "size": path.stat().st_size, "accuracy": metric_value("accuracy", logits, test["y"]), "p50": {1: [], 32: []}}
-    for _ in range(args.repeats):
-        for row in rows.values():
-            lat, _ = latency(row["runner"], [1, 32], warmup=10, runs=200)
-            for b in (1, 32):
-                row["p50"][b].append(lat[f"batch_{b}"]["p50_ms"])
+    rows = measure(artifacts, work / "example" / "digits_test.npz", args.threads, args.repeats)
+    test_size = len(np.load(work / "example" / "digits_test.npz")["y"])
 
     steps = {s["name"]: s for s in compressed["steps"]}
     training = steps["2-finetune"]["details"]["training"]
     torch_dense = steps["original"]["accuracy"]["value"]
-    print(f"digits CNN (width 32) on {len(test['y'])} held-out digits; ONNX Runtime, {args.threads} threads, "
+    print(f"digits CNN (width 32) on {test_size} held-out digits; ONNX Runtime, {args.threads} threads, "
           f"median p50 over {args.repeats} repeats x 200 runs")
     print(f"dense torch fp32 accuracy (optcli's 'original' step): {torch_dense:.4f}; "
           f"pruned-only accuracy before fine-tune: {steps['1-prune']['accuracy']['value']:.4f}; "
@@ -82,12 +71,7 @@ def main() -> None:
     print(f"fine-tune: {len(training['epochs'])} epochs (best {training['best_epoch']}), {training['seconds']:.1f} s, "
           f"{training['samples_per_s']:.0f} samples/s")
     base = rows["dense fp32 (baseline)"]
-    b1, b32 = statistics.median(base["p50"][1]), statistics.median(base["p50"][32])
-    print(f"{'model':<24}{'size KB':>9}{'size x':>8}{'acc':>8}{'Δacc pt':>9}{'b1 ms':>8}{'b1 x':>7}{'b32 ms':>8}{'b32 speed-up':>14}")
-    for name, row in rows.items():
-        p1, p32 = statistics.median(row["p50"][1]), statistics.median(row["p50"][32])
-        print(f"{name:<24}{row['size'] / 1000:>9.1f}{row['size'] / base['size']:>8.2f}{row['accuracy']:>8.4f}"
-              f"{100 * (row['accuracy'] - base['accuracy']):>9.2f}{p1:>8.3f}{b1 / p1:>7.2f}{p32:>8.3f}{b32 / p32:>14.2f}")
+    print_table(rows, "dense fp32 (baseline)")
     drop = base["accuracy"] - rows["pruned+KD int8"]["accuracy"]
     print(f"target: prune + KD + int8 accuracy within 1 point of dense fp32 -> {'met' if drop <= 0.01 else 'MISSED'} "
           f"(drop {100 * drop:.2f} pt; negative = better than dense)")
