@@ -94,14 +94,13 @@ def run(
     """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
 
     def body():
+        from optcli.distributed import cli_overrides
         from optcli.recipe import load_recipe
         from optcli.report import render_table
         from optcli.runner import RunOptions, run_recipe
 
         err = _console()
         log = (lambda m: None) if quiet else (lambda m: err.print(f"[dim]optcli[/dim] {m}"))
-        from optcli.distributed import cli_overrides
-
         rec = load_recipe(recipe, overrides=set_)
         launch = cli_overrides(rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
         report = run_recipe(rec, RunOptions(out=out, overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, log=log,
@@ -134,7 +133,6 @@ def validate(
 
     def body():
         from optcli.recipe import load_recipe
-
         from optcli.runner import preflight
 
         rec = load_recipe(recipe, overrides=set_)

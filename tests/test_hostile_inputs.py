@@ -65,7 +65,6 @@ def _flip(data: bytes, at: int) -> bytes:
 
 def _external_onnx(folder: Path, location: str, name: str, batch: int | str = 1) -> Path:
     """A one-Add ONNX model whose weight lives in an external file at `location` (relative or absolute)."""
-    import onnx
     from onnx import TensorProto, helper
 
     weight = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])

@@ -195,7 +195,6 @@ def test_pass_failing_oddly_on_a_nearly_full_disk_is_reported_as_disk_full(digit
 
 def test_signal_outside_a_guarded_command_still_exits_130():
     # Outside a command's own handler (start-up, option parsing, `passes`) click would say "Aborted!" and exit 1.
-    import signal as _signal
     import subprocess as _subprocess
     import sys as _sys
 
