@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test example quickstart bench clean
+.PHONY: install test lint fmt example quickstart bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -10,8 +10,16 @@ $(BIN)/python:
 install: $(BIN)/python  ## editable install with the tested versions pinned
 	$(BIN)/pip install -q -e ".[dev]" -c constraints.txt
 
-test:  ## the default test run (CI runs exactly this, after make install)
+test: lint  ## the default test run (CI runs exactly this, after make install)
 	$(BIN)/python -m pytest -q -n 2
+
+lint:  ## style held by tools: ruff lint + format check (make fmt fixes what can be fixed)
+	$(BIN)/ruff check optcli tests benchmarks
+	$(BIN)/ruff format --check optcli tests benchmarks
+
+fmt:
+	$(BIN)/ruff check --fix optcli tests benchmarks
+	$(BIN)/ruff format optcli tests benchmarks
 
 example: install  ## digits CNN in every format optcli reads, plus .npz data, under build/example
 	$(BIN)/python -m optcli.examples.digits build/example

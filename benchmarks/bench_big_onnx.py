@@ -81,20 +81,24 @@ def measured(args: list[str], cwd: Path | None = None) -> tuple[int, float, floa
 
 def recipe(model: Path, folder: Path) -> Path:
     path = folder / "recipe.yaml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         model: {{path: {model}}}
         passes:
           - {{type: quantize, mode: dynamic, per_channel: false}}
         report:
           fidelity_samples: 8
           latency: {{batch_sizes: [1], warmup: 1, runs: 3, threads: 2}}
-    """))
+    """)
+    )
     return path
 
 
 def bare_quantize(model: Path, target: Path, external: bool) -> list[str]:
-    code = (f"from onnxruntime.quantization import quantize_dynamic; "
-            f"quantize_dynamic({str(model)!r}, {str(target)!r}, use_external_data_format={external})")
+    code = (
+        f"from onnxruntime.quantization import quantize_dynamic; "
+        f"quantize_dynamic({str(model)!r}, {str(target)!r}, use_external_data_format={external})"
+    )
     return [sys.executable, "-c", code]
 
 
@@ -116,28 +120,40 @@ def bench(folder: Path, layers: int, external: bool) -> None:
     t0 = time.perf_counter()
     generate(model, layers, external)
     size = disk_size(model)
-    print(f"\n{layers} layers, {'external data' if external else 'inline weights'}: {size / 1e9:.3f} GB on disk "
-          f"(protobuf limit 2.147 GB), generated in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\n{layers} layers, {'external data' if external else 'inline weights'}: {size / 1e9:.3f} GB on disk "
+        f"(protobuf limit 2.147 GB), generated in {time.perf_counter() - t0:.0f} s"
+    )
     code, peak, seconds, tail = measured(bare_quantize(model, folder / "bare.onnx", external))
-    print(f"  baseline quantize_dynamic alone : exit {code}, peak RSS {peak / 1e9:6.2f} GB = {peak / size:4.2f}x size, {seconds:6.1f} s")
+    print(
+        f"  baseline quantize_dynamic alone : exit {code}, peak RSS {peak / 1e9:6.2f} GB = {peak / size:4.2f}x size, {seconds:6.1f} s"
+    )
     if code:
         print(textwrap.indent(tail, "    "))
     (folder / "bare.onnx").unlink(missing_ok=True)
     (folder / "bare.onnx.data").unlink(missing_ok=True)
     out = folder / "out"
-    code, peak, seconds, tail = measured([sys.executable, "-m", "optcli", "run", str(recipe(model, folder)), "-o", str(out), "-q"])
-    print(f"  optcli run (load, measure, quantize, measure, write): exit {code}, peak RSS {peak / 1e9:6.2f} GB = {peak / size:4.2f}x size, {seconds:6.1f} s")
+    code, peak, seconds, tail = measured(
+        [sys.executable, "-m", "optcli", "run", str(recipe(model, folder)), "-o", str(out), "-q"]
+    )
+    print(
+        f"  optcli run (load, measure, quantize, measure, write): exit {code}, peak RSS {peak / 1e9:6.2f} GB = {peak / size:4.2f}x size, {seconds:6.1f} s"
+    )
     if code:
         print(textwrap.indent(tail, "    "))
         return
     final = out / "model.onnx"
     files = sorted(p.name for p in out.iterdir() if p.is_file())
-    print(f"  output: {', '.join(files)}; {disk_size(final) / 1e9:.3f} GB; cosine vs float on 4 inputs: {check_output(model, final)}")
+    print(
+        f"  output: {', '.join(files)}; {disk_size(final) / 1e9:.3f} GB; cosine vs float on 4 inputs: {check_output(model, final)}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=16, help="4096x4096 MatMul layers for the peak-memory run (16: ~1.07 GB)")
+    ap.add_argument(
+        "--layers", type=int, default=16, help="4096x4096 MatMul layers for the peak-memory run (16: ~1.07 GB)"
+    )
     ap.add_argument("--big", action="store_true", help="also run a 34-layer (~2.28 GB) model through external data")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()

@@ -26,8 +26,12 @@ CONFIG = REPO / "configs" / "digits_prune_kd_int8.yaml"
 
 def optcli_run(work: Path, out: str, extra: list[str]) -> dict:
     example = work / "example"
-    paths = [f"model.path={example / 'digits_cnn.pt'}", f"data.train.path={example / 'digits_train.npz'}",
-             f"data.calibration.path={example / 'digits_calib.npz'}", f"data.eval.path={example / 'digits_test.npz'}"]
+    paths = [
+        f"model.path={example / 'digits_cnn.pt'}",
+        f"data.train.path={example / 'digits_train.npz'}",
+        f"data.calibration.path={example / 'digits_calib.npz'}",
+        f"data.eval.path={example / 'digits_test.npz'}",
+    ]
     cmd = [sys.executable, "-m", "optcli", "run", str(CONFIG), "-o", str(work / out), "--quiet", "--json"]
     for item in paths + extra:
         cmd += ["--set", item]
@@ -63,18 +67,26 @@ def main() -> None:
     steps = {s["name"]: s for s in compressed["steps"]}
     training = steps["2-finetune"]["details"]["training"]
     torch_dense = steps["original"]["accuracy"]["value"]
-    print(f"digits CNN (width 32) on {test_size} held-out digits; ONNX Runtime, {args.threads} threads, "
-          f"median p50 over {args.repeats} repeats x 200 runs")
-    print(f"dense torch fp32 accuracy (optcli's 'original' step): {torch_dense:.4f}; "
-          f"pruned-only accuracy before fine-tune: {steps['1-prune']['accuracy']['value']:.4f}; "
-          f"parameters {steps['original']['parameters']:,} -> {steps['2-finetune']['parameters']:,}")
-    print(f"fine-tune: {len(training['epochs'])} epochs (best {training['best_epoch']}), {training['seconds']:.1f} s, "
-          f"{training['samples_per_s']:.0f} samples/s")
+    print(
+        f"digits CNN (width 32) on {test_size} held-out digits; ONNX Runtime, {args.threads} threads, "
+        f"median p50 over {args.repeats} repeats x 200 runs"
+    )
+    print(
+        f"dense torch fp32 accuracy (optcli's 'original' step): {torch_dense:.4f}; "
+        f"pruned-only accuracy before fine-tune: {steps['1-prune']['accuracy']['value']:.4f}; "
+        f"parameters {steps['original']['parameters']:,} -> {steps['2-finetune']['parameters']:,}"
+    )
+    print(
+        f"fine-tune: {len(training['epochs'])} epochs (best {training['best_epoch']}), {training['seconds']:.1f} s, "
+        f"{training['samples_per_s']:.0f} samples/s"
+    )
     base = rows["dense fp32 (baseline)"]
     print_table(rows, "dense fp32 (baseline)")
     drop = base["accuracy"] - rows["pruned+KD int8"]["accuracy"]
-    print(f"target: prune + KD + int8 accuracy within 1 point of dense fp32 -> {'met' if drop <= 0.01 else 'MISSED'} "
-          f"(drop {100 * drop:.2f} pt; negative = better than dense)")
+    print(
+        f"target: prune + KD + int8 accuracy within 1 point of dense fp32 -> {'met' if drop <= 0.01 else 'MISSED'} "
+        f"(drop {100 * drop:.2f} pt; negative = better than dense)"
+    )
 
 
 if __name__ == "__main__":

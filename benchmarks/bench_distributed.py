@@ -43,10 +43,16 @@ def main() -> None:
     make_example(work / "example", width=args.width, epochs=2, formats=("pt",))
     cores = os.cpu_count() or 1
     recipe = {
-        "model": {"path": str(work / "example" / "digits_cnn.pt"), "factory": "optcli.examples.digits:build_cnn",
-                  "factory_kwargs": {"width": args.width}, "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}]},
-        "data": {"train": {"path": str(work / "example" / "digits_train.npz"), "batch_size": args.batch},
-                 "eval": {"path": str(work / "example" / "digits_test.npz"), "labels": "y"}},
+        "model": {
+            "path": str(work / "example" / "digits_cnn.pt"),
+            "factory": "optcli.examples.digits:build_cnn",
+            "factory_kwargs": {"width": args.width},
+            "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}],
+        },
+        "data": {
+            "train": {"path": str(work / "example" / "digits_train.npz"), "batch_size": args.batch},
+            "eval": {"path": str(work / "example" / "digits_test.npz"), "labels": "y"},
+        },
         "passes": [{"type": "finetune", "epochs": args.epochs, "device": "cpu"}],
         # The runner sets torch's threads from here; all cores, so one worker is not starved against two.
         "report": {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 3, "threads": cores}},
@@ -57,19 +63,27 @@ def main() -> None:
     # Each of 2 CPU workers gets cores // 2 threads, so the baseline is one worker with that many threads
     # (OMP_NUM_THREADS); one worker on every core is shown beside it, as one optcli process runs today.
     half = max(1, cores // 2)
-    configs = [(f"cpu, 1 worker x {half} thr", 1, [], {"OMP_NUM_THREADS": str(half)}),
-               (f"cpu, 2 workers x {half} thr", 2, ["--nproc-per-node", "2"], {}),
-               (f"cpu, 1 worker x {cores} thr", 1, [], {"OMP_NUM_THREADS": str(cores)})]
+    configs = [
+        (f"cpu, 1 worker x {half} thr", 1, [], {"OMP_NUM_THREADS": str(half)}),
+        (f"cpu, 2 workers x {half} thr", 2, ["--nproc-per-node", "2"], {}),
+        (f"cpu, 1 worker x {cores} thr", 1, [], {"OMP_NUM_THREADS": str(cores)}),
+    ]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus:
-        configs += [("cuda, 1 GPU", 1, ["--set", "passes.0.device=cuda"], {}),
-                    (f"cuda, {gpus} GPUs (nccl)", gpus, ["--set", "passes.0.device=cuda", "--nproc-per-node", "auto"], {})]
+        configs += [
+            ("cuda, 1 GPU", 1, ["--set", "passes.0.device=cuda"], {}),
+            (f"cuda, {gpus} GPUs (nccl)", gpus, ["--set", "passes.0.device=cuda", "--nproc-per-node", "auto"], {}),
+        ]
     rows = {name: {"n": n, "sps": [], "wall": [], "block": None} for name, n, _, _ in configs}
     for rep in range(args.repeats):
         for index, (name, _, flags, env) in enumerate(configs):
             out = work / f"out-{rep}-{index}"
-            proc = subprocess.run([sys.executable, "-m", "optcli", "run", str(path), "-o", str(out), "--json", "--quiet", *flags],
-                                  capture_output=True, text=True, env={**os.environ, **env})
+            proc = subprocess.run(
+                [sys.executable, "-m", "optcli", "run", str(path), "-o", str(out), "--json", "--quiet", *flags],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env},
+            )
             if proc.returncode != 0:
                 sys.exit(f"{name}: optcli run failed ({proc.returncode}): {proc.stderr.strip()}")
             step = json.loads(proc.stdout)["steps"][-1]
@@ -78,9 +92,13 @@ def main() -> None:
             rows[name]["wall"].append(step["seconds"])
             rows[name]["block"] = block
 
-    print(f"digits CNN (width {args.width}) fine-tune, {args.epochs} epochs, {args.batch} samples per worker per step, "
-          f"{cores} CPU cores (load average {os.getloadavg()[0]:.1f} at the end), median over {args.repeats} repeats")
-    print(f"{'configuration':<28}{'world':>6}{'global batch':>13}{'samples/s':>11}{'per worker':>11}{'scaling eff.':>13}{'step wall s':>12}  devices")
+    print(
+        f"digits CNN (width {args.width}) fine-tune, {args.epochs} epochs, {args.batch} samples per worker per step, "
+        f"{cores} CPU cores (load average {os.getloadavg()[0]:.1f} at the end), median over {args.repeats} repeats"
+    )
+    print(
+        f"{'configuration':<28}{'world':>6}{'global batch':>13}{'samples/s':>11}{'per worker':>11}{'scaling eff.':>13}{'step wall s':>12}  devices"
+    )
     for kind in ("cpu", "cuda"):
         base = next((r for name, r in rows.items() if name.startswith(kind) and r["n"] == 1), None)
         for name, r in rows.items():
@@ -90,8 +108,10 @@ def main() -> None:
             per_worker = sps / r["n"]
             eff = sps / (r["n"] * statistics.median(base["sps"])) if base else float("nan")
             devices = ", ".join(sorted(set(b["devices"])))
-            print(f"{name:<28}{b['world_size']:>6}{b['global_batch']:>13}{sps:>11.0f}{per_worker:>11.0f}"
-                  f"{eff:>13.2f}{statistics.median(r['wall']):>12.2f}  {devices}")
+            print(
+                f"{name:<28}{b['world_size']:>6}{b['global_batch']:>13}{sps:>11.0f}{per_worker:>11.0f}"
+                f"{eff:>13.2f}{statistics.median(r['wall']):>12.2f}  {devices}"
+            )
     if not gpus:
         print("no CUDA GPU visible: the 1-GPU / all-GPU rows need a GPU machine")
 

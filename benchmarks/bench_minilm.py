@@ -33,8 +33,11 @@ THREADS, BATCH = 2, 32
 
 def recipe(model: Path, passes: list, calib: Path, evald: Path) -> dict:
     return {
-        "model": {"path": str(model), **({"factory": "minilm_model:build_encoder"} if model.suffix == ".pt" else {}),
-                  "inputs": [{"name": n, "shape": [BATCH, 128], "dtype": "int64"} for n in INPUTS]},
+        "model": {
+            "path": str(model),
+            **({"factory": "minilm_model:build_encoder"} if model.suffix == ".pt" else {}),
+            "inputs": [{"name": n, "shape": [BATCH, 128], "dtype": "int64"} for n in INPUTS],
+        },
         "data": {"calibration": {"path": str(calib), "samples": 128}, "eval": {"path": str(evald)}},
         "passes": passes,
         "report": {"latency": {"batch_sizes": [BATCH], "warmup": 1, "runs": 3, "threads": THREADS}},
@@ -43,15 +46,20 @@ def recipe(model: Path, passes: list, calib: Path, evald: Path) -> dict:
 
 OPTCLI_RECIPES = {
     "optcli dynamic per-channel": [{"type": "quantize", "mode": "dynamic", "per_channel": True}],
-    "optcli dynamic per-channel + smoothquant 0.8": [{"type": "quantize", "mode": "dynamic", "per_channel": True, "smoothquant": 0.8}],
-    "optcli search (cosine >= 0.995)": [{"type": "quantize", "target": {"metric": "cosine", "min_value": 0.995}, "search": {"latency_runs": 6}}],
+    "optcli dynamic per-channel + smoothquant 0.8": [
+        {"type": "quantize", "mode": "dynamic", "per_channel": True, "smoothquant": 0.8}
+    ],
+    "optcli search (cosine >= 0.995)": [
+        {"type": "quantize", "target": {"metric": "cosine", "min_value": 0.995}, "search": {"latency_runs": 6}}
+    ],
 }
 
 
 # ORT's quantization pre-processing (shape inference) lets its session optimizer fuse twice as many
 # SkipLayerNormalization nodes, whose CPU kernel is slower here than the Add + LayerNormalization it replaces.
 NO_PREPROCESS = {
-    f"{name}, preprocess: false": [{**p, "preprocess": False} for p in passes] for name, passes in OPTCLI_RECIPES.items()
+    f"{name}, preprocess: false": [{**p, "preprocess": False} for p in passes]
+    for name, passes in OPTCLI_RECIPES.items()
 }
 
 
@@ -62,8 +70,23 @@ def optcli_run(folder: Path, name: str, rec: dict) -> dict:
     path.write_text(yaml.safe_dump(rec, sort_keys=False))
     env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "optcli", "run", str(path), "-o", str(folder / name), "--overwrite", "--json", "--quiet"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optcli",
+            "run",
+            str(path),
+            "-o",
+            str(folder / name),
+            "--overwrite",
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode not in (0, 1):
         raise SystemExit(f"optcli run {path} failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
@@ -88,14 +111,18 @@ def plain_ort(fp32: Path, folder: Path, calib: dict) -> dict[str, Path | str]:
 
     class Reader:
         def __init__(self):
-            self.it = iter([{k: v[i : i + BATCH] for k, v in calib.items()} for i in range(0, len(calib["input_ids"]), BATCH)])
+            self.it = iter(
+                [{k: v[i : i + BATCH] for k, v in calib.items()} for i in range(0, len(calib["input_ids"]), BATCH)]
+            )
 
         def get_next(self):
             return next(self.it, None)
 
     target = folder / "ort_static_qdq_minmax.onnx"
     try:
-        quantize_static(str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(pre), str(target), Reader(), quant_format=QuantFormat.QDQ, calibrate_method=CalibrationMethod.MinMax
+        )
         out["ORT static QDQ MinMax"] = target
     except Exception as e:  # reported in the table, not hidden
         out["ORT static QDQ MinMax"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
@@ -114,7 +141,9 @@ def session(path: Path):
 
 def embed(sess, feeds: dict) -> np.ndarray:
     n = len(feeds["input_ids"])
-    return np.concatenate([sess.run(None, {k: v[i : i + BATCH] for k, v in feeds.items()})[0] for i in range(0, n, BATCH)]).astype(np.float64)
+    return np.concatenate(
+        [sess.run(None, {k: v[i : i + BATCH] for k, v in feeds.items()})[0] for i in range(0, n, BATCH)]
+    ).astype(np.float64)
 
 
 def neighbours(e: np.ndarray) -> np.ndarray:
@@ -143,14 +172,15 @@ def time_all(sessions: dict, feeds: dict, rounds: int, runs: int) -> dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("build/bench_minilm"), help="folder for models, recipes and reports")
+    parser.add_argument(
+        "--work", type=Path, default=Path("build/bench_minilm"), help="folder for models, recipes and reports"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results table as JSON here")
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds (interleaved over all models)")
     parser.add_argument("--runs", type=int, default=2, help="timed runs per model per round")
     args = parser.parse_args()
     import torch
-
     from minilm_model import pretrained_encoder, sentences, tokenize
 
     work = args.work.resolve()
@@ -161,18 +191,39 @@ def main() -> None:
     np.savez(work / "calib.npz", **calib)
 
     t0 = time.perf_counter()
-    base = optcli_run(work, "fp32", recipe(work / "minilm.pt", [{"type": "export", "opset": 18}], work / "calib.npz", work / "eval.npz"))
+    base = optcli_run(
+        work,
+        "fp32",
+        recipe(work / "minilm.pt", [{"type": "export", "opset": 18}], work / "calib.npz", work / "eval.npz"),
+    )
     fp32 = Path(base["output"]["path"])
-    print(f"optcli export: {base['_seconds']:.0f} s ({base['steps'][-1]['details'].get('exporter')} exporter)", file=sys.stderr)
+    print(
+        f"optcli export: {base['_seconds']:.0f} s ({base['steps'][-1]['details'].get('exporter')} exporter)",
+        file=sys.stderr,
+    )
     # The TorchScript exporter's graph runs faster in ONNX Runtime here (its SkipLayerNormalization and Gelu
     # kernels take about half the time they take on the torch.export-based graph), so both exports are measured.
-    base_ts = optcli_run(work, "fp32_ts", recipe(work / "minilm.pt", [{"type": "export", "opset": 17, "exporter": "torchscript"}],
-                                                 work / "calib.npz", work / "eval.npz"))
+    base_ts = optcli_run(
+        work,
+        "fp32_ts",
+        recipe(
+            work / "minilm.pt",
+            [{"type": "export", "opset": 17, "exporter": "torchscript"}],
+            work / "calib.npz",
+            work / "eval.npz",
+        ),
+    )
     fp32_ts = Path(base_ts["output"]["path"])
-    models: dict[str, Path | str] = {"fp32 (optcli export)": fp32, "fp32 (optcli export, exporter: torchscript)": fp32_ts}
+    models: dict[str, Path | str] = {
+        "fp32 (optcli export)": fp32,
+        "fp32 (optcli export, exporter: torchscript)": fp32_ts,
+    }
     models.update(plain_ort(fp32, work, calib))
     reports = {}
-    for source, suffix, recipes in ((fp32, "", OPTCLI_RECIPES), (fp32_ts, " [torchscript export]", OPTCLI_RECIPES | NO_PREPROCESS)):
+    for source, suffix, recipes in (
+        (fp32, "", OPTCLI_RECIPES),
+        (fp32_ts, " [torchscript export]", OPTCLI_RECIPES | NO_PREPROCESS),
+    ):
         for name, passes in recipes.items():
             name += suffix
             slug = "optcli_" + "".join(c if c.isalnum() else "_" for c in name.removeprefix("optcli "))
@@ -195,13 +246,24 @@ def main() -> None:
         from optcli.measure import size_on_disk
 
         size = size_on_disk(path)["size_bytes"]
-        row = {"model": name, "size_bytes": size, "p50_ms": round(lat[name], 2), "cosine_mean": round(float(cos.mean()), 5),
-               "cosine_min": round(float(cos.min()), 5), "top1_neighbour_agreement": round(float((neighbours(e) == ref_nn).mean()), 4)}
+        row = {
+            "model": name,
+            "size_bytes": size,
+            "p50_ms": round(lat[name], 2),
+            "cosine_mean": round(float(cos.mean()), 5),
+            "cosine_min": round(float(cos.min()), 5),
+            "top1_neighbour_agreement": round(float((neighbours(e) == ref_nn).mean()), 4),
+        }
         if name in reports:
             search = reports[name]["steps"][-1]["details"].get("search")
             if search:
-                row["search"] = {"chosen": search["chosen"], "trials": search["trials"], "seconds": search["seconds"],
-                                 "fallback_nodes": len(search["fallback_nodes"]), "quantizable_nodes": search["quantizable_nodes"]}
+                row["search"] = {
+                    "chosen": search["chosen"],
+                    "trials": search["trials"],
+                    "seconds": search["seconds"],
+                    "fallback_nodes": len(search["fallback_nodes"]),
+                    "quantizable_nodes": search["quantizable_nodes"],
+                }
             row["optcli_exit"] = reports[name]["_exit"]
         rows.append(row)
     # Ratios against the faster fp32 export, so a slow baseline flatters no int8 row.
@@ -214,8 +276,10 @@ def main() -> None:
 
     import onnxruntime
 
-    print(f"\nall-MiniLM-L6-v2, ONNX Runtime {onnxruntime.__version__}, {THREADS} threads, batch {BATCH} x seq 128, "
-          f"{args.sentences} sentences; p50 = median over {args.rounds} interleaved rounds x {args.runs} runs\n")
+    print(
+        f"\nall-MiniLM-L6-v2, ONNX Runtime {onnxruntime.__version__}, {THREADS} threads, batch {BATCH} x seq 128, "
+        f"{args.sentences} sentences; p50 = median over {args.rounds} interleaved rounds x {args.runs} runs\n"
+    )
     print(f"size x and lat x are relative to the faster fp32 export: {fp['model']}\n")
     header = f"{'model':<66} {'size MB':>8} {'size x':>7} {'p50 ms':>8} {'lat x':>6} {'cos mean':>9} {'top-1 NN':>9}"
     print(header)
@@ -224,26 +288,47 @@ def main() -> None:
         if "error" in r:
             print(f"{r['model']:<66} {r['error']}")
             continue
-        print(f"{r['model']:<66} {r['size_bytes'] / 1e6:8.1f} {r['size_ratio']:7.3f} {r['p50_ms']:8.1f} {r['latency_ratio']:6.3f} "
-              f"{r['cosine_mean']:9.4f} {r['top1_neighbour_agreement']:9.3f}")
+        print(
+            f"{r['model']:<66} {r['size_bytes'] / 1e6:8.1f} {r['size_ratio']:7.3f} {r['p50_ms']:8.1f} {r['latency_ratio']:6.3f} "
+            f"{r['cosine_mean']:9.4f} {r['top1_neighbour_agreement']:9.3f}"
+        )
     for r in rows:
         if "search" in r:
             s = r["search"]
-            print(f"\n{r['model']}: chose {s['chosen']} after {s['trials']} trials in {s['seconds']:.0f} s; "
-                  f"{s['fallback_nodes']} of {s['quantizable_nodes'] or '?'} quantizable nodes left in fp32; optcli exit {r['optcli_exit']}")
+            print(
+                f"\n{r['model']}: chose {s['chosen']} after {s['trials']} trials in {s['seconds']:.0f} s; "
+                f"{s['fallback_nodes']} of {s['quantizable_nodes'] or '?'} quantizable nodes left in fp32; optcli exit {r['optcli_exit']}"
+            )
     for r in rows:
         if r["model"].startswith("optcli") and "p50_ms" in r:
             core = r["latency_ratio"] <= 0.5 and r["size_ratio"] <= 0.27 and r["cosine_mean"] >= 0.99
-            print(f"{r['model']}: core target (lat <= 0.5x, size <= 0.27x, cos >= 0.99) {'met' if core else 'MISSED'}", end="")
+            print(
+                f"{r['model']}: core target (lat <= 0.5x, size <= 0.27x, cos >= 0.99) {'met' if core else 'MISSED'}",
+                end="",
+            )
             if "search" in r:
                 acc = r["latency_ratio"] <= 0.55 and r["top1_neighbour_agreement"] >= 0.90 and r["cosine_mean"] >= 0.995
-                print(f"; accuracy-aware target (lat <= 0.55x, top-1 >= 0.90, cos >= 0.995) {'met' if acc else 'MISSED'}", end="")
+                print(
+                    f"; accuracy-aware target (lat <= 0.55x, top-1 >= 0.90, cos >= 0.995) {'met' if acc else 'MISSED'}",
+                    end="",
+                )
             print()
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": THREADS, "batch": BATCH, "seq": 128, "sentences": args.sentences,
-                                         "onnxruntime": onnxruntime.__version__, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "threads": THREADS,
+                    "batch": BATCH,
+                    "seq": 128,
+                    "sentences": args.sentences,
+                    "onnxruntime": onnxruntime.__version__,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -99,8 +99,12 @@ def optcli_run(folder: Path, model: dict, passes: list[dict], eval_npz: Path, th
     from optcli.recipe import load_recipe
     from optcli.runner import RunOptions, run_recipe
 
-    recipe = {"model": model, "data": {"eval": {"path": str(eval_npz), "labels": "y"}}, "passes": passes,
-              "report": {"latency": {"batch_sizes": [32], "warmup": 3, "runs": 20, "threads": threads}}}
+    recipe = {
+        "model": model,
+        "data": {"eval": {"path": str(eval_npz), "labels": "y"}},
+        "passes": passes,
+        "report": {"latency": {"batch_sizes": [32], "warmup": 3, "runs": 20, "threads": threads}},
+    }
     path = folder / "recipe.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -128,25 +132,49 @@ def main() -> None:
     test_npz = work / "digits32_test.npz"
     np.savez(test_npz, x=data["x_test"], y=data["y_test"])
     inputs = [InputSpec("x", (1, 1, SIDE, SIDE), "float32")]
-    spec = {"factory": "bench_prune:build_resnet", "factory_kwargs": {"width": args.width},
-            "inputs": [{"name": "x", "shape": [1, 1, SIDE, SIDE], "dtype": "float32"}]}
+    spec = {
+        "factory": "bench_prune:build_resnet",
+        "factory_kwargs": {"width": args.width},
+        "inputs": [{"name": "x", "shape": [1, 1, SIDE, SIDE], "dtype": "float32"}],
+    }
 
-    print(f"training the dense ResNet (width {args.width}) on digits {SIDE}x{SIDE} for {args.epochs} epochs ...", flush=True)
+    print(
+        f"training the dense ResNet (width {args.width}) on digits {SIDE}x{SIDE} for {args.epochs} epochs ...",
+        flush=True,
+    )
     torch.manual_seed(0)
     dense = train(build_resnet(args.width), data["x_train"], data["y_train"], args.epochs, lr=3e-3)
     torch.save(dense.state_dict(), work / "dense.pt")
 
     print("optcli: dense export; 80% unstructured prune + export ...", flush=True)
-    dense_report = optcli_run(work / "dense", {"path": str(work / "dense.pt"), **spec}, [{"type": "export"}], test_npz, args.threads)
-    sparse_report = optcli_run(work / "sparse", {"path": str(work / "dense.pt"), **spec},
-                               [{"type": "prune", "sparsity": 0.8, "scope": "global"}, {"type": "export"}], test_npz, args.threads)
+    dense_report = optcli_run(
+        work / "dense", {"path": str(work / "dense.pt"), **spec}, [{"type": "export"}], test_npz, args.threads
+    )
+    sparse_report = optcli_run(
+        work / "sparse",
+        {"path": str(work / "dense.pt"), **spec},
+        [{"type": "prune", "sparsity": 0.8, "scope": "global"}, {"type": "export"}],
+        test_npz,
+        args.threads,
+    )
 
     print(f"optcli prune pass: 50% of output channels, then {args.finetune_epochs} fine-tune epochs ...", flush=True)
-    prune_cfg = Config(sparsity=0.5, structured="channels", scope="layer", exclude=["fc"])  # fc's outputs are the classes
-    ctx = Context(recipe=None, step_name="prune", step_dir=work, reference=Model("torch", inputs, module=dense), data=None, log=lambda m: None)
+    prune_cfg = Config(
+        sparsity=0.5, structured="channels", scope="layer", exclude=["fc"]
+    )  # fc's outputs are the classes
+    ctx = Context(
+        recipe=None,
+        step_name="prune",
+        step_dir=work,
+        reference=Model("torch", inputs, module=dense),
+        data=None,
+        log=lambda m: None,
+    )
     pruned = apply(Model("torch", inputs, module=dense), prune_cfg, ctx).module
     with torch.no_grad():
-        pruned_acc_before_ft = float((pruned(torch.from_numpy(data["x_test"])).argmax(1).numpy() == data["y_test"]).mean())
+        pruned_acc_before_ft = float(
+            (pruned(torch.from_numpy(data["x_test"])).argmax(1).numpy() == data["y_test"]).mean()
+        )
     train(pruned, data["x_train"], data["y_train"], args.finetune_epochs, lr=1e-3, seed=1)
     (work / "pruned").mkdir()
     pt2 = save_torch(pruned, inputs, work / "pruned")
@@ -156,7 +184,11 @@ def main() -> None:
     channel_onnx = work / "channels" / "out" / "model.onnx"
     sparse_onnx = work / "sparse" / "out" / "model.onnx"
     rows = {}
-    for name, path in (("dense (baseline)", dense_onnx), ("50% channels + fine-tune", channel_onnx), ("80% unstructured", sparse_onnx)):
+    for name, path in (
+        ("dense (baseline)", dense_onnx),
+        ("50% channels + fine-tune", channel_onnx),
+        ("80% unstructured", sparse_onnx),
+    ):
         runner = onnx_runner(path, inputs, args.threads)
         logits = predict(runner, ({"x": data["x_test"][i : i + 64]} for i in range(0, len(data["x_test"]), 64)))
         rows[name] = {"runner": runner, "accuracy": metric_value("accuracy", logits, data["y_test"]), "p50": []}
@@ -167,31 +199,53 @@ def main() -> None:
 
     base, chan = rows["dense (baseline)"], rows["50% channels + fine-tune"]
     b_p50, c_p50 = statistics.median(base["p50"]), statistics.median(chan["p50"])
-    params = {r: rep["steps"][-1]["nonzero_parameters"] for r, rep in (("dense", dense_report), ("channels", pruned_report), ("sparse", sparse_report))}
+    params = {
+        r: rep["steps"][-1]["nonzero_parameters"]
+        for r, rep in (("dense", dense_report), ("channels", pruned_report), ("sparse", sparse_report))
+    }
     print()
-    print(f"ResNet width {args.width}, input 1x{SIDE}x{SIDE}, ONNX Runtime {args.threads} threads, batch 32, median p50 over {args.repeats} repeats x 50 runs")
+    print(
+        f"ResNet width {args.width}, input 1x{SIDE}x{SIDE}, ONNX Runtime {args.threads} threads, batch 32, median p50 over {args.repeats} repeats x 50 runs"
+    )
     print(f"{'model':<28}{'nonzero params':>15}{'p50 ms':>9}{'p50 x':>8}{'accuracy':>10}{'Δacc pt':>9}")
-    for name, key in (("dense (baseline)", "dense"), ("50% channels + fine-tune", "channels"), ("80% unstructured", "sparse")):
+    for name, key in (
+        ("dense (baseline)", "dense"),
+        ("50% channels + fine-tune", "channels"),
+        ("80% unstructured", "sparse"),
+    ):
         row = rows[name]
         p50 = statistics.median(row["p50"])
-        print(f"{name:<28}{params[key]:>15,}{p50:>9.3f}{p50 / b_p50:>8.2f}{row['accuracy']:>10.4f}{100 * (row['accuracy'] - base['accuracy']):>9.2f}")
-    print(f"(accuracy right after channel pruning, before the fine-tune: {pruned_acc_before_ft:.4f}; "
-          "80% unstructured is not fine-tuned here: it is measured for size, and its zeros buy no speed in dense kernels)")
+        print(
+            f"{name:<28}{params[key]:>15,}{p50:>9.3f}{p50 / b_p50:>8.2f}{row['accuracy']:>10.4f}{100 * (row['accuracy'] - base['accuracy']):>9.2f}"
+        )
+    print(
+        f"(accuracy right after channel pruning, before the fine-tune: {pruned_acc_before_ft:.4f}; "
+        "80% unstructured is not fine-tuned here: it is measured for size, and its zeros buy no speed in dense kernels)"
+    )
     drop = base["accuracy"] - chan["accuracy"]
     ratio = c_p50 / b_p50
-    print(f"target: latency <= 0.60x dense -> {'met' if ratio <= 0.6 else 'MISSED'} ({ratio:.2f}x); "
-          f"accuracy within 1.5 pt -> {'met' if drop <= 0.015 else 'MISSED'} (drop {100 * drop:.2f} pt)")
+    print(
+        f"target: latency <= 0.60x dense -> {'met' if ratio <= 0.6 else 'MISSED'} ({ratio:.2f}x); "
+        f"accuracy within 1.5 pt -> {'met' if drop <= 0.015 else 'MISSED'} (drop {100 * drop:.2f} pt)"
+    )
 
     dense_size, sparse_size = size_on_disk(dense_onnx), size_on_disk(sparse_onnx)
     sparsity = sparse_report["steps"][-1]["sparsity"]
     print()
     print("80% unstructured (global magnitude masks, first conv and fc left dense), ONNX files, deflate level 6")
     print(f"{'model':<28}{'sparsity':>10}{'size KB':>10}{'compressed KB':>15}{'compressed x':>14}{'accuracy':>10}")
-    for name, size, rep in (("dense (baseline)", dense_size, dense_report), ("80% unstructured", sparse_size, sparse_report)):
-        print(f"{name:<28}{rep['steps'][-1]['sparsity']:>10.3f}{size['size_bytes'] / 1000:>10.1f}{size['compressed_bytes'] / 1000:>15.1f}"
-              f"{size['compressed_bytes'] / dense_size['compressed_bytes']:>14.3f}{rep['steps'][-1]['accuracy']['value']:>10.4f}")
+    for name, size, rep in (
+        ("dense (baseline)", dense_size, dense_report),
+        ("80% unstructured", sparse_size, sparse_report),
+    ):
+        print(
+            f"{name:<28}{rep['steps'][-1]['sparsity']:>10.3f}{size['size_bytes'] / 1000:>10.1f}{size['compressed_bytes'] / 1000:>15.1f}"
+            f"{size['compressed_bytes'] / dense_size['compressed_bytes']:>14.3f}{rep['steps'][-1]['accuracy']['value']:>10.4f}"
+        )
     cratio = sparse_size["compressed_bytes"] / dense_size["compressed_bytes"]
-    print(f"target: compressed size <= 0.35x dense -> {'met' if cratio <= 0.35 else 'MISSED'} ({cratio:.3f}x at sparsity {sparsity:.3f} of all weights)")
+    print(
+        f"target: compressed size <= 0.35x dense -> {'met' if cratio <= 0.35 else 'MISSED'} ({cratio:.3f}x at sparsity {sparsity:.3f} of all weights)"
+    )
     print(f"(artifacts under {work})")
 
 

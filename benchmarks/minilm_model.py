@@ -30,7 +30,9 @@ class MeanPooledEncoder(torch.nn.Module):
         self.bert = bert
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
@@ -57,18 +59,69 @@ def pretrained_encoder() -> MeanPooledEncoder:
     return encoder.eval()
 
 
-_SUBJECTS = ["the engineer", "a small dog", "my grandmother", "the city council", "an old fisherman", "the new intern",
-             "a group of students", "the orchestra", "our neighbour", "the football team", "a tired nurse", "the chef"]
-_VERBS = ["repaired", "painted", "sold", "described", "ignored", "celebrated", "photographed", "cooked", "studied", "lost"]
-_OBJECTS = ["the broken bicycle", "a wooden boat", "the quarterly budget", "an ancient map", "the garden fence",
-            "a bowl of noodles", "the train timetable", "a jazz record", "the hospital roof", "a chess problem"]
-_PLACES = ["in the morning", "near the river", "after the storm", "during the festival", "before lunch", "at the airport",
-           "in a quiet village", "on a rainy Tuesday"]
-_CLAUSES = ["because nobody else had the time", "although the weather was terrible", "while the children watched in silence",
-            "and then wrote a long report about the whole experience for the local newspaper",
-            "which surprised everyone who knew how difficult it had been over the previous months",
-            "so the meeting was postponed until next week", "but forgot to tell anyone about it"]
-_QUESTIONS = ["Where can I buy {o}?", "Why has {s} {v} {o}?", "How much does {o} cost {p}?", "Is it true that {s} {v} {o}?"]
+_SUBJECTS = [
+    "the engineer",
+    "a small dog",
+    "my grandmother",
+    "the city council",
+    "an old fisherman",
+    "the new intern",
+    "a group of students",
+    "the orchestra",
+    "our neighbour",
+    "the football team",
+    "a tired nurse",
+    "the chef",
+]
+_VERBS = [
+    "repaired",
+    "painted",
+    "sold",
+    "described",
+    "ignored",
+    "celebrated",
+    "photographed",
+    "cooked",
+    "studied",
+    "lost",
+]
+_OBJECTS = [
+    "the broken bicycle",
+    "a wooden boat",
+    "the quarterly budget",
+    "an ancient map",
+    "the garden fence",
+    "a bowl of noodles",
+    "the train timetable",
+    "a jazz record",
+    "the hospital roof",
+    "a chess problem",
+]
+_PLACES = [
+    "in the morning",
+    "near the river",
+    "after the storm",
+    "during the festival",
+    "before lunch",
+    "at the airport",
+    "in a quiet village",
+    "on a rainy Tuesday",
+]
+_CLAUSES = [
+    "because nobody else had the time",
+    "although the weather was terrible",
+    "while the children watched in silence",
+    "and then wrote a long report about the whole experience for the local newspaper",
+    "which surprised everyone who knew how difficult it had been over the previous months",
+    "so the meeting was postponed until next week",
+    "but forgot to tell anyone about it",
+]
+_QUESTIONS = [
+    "Where can I buy {o}?",
+    "Why has {s} {v} {o}?",
+    "How much does {o} cost {p}?",
+    "Is it true that {s} {v} {o}?",
+]
 
 
 def sentences(n: int = 256, seed: int = 0) -> list[str]:

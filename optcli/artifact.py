@@ -48,7 +48,7 @@ class Model:
     output_names: list[str] = field(default_factory=list)
     kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle
 
-    def with_(self, **changes) -> "Model":
+    def with_(self, **changes) -> Model:
         return replace(self, **changes)
 
 
@@ -86,9 +86,13 @@ def check_onnx_external_data(proto, folder: Path, path: Path) -> None:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (root / location).resolve()
         if os.path.isabs(location) or root not in target.parents:
-            raise BadInput(f"{path}: external data of tensor {tensor.name!r} points outside the model folder ({location!r}); refusing to read it")
+            raise BadInput(
+                f"{path}: external data of tensor {tensor.name!r} points outside the model folder ({location!r}); refusing to read it"
+            )
         if not target.is_file():
-            raise BadInput(f"{path}: external data file {location!r} (tensor {tensor.name!r}) is missing; keep it next to the model")
+            raise BadInput(
+                f"{path}: external data file {location!r} (tensor {tensor.name!r}) is missing; keep it next to the model"
+            )
 
 
 def load_onnx(path: Path) -> Model:
@@ -98,11 +102,19 @@ def load_onnx(path: Path) -> Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise BadInput(f"{path}: not a valid ONNX file ({type(e).__name__}); was it truncated or is it another format?") from None
+        raise BadInput(
+            f"{path}: not a valid ONNX file ({type(e).__name__}); was it truncated or is it another format?"
+        ) from None
     if not proto.graph.node and not proto.graph.output:
         raise BadInput(f"{path}: not a valid ONNX file (no graph); was it truncated or is it another format?")
     check_onnx_external_data(proto, path.parent, path)
-    model = Model(format="onnx", inputs=onnx_inputs(proto), path=path, output_names=[o.name for o in proto.graph.output], kind="onnx")
+    model = Model(
+        format="onnx",
+        inputs=onnx_inputs(proto),
+        path=path,
+        output_names=[o.name for o in proto.graph.output],
+        kind="onnx",
+    )
     del proto  # the checker reads the file itself; holding inline weights too would add a model's size to the peak
     try:
         onnx.checker.check_model(str(path))
@@ -111,7 +123,17 @@ def load_onnx(path: Path) -> Model:
     return model
 
 
-_ONNX_DTYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 7: "int64", 6: "int32", 3: "int8", 2: "uint8", 9: "bool"}
+_ONNX_DTYPES = {
+    1: "float32",
+    10: "float16",
+    11: "float64",
+    16: "bfloat16",
+    7: "int64",
+    6: "int32",
+    3: "int8",
+    2: "uint8",
+    9: "bool",
+}
 
 
 def onnx_inputs(proto) -> list[dict]:
@@ -135,14 +157,22 @@ def _load_exported_program(path: Path) -> Model:
         with _quiet_logger("torch.export"):  # it logs a traceback before raising on a broken archive
             program = torch.export.load(str(path))
     except Exception as e:
-        raise BadInput(f"{path}: could not load the torch.export program ({type(e).__name__}: {str(e)[:200]})") from None
+        raise BadInput(
+            f"{path}: could not load the torch.export program ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     inputs = []
     user_inputs = set(program.graph_signature.user_inputs)
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in user_inputs:
             val = node.meta.get("val")
             shape = [d if isinstance(d, int) else None for d in val.shape] if val is not None else []
-            inputs.append({"name": node.name, "shape": shape, "dtype": str(val.dtype).removeprefix("torch.") if val is not None else "float32"})
+            inputs.append(
+                {
+                    "name": node.name,
+                    "shape": shape,
+                    "dtype": str(val.dtype).removeprefix("torch.") if val is not None else "float32",
+                }
+            )
     return Model(format="torch", inputs=inputs, module=program.module(), path=path, kind="torch.export")
 
 
@@ -182,16 +212,22 @@ def _load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
-            raise BadInput(f"{path}: could not load the TorchScript archive ({type(e).__name__}: {str(e)[:200]})") from None
+            raise BadInput(
+                f"{path}: could not load the TorchScript archive ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
         return Model(format="torch", inputs=[], module=module.eval(), path=path, kind="torchscript")
     if not _looks_like_torch_save(path):
-        raise BadInput(f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a pickle); is it truncated or another format?")
+        raise BadInput(
+            f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a pickle); is it truncated or another format?"
+        )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
         kind = "state_dict"
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e) and "Unsupported operand" not in str(e):
-            raise BadInput(f"{path}: not a PyTorch checkpoint (cannot be read by torch.load); is it truncated or another format?") from None
+            raise BadInput(
+                f"{path}: not a PyTorch checkpoint (cannot be read by torch.load); is it truncated or another format?"
+            ) from None
         if not trust_pickle:
             raise BadInput(
                 f"{path}: holds pickled Python objects, which run code when loaded; save a state_dict instead, "
@@ -203,7 +239,9 @@ def _load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
             raise BadInput(f"{path}: could not unpickle ({type(e).__name__}: {str(e)[:200]})") from None
         kind = "pickle"
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError) as e:
-        raise BadInput(f"{path}: not a PyTorch checkpoint ({type(e).__name__}); is it truncated or another format?") from None
+        raise BadInput(
+            f"{path}: not a PyTorch checkpoint ({type(e).__name__}); is it truncated or another format?"
+        ) from None
     if isinstance(obj, torch.nn.Module):
         return Model(format="torch", inputs=[], module=obj.eval(), path=path, kind="pickle")
     if not isinstance(obj, dict):
@@ -230,7 +268,9 @@ def _from_state_dict(state: dict, spec, path: Path) -> Model:
     import torch
 
     if spec.factory is None:
-        raise BadInput(f"{path}: is a state_dict (weights only); set model.factory: module:callable that builds the nn.Module")
+        raise BadInput(
+            f"{path}: is a state_dict (weights only); set model.factory: module:callable that builds the nn.Module"
+        )
     module = build_from_factory(spec.factory, spec.factory_kwargs, "model.factory")
     if not isinstance(module, torch.nn.Module):
         raise BadInput(f"model.factory {spec.factory} returned {type(module).__name__}, not a torch.nn.Module")
@@ -238,7 +278,9 @@ def _from_state_dict(state: dict, spec, path: Path) -> Model:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches raise even with strict=False
         detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
-        raise BadInput(f"{path}: does not fit the module built by {spec.factory} ({detail[:200]}); check model.factory_kwargs") from None
+        raise BadInput(
+            f"{path}: does not fit the module built by {spec.factory} ({detail[:200]}); check model.factory_kwargs"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise BadInput(
             f"{path}: does not fit the module built by {spec.factory}: "
@@ -276,7 +318,9 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
     given = {t.name: t for t in recipe_inputs or []}
     if not file_inputs:
         if not given:
-            raise BadInput(f"{path}: the file does not record its inputs; list them under model.inputs (name, shape, dtype)")
+            raise BadInput(
+                f"{path}: the file does not record its inputs; list them under model.inputs (name, shape, dtype)"
+            )
         return [InputSpec(t.name, tuple(t.shape), t.dtype, batch_dynamic=len(t.shape) > 0) for t in recipe_inputs]
     names = [i["name"] for i in file_inputs]
     for name in given:
@@ -287,9 +331,13 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
         name, dims = item["name"], list(item["shape"])
         if name in given:
             t = given[name]
-            if len(t.shape) != len(dims) or any(isinstance(d, int) and d != s for d, s in zip(dims[1:], t.shape[1:])):
+            if len(t.shape) != len(dims) or any(
+                isinstance(d, int) and d != s for d, s in zip(dims[1:], t.shape[1:], strict=False)
+            ):
                 raise BadInput(f"model.inputs: {name!r} has shape {t.shape} but the file says {dims}")
-            specs.append(InputSpec(name, tuple(t.shape), t.dtype, batch_dynamic=bool(dims) and not isinstance(dims[0], int)))
+            specs.append(
+                InputSpec(name, tuple(t.shape), t.dtype, batch_dynamic=bool(dims) and not isinstance(dims[0], int))
+            )
             continue
         for axis, d in enumerate(dims[1:], start=1):
             if not isinstance(d, int) or d <= 0:
@@ -418,7 +466,9 @@ def save_torch(module, inputs: list[InputSpec], folder: Path) -> Path:
     dynamic = tuple({0: batch} if s.batch_dynamic else None for s in inputs)
     target = folder / "model.pt2"
     if isinstance(module, torch.jit.ScriptModule):
-        raise BadInput("a TorchScript module cannot be re-saved by torch.export; give a state_dict + factory or a .pt2 to run torch passes")
+        raise BadInput(
+            "a TorchScript module cannot be re-saved by torch.export; give a state_dict + factory or a .pt2 to run torch passes"
+        )
     program = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
     torch.export.save(program, str(target))
     return target
@@ -430,7 +480,9 @@ def save_onnx(proto, target: Path) -> Path:
 
     large = proto.ByteSize() > ONNX_EXTERNAL_THRESHOLD if _has_inline_data(proto) else True
     if large:
-        onnx.save_model(proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data")
+        onnx.save_model(
+            proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data"
+        )
     else:
         onnx.save_model(proto, str(target))
     return target

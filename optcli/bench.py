@@ -12,9 +12,16 @@ def bench_model(path: Path, shapes: list[str], batch_sizes: list[int], threads: 
     model = load_any(path, shapes)
     runner = runner_for(model, threads)
     results, notes = latency(runner, batch_sizes, warmup, runs)
-    return {"path": str(path), "engine": runner.engine, "threads": threads, "warmup": warmup, "runs": runs,
-            "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs],
-            "latency": results, "notes": notes}
+    return {
+        "path": str(path),
+        "engine": runner.engine,
+        "threads": threads,
+        "warmup": warmup,
+        "runs": runs,
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs],
+        "latency": results,
+        "notes": notes,
+    }
 
 
 def render_bench(result: dict):
@@ -24,7 +31,13 @@ def render_bench(result: dict):
     for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "items/s"):
         t.add_column(col, justify="right")
     for key, row in result["latency"].items():
-        t.add_row(key.removeprefix("batch_"), f"{row['p50_ms']:.3f}", f"{row['p90_ms']:.3f}", f"{row['p99_ms']:.3f}", f"{row['throughput_per_s']:.1f}")
+        t.add_row(
+            key.removeprefix("batch_"),
+            f"{row['p50_ms']:.3f}",
+            f"{row['p90_ms']:.3f}",
+            f"{row['p99_ms']:.3f}",
+            f"{row['throughput_per_s']:.1f}",
+        )
     for note in result["notes"]:
         t.caption = (t.caption or "") + note
     return t

@@ -26,7 +26,14 @@ def _options(schema: dict, defs: dict, prefix: str = "") -> list[dict]:
         if ref and ref.rsplit("/", 1)[-1] in defs:
             out.extend(_options(defs[ref.rsplit("/", 1)[-1]], defs, prefix=f"{prefix}{name}."))
             continue
-        out.append({"name": prefix + name, "type": _type_of(prop, defs), "default": prop.get("default"), "help": prop.get("description", "")})
+        out.append(
+            {
+                "name": prefix + name,
+                "type": _type_of(prop, defs),
+                "default": prop.get("default"),
+                "help": prop.get("description", ""),
+            }
+        )
     return out
 
 
@@ -36,10 +43,15 @@ def pass_catalog() -> list[dict]:
     catalog = []
     for spec in all_passes():
         schema = spec.config.model_json_schema()
-        catalog.append({
-            "type": spec.type, "summary": spec.summary, "consumes": sorted(spec.consumes),
-            "produces": spec.produces or "same as input", "options": _options(schema, schema.get("$defs", {})),
-        })
+        catalog.append(
+            {
+                "type": spec.type,
+                "summary": spec.summary,
+                "consumes": sorted(spec.consumes),
+                "produces": spec.produces or "same as input",
+                "options": _options(schema, schema.get("$defs", {})),
+            }
+        )
     return catalog
 
 
@@ -49,10 +61,15 @@ def render_pass_catalog(catalog: list[dict]):
 
     tables = []
     for entry in catalog:
-        t = Table(title=f"{entry['type']}: {entry['summary']}  [{'/'.join(entry['consumes'])} -> {entry['produces']}]", title_justify="left")
+        t = Table(
+            title=f"{entry['type']}: {entry['summary']}  [{'/'.join(entry['consumes'])} -> {entry['produces']}]",
+            title_justify="left",
+        )
         for col in ("option", "type", "default", "meaning"):
             t.add_column(col)
         for opt in entry["options"]:
-            t.add_row(opt["name"], opt["type"], repr(opt["default"]) if opt["default"] is not None else "-", opt["help"])
+            t.add_row(
+                opt["name"], opt["type"], repr(opt["default"]) if opt["default"] is not None else "-", opt["help"]
+            )
         tables.append(t)
     return Group(*tables)

@@ -10,13 +10,17 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Optimize saved models (int8, pruning, distillation, export) and report size, latency and accuracy honestly.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Optimize saved models (int8, pruning, distillation, export) and report size, latency and accuracy honestly.",
+)
 
 DEBUG_HELP = "show the full traceback on errors"
 JSON_HELP = "print only JSON on stdout (human text goes to stderr)"
@@ -63,7 +67,9 @@ def guarded(fn: Callable[[], int | None], debug: bool) -> None:
         if isinstance(e, OSError) and e.errno in DISK_FULL:  # a write no writing() block named
             _err(f"error: disk full while writing {e.filename or 'output'}: free some space and rerun")
         else:
-            _err(f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback)")
+            _err(
+                f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback)"
+            )
         code = 3
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -82,14 +88,22 @@ def run(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or table; errors still go to stderr"),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
-    set_: List[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
     resume: bool = typer.Option(False, "--resume", help="reuse finished steps whose input and config are unchanged"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"),
-    nproc_per_node: Optional[str] = typer.Option(None, "--nproc-per-node", help="finetune workers on this machine: N or auto (one per GPU); overrides the recipe"),
-    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="machines of a multi-node finetune; run the same command on each"),
-    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="this machine's index in a multi-node finetune"),
-    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port of the rendezvous on node 0 (multi-node)"),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"
+    ),
+    nproc_per_node: str | None = typer.Option(
+        None, "--nproc-per-node", help="finetune workers on this machine: N or auto (one per GPU); overrides the recipe"
+    ),
+    nnodes: int | None = typer.Option(
+        None, "--nnodes", help="machines of a multi-node finetune; run the same command on each"
+    ),
+    node_rank: int | None = typer.Option(None, "--node-rank", help="this machine's index in a multi-node finetune"),
+    rdzv_endpoint: str | None = typer.Option(
+        None, "--rdzv-endpoint", help="host:port of the rendezvous on node 0 (multi-node)"
+    ),
 ):
     """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
 
@@ -102,9 +116,21 @@ def run(
         err = _console()
         log = (lambda m: None) if quiet else (lambda m: err.print(f"[dim]optcli[/dim] {m}"))
         rec = load_recipe(recipe, overrides=set_)
-        launch = cli_overrides(rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
-        report = run_recipe(rec, RunOptions(out=out, overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, log=log,
-                                            extra={"distributed": launch, "debug": debug}))
+        launch = cli_overrides(
+            rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint
+        )
+        report = run_recipe(
+            rec,
+            RunOptions(
+                out=out,
+                overwrite=overwrite,
+                resume=resume,
+                quiet=quiet,
+                trust_pickle=trust_pickle,
+                log=log,
+                extra={"distributed": launch, "debug": debug},
+            ),
+        )
         if json_out:
             _print_json(report)
             if not quiet:
@@ -124,9 +150,11 @@ def run(
 @app.command()
 def validate(
     recipe: Path = typer.Argument(..., help="YAML recipe"),
-    set_: List[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"
+    ),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
     """Check a recipe (keys, types, files, pass order, model and data files) without running any pass."""
@@ -168,8 +196,8 @@ def inspect(
 @app.command()
 def bench(
     model: Path = typer.Argument(..., help="model file (.onnx or .pt2)"),
-    shape: List[str] = typer.Option([], "--shape", help="input shape, name=1x3x32x32 (repeatable)"),
-    batch: List[int] = typer.Option([1], "--batch", help="batch size (repeatable)"),
+    shape: list[str] = typer.Option([], "--shape", help="input shape, name=1x3x32x32 (repeatable)"),
+    batch: list[int] = typer.Option([1], "--batch", help="batch size (repeatable)"),
     threads: int = typer.Option(2, "--threads", min=1),
     warmup: int = typer.Option(10, "--warmup", min=0),
     runs: int = typer.Option(100, "--runs", min=1),
@@ -207,8 +235,12 @@ def schema():
 @app.command()
 def init(
     model: Path = typer.Argument(..., help="model file the recipe starts from"),
-    factory: Optional[str] = typer.Option(None, "--factory", help="module:callable that builds the module (state_dict files)"),
-    shape: List[str] = typer.Option([], "--shape", help="input shape where the file does not fix it: name=1x1x8x8[:dtype]"),
+    factory: str | None = typer.Option(
+        None, "--factory", help="module:callable that builds the module (state_dict files)"
+    ),
+    shape: list[str] = typer.Option(
+        [], "--shape", help="input shape where the file does not fix it: name=1x1x8x8[:dtype]"
+    ),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
     """Print a starter recipe for MODEL (inputs filled in from the file) to stdout."""

@@ -23,8 +23,14 @@ def _final(report: dict) -> dict:
     step = report["steps"][-1]
     acc = (step.get("accuracy") or {}).get("value")
     fid = step.get("fidelity") or {}
-    return {"size_bytes": step["size_bytes"], "compressed_bytes": step["compressed_bytes"], "sparsity": step["sparsity"], "accuracy": acc,
-            "cosine_mean": fid.get("cosine_mean"), **{f"p50_ms@{k}": v["p50_ms"] for k, v in step["latency"].items()}}
+    return {
+        "size_bytes": step["size_bytes"],
+        "compressed_bytes": step["compressed_bytes"],
+        "sparsity": step["sparsity"],
+        "accuracy": acc,
+        "cosine_mean": fid.get("cosine_mean"),
+        **{f"p50_ms@{k}": v["p50_ms"] for k, v in step["latency"].items()},
+    }
 
 
 def compare_reports(new: Path, old: Path) -> dict:

@@ -45,9 +45,11 @@ class TensorSpec(StrictModel):
     dtype: DType = "float32"
 
     @model_validator(mode="after")
-    def _not_huge(self) -> "TensorSpec":
+    def _not_huge(self) -> TensorSpec:
         if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
-            raise ValueError(f"shape {self.shape} has {math.prod(self.shape):,} elements; the limit is {MAX_INPUT_ELEMENTS:,}")
+            raise ValueError(
+                f"shape {self.shape} has {math.prod(self.shape):,} elements; the limit is {MAX_INPUT_ELEMENTS:,}"
+            )
         return self
 
 
@@ -60,12 +62,14 @@ class DataSource(StrictModel):
     samples: int | None = Field(default=None, ge=1, le=10_000_000)
     batch_size: int = Field(default=32, ge=1, le=65536)
     labels: str | None = Field(default=None, description="key of the labels array, if any")
-    metric: str = Field(default="accuracy", description="accuracy | top5 | mse | module:callable(outputs, labels) -> float")
+    metric: str = Field(
+        default="accuracy", description="accuracy | top5 | mse | module:callable(outputs, labels) -> float"
+    )
     shuffle: bool = False
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataSource":
+    def _one_source(self) -> DataSource:
         if (self.path is None) == (self.factory is None):
             raise ValueError("give exactly one of 'path' (a .npz/.pt/.safetensors file) or 'factory' (module:callable)")
         if self.metric not in ("accuracy", "top5", "mse") and ":" not in self.metric:

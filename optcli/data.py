@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -28,7 +28,9 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
 
-    def batches(self, batch_size: int | None = None, limit: int | None = None, epoch: int = 0) -> Iterator[tuple[dict, np.ndarray | None]]:
+    def batches(
+        self, batch_size: int | None = None, limit: int | None = None, epoch: int = 0
+    ) -> Iterator[tuple[dict, np.ndarray | None]]:
         n = min(len(self), limit) if limit else len(self)
         order = np.arange(len(self))
         if self.shuffle:
@@ -58,14 +60,20 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
 
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
             if not isinstance(obj, dict):
-                raise BadInput(f"{path}: holds a {type(obj).__name__}; a data .pt must be a dict of tensors keyed by input name")
+                raise BadInput(
+                    f"{path}: holds a {type(obj).__name__}; a data .pt must be a dict of tensors keyed by input name"
+                )
             return {k: (v.numpy() if hasattr(v, "numpy") else np.asarray(v)) for k, v in obj.items()}
     except BadInput:
         raise
     except pickle.UnpicklingError:
-        raise BadInput(f"{path}: holds pickled Python objects, which are never loaded from data files; save a dict of tensors or arrays") from None
+        raise BadInput(
+            f"{path}: holds pickled Python objects, which are never loaded from data files; save a dict of tensors or arrays"
+        ) from None
     except Exception as e:
-        raise BadInput(f"{path}: cannot read data ({type(e).__name__}: {str(e)[:160]}); expected arrays keyed by input name") from None
+        raise BadInput(
+            f"{path}: cannot read data ({type(e).__name__}: {str(e)[:160]}); expected arrays keyed by input name"
+        ) from None
     raise BadInput(f"{path}: unknown data format {suffix!r}; use .npz, .pt (dict of tensors) or .safetensors")
 
 
@@ -75,7 +83,9 @@ def _from_factory(source) -> dict[str, np.ndarray]:
     total = 0
     for batch in batches:
         if not isinstance(batch, dict):
-            raise BadInput(f"data factory {source.factory}: yields {type(batch).__name__}; yield dicts of arrays keyed by input name")
+            raise BadInput(
+                f"data factory {source.factory}: yields {type(batch).__name__}; yield dicts of arrays keyed by input name"
+            )
         for k, v in batch.items():
             parts.setdefault(k, []).append(v.numpy() if hasattr(v, "numpy") else np.asarray(v))
         total += len(next(iter(batch.values())))
@@ -92,18 +102,26 @@ def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
         arrays = read_arrays(Path(source.path)) if source.path is not None else _from_factory(source)
     except BadInput as e:
         raise BadInput(f"data.{name}: {e}") from None
-    label_key = source.labels or next((k for k in LABEL_KEYS if k in arrays and k not in {i.name for i in inputs}), None)
+    label_key = source.labels or next(
+        (k for k in LABEL_KEYS if k in arrays and k not in {i.name for i in inputs}), None
+    )
     if source.labels and source.labels not in arrays:
         raise BadInput(f"{where}: no labels key {source.labels!r} (keys: {', '.join(arrays)})")
     missing = [i.name for i in inputs if i.name not in arrays]
     if missing:
-        raise BadInput(f"{where}: no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays)}); key arrays by input name")
+        raise BadInput(
+            f"{where}: no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays)}); key arrays by input name"
+        )
     feeds = {}
     n = None
     for spec in inputs:
         arr = arrays[spec.name]
-        if spec.shape and (arr.ndim != len(spec.shape) or any(a != s for a, s in zip(arr.shape[1:], spec.shape[1:]))):
-            raise BadInput(f"{where}: {spec.name!r} has shape {arr.shape}, the model takes (N, {', '.join(map(str, spec.shape[1:]))})")
+        if spec.shape and (
+            arr.ndim != len(spec.shape) or any(a != s for a, s in zip(arr.shape[1:], spec.shape[1:], strict=False))
+        ):
+            raise BadInput(
+                f"{where}: {spec.name!r} has shape {arr.shape}, the model takes (N, {', '.join(map(str, spec.shape[1:]))})"
+            )
         feeds[spec.name] = _cast(arr, spec, where)
         if n is not None and len(arr) != n:
             raise BadInput(f"{where}: arrays have different lengths ({n} vs {len(arr)} for {spec.name!r})")

@@ -59,23 +59,41 @@ class DistributedConfig(StrictModel):
     """How many workers retrain, and where: torchrun's own options, passed through."""
 
     nproc_per_node: int | Literal["auto"] = Field(
-        default=1, description="workers on this machine; auto = one per visible GPU (1 on a CPU-only machine)")
+        default=1, description="workers on this machine; auto = one per visible GPU (1 on a CPU-only machine)"
+    )
     nnodes: int = Field(default=1, ge=1, le=100_000, description="machines; run the same command on each")
-    node_rank: int = Field(default=0, ge=0, description="this machine's index (static rendezvous; c10d assigns ranks itself)")
+    node_rank: int = Field(
+        default=0, ge=0, description="this machine's index (static rendezvous; c10d assigns ranks itself)"
+    )
     rdzv_endpoint: str | None = Field(
-        default=None, description="host:port of the rendezvous on node 0; required when nnodes > 1 (one machine: a free local port)")
+        default=None,
+        description="host:port of the rendezvous on node 0; required when nnodes > 1 (one machine: a free local port)",
+    )
     rdzv_backend: Literal["c10d", "static"] = Field(default="c10d", description="torch.distributed rendezvous backend")
-    rdzv_id: str = Field(default="optcli", min_length=1, description="job id shared by all nodes of one run (multi-node)")
-    rdzv_timeout: int = Field(default=900, ge=1, le=86_400, description="seconds to wait for every node to join the rendezvous")
-    max_restarts: int = Field(default=0, ge=0, le=1000, description="restart all workers this often after a failure; they resume from the last epoch checkpoint")
-    backend: Literal["auto", "nccl", "gloo"] = Field(default="auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU")
+    rdzv_id: str = Field(
+        default="optcli", min_length=1, description="job id shared by all nodes of one run (multi-node)"
+    )
+    rdzv_timeout: int = Field(
+        default=900, ge=1, le=86_400, description="seconds to wait for every node to join the rendezvous"
+    )
+    max_restarts: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="restart all workers this often after a failure; they resume from the last epoch checkpoint",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        default="auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU"
+    )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DistributedConfig":
+    def _consistent(self) -> DistributedConfig:
         if isinstance(self.nproc_per_node, int) and not 1 <= self.nproc_per_node <= 1024:
             raise ValueError(f"nproc_per_node must be 1..1024 or auto (got {self.nproc_per_node})")
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("nnodes > 1 needs rdzv_endpoint: host:port of node 0, reachable from every node (e.g. 10.0.0.1:29400)")
+            raise ValueError(
+                "nnodes > 1 needs rdzv_endpoint: host:port of node 0, reachable from every node (e.g. 10.0.0.1:29400)"
+            )
         if self.rdzv_endpoint and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", self.rdzv_endpoint):
             raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
         if self.node_rank >= self.nnodes:
@@ -83,7 +101,11 @@ class DistributedConfig(StrictModel):
         return self
 
 
-def with_overrides(config: DistributedConfig, overrides: dict | None, where: str = "--nproc-per-node/--nnodes/--node-rank/--rdzv-endpoint") -> DistributedConfig:
+def with_overrides(
+    config: DistributedConfig,
+    overrides: dict | None,
+    where: str = "--nproc-per-node/--nnodes/--node-rank/--rdzv-endpoint",
+) -> DistributedConfig:
     """The recipe's distributed block with `optcli run` flags on top (the flags win)."""
     from pydantic import ValidationError
 
@@ -93,7 +115,9 @@ def with_overrides(config: DistributedConfig, overrides: dict | None, where: str
         return DistributedConfig.model_validate({**config.model_dump(), **overrides})
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        raise BadInput(f"{where}: {'.'.join(map(str, err['loc'])) or 'distributed'}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise BadInput(
+            f"{where}: {'.'.join(map(str, err['loc'])) or 'distributed'}: {err['msg'].removeprefix('Value error, ')}"
+        ) from None
 
 
 def cli_overrides(recipe, **flags) -> dict:
@@ -108,7 +132,9 @@ def cli_overrides(recipe, **flags) -> dict:
     finetunes = [(i, p) for i, p in enumerate(recipe.passes) if p.type == "finetune"]
     flag_names = ", ".join("--" + k.replace("_", "-") for k in given)
     if not finetunes:
-        raise BadInput(f"{flag_names}: the recipe has no finetune pass, the only pass that runs workers; drop the flag(s) or add a finetune pass")
+        raise BadInput(
+            f"{flag_names}: the recipe has no finetune pass, the only pass that runs workers; drop the flag(s) or add a finetune pass"
+        )
     for i, p in finetunes:
         merged = with_overrides(p.distributed, given, flag_names)
         try:
@@ -138,16 +164,22 @@ def device_for(setting: str, local_rank: int, cuda_count: int, nproc: int = 1) -
     if setting == "cpu" or (setting == "auto" and cuda_count == 0):
         return "cpu"
     if cuda_count == 0:
-        raise BadInput(f"device {setting}: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use device: cpu or auto")
+        raise BadInput(
+            f"device {setting}: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use device: cpu or auto"
+        )
     if setting.startswith("cuda:"):
         index = int(setting.split(":")[1])
         if nproc > 1:
-            raise BadInput(f"device {setting} names one GPU but {nproc} workers run per node; use device: cuda (worker k takes GPU k)")
+            raise BadInput(
+                f"device {setting} names one GPU but {nproc} workers run per node; use device: cuda (worker k takes GPU k)"
+            )
         if index >= cuda_count:
             raise BadInput(f"device {setting}: only {cuda_count} GPU(s) visible (cuda:0..cuda:{cuda_count - 1})")
         return setting
     if local_rank >= cuda_count:
-        raise BadInput(f"{nproc} workers per node but only {cuda_count} GPU(s) visible; lower nproc_per_node or use auto")
+        raise BadInput(
+            f"{nproc} workers per node but only {cuda_count} GPU(s) visible; lower nproc_per_node or use auto"
+        )
     return f"cuda:{local_rank}"
 
 
@@ -164,11 +196,15 @@ def backend_for(setting: str, device: str) -> str:
 def check_settings(config: DistributedConfig, device: str, amp: str) -> None:
     """Load-time checks (recipe -> exit 2 with its line): combinations that can never run."""
     if config.backend == "nccl" and device == "cpu":
-        raise ValueError("distributed.backend nccl needs device cuda (or auto on a GPU machine); gloo is the CPU backend")
+        raise ValueError(
+            "distributed.backend nccl needs device cuda (or auto on a GPU machine); gloo is the CPU backend"
+        )
     if amp != "none" and device == "cpu":
         raise ValueError(f"amp {amp} is for CUDA devices; on CPU use amp: none")
     if device.startswith("cuda:") and config.nproc_per_node not in (1, "auto"):
-        raise ValueError(f"device {device} names one GPU but nproc_per_node is {config.nproc_per_node}; use device: cuda (worker k takes GPU k)")
+        raise ValueError(
+            f"device {device} names one GPU but nproc_per_node is {config.nproc_per_node}; use device: cuda (worker k takes GPU k)"
+        )
 
 
 def scaled_lr(lr: float, world_size: int, rule: str) -> float:
@@ -269,18 +305,34 @@ def run_training(job, config, ctx) -> tuple[Any, dict]:
         result = train(job, Env(device=dev), progress=not ctx.quiet, log=ctx.log)
         return result, _world_figures(result, 1, 1, None, [_device_name(dev)], config, job)
     if has_batchnorm(job.student) and device == "cpu":
-        ctx.warn(f"BatchNorm statistics are per worker on CPU (batch {job.config.batch_size or job.train.batch_size} each, not the global batch): "
-                 "torch's SyncBatchNorm needs CUDA, so the result differs slightly from one worker")
-    settings = {"device": device, "backend": dist_cfg.backend, "quiet": ctx.quiet, "debug": bool(ctx.options.get("debug"))}
+        ctx.warn(
+            f"BatchNorm statistics are per worker on CPU (batch {job.config.batch_size or job.train.batch_size} each, not the global batch): "
+            "torch's SyncBatchNorm needs CUDA, so the result differs slightly from one worker"
+        )
+    settings = {
+        "device": device,
+        "backend": dist_cfg.backend,
+        "quiet": ctx.quiet,
+        "debug": bool(ctx.options.get("debug")),
+    }
     result, info = launch(job, dist_cfg, nproc, settings, ctx.step_dir, ctx.step_name, ctx.log)
     return result, _world_figures(result, world, nproc, info["backend"], info["devices"], config, job)
 
 
 def _world_figures(result, world: int, nproc: int, backend: str | None, devices: list[str], config, job) -> dict:
     per_worker = job.config.batch_size or job.train.batch_size
-    return {"world_size": world, "nproc_per_node": nproc, "backend": backend, "devices": devices,
-            "batch_per_worker": per_worker, "global_batch": per_worker * world, "lr": job.config.lr, "scale_lr": config.scale_lr,
-            "amp": config.amp, "samples_per_s_per_worker": round(result.samples_per_s / world, 1)}
+    return {
+        "world_size": world,
+        "nproc_per_node": nproc,
+        "backend": backend,
+        "devices": devices,
+        "batch_per_worker": per_worker,
+        "global_batch": per_worker * world,
+        "lr": job.config.lr,
+        "scale_lr": config.scale_lr,
+        "amp": config.amp,
+        "samples_per_s_per_worker": round(result.samples_per_s / world, 1),
+    }
 
 
 def _device_name(device: str) -> str:
@@ -297,7 +349,9 @@ def _device_name(device: str) -> str:
 # --------------------------------------------------------------------------- launcher (runs in the optcli process)
 
 
-def launch(job, config: DistributedConfig, nproc: int, settings: dict, step_dir: Path, step_name: str, log) -> tuple[Any, dict]:
+def launch(
+    job, config: DistributedConfig, nproc: int, settings: dict, step_dir: Path, step_name: str, log
+) -> tuple[Any, dict]:
     """Start nproc workers on this node with torch's elastic agent; return rank 0's (TrainResult, info).
 
     A worker that raises or dies ends the run with PassFailed naming its rank and the root cause
@@ -315,16 +369,25 @@ def launch(job, config: DistributedConfig, nproc: int, settings: dict, step_dir:
     logs = Path(tempfile.mkdtemp(prefix="optcli-elastic-"))  # the agent's error files: outside the output folder
     single = config.nnodes == 1
     launch_config = LaunchConfig(
-        min_nodes=config.nnodes, max_nodes=config.nnodes, nproc_per_node=nproc,
+        min_nodes=config.nnodes,
+        max_nodes=config.nnodes,
+        nproc_per_node=nproc,
         # One machine: torchrun --standalone's choice, a c10d store on a free local port and a fresh id.
-        rdzv_backend=config.rdzv_backend, rdzv_endpoint=config.rdzv_endpoint or "localhost:0",
+        rdzv_backend=config.rdzv_backend,
+        rdzv_endpoint=config.rdzv_endpoint or "localhost:0",
         run_id=config.rdzv_id if not single else uuid.uuid4().hex,
-        rdzv_configs={"join_timeout": config.rdzv_timeout, **({"rank": config.node_rank} if config.rdzv_backend == "static" else {})},
-        max_restarts=config.max_restarts, start_method="spawn",
+        rdzv_configs={
+            "join_timeout": config.rdzv_timeout,
+            **({"rank": config.node_rank} if config.rdzv_backend == "static" else {}),
+        },
+        max_restarts=config.max_restarts,
+        start_method="spawn",
         # Only local rank 0 keeps its console; the others' errors reach us through their error files.
         logs_specs=DefaultLogsSpecs(log_dir=str(logs), local_ranks_filter=None if settings["debug"] else {0}),
     )
-    log(f"{step_name}: {nproc * config.nnodes} workers ({nproc} on this node x {config.nnodes} node(s)), torch elastic launch")
+    log(
+        f"{step_name}: {nproc * config.nnodes} workers ({nproc} on this node x {config.nnodes} node(s)), torch elastic launch"
+    )
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         with _quiet_agent(settings["debug"]), _fresh_store_per_attempt():
@@ -337,8 +400,11 @@ def launch(job, config: DistributedConfig, nproc: int, settings: dict, step_dir:
     except RendezvousError as e:
         where = config.rdzv_endpoint or "this machine"
         why = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:300]}" if str(e).strip() else "")
-        raise PassFailed(step_name, f"rendezvous at {where} failed ({why}); "
-                                    f"check that all {config.nnodes} node(s) run the same command and can reach rdzv_endpoint") from None
+        raise PassFailed(
+            step_name,
+            f"rendezvous at {where} failed ({why}); "
+            f"check that all {config.nnodes} node(s) run the same command and can reach rdzv_endpoint",
+        ) from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -405,8 +471,13 @@ def _quiet_agent(debug: bool):
 def worker_env() -> dict:
     """This worker's place, from the variables the elastic agent sets (as torchrun does)."""
     env = os.environ
-    return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]), "local_rank": int(env["LOCAL_RANK"]),
-            "local_world_size": int(env["LOCAL_WORLD_SIZE"]), "restart": int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+    return {
+        "rank": int(env["RANK"]),
+        "world_size": int(env["WORLD_SIZE"]),
+        "local_rank": int(env["LOCAL_RANK"]),
+        "local_world_size": int(env["LOCAL_WORLD_SIZE"]),
+        "restart": int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+    }
 
 
 def _die_with_parent() -> None:

@@ -43,7 +43,9 @@ def writing(path):
         yield
     except OSError as e:
         if e.errno in DISK_FULL:
-            raise DiskFull(f"disk full while writing {path}: free some space and rerun (--resume keeps the finished steps)") from e
+            raise DiskFull(
+                f"disk full while writing {path}: free some space and rerun (--resume keeps the finished steps)"
+            ) from e
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise BadInput(f"cannot write {path} ({e.strerror}); choose an output folder you can write to") from e
         raise

@@ -18,7 +18,13 @@ def inspect_model(path: Path, trust_pickle: bool = False) -> dict:
         raise BadInput(f"model {path} is empty (0 bytes)")
     if path.suffix.lower() == ".onnx":
         model = load_onnx(path)
-        info = {"path": str(path), "format": "onnx", **size_on_disk(path), **parameter_counts(path), **_onnx_details(path)}
+        info = {
+            "path": str(path),
+            "format": "onnx",
+            **size_on_disk(path),
+            **parameter_counts(path),
+            **_onnx_details(path),
+        }
         info["inputs"] = _described(model.inputs)
         return info
     return _inspect_torch(path, trust_pickle)
@@ -63,7 +69,11 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
         model = _load_exported_program(path)
         program = torch.export.load(str(path))
         tensors = {n: program.state_dict[n] for n in program.graph_signature.parameters if n in program.state_dict}
-        info.update(format="torch.export", inputs=_described(model.inputs), ops=dict(Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function").most_common(20)))
+        info.update(
+            format="torch.export",
+            inputs=_described(model.inputs),
+            ops=dict(Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function").most_common(20)),
+        )
     elif _is_torchscript(path):
         module = torch.jit.load(str(path), map_location="cpu")
         tensors = dict(module.named_parameters())
@@ -74,22 +84,30 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
         if path.suffix == ".safetensors":
             state = _load_safetensors(path)
         else:
-            from optcli.recipe import ModelSpec
             from optcli.artifact import _load_torch_file
+            from optcli.recipe import ModelSpec
 
             try:
                 state = _unwrap_checkpoint(torch.load(str(path), map_location="cpu", weights_only=True))
             except Exception:
                 model = _load_torch_file(path, ModelSpec(path=path), trust_pickle)  # raises the right one-line error
                 state = dict(model.module.named_parameters())
-        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and "running_" not in k}
+        tensors = {
+            k: v
+            for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and "running_" not in k
+        }
         info.update(format="state_dict", inputs=None)
     total = sum(t.numel() for t in tensors.values())
     nonzero = sum(int(torch.count_nonzero(t)) for t in tensors.values())
     info.update(
-        parameters=total, nonzero_parameters=nonzero, sparsity=round(1 - nonzero / total, 6) if total else 0.0,
+        parameters=total,
+        nonzero_parameters=nonzero,
+        sparsity=round(1 - nonzero / total, 6) if total else 0.0,
         parameter_dtypes=dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())),
-        layer_sparsity={k: round(1 - int(torch.count_nonzero(t)) / t.numel(), 4) for k, t in tensors.items() if t.ndim >= 2},
+        layer_sparsity={
+            k: round(1 - int(torch.count_nonzero(t)) / t.numel(), 4) for k, t in tensors.items() if t.ndim >= 2
+        },
     )
     return info
 

@@ -39,7 +39,9 @@ def captured(limit: int = 10):
     finally:
         root.removeHandler(handler)
         logging.lastResort = propagate
-        messages = handler.messages + [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, _IGNORED)]
+        messages = handler.messages + [
+            f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, _IGNORED)
+        ]
         for message in dict.fromkeys(m.strip().splitlines()[0][:300] for m in messages if m.strip()):
             if len(collected) < limit:
                 collected.append(message)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -13,9 +13,13 @@ from optcli.artifact import InputSpec, Model, artifact_files, example_inputs
 
 # Inputs 1.. of these ops are scales / zero points, not weights.
 _QUANT_PARAM_INPUTS = {
-    "QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}, "DynamicQuantizeLinear": set(),
-    "MatMulInteger": {2, 3}, "ConvInteger": {2, 3},
-    "QLinearMatMul": {1, 2, 4, 5, 6, 7}, "QLinearConv": {1, 2, 4, 5, 6, 7},
+    "QuantizeLinear": {1, 2},
+    "DequantizeLinear": {1, 2},
+    "DynamicQuantizeLinear": set(),
+    "MatMulInteger": {2, 3},
+    "ConvInteger": {2, 3},
+    "QLinearMatMul": {1, 2, 4, 5, 6, 7},
+    "QLinearConv": {1, 2, 4, 5, 6, 7},
 }
 
 
@@ -124,7 +128,11 @@ def parameter_counts(path: Path, module=None) -> dict:
         total, nonzero = _onnx_weights(path)
     else:
         total, nonzero = _torch_weights(path, module)
-    return {"parameters": total, "nonzero_parameters": nonzero, "sparsity": round(1 - nonzero / total, 6) if total else 0.0}
+    return {
+        "parameters": total,
+        "nonzero_parameters": nonzero,
+        "sparsity": round(1 - nonzero / total, 6) if total else 0.0,
+    }
 
 
 def _onnx_weights(path: Path) -> tuple[int, int]:
@@ -184,8 +192,11 @@ def latency(runner: Runner, batch_sizes: list[int], warmup: int, runs: int) -> t
             times.append((time.perf_counter() - t0) * 1000)
         p50, p90, p99 = np.percentile(times, [50, 90, 99])
         results[f"batch_{batch}"] = {
-            "p50_ms": round(float(p50), 6), "p90_ms": round(float(p90), 6), "p99_ms": round(float(p99), 6),
-            "throughput_per_s": round(batch * 1000 / float(p50), 2), "runs": runs,
+            "p50_ms": round(float(p50), 6),
+            "p90_ms": round(float(p90), 6),
+            "p99_ms": round(float(p99), 6),
+            "throughput_per_s": round(batch * 1000 / float(p50), 2),
+            "runs": runs,
         }
     return results, notes
 
@@ -200,7 +211,7 @@ def predict(runner: Runner, batches) -> list[np.ndarray]:
         result = runner(feeds)
         if not outs:
             outs = [[] for _ in result]
-        for slot, arr in zip(outs, result):
+        for slot, arr in zip(outs, result, strict=False):
             slot.append(arr)
     return [np.concatenate(s) if s[0].ndim else s[0] for s in outs]
 
@@ -227,12 +238,21 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
     """How far the first output drifted from the original model's on the same inputs."""
     ref, out = reference[0].astype(np.float64), outputs[0].astype(np.float64)
     if ref.shape != out.shape:
-        return {"cosine_mean": None, "max_abs_error": None, "top1_agreement": None, "note": f"output shape {out.shape} differs from {ref.shape}"}
+        return {
+            "cosine_mean": None,
+            "max_abs_error": None,
+            "top1_agreement": None,
+            "note": f"output shape {out.shape} differs from {ref.shape}",
+        }
     n = ref.shape[0] if ref.ndim else 1
     a, b = ref.reshape(n, -1), out.reshape(n, -1)
     denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cos = np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1), 1.0)
-    result = {"cosine_mean": round(float(cos.mean()), 6), "max_abs_error": float(np.abs(a - b).max()), "top1_agreement": None}
+    result = {
+        "cosine_mean": round(float(cos.mean()), 6),
+        "max_abs_error": float(np.abs(a - b).max()),
+        "top1_agreement": None,
+    }
     if ref.ndim == 2 and ref.shape[1] > 1:
         result["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
     return result

@@ -89,7 +89,9 @@ def make_plan(ordered: list[Layer], config, what: str) -> Plan:
     for pattern, sparsity in config.layers.items():
         hits = fnmatch.filter(names, pattern)
         if not hits:
-            raise BadInput(f"prune: layers glob {pattern!r} matches no prunable layer of {what} (layers: {_few(names)})")
+            raise BadInput(
+                f"prune: layers glob {pattern!r} matches no prunable layer of {what} (layers: {_few(names)})"
+            )
         for name in hits:
             overrides.setdefault(name, sparsity)  # the first glob that names a layer wins
     plan = Plan()
@@ -101,7 +103,9 @@ def make_plan(ordered: list[Layer], config, what: str) -> Plan:
         for pattern in config.exclude:
             hits = fnmatch.filter(names, pattern)
             if not hits:
-                raise BadInput(f"prune: exclude glob {pattern!r} matches no prunable layer of {what} (layers: {_few(names)})")
+                raise BadInput(
+                    f"prune: exclude glob {pattern!r} matches no prunable layer of {what} (layers: {_few(names)})"
+                )
             for name in hits:
                 plan.excluded[name] = f"exclude: {pattern}"
     shared: list[Layer] = []
@@ -165,7 +169,7 @@ def raise_masks(members: list, sparsity: float, name: str = "weight") -> int:
         current = torch.cat([m.reshape(-1) for m in masks])
         already = int((current == 0).sum())
         if target > already:
-            scores = torch.cat([(o.detach() * m).reshape(-1) for o, m in zip(origs, masks)])
+            scores = torch.cat([(o.detach() * m).reshape(-1) for o, m in zip(origs, masks, strict=False)])
             container = prune.PruningContainer()
             container._tensor_name = name
             method = prune.L1Unstructured(amount=target - already)
@@ -237,5 +241,11 @@ class PruneSchedule:
         return {layer.name: round(layer_sparsity(layer.handle), 6) for layer in self.plan.layers}
 
     def describe(self) -> dict:
-        return {"steps": self.steps, "taken": self.t, "initial_sparsity": self.initial, "every": self.every,
-                "targeted_sparsity": round(self.current, 6), "done": self.done}
+        return {
+            "steps": self.steps,
+            "taken": self.t,
+            "initial_sparsity": self.initial,
+            "every": self.every,
+            "targeted_sparsity": round(self.current, 6),
+            "done": self.done,
+        }

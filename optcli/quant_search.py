@@ -18,7 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from optcli.measure import fidelity, higher_is_better, latency, metric_value, onnx_runner, predict, runner_for, size_on_disk
+from optcli.measure import (
+    fidelity,
+    higher_is_better,
+    latency,
+    metric_value,
+    onnx_runner,
+    predict,
+    runner_for,
+    size_on_disk,
+)
 
 # Ops ONNX Runtime quantizes that carry weights; sensitivity is ranked over these.
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
@@ -50,7 +59,12 @@ class Settings:
         return "/".join(parts)
 
     def summary(self) -> dict:
-        out = {"mode": self.mode, "per_channel": self.per_channel, "smoothquant_alpha": self.smooth_alpha, "fp32_nodes": len(self.exclude)}
+        out = {
+            "mode": self.mode,
+            "per_channel": self.per_channel,
+            "smoothquant_alpha": self.smooth_alpha,
+            "fp32_nodes": len(self.exclude),
+        }
         if self.mode == "static":
             out["calibration"] = self.calibration
         return out
@@ -69,9 +83,16 @@ class Trial:
     error: str | None = None
 
     def row(self, chosen: bool) -> dict:
-        row = {"name": self.name, "config": self.settings.summary() if self.settings else {"mode": "fp32"},
-               "metric": None if self.metric is None else round(self.metric, 6), "latency_ms": self.latency_ms,
-               "size_bytes": self.size_bytes, "seconds": round(self.seconds, 3), "chosen": chosen, "meets_target": self.meets}
+        row = {
+            "name": self.name,
+            "config": self.settings.summary() if self.settings else {"mode": "fp32"},
+            "metric": None if self.metric is None else round(self.metric, 6),
+            "latency_ms": self.latency_ms,
+            "size_bytes": self.size_bytes,
+            "seconds": round(self.seconds, 3),
+            "chosen": chosen,
+            "meets_target": self.meets,
+        }
         if self.error:
             row["error"] = self.error
         return row
@@ -185,7 +206,9 @@ def quantizable_nodes(path: Path, settings: Settings, excluded: set[str]) -> lis
 
 
 class Search:
-    def __init__(self, config, ctx, source: Path, model, quantize_fn, evaluation: Evaluation, goal: Goal, calib_batches):
+    def __init__(
+        self, config, ctx, source: Path, model, quantize_fn, evaluation: Evaluation, goal: Goal, calib_batches
+    ):
         self.config = config
         self.space = config.search
         self.ctx = ctx
@@ -239,8 +262,10 @@ class Search:
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
         self._drop_losers()
-        self.ctx.log(f"{self.ctx.step_name}: {trial.name}: {self.goal.metric} {_fmt(trial.metric)}, p50 {_fmt(trial.latency_ms)} ms"
-                     f"{' (meets target)' if trial.meets else ''}")
+        self.ctx.log(
+            f"{self.ctx.step_name}: {trial.name}: {self.goal.metric} {_fmt(trial.metric)}, p50 {_fmt(trial.latency_ms)} ms"
+            f"{' (meets target)' if trial.meets else ''}"
+        )
         return trial
 
     def _drop_losers(self) -> None:
@@ -272,7 +297,9 @@ class Search:
         reference_value = self.ev.score([r[:count] for r in self.ev.reference])
         for i, node in enumerate(nodes):
             if self.out_of_budget():
-                self.notes.append(f"time budget reached while ranking: {len(nodes) - i} of {len(nodes)} nodes unranked (ranked last)")
+                self.notes.append(
+                    f"time budget reached while ranking: {len(nodes) - i} of {len(nodes)} nodes unranked (ranked last)"
+                )
                 break
             others = frozenset(x for x in nodes if x != node) | base.exclude
             path = self._write(replace(base, exclude=others), "sensitivity")
@@ -296,44 +323,65 @@ class Search:
         self.quantizable_count = len(nodes)
         for k in range(1, limit + 1):
             if not self.can_try():
-                self.notes.append("fallback stopped: " + ("time budget reached" if self.out_of_budget() else "max_trials reached"))
+                self.notes.append(
+                    "fallback stopped: " + ("time budget reached" if self.out_of_budget() else "max_trials reached")
+                )
                 return
             trial = self.try_settings(replace(base.settings, exclude=base.settings.exclude | frozenset(order[:k])))
             if trial.meets:
                 return
             if best_latency is not None and trial.latency_ms is not None and trial.latency_ms > best_latency:
-                self.notes.append(f"fallback stopped at {k} nodes: already slower than a candidate that meets the target")
+                self.notes.append(
+                    f"fallback stopped at {k} nodes: already slower than a candidate that meets the target"
+                )
                 return
-        self.notes.append(f"fallback stopped at the limit of {limit} nodes (max_fallback_fraction {self.space.max_fallback_fraction})")
+        self.notes.append(
+            f"fallback stopped at the limit of {limit} nodes (max_fallback_fraction {self.space.max_fallback_fraction})"
+        )
 
     # ----------------------------------------------------------------- the search
     def run(self, candidates: list[Settings]) -> tuple[Trial, Trial]:
         fp32 = self.measure_fp32()
         for settings in candidates:
             if not self.can_try():
-                self.notes.append(f"{'time budget' if self.out_of_budget() else 'max_trials'} reached before all base candidates were tried")
+                self.notes.append(
+                    f"{'time budget' if self.out_of_budget() else 'max_trials'} reached before all base candidates were tried"
+                )
                 break
             self.try_settings(settings)
         done = [t for t in self.trials if t.settings is not None and t.metric is not None]
         if self.space.fallback and done and not any(t.meets for t in done) and not self.can_try():
-            self.notes.append("fallback skipped: " + ("time budget reached" if self.out_of_budget() else "max_trials reached"))
+            self.notes.append(
+                "fallback skipped: " + ("time budget reached" if self.out_of_budget() else "max_trials reached")
+            )
         if self.space.fallback and done and self.can_try():
             meeting = [t for t in done if t.meets]
             best_latency = min((t.latency_ms for t in meeting), default=None)
             # Fallback can only pay off from a candidate faster than the best one that already meets the target.
-            ceiling = best_latency if best_latency is not None else (fp32.latency_ms if not self.config.allow_slower else None)
+            ceiling = (
+                best_latency
+                if best_latency is not None
+                else (fp32.latency_ms if not self.config.allow_slower else None)
+            )
             # Within timing noise (5%) of the ceiling, falling back nodes can only lose: skip those.
             pool = [t for t in done if not t.meets and (ceiling is None or (t.latency_ms or 0) < NOISE * ceiling)]
             if pool:
-                base = max(pool, key=lambda t: (t.metric if self.goal.higher_better else -t.metric))
+                base = max(pool, key=lambda t: t.metric if self.goal.higher_better else -t.metric)
                 self.fallback(base, best_latency)
         chosen = self.choose()
         if chosen is None:
-            raise RuntimeError("no int8 candidate could be written and measured: " + "; ".join(t.error or "" for t in self.trials if t.error)[:400])
+            raise RuntimeError(
+                "no int8 candidate could be written and measured: "
+                + "; ".join(t.error or "" for t in self.trials if t.error)[:400]
+            )
         return fp32, chosen
 
     def choose(self) -> Trial | None:
-        done = [t for t in self.trials if t.settings is not None and t.metric is not None and np.isfinite(t.metric) and t.path is not None]
+        done = [
+            t
+            for t in self.trials
+            if t.settings is not None and t.metric is not None and np.isfinite(t.metric) and t.path is not None
+        ]
         if not done:
             return None
         meeting = [t for t in done if t.meets]
@@ -357,10 +405,21 @@ def evaluation_for(model, config, ctx) -> Evaluation:
     batches = [feeds for feeds, _ in pairs]
     labels = np.concatenate([y for _, y in pairs]) if data.labels is not None else None
     if config.target.metric != "cosine" and labels is None:
-        raise PassFailed(ctx.step_name, f"target metric {config.target.metric} needs labels in data.eval (set data.eval.labels), or use metric: cosine")
+        raise PassFailed(
+            ctx.step_name,
+            f"target metric {config.target.metric} needs labels in data.eval (set data.eval.labels), or use metric: cosine",
+        )
     reference = predict(runner_for(ctx.reference, spec.threads), batches)
-    return Evaluation(batches, labels, config.target.metric, reference, model.inputs, spec.threads,
-                      fixed[0] if fixed else max(spec.batch_sizes), config.search.latency_runs)
+    return Evaluation(
+        batches,
+        labels,
+        config.target.metric,
+        reference,
+        model.inputs,
+        spec.threads,
+        fixed[0] if fixed else max(spec.batch_sizes),
+        config.search.latency_runs,
+    )
 
 
 def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str], calib, quantize_onnx) -> None:
@@ -386,34 +445,70 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     faster = chosen.latency_ms is not None and fp32.latency_ms is not None and chosen.latency_ms < fp32.latency_ms
     fallen = sorted(chosen.settings.exclude - frozenset(exclude), key=lambda n: -search.sensitivity.get(n, 0.0))
     ctx.details["search"] = {
-        "metric": goal.metric, "target": goal.threshold, "baseline": goal.baseline, "higher_is_better": goal.higher_better,
-        "chosen": chosen.name, "chosen_config": chosen.settings.summary(),
+        "metric": goal.metric,
+        "target": goal.threshold,
+        "baseline": goal.baseline,
+        "higher_is_better": goal.higher_better,
+        "chosen": chosen.name,
+        "chosen_config": chosen.settings.summary(),
         "candidates": [t.row(t is chosen) for t in search.trials],
-        "fallback_nodes": [{"node": n, "sensitivity": round(search.sensitivity[n], 6) if n in search.sensitivity else None} for n in fallen],
+        "fallback_nodes": [
+            {"node": n, "sensitivity": round(search.sensitivity[n], 6) if n in search.sensitivity else None}
+            for n in fallen
+        ],
         "quantizable_nodes": search.quantizable_count,
         "sensitivity": {n: round(v, 6) for n, v in sorted(search.sensitivity.items(), key=lambda kv: -kv[1])},
-        "fp32_latency_ms": fp32.latency_ms, "latency_batch": ev.latency_batch, "threads": ev.threads,
-        "trials": search.trials_used(), "seconds": round(search.elapsed(), 3), "notes": search.notes,
+        "fp32_latency_ms": fp32.latency_ms,
+        "latency_batch": ev.latency_batch,
+        "threads": ev.threads,
+        "trials": search.trials_used(),
+        "seconds": round(search.elapsed(), 3),
+        "notes": search.notes,
     }
     screened = sorted({t for k, v in cache.items() if k != "dir" and k[0] == "inf" for t in v})
     if screened:
         ctx.details["nonfinite_tensors"] = screened
-        ctx.warn(f"static candidates: {len(screened)} tensors hold inf/NaN/huge values on calibration data (e.g. attention masks); "
-                 "the nodes touching them were left in float")
+        ctx.warn(
+            f"static candidates: {len(screened)} tensors hold inf/NaN/huge values on calibration data (e.g. attention masks); "
+            "the nodes touching them were left in float"
+        )
     relation = ">=" if goal.higher_better else "<="
-    gates = [{"name": f"target {goal.metric} {relation} {goal.threshold:.6g}", "limit": goal.threshold,
-              "value": round(chosen.metric, 6), "passed": chosen.meets}]
+    gates = [
+        {
+            "name": f"target {goal.metric} {relation} {goal.threshold:.6g}",
+            "limit": goal.threshold,
+            "value": round(chosen.metric, 6),
+            "passed": chosen.meets,
+        }
+    ]
     if not chosen.meets:
-        ctx.warn(f"no candidate met {goal.metric} {relation} {goal.threshold:.6g}; kept the best, {chosen.name} "
-                 f"({goal.metric} {chosen.metric:.6g}, p50 {_fmt(chosen.latency_ms)} ms vs fp32 {_fmt(fp32.latency_ms)} ms)")
+        ctx.warn(
+            f"no candidate met {goal.metric} {relation} {goal.threshold:.6g}; kept the best, {chosen.name} "
+            f"({goal.metric} {chosen.metric:.6g}, p50 {_fmt(chosen.latency_ms)} ms vs fp32 {_fmt(fp32.latency_ms)} ms)"
+        )
     if not faster:
-        note = (f"int8 is not faster than fp32 here: {chosen.name} p50 {_fmt(chosen.latency_ms)} ms vs fp32 {_fmt(fp32.latency_ms)} ms "
-                f"(batch {ev.latency_batch}, {ev.threads} threads)")
-        ctx.warn(note + ("; kept because allow_slower: true" if config.allow_slower else "; set allow_slower: true to accept it"))
+        note = (
+            f"int8 is not faster than fp32 here: {chosen.name} p50 {_fmt(chosen.latency_ms)} ms vs fp32 {_fmt(fp32.latency_ms)} ms "
+            f"(batch {ev.latency_batch}, {ev.threads} threads)"
+        )
+        ctx.warn(
+            note
+            + ("; kept because allow_slower: true" if config.allow_slower else "; set allow_slower: true to accept it")
+        )
         if not config.allow_slower:
-            gates.append({"name": "int8 faster than fp32", "limit": fp32.latency_ms, "value": chosen.latency_ms, "passed": False, "note": note})
+            gates.append(
+                {
+                    "name": "int8 faster than fp32",
+                    "limit": fp32.latency_ms,
+                    "value": chosen.latency_ms,
+                    "passed": False,
+                    "note": note,
+                }
+            )
     ctx.details["gates"] = gates
-    ctx.log(f"{ctx.step_name}: chose {chosen.name} ({goal.metric} {chosen.metric:.6g}, p50 {_fmt(chosen.latency_ms)} ms, fp32 {_fmt(fp32.latency_ms)} ms)")
+    ctx.log(
+        f"{ctx.step_name}: chose {chosen.name} ({goal.metric} {chosen.metric:.6g}, p50 {_fmt(chosen.latency_ms)} ms, fp32 {_fmt(fp32.latency_ms)} ms)"
+    )
 
 
 def _fmt(value) -> str:

@@ -19,11 +19,17 @@ TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".safetensors", ".bin")
 
 class ModelSpec(StrictModel):
     path: RecipePath
-    factory: ImportRef | None = Field(default=None, description="module:callable that builds the nn.Module; needed for a state_dict")
+    factory: ImportRef | None = Field(
+        default=None, description="module:callable that builds the nn.Module; needed for a state_dict"
+    )
     factory_kwargs: dict = Field(default_factory=dict)
-    inputs: list[TensorSpec] | None = Field(default=None, description="input names/shapes/dtypes where the file does not fix them")
+    inputs: list[TensorSpec] | None = Field(
+        default=None, description="input names/shapes/dtypes where the file does not fix them"
+    )
     output_names: list[str] | None = None
-    trust_pickle: bool = Field(default=False, description="allow torch.load to unpickle arbitrary objects (runs code from the file)")
+    trust_pickle: bool = Field(
+        default=False, description="allow torch.load to unpickle arbitrary objects (runs code from the file)"
+    )
 
     @property
     def format(self) -> str:
@@ -45,7 +51,9 @@ class LatencySpec(StrictModel):
 
 class ReportSpec(StrictModel):
     latency: LatencySpec = LatencySpec()
-    fidelity_samples: int = Field(default=64, ge=1, le=100_000, description="inputs compared with the original model when there is no eval data")
+    fidelity_samples: int = Field(
+        default=64, ge=1, le=100_000, description="inputs compared with the original model when there is no eval data"
+    )
 
 
 class Gates(StrictModel):
@@ -87,7 +95,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise BadInput(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); only plain YAML is read, no python tags") from None
+        raise BadInput(
+            f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); only plain YAML is read, no python tags"
+        ) from None
     except RecursionError:
         raise BadInput(f"{path}: YAML nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
@@ -112,11 +122,19 @@ def _check_expansion(root, path: Path) -> None:
         if id(node) in open_:
             raise BadInput(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to itself; write the value out")
         open_.add(id(node))
-        children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else []
+        children = (
+            node.value
+            if isinstance(node, yaml.SequenceNode)
+            else [n for kv in node.value for n in kv]
+            if isinstance(node, yaml.MappingNode)
+            else []
+        )
         total = 1 + sum(size(c, open_) for c in children)
         open_.discard(id(node))
         if total > MAX_YAML_VALUES:
-            raise BadInput(f"{path}:{node.start_mark.line + 1}: YAML aliases (*name) expand this to more than {MAX_YAML_VALUES:,} values; write the recipe out plainly")
+            raise BadInput(
+                f"{path}:{node.start_mark.line + 1}: YAML aliases (*name) expand this to more than {MAX_YAML_VALUES:,} values; write the recipe out plainly"
+            )
         sizes[id(node)] = total
         return total
 
@@ -201,7 +219,9 @@ def _apply_override(raw: dict, item: str) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise BadInput(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} has {len(node)} items, no index {part!r}")
+                raise BadInput(
+                    f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} has {len(node)} items, no index {part!r}"
+                )
             if last:
                 node[int(part)] = _override_value(key, value)
             else:
@@ -219,7 +239,9 @@ def _override_value(key: str, value: str):
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError as e:
-        raise BadInput(f"--set {key}: {value!r} is not a plain YAML value ({getattr(e, 'problem', None) or e})") from None
+        raise BadInput(
+            f"--set {key}: {value!r} is not a plain YAML value ({getattr(e, 'problem', None) or e})"
+        ) from None
 
 
 def pass_step_names(recipe: Recipe) -> list[str]:
@@ -235,12 +257,18 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> 
         for name in ("calibration", "eval", "train"):
             source = getattr(recipe.data, name)
             if source is not None and source.path is not None and not source.path.is_file():
-                raise BadInput(f"{_where(path, root, ['data', name, 'path'])}: data.{name}.path: {source.path} not found")
+                raise BadInput(
+                    f"{_where(path, root, ['data', name, 'path'])}: data.{name}.path: {source.path} not found"
+                )
     suffix = spec.path.suffix.lower()
     if suffix not in ONNX_SUFFIXES + TORCH_SUFFIXES:
-        raise BadInput(f"model.path: {spec.path.name} has an unknown extension; use .onnx, .pt/.pth (state_dict or TorchScript), .pt2 (torch.export) or .safetensors")
+        raise BadInput(
+            f"model.path: {spec.path.name} has an unknown extension; use .onnx, .pt/.pth (state_dict or TorchScript), .pt2 (torch.export) or .safetensors"
+        )
     if suffix in (".safetensors", ".bin") and spec.factory is None:
-        raise BadInput(f"model.factory: {spec.path.name} holds only weights; set model.factory: module:callable that builds the nn.Module")
+        raise BadInput(
+            f"model.factory: {spec.path.name} holds only weights; set model.factory: module:callable that builds the nn.Module"
+        )
     fmt = spec.format
     for i, cfg in enumerate(recipe.passes):
         p = get_pass(cfg.type)
@@ -248,9 +276,17 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> 
         if fmt == "torch" and p.consumes == {"onnx"}:
             fmt = "onnx"  # an export with defaults is inserted before it (with_implicit_exports)
         if fmt not in p.consumes:
-            hint = (": an ONNX graph has no autograd or module structure for torch passes to train or edit; give the torch checkpoint "
-                    "(.pt + model.factory, or .pt2) as model.path, or put this pass before the export") if fmt == "onnx" else ""
-            raise BadInput(f"{where}: passes[{i}] ({cfg.type}) needs a {'/'.join(sorted(p.consumes))} model but gets {fmt}{hint}")
+            hint = (
+                (
+                    ": an ONNX graph has no autograd or module structure for torch passes to train or edit; give the torch checkpoint "
+                    "(.pt + model.factory, or .pt2) as model.path, or put this pass before the export"
+                )
+                if fmt == "onnx"
+                else ""
+            )
+            raise BadInput(
+                f"{where}: passes[{i}] ({cfg.type}) needs a {'/'.join(sorted(p.consumes))} model but gets {fmt}{hint}"
+            )
         if p.check is not None:
             try:
                 p.check(cfg, recipe, fmt)

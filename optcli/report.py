@@ -16,8 +16,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from rich.console import Group
 from rich.table import Table
@@ -87,7 +88,7 @@ def _get(d: Any, *keys: str) -> Any:
 
 
 def _num(x: Any, digits: int = 4) -> str:
-    if isinstance(x, bool) or isinstance(x, str):
+    if isinstance(x, (bool, str)):
         return str(x)
     if not _finite(x):
         return DASH
@@ -258,10 +259,17 @@ def _latency_detail(report: dict) -> list[list[str]]:
             lat = _get(step, "latency", f"batch_{b}")
             if not isinstance(lat, dict):
                 continue
-            rows.append([
-                str(step.get("name")), str(b), _fmt_ms(lat.get("p50_ms")), _fmt_ms(lat.get("p90_ms")),
-                _fmt_ms(lat.get("p99_ms")), _num(lat.get("throughput_per_s")), _fmt_count(lat.get("runs")),
-            ])
+            rows.append(
+                [
+                    str(step.get("name")),
+                    str(b),
+                    _fmt_ms(lat.get("p50_ms")),
+                    _fmt_ms(lat.get("p90_ms")),
+                    _fmt_ms(lat.get("p99_ms")),
+                    _num(lat.get("throughput_per_s")),
+                    _fmt_count(lat.get("runs")),
+                ]
+            )
     return rows
 
 
@@ -286,8 +294,10 @@ def training_summary(step: dict) -> str:
     world, devices = t["world_size"], t.get("devices") or []
     where = ", ".join(sorted({str(d) for d in devices})) or "?"
     workers = f"{world} workers ({t.get('backend')})" if world > 1 else "1 process"
-    return (f"{workers} on {where}; batch {_num(t.get('batch_per_worker'))} per worker, global batch {_num(t.get('global_batch'))}; "
-            f"{_num(t.get('samples_per_s'))} samples/s ({_num(t.get('samples_per_s_per_worker'))} per worker)")
+    return (
+        f"{workers} on {where}; batch {_num(t.get('batch_per_worker'))} per worker, global batch {_num(t.get('global_batch'))}; "
+        f"{_num(t.get('samples_per_s'))} samples/s ({_num(t.get('samples_per_s_per_worker'))} per worker)"
+    )
 
 
 def _candidate_label(c: dict, i: int) -> str:
@@ -365,8 +375,12 @@ def md_table(headers: list[str], rows: Iterable[list[str]]) -> str:
 
 def _io_rows(report: dict) -> list[list[str]]:
     return [
-        [label, str(_get(report, key, "path") or DASH), str(_get(report, key, "format") or DASH),
-         str(_get(report, key, "sha256") or DASH)]
+        [
+            label,
+            str(_get(report, key, "path") or DASH),
+            str(_get(report, key, "format") or DASH),
+            str(_get(report, key, "sha256") or DASH),
+        ]
         for label, key in (("input", "input"), ("output", "output"))
     ]
 
@@ -411,7 +425,13 @@ def _md_step_details(step: dict) -> list[str]:
         out += [f"## {name}: most pruned layers", "", md_table(["layer", "sparsity"], rows), ""]
     if _training(step):
         summary = training_summary(step)
-        out += [f"## {name}: training", "", *([_md_cell(summary), ""] if summary else []), md_table(TRAINING_HEADERS, _training_rows(step)), ""]
+        out += [
+            f"## {name}: training",
+            "",
+            *([_md_cell(summary), ""] if summary else []),
+            md_table(TRAINING_HEADERS, _training_rows(step)),
+            "",
+        ]
     cands, target = _search(step)
     if cands:
         out += [f"## {name}: search (target {_num(target)})", "", md_table(SEARCH_HEADERS, _search_rows(step)), ""]
@@ -463,10 +483,12 @@ def svg_bar_chart(kind: str, title: str, labels: list[str], values: list[Any], f
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
         f'<text x="8" y="20" font-size="14" font-weight="600">{_e(title)}</text>',
     ]
-    for i, (label, v) in enumerate(zip(labels, values)):
+    for i, (label, v) in enumerate(zip(labels, values, strict=False)):
         y = top + i * row_h
-        parts.append(f'<text x="{label_w - 8}" y="{y + 16}" font-size="12" text-anchor="end">'
-                     f'<title>{_e(label)}</title>{_e(_short(label))}</text>')
+        parts.append(
+            f'<text x="{label_w - 8}" y="{y + 16}" font-size="12" text-anchor="end">'
+            f"<title>{_e(label)}</title>{_e(_short(label))}</text>"
+        )
         if _finite(v) and v > 0:
             w = max(1.0, bar_w * v / vmax)
             color = _BAR_ORIG if i == 0 else _BAR
@@ -502,8 +524,9 @@ def _span(values: list[float], pad: float = 0.08) -> tuple[float, float]:
 class _Plot:
     """Maps data to pixels inside a fixed plot area and draws the axes."""
 
-    def __init__(self, xs: list[float], ys: list[float], width: int = 460, height: int = 300,
-                 xticks: list[float] | None = None):
+    def __init__(
+        self, xs: list[float], ys: list[float], width: int = 460, height: int = 300, xticks: list[float] | None = None
+    ):
         self.w, self.h, self.xticks = width, height, xticks
         self.left, self.right, self.top, self.bottom = 64, 16, 34, 44
         self.x0, self.x1 = _span(xs)
@@ -541,8 +564,11 @@ class _Plot:
 def svg_scatter(step: dict) -> str:
     """Search candidates: latency (x) vs metric (y), chosen ones highlighted, target as a dashed line."""
     cands, target = _search(step)
-    pts = [(c["latency_ms"], c["metric"], bool(c.get("chosen")), _candidate_label(c, i))
-           for i, c in enumerate(cands) if _finite(c.get("latency_ms")) and _finite(c.get("metric"))]
+    pts = [
+        (c["latency_ms"], c["metric"], bool(c.get("chosen")), _candidate_label(c, i))
+        for i, c in enumerate(cands)
+        if _finite(c.get("latency_ms")) and _finite(c.get("metric"))
+    ]
     if not pts:
         return ""
     ys = [p[1] for p in pts] + ([target] if _finite(target) else [])
@@ -550,17 +576,25 @@ def svg_scatter(step: dict) -> str:
     out = plot.frame("search", f"{step.get('name')}: search candidates", "latency p50 (ms)", "metric")
     if _finite(target):
         y = plot.py(target)
-        out.append(f'<line x1="{plot.left}" y1="{y:.1f}" x2="{plot.w - plot.right}" y2="{y:.1f}" '
-                   f'stroke="#b91c1c" stroke-dasharray="5,4"/>')
-        out.append(f'<text x="{plot.w - plot.right - 4}" y="{y - 4:.1f}" font-size="11" fill="#b91c1c" '
-                   f'text-anchor="end">{_e(f"target {_num(target)}")}</text>')
+        out.append(
+            f'<line x1="{plot.left}" y1="{y:.1f}" x2="{plot.w - plot.right}" y2="{y:.1f}" '
+            f'stroke="#b91c1c" stroke-dasharray="5,4"/>'
+        )
+        out.append(
+            f'<text x="{plot.w - plot.right - 4}" y="{y - 4:.1f}" font-size="11" fill="#b91c1c" '
+            f'text-anchor="end">{_e(f"target {_num(target)}")}</text>'
+        )
     for x, y, chosen, label in sorted(pts, key=lambda p: p[2]):  # chosen drawn last, on top
         fill, r = ("#15803d", 6) if chosen else (_BAR, 4)
-        out.append(f'<circle cx="{plot.px(x):.1f}" cy="{plot.py(y):.1f}" r="{r}" fill="{fill}" fill-opacity="0.85">'
-                   f'<title>{_e(f"{label}: {_fmt_ms(x)} ms, {_num(y)}")}</title></circle>')
+        out.append(
+            f'<circle cx="{plot.px(x):.1f}" cy="{plot.py(y):.1f}" r="{r}" fill="{fill}" fill-opacity="0.85">'
+            f"<title>{_e(f'{label}: {_fmt_ms(x)} ms, {_num(y)}')}</title></circle>"
+        )
         if chosen:
-            out.append(f'<text x="{plot.px(x) + 8:.1f}" y="{plot.py(y) - 6:.1f}" font-size="11" fill="#15803d">'
-                       f'{_e(f"chosen: {label}")}</text>')
+            out.append(
+                f'<text x="{plot.px(x) + 8:.1f}" y="{plot.py(y) - 6:.1f}" font-size="11" fill="#15803d">'
+                f"{_e(f'chosen: {label}')}</text>"
+            )
     out.append("</svg>")
     return "".join(out)
 
@@ -579,8 +613,10 @@ def svg_loss_curve(step: dict) -> str:
     out.append(f'<polyline points="{line}" fill="none" stroke="{_BAR}" stroke-width="2"/>')
     for x, y in pts:
         is_best = x == best
-        out.append(f'<circle cx="{plot.px(x):.1f}" cy="{plot.py(y):.1f}" r="{5 if is_best else 3}" '
-                   f'fill="{"#15803d" if is_best else _BAR}"><title>{_e(f"epoch {x}: loss {_num(y)}")}</title></circle>')
+        out.append(
+            f'<circle cx="{plot.px(x):.1f}" cy="{plot.py(y):.1f}" r="{5 if is_best else 3}" '
+            f'fill="{"#15803d" if is_best else _BAR}"><title>{_e(f"epoch {x}: loss {_num(y)}")}</title></circle>'
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -592,14 +628,29 @@ def _summary_charts(report: dict) -> list[str]:
     names = [str(s.get("name")) for s in steps]
     charts = [svg_bar_chart("size", "size on disk", names, [s.get("size_bytes") for s in steps], format_bytes)]
     for b in batch_sizes(report):
-        charts.append(svg_bar_chart(f"latency-b{b}", f"p50 latency, batch {b} (ms)", names,
-                                    [_p50(s, b) for s in steps], lambda v: f"{_fmt_ms(v)} ms"))
+        charts.append(
+            svg_bar_chart(
+                f"latency-b{b}",
+                f"p50 latency, batch {b} (ms)",
+                names,
+                [_p50(s, b) for s in steps],
+                lambda v: f"{_fmt_ms(v)} ms",
+            )
+        )
     if any(_finite(_accuracy(s)) for s in steps):
-        charts.append(svg_bar_chart("accuracy", _metric_name(report), names, [_accuracy(s) for s in steps],
-                                    lambda v: f"{v:.4f}"))
+        charts.append(
+            svg_bar_chart("accuracy", _metric_name(report), names, [_accuracy(s) for s in steps], lambda v: f"{v:.4f}")
+        )
     elif any(_finite(_get(s, "fidelity", "cosine_mean")) for s in steps):
-        charts.append(svg_bar_chart("fidelity", "fidelity: cosine vs original", names,
-                                    [_get(s, "fidelity", "cosine_mean") for s in steps], lambda v: f"{v:.6f}"))
+        charts.append(
+            svg_bar_chart(
+                "fidelity",
+                "fidelity: cosine vs original",
+                names,
+                [_get(s, "fidelity", "cosine_mean") for s in steps],
+                lambda v: f"{v:.6f}",
+            )
+        )
     return charts
 
 
@@ -608,16 +659,29 @@ def _html_step_details(step: dict) -> list[str]:
     out: list[str] = []
     top = top_pruned(step)
     if top:
-        out += [f"<h2>{_e(name)}: most pruned layers</h2>",
-                html_table(["layer", "sparsity"], [[layer, _fmt_pct(s)] for layer, s in top])]
+        out += [
+            f"<h2>{_e(name)}: most pruned layers</h2>",
+            html_table(["layer", "sparsity"], [[layer, _fmt_pct(s)] for layer, s in top]),
+        ]
     if _training(step):
         summary = training_summary(step)
-        out += [f"<h2>{_e(name)}: training</h2>", *([f"<p>{_e(summary)}</p>"] if summary else []), '<div class="charts">', svg_loss_curve(step),
-                html_table(TRAINING_HEADERS, _training_rows(step)), "</div>"]
+        out += [
+            f"<h2>{_e(name)}: training</h2>",
+            *([f"<p>{_e(summary)}</p>"] if summary else []),
+            '<div class="charts">',
+            svg_loss_curve(step),
+            html_table(TRAINING_HEADERS, _training_rows(step)),
+            "</div>",
+        ]
     cands, target = _search(step)
     if cands:
-        out += [f"<h2>{_e(name)}: search (target {_e(_num(target))})</h2>", '<div class="charts">', svg_scatter(step),
-                html_table(SEARCH_HEADERS, _search_rows(step)), "</div>"]
+        out += [
+            f"<h2>{_e(name)}: search (target {_e(_num(target))})</h2>",
+            '<div class="charts">',
+            svg_scatter(step),
+            html_table(SEARCH_HEADERS, _search_rows(step)),
+            "</div>",
+        ]
     return out
 
 
@@ -636,7 +700,9 @@ def render_html(report: dict) -> str:
     body += [f'<div class="{"pass" if ok else "fail"}">{_e(line)}</div>' for ok, line in gates] or ["<p>No gates.</p>"]
     body += ["<h2>Warnings</h2>"]
     warns = _warnings(report)
-    body.append("<ul>" + "".join(f'<li class="warn">{_e(w)}</li>' for w in warns) + "</ul>" if warns else "<p>None.</p>")
+    body.append(
+        "<ul>" + "".join(f'<li class="warn">{_e(w)}</li>' for w in warns) + "</ul>" if warns else "<p>None.</p>"
+    )
     body += [f'<p class="note">latency note ({_e(n)}): {_e(t)}</p>' for n, t in _latency_notes(report)]
     body += ["<h2>Charts</h2>", '<div class="charts">', *_summary_charts(report), "</div>"]
     lat = _latency_detail(report)
@@ -705,7 +771,7 @@ def write_reports(report: dict, out_dir: Path) -> list[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    texts = dict(zip(REPORT_FILES, (render_json(report), render_markdown(report), render_html(report))))
+    texts = dict(zip(REPORT_FILES, (render_json(report), render_markdown(report), render_html(report)), strict=False))
     temps: dict[str, Path] = {}
     try:
         for name, text in texts.items():

@@ -15,9 +15,9 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -25,7 +25,17 @@ from optcli import __version__, library_warnings
 from optcli.artifact import Model, artifact_files, check_memory, example_inputs, load_model, save_torch
 from optcli.data import DataCatalog, Dataset
 from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed, writing
-from optcli.measure import fidelity, higher_is_better, latency, load_written, metric_value, parameter_counts, predict, runner_for, size_on_disk
+from optcli.measure import (
+    fidelity,
+    higher_is_better,
+    latency,
+    load_written,
+    metric_value,
+    parameter_counts,
+    predict,
+    runner_for,
+    size_on_disk,
+)
 from optcli.passes import get_pass
 from optcli.passes.base import Context
 from optcli.report import write_reports
@@ -83,7 +93,9 @@ class OutputFolder:
         if self.lock.exists():
             self._in_use()
         if root.exists() and any(p.name != LOCK for p in root.iterdir()) and not (overwrite or resume):
-            raise BadInput(f"output folder {root} is not empty; pass --overwrite to replace it or --resume to continue it")
+            raise BadInput(
+                f"output folder {root} is not empty; pass --overwrite to replace it or --resume to continue it"
+            )
         with writing(self.lock):
             root.mkdir(parents=True, exist_ok=True)
             try:
@@ -103,8 +115,10 @@ class OutputFolder:
             pid = self.lock.read_text().strip()
         except OSError:
             pid = ""
-        raise BadInput(f"output folder {self.root} is in use by another optcli run (pid {pid or '?'}); wait for it, "
-                       f"or delete {self.lock} if that run is gone") from None
+        raise BadInput(
+            f"output folder {self.root} is in use by another optcli run (pid {pid or '?'}); wait for it, "
+            f"or delete {self.lock} if that run is gone"
+        ) from None
 
     def step_tmp(self, name: str) -> Path:
         tmp = self.root / "steps" / f".{name}.tmp-{os.getpid()}"
@@ -141,7 +155,11 @@ class Evaluator:
         else:
             self.inputs_note = f"{recipe.report.fidelity_samples} generated inputs"
             self.labels, self.metric = None, None
-        self.generated = example_inputs(original.inputs, batch=recipe.report.fidelity_samples, seed=recipe.seed) if self.eval is None else None
+        self.generated = (
+            example_inputs(original.inputs, batch=recipe.report.fidelity_samples, seed=recipe.seed)
+            if self.eval is None
+            else None
+        )
         self.reference_outputs: list[np.ndarray] | None = None
 
     def description(self) -> str:
@@ -167,7 +185,11 @@ class Evaluator:
         row["latency"] = lat
         row["latency_notes"] = notes
         row["engine"] = runner.engine
-        row["accuracy"] = {"metric": self.metric, "value": metric_value(self.metric, outputs, self.labels)} if self.labels is not None else None
+        row["accuracy"] = (
+            {"metric": self.metric, "value": metric_value(self.metric, outputs, self.labels)}
+            if self.labels is not None
+            else None
+        )
         row["fidelity"] = fidelity(self.reference_outputs, outputs)
         return row
 
@@ -190,8 +212,12 @@ def _finished_step(done: Path, key: str) -> dict | None:
 
 def _input_key(recipe) -> str:
     """What every step depends on besides its own config: the model file, the data files, the seed."""
-    parts = [sha256_file(recipe.model.path), json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True),
-             json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True), str(recipe.seed)]
+    parts = [
+        sha256_file(recipe.model.path),
+        json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True),
+        json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True),
+        str(recipe.seed),
+    ]
     for name in ("calibration", "eval", "train"):
         source = getattr(recipe.data, name)
         if source is not None and source.path is not None:
@@ -226,7 +252,9 @@ def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
 
 def run_recipe(recipe, options: RunOptions) -> dict:
     original, data = preflight(recipe, options.trust_pickle)
-    inputs = [recipe.model.path] + [s.path for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None and s.path]
+    inputs = [recipe.model.path] + [
+        s.path for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None and s.path
+    ]
     folder = OutputFolder(options.out, options.overwrite, options.resume, inputs)
     try:
         report = _run(recipe, options, folder, original, data)
@@ -243,8 +271,24 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     t0 = time.perf_counter()
     evaluator = Evaluator(recipe, original, data, log)
     log(f"measuring the original model ({original.kind}, {recipe.model.path.name})")
-    row = evaluator.measure(recipe.model.path, original, runner=runner_for(original, recipe.report.latency.threads) if original.format == "torch" or original.path else None)
-    steps = [{"name": "original", "type": None, "format": original.format, "path": str(recipe.model.path), "seconds": round(time.perf_counter() - t0, 3), **row, "details": {"loaded_as": original.kind}}]
+    row = evaluator.measure(
+        recipe.model.path,
+        original,
+        runner=runner_for(original, recipe.report.latency.threads)
+        if original.format == "torch" or original.path
+        else None,
+    )
+    steps = [
+        {
+            "name": "original",
+            "type": None,
+            "format": original.format,
+            "path": str(recipe.model.path),
+            "seconds": round(time.perf_counter() - t0, 3),
+            **row,
+            "details": {"loaded_as": original.kind},
+        }
+    ]
     warnings: list[str] = [f"original: {n}" for n in row.pop("latency_notes")]
     model = original
     inputs_key = _input_key(recipe)
@@ -265,8 +309,17 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
             continue
         log(f"{name}: running")
         tmp = folder.step_tmp(name)
-        ctx = Context(recipe=recipe, step_name=name, step_dir=tmp, reference=original, data=data, seed=recipe.seed,
-                      quiet=options.quiet, log=log, options=dict(options.extra, resume_dir=str(folder.root / "steps" / name)))
+        ctx = Context(
+            recipe=recipe,
+            step_name=name,
+            step_dir=tmp,
+            reference=original,
+            data=data,
+            seed=recipe.seed,
+            quiet=options.quiet,
+            log=log,
+            options=dict(options.extra, resume_dir=str(folder.root / "steps" / name)),
+        )
         started = time.perf_counter()
         try:
             with library_warnings.captured() as said:
@@ -279,22 +332,40 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         except Exception as e:
             message = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400] if str(e).strip() else ''}"
             if isinstance(e, OSError) and e.errno in DISK_FULL:
-                raise DiskFull(f"pass {name}: disk full while writing {e.filename or tmp}: free some space and rerun with --resume") from e
+                raise DiskFull(
+                    f"pass {name}: disk full while writing {e.filename or tmp}: free some space and rerun with --resume"
+                ) from e
             free = shutil.disk_usage(folder.root).free
             if free < LOW_DISK:
                 # Native writers (ONNX Runtime's) can leave a truncated file without raising ENOSPC; the next read fails oddly.
-                raise DiskFull(f"pass {name} failed with the disk holding {folder.root} nearly full ({free // 1024} kB free): "
-                               f"free some space and rerun with --resume ({message})") from e
+                raise DiskFull(
+                    f"pass {name} failed with the disk holding {folder.root} nearly full ({free // 1024} kB free): "
+                    f"free some space and rerun with --resume ({message})"
+                ) from e
             raise PassFailed(name, message) from e
         seconds = time.perf_counter() - started
         log(f"{name}: measuring {model.path.name}")
         row = evaluator.measure(model.path, model)
         warnings.extend(ctx.warnings + [f"{name}: {n}" for n in row.pop("latency_notes")])
-        step = {"name": name, "type": config.type, "format": model.format, "path": str(Path("steps") / name / model.path.name), "seconds": round(seconds, 3), **row, "details": ctx.details}
+        step = {
+            "name": name,
+            "type": config.type,
+            "format": model.format,
+            "path": str(Path("steps") / name / model.path.name),
+            "seconds": round(seconds, 3),
+            **row,
+            "details": ctx.details,
+        }
         _unpruned_latency_note(step, steps[-1])
         steps.append(step)
         # step.json goes in before the rename, so a finished step folder always has it, whole.
-        record = {"key": key, "artifact": model.path.name, "sha256": sha256_file(model.path), "step": step, "warnings": ctx.warnings}
+        record = {
+            "key": key,
+            "artifact": model.path.name,
+            "sha256": sha256_file(model.path),
+            "step": step,
+            "warnings": ctx.warnings,
+        }
         input_sha = record["sha256"]
         with writing(tmp / "step.json"):
             (tmp / "step.json").write_text(json.dumps(record, indent=2, default=str))
@@ -306,7 +377,12 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         "optcli_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
         "environment": environment(recipe.report.latency.threads),
-        "input": {"path": str(recipe.model.path), "format": original.format, "kind": original.kind, "sha256": sha256_file(recipe.model.path)},
+        "input": {
+            "path": str(recipe.model.path),
+            "format": original.format,
+            "kind": original.kind,
+            "sha256": sha256_file(recipe.model.path),
+        },
         "output": output,
         "evaluation": evaluator.description(),
         "steps": steps,
@@ -320,8 +396,10 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
 def _unpruned_latency_note(step: dict, before: dict) -> None:
     # Say plainly when sparsity bought no speed: dense kernels do not skip zeros.
     if step["sparsity"] - before["sparsity"] > 0.1 and step["parameters"] >= before["parameters"] * 0.98:
-        step["details"]["latency_note"] = ("unstructured sparsity does not make dense kernels faster; it shrinks the compressed size. "
-                                          "Use structured: channels to remove whole channels for speed.")
+        step["details"]["latency_note"] = (
+            "unstructured sparsity does not make dense kernels faster; it shrinks the compressed size. "
+            "Use structured: channels to remove whole channels for speed."
+        )
 
 
 def _write_final(model: Model, root: Path) -> dict:
@@ -338,20 +416,61 @@ def check_gates(gates, steps: list[dict]) -> list[dict]:
     results = []
     if gates.max_accuracy_drop is not None:
         if first["accuracy"] is None or last["accuracy"] is None:
-            results.append({"name": "max_accuracy_drop", "limit": gates.max_accuracy_drop, "value": None, "passed": False, "note": "no labelled eval data (data.eval with labels)"})
+            results.append(
+                {
+                    "name": "max_accuracy_drop",
+                    "limit": gates.max_accuracy_drop,
+                    "value": None,
+                    "passed": False,
+                    "note": "no labelled eval data (data.eval with labels)",
+                }
+            )
         else:
             sign = 1 if higher_is_better(first["accuracy"]["metric"]) else -1
             drop = sign * (first["accuracy"]["value"] - last["accuracy"]["value"])
-            results.append({"name": "max_accuracy_drop", "limit": gates.max_accuracy_drop, "value": round(drop, 6), "passed": drop <= gates.max_accuracy_drop + 1e-12})
+            results.append(
+                {
+                    "name": "max_accuracy_drop",
+                    "limit": gates.max_accuracy_drop,
+                    "value": round(drop, 6),
+                    "passed": drop <= gates.max_accuracy_drop + 1e-12,
+                }
+            )
     if gates.min_fidelity_cosine is not None:
         cos = (last.get("fidelity") or {}).get("cosine_mean")
-        results.append({"name": "min_fidelity_cosine", "limit": gates.min_fidelity_cosine, "value": cos, "passed": cos is not None and cos >= gates.min_fidelity_cosine})
+        results.append(
+            {
+                "name": "min_fidelity_cosine",
+                "limit": gates.min_fidelity_cosine,
+                "value": cos,
+                "passed": cos is not None and cos >= gates.min_fidelity_cosine,
+            }
+        )
     if gates.max_size_bytes is not None:
-        results.append({"name": "max_size_bytes", "limit": gates.max_size_bytes, "value": last["size_bytes"], "passed": last["size_bytes"] <= gates.max_size_bytes})
+        results.append(
+            {
+                "name": "max_size_bytes",
+                "limit": gates.max_size_bytes,
+                "value": last["size_bytes"],
+                "passed": last["size_bytes"] <= gates.max_size_bytes,
+            }
+        )
     if gates.min_speedup is not None:
-        speedups = [first["latency"][b]["p50_ms"] / last["latency"][b]["p50_ms"] for b in first["latency"] if b in last["latency"]]
+        speedups = [
+            first["latency"][b]["p50_ms"] / last["latency"][b]["p50_ms"]
+            for b in first["latency"]
+            if b in last["latency"]
+        ]
         value = round(min(speedups), 4) if speedups else None
-        results.append({"name": "min_speedup", "limit": gates.min_speedup, "value": value, "passed": value is not None and value >= gates.min_speedup, "note": "slowest batch size, p50"})
+        results.append(
+            {
+                "name": "min_speedup",
+                "limit": gates.min_speedup,
+                "value": value,
+                "passed": value is not None and value >= gates.min_speedup,
+                "note": "slowest batch size, p50",
+            }
+        )
     # A pass can hold its own promise to the user (a quantize target): it lists gates in details["gates"].
     for step in steps[1:]:
         for gate in (step.get("details") or {}).get("gates") or []:
@@ -376,6 +495,12 @@ def environment(threads: int) -> dict:
     import onnxruntime
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "cpu": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_count": os.cpu_count(), "threads": threads,
-            "platform": sys.platform}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "platform": sys.platform,
+    }

@@ -52,7 +52,7 @@ def channel_absmax(path: Path, tensors: list[str], batches: list[dict]) -> dict[
     result: dict[str, np.ndarray] = {}
     for feeds in batches:
         values = session.run(tensors, {k: v for k, v in feeds.items() if k in inputs})
-        for name, value in zip(tensors, values):
+        for name, value in zip(tensors, values, strict=False):
             m = np.abs(value.reshape(-1, value.shape[-1])).max(0)
             result[name] = np.maximum(result[name], m) if name in result else m
     return result
@@ -90,7 +90,7 @@ def smooth(source: Path, target: Path, batches: list[dict], alpha: float = 0.5) 
         s = np.ones_like(a, dtype=np.float64)
         s[live] = np.power(a[live], alpha) / np.power(w_max[live], 1 - alpha)
         s = np.clip(s, 1e-5, 1e5)
-        for node, w in zip(matmuls, weights):
+        for node, w in zip(matmuls, weights, strict=False):
             inits[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))
         producer = producers.get(x)
         if _foldable(producer, x, matmuls, consumers, inits, outputs):
@@ -100,13 +100,17 @@ def smooth(source: Path, target: Path, batches: list[dict], alpha: float = 0.5) 
                     continue
                 # Exporters share identical initializers (default gamma = ones) between LayerNorms: give this one its own.
                 own = f"{name}_smoothed_{producer.name or x}"
-                proto.graph.initializer.append(numpy_helper.from_array((numpy_helper.to_array(inits[name]) / s).astype(np.float32), own))
+                proto.graph.initializer.append(
+                    numpy_helper.from_array((numpy_helper.to_array(inits[name]) / s).astype(np.float32), own)
+                )
                 producer.input[idx] = own
             folded += 1
         else:
             scale_name, smoothed = f"{x}_smooth_inv", f"{x}_smoothed"
             proto.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), scale_name))
-            new_nodes.append((matmuls[0], onnx.helper.make_node("Mul", [x, scale_name], [smoothed], name=f"{x}_smooth")))
+            new_nodes.append(
+                (matmuls[0], onnx.helper.make_node("Mul", [x, scale_name], [smoothed], name=f"{x}_smooth"))
+            )
             for node in matmuls:
                 node.input[0] = smoothed
             inserted += 1
@@ -120,7 +124,13 @@ def smooth(source: Path, target: Path, batches: list[dict], alpha: float = 0.5) 
 
 
 def _foldable(producer, x, matmuls, consumers, inits, outputs) -> bool:
-    if producer is None or producer.op_type != "LayerNormalization" or x in outputs or len(producer.output) < 1 or producer.output[0] != x:
+    if (
+        producer is None
+        or producer.op_type != "LayerNormalization"
+        or x in outputs
+        or len(producer.output) < 1
+        or producer.output[0] != x
+    ):
         return False
     if {id(n) for n in consumers.get(x, [])} != {id(n) for n in matmuls}:
         return False  # the LayerNorm also feeds a residual or another op: its output must stay as it is

@@ -20,7 +20,9 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
         model = load_any(path, shapes, factory=factory)
     except BadInput as e:
         if "does not record its inputs" in str(e):
-            raise BadInput(f"{path} does not record its input shapes; pass --shape name=1x3x32x32 (and :int64 for ids)") from None
+            raise BadInput(
+                f"{path} does not record its input shapes; pass --shape name=1x3x32x32 (and :int64 for ids)"
+            ) from None
         raise
     spec = {"path": str(path)}
     if factory:

@@ -41,9 +41,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,8 +86,12 @@ class TrainJob:
         """Write the job for a worker process: config.json, modules.pt, train.npz, eval.npz."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"config": self.config.model_dump(mode="json"), "input_names": self.input_names, "checkpoint_dir": self.checkpoint_dir,
-                "datasets": {}}
+        meta = {
+            "config": self.config.model_dump(mode="json"),
+            "input_names": self.input_names,
+            "checkpoint_dir": self.checkpoint_dir,
+            "datasets": {},
+        }
         for name, data in (("train", self.train), ("eval", self.eval)):
             if data is None:
                 continue
@@ -94,13 +99,18 @@ class TrainJob:
             if data.labels is not None:
                 arrays["labels"] = data.labels
             np.savez(folder / f"{name}.npz", **arrays)
-            meta["datasets"][name] = {"batch_size": data.batch_size, "metric": data.metric, "shuffle": data.shuffle, "seed": data.seed}
+            meta["datasets"][name] = {
+                "batch_size": data.batch_size,
+                "metric": data.metric,
+                "shuffle": data.shuffle,
+                "seed": data.seed,
+            }
         # Whole modules, not state_dicts: a pruned student carries mask hooks and may be a shrunk copy of no known class.
         torch.save({"student": self.student, "teacher": self.teacher}, folder / "modules.pt")
         (folder / "config.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
-    def load(cls, folder: Path) -> "TrainJob":
+    def load(cls, folder: Path) -> TrainJob:
         from optcli.data import Dataset
         from optcli.passes.finetune import Config
 
@@ -111,11 +121,20 @@ class TrainJob:
             with np.load(folder / f"{name}.npz", allow_pickle=False) as z:
                 arrays = {k.removeprefix("input/"): z[k] for k in z.files if k.startswith("input/")}
                 labels = z["labels"] if "labels" in z.files else None
-            datasets[name] = Dataset(name, arrays, labels, info["batch_size"], info["metric"], info["shuffle"], info["seed"])
+            datasets[name] = Dataset(
+                name, arrays, labels, info["batch_size"], info["metric"], info["shuffle"], info["seed"]
+            )
         # The file was written by save() in the parent process of this same run, so unpickling it is trusted.
         modules = torch.load(folder / "modules.pt", map_location="cpu", weights_only=False)
-        return cls(config=Config.model_validate(meta["config"]), student=modules["student"], teacher=modules["teacher"],
-                   train=datasets["train"], eval=datasets.get("eval"), input_names=meta["input_names"], checkpoint_dir=meta["checkpoint_dir"])
+        return cls(
+            config=Config.model_validate(meta["config"]),
+            student=modules["student"],
+            teacher=modules["teacher"],
+            train=datasets["train"],
+            eval=datasets.get("eval"),
+            input_names=meta["input_names"],
+            checkpoint_dir=meta["checkpoint_dir"],
+        )
 
 
 @dataclass
@@ -139,11 +158,15 @@ class TrainResult:
 def replace_head(module: nn.Module, name: str, num_classes: int) -> nn.Module:
     """Swap the classifier `name` (an nn.Linear) for a fresh one with num_classes outputs."""
     if type(module).__name__ == "GraphModule":
-        raise BadInput("head.replace: the model is a torch.export graph, whose layers cannot be swapped; give it as a state_dict + model.factory")
+        raise BadInput(
+            "head.replace: the model is a torch.export graph, whose layers cannot be swapped; give it as a state_dict + model.factory"
+        )
     old = dict(module.named_modules()).get(name)
     if old is None:
         linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-        raise BadInput(f"head.replace: the model has no module {name!r} (its Linear layers: {', '.join(linears[-5:]) or 'none'})")
+        raise BadInput(
+            f"head.replace: the model has no module {name!r} (its Linear layers: {', '.join(linears[-5:]) or 'none'})"
+        )
     if not isinstance(old, nn.Linear):
         raise BadInput(f"head.replace: {name!r} is a {type(old).__name__}; give the name of the final nn.Linear")
     parent_name, _, attr = name.rpartition(".")
@@ -158,7 +181,9 @@ def freeze(module: nn.Module, patterns: list[str]) -> list[str]:
     for pattern in patterns:
         hits = [n for n, _ in module.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            raise BadInput(f"freeze: {pattern!r} matches no parameter (names look like {next(iter(dict(module.named_parameters())), '?')})")
+            raise BadInput(
+                f"freeze: {pattern!r} matches no parameter (names look like {next(iter(dict(module.named_parameters())), '?')})"
+            )
         frozen += hits
     for name, p in module.named_parameters():
         if name in frozen:
@@ -168,7 +193,11 @@ def freeze(module: nn.Module, patterns: list[str]) -> list[str]:
 
 def _frozen_modules(module: nn.Module) -> list[nn.Module]:
     # A frozen module with BatchNorm must also keep its running statistics, so it stays in eval mode.
-    return [m for m in module.modules() if list(m.parameters(recurse=False)) and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [
+        m
+        for m in module.modules()
+        if list(m.parameters(recurse=False)) and not any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
 
 
 def _set_train_mode(module: nn.Module, frozen: list[nn.Module]) -> None:
@@ -201,7 +230,9 @@ class Distiller(nn.Module):
     caught by forward hooks on the named submodules; one wrapper module keeps DDP and checkpoints simple.
     """
 
-    def __init__(self, student: nn.Module, features: list, teacher_widths: dict[str, int], student_widths: dict[str, int]):
+    def __init__(
+        self, student: nn.Module, features: list, teacher_widths: dict[str, int], student_widths: dict[str, int]
+    ):
         super().__init__()
         self.student = student
         self.features = [(f.student, f.teacher, f.weight) for f in features]
@@ -212,7 +243,9 @@ class Distiller(nn.Module):
                 self.projections[_key(s_name)] = nn.Linear(s_w, t_w, bias=False)
         self._caught: dict[str, torch.Tensor] = {}
         modules = dict(student.named_modules())
-        self._hooks = [modules[s_name].register_forward_hook(_catcher(self._caught, s_name)) for s_name, _, _ in self.features]
+        self._hooks = [
+            modules[s_name].register_forward_hook(_catcher(self._caught, s_name)) for s_name, _, _ in self.features
+        ]
 
     def release(self) -> None:
         """Take the feature hooks off the student, which lives on after training."""
@@ -259,7 +292,9 @@ def probe_features(module: nn.Module, names: list[str], inputs: tuple, role: str
     missing = [n for n in names if n not in modules]
     if missing:
         some = [n for n in modules if n][:8]
-        raise BadInput(f"distill.features: the {role} has no module {missing[0]!r} (module names look like: {', '.join(some)})")
+        raise BadInput(
+            f"distill.features: the {role} has no module {missing[0]!r} (module names look like: {', '.join(some)})"
+        )
     caught: dict[str, torch.Tensor] = {}
     handles = [modules[n].register_forward_hook(_catcher(caught, n)) for n in names]
     try:
@@ -270,8 +305,10 @@ def probe_features(module: nn.Module, names: list[str], inputs: tuple, role: str
             h.remove()
     lost = [n for n in names if n not in caught]
     if lost:
-        raise BadInput(f"distill.features: the {role}'s module {lost[0]!r} never ran as a module (a torch.export graph inlines its "
-                       "submodules); give that model as a state_dict + factory to match hidden features")
+        raise BadInput(
+            f"distill.features: the {role}'s module {lost[0]!r} never ran as a module (a torch.export graph inlines its "
+            "submodules); give that model as a state_dict + factory to match hidden features"
+        )
     return {"__output__": out, **caught}
 
 
@@ -285,7 +322,13 @@ def distillation_loss(logits, teacher_logits, labels, temperature: float, alpha:
     gradients on the scale of the hard one. Without labels the loss is the soft term alone.
     """
     t = temperature
-    soft = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), reduction="batchmean", log_target=True) * t * t
+    soft = (
+        F.kl_div(
+            F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), reduction="batchmean", log_target=True
+        )
+        * t
+        * t
+    )
     if labels is None:
         return soft
     return alpha * soft + (1 - alpha) * task_loss(logits, labels)
@@ -396,13 +439,23 @@ class _Progress:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[metric]}  {task.fields[rate]:.0f} samples/s"),
-                                TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+            self.bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}/" + str(epochs)),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[metric]}  {task.fields[rate]:.0f} samples/s"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
             self.bar.start()
 
     def epoch(self, epoch: int, steps: int):
-        return self.bar.add_task("train", total=steps, epoch=epoch, loss=float("nan"), metric="", rate=0.0) if self.bar else None
+        return (
+            self.bar.add_task("train", total=steps, epoch=epoch, loss=float("nan"), metric="", rate=0.0)
+            if self.bar
+            else None
+        )
 
     def update(self, task, **fields):
         if self.bar is not None:
@@ -416,7 +469,9 @@ class _Progress:
 # --------------------------------------------------------------------------- the loop
 
 
-def train(job: TrainJob, env: Env = Env(), progress: bool = True, log: Callable[[str], None] = lambda m: None) -> TrainResult:
+def train(
+    job: TrainJob, env: Env = Env(), progress: bool = True, log: Callable[[str], None] = lambda m: None
+) -> TrainResult:
     cfg = job.config
     with deterministic():
         return _train(job, cfg, env, progress, log)
@@ -433,7 +488,9 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
     train_arrays = [torch.from_numpy(np.ascontiguousarray(job.train.arrays[n])) for n in names]
     labels = torch.from_numpy(np.ascontiguousarray(job.train.labels)) if job.train.labels is not None else None
     dataset = torch.utils.data.TensorDataset(*train_arrays, *([labels] if labels is not None else []))
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=cfg.shuffle, seed=cfg.seed)  # DDP: shard per rank
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=cfg.shuffle, seed=cfg.seed
+    )  # DDP: shard per rank
     batch_size = cfg.batch_size or job.train.batch_size
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     steps_per_epoch = len(loader)
@@ -457,9 +514,13 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
         for f in features:
             s, t = s_caught[f.student], t_caught[f.teacher]
             a_s, a_t = _width_axis(s), _width_axis(t)
-            if s.ndim != t.ndim or [d for i, d in enumerate(s.shape) if i != a_s] != [d for i, d in enumerate(t.shape) if i != a_t]:
-                raise BadInput(f"distill.features: student {f.student!r} gives {tuple(s.shape)}, teacher {f.teacher!r} gives {tuple(t.shape)}; "
-                               "only the width (channels / last axis) may differ")
+            if s.ndim != t.ndim or [d for i, d in enumerate(s.shape) if i != a_s] != [
+                d for i, d in enumerate(t.shape) if i != a_t
+            ]:
+                raise BadInput(
+                    f"distill.features: student {f.student!r} gives {tuple(s.shape)}, teacher {f.teacher!r} gives {tuple(t.shape)}; "
+                    "only the width (channels / last axis) may differ"
+                )
             s_widths[f.student], t_widths[f.teacher] = s.shape[a_s], t.shape[a_t]
     net = Distiller(student, features, t_widths, s_widths).to(device)
     frozen = _frozen_modules(student)
@@ -489,7 +550,12 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
             optimizer.load_state_dict(state["optimizer"])
             if scaler.is_enabled() and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
-            step, start_epoch, history, bad_epochs = state["step"], state["epoch"], state["history"], state["bad_epochs"]
+            step, start_epoch, history, bad_epochs = (
+                state["step"],
+                state["epoch"],
+                state["history"],
+                state["bad_epochs"],
+            )
             best = state["best"]
             resumed_from = start_epoch
             log(f"resuming from the checkpoint of epoch {start_epoch} ({latest})")
@@ -504,9 +570,13 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
         if teacher is None:
             return task_loss(logits, y)
         with torch.no_grad():
-            t_caught = probe_features(teacher, [f.teacher for f in features], inputs, "teacher") if features else {"__output__": _first_output(teacher(*inputs))}
+            t_caught = (
+                probe_features(teacher, [f.teacher for f in features], inputs, "teacher")
+                if features
+                else {"__output__": _first_output(teacher(*inputs))}
+            )
         loss = distillation_loss(logits, t_caught["__output__"], y, distill.temperature, distill.alpha)
-        for f, s_feat in zip(features, feats):
+        for f, s_feat in zip(features, feats, strict=False):
             loss = loss + f.weight * F.mse_loss(s_feat, t_caught[f.teacher])
         return loss
 
@@ -520,12 +590,14 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
         outs, losses = [], []
         with torch.no_grad():
             for start in range(lo, hi, batch_size):
-                feeds = {k: v[start:min(hi, start + batch_size)] for k, v in job.eval.arrays.items()}
+                feeds = {k: v[start : min(hi, start + batch_size)] for k, v in job.eval.arrays.items()}
                 inputs = tensors(feeds)
                 logits, _ = net(*inputs)
                 outs.append(logits.float().cpu().numpy())
                 if metric_name == "eval_loss":
-                    soft = distillation_loss(logits, _first_output(teacher(*inputs)), None, distill.temperature, distill.alpha)
+                    soft = distillation_loss(
+                        logits, _first_output(teacher(*inputs)), None, distill.temperature, distill.alpha
+                    )
                     losses.append(float(soft) * len(logits))
         count = hi - lo
         if count == 0:
@@ -577,7 +649,12 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
                 n = len(batch[0])
                 seen += n
                 loss_sum += float(loss.detach()) * n
-                bar.update(task, advance=1, loss=loss_sum / seen, rate=seen * env.world_size / max(1e-9, time.perf_counter() - started))
+                bar.update(
+                    task,
+                    advance=1,
+                    loss=loss_sum / seen,
+                    rate=seen * env.world_size / max(1e-9, time.perf_counter() - started),
+                )
                 if step >= total_steps:
                     break
             train_seconds = time.perf_counter() - started
@@ -589,9 +666,16 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
                 torch.distributed.all_reduce(pair)
                 loss_sum, seen = float(pair[0]), int(pair[1])
             metric = evaluate()
-            row = {"epoch": epoch + 1, "loss": round(loss_sum / max(1, seen), 6), "metric": None if metric is None else round(metric, 6),
-                   "seconds": round(time.perf_counter() - started, 3), "samples_per_s": round(seen / max(1e-9, train_seconds), 1),
-                   "samples": seen, "train_seconds": round(train_seconds, 4), "lr": optimizer.param_groups[0]["lr"]}
+            row = {
+                "epoch": epoch + 1,
+                "loss": round(loss_sum / max(1, seen), 6),
+                "metric": None if metric is None else round(metric, 6),
+                "seconds": round(time.perf_counter() - started, 3),
+                "samples_per_s": round(seen / max(1e-9, train_seconds), 1),
+                "samples": seen,
+                "train_seconds": round(train_seconds, 4),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
             history.append(row)
             bar.update(task, metric=f"{metric_name} {metric:.4f}" if metric is not None else "")
 
@@ -602,19 +686,37 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
                 score = -metric
             candidate = schedule is None or schedule.done
             if candidate and (best is None or score > best["score"] + cfg.min_delta):
-                best = {"score": score, "epoch": epoch + 1, "model": {k: v.detach().clone() for k, v in net.state_dict().items()}}
+                best = {
+                    "score": score,
+                    "epoch": epoch + 1,
+                    "model": {k: v.detach().clone() for k, v in net.state_dict().items()},
+                }
                 bad_epochs = 0
             elif candidate:
                 bad_epochs += 1
             if ckpt_dir is not None and env.is_main:  # DDP: rank 0 writes, every rank can read it back
-                _save_checkpoint(ckpt_dir, epoch + 1, {"fingerprint": key, "epoch": epoch + 1, "step": step, "history": history,
-                                                      "bad_epochs": bad_epochs, "best": best, "model": net.state_dict(),
-                                                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
+                _save_checkpoint(
+                    ckpt_dir,
+                    epoch + 1,
+                    {
+                        "fingerprint": key,
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "history": history,
+                        "bad_epochs": bad_epochs,
+                        "best": best,
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                    },
+                )
             if ckpt_dir is not None and env.world_size > 1:  # DDP: nobody races ahead of a checkpoint being written
                 torch.distributed.barrier()
             if cfg.patience is not None and bad_epochs >= cfg.patience:
                 stopped_early = True
-                log(f"early stop after epoch {epoch + 1}: no {metric_name or 'loss'} improvement for {cfg.patience} epochs")
+                log(
+                    f"early stop after epoch {epoch + 1}: no {metric_name or 'loss'} improvement for {cfg.patience} epochs"
+                )
                 break
     finally:
         bar.close()
@@ -625,7 +727,15 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
     best_epoch = best["epoch"] if (best is not None and cfg.keep_best) else (history[-1]["epoch"] if history else None)
     _set_eval_mode(student)
     samples, train_seconds = sum(r["samples"] for r in history), sum(r["train_seconds"] for r in history)
-    return TrainResult(student=student.cpu(), epochs=history, best_epoch=best_epoch, metric=metric_name,
-                       seconds=round(sum(r["seconds"] for r in history), 3), samples_per_s=round(samples / max(1e-9, train_seconds), 1),
-                       steps=step, stopped_early=stopped_early,
-                       resumed_from_epoch=resumed_from, kept_zero_tensors=len(masks))
+    return TrainResult(
+        student=student.cpu(),
+        epochs=history,
+        best_epoch=best_epoch,
+        metric=metric_name,
+        seconds=round(sum(r["seconds"] for r in history), 3),
+        samples_per_s=round(samples / max(1e-9, train_seconds), 1),
+        steps=step,
+        stopped_early=stopped_early,
+        resumed_from_epoch=resumed_from,
+        kept_zero_tensors=len(masks),
+    )

@@ -42,7 +42,9 @@ def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
 
 def run_subprocess(*args: str, cwd: Path | None = None, timeout: int = 300) -> CliResult:
     """Run `python -m optcli` in a child process (true stdout/stderr, signals, start-up cost)."""
-    proc = subprocess.run([sys.executable, "-m", "optcli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "optcli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -65,10 +67,16 @@ def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
 
 def digits_recipe(digits: Path, passes: list[dict], **extra) -> dict:
     recipe = {
-        "model": {"path": str(digits / "digits_cnn.pt"), "factory": "optcli.examples.digits:build_cnn", "factory_kwargs": {"width": 16},
-                  "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}]},
-        "data": {"calibration": {"path": str(digits / "digits_calib.npz"), "samples": 128},
-                 "eval": {"path": str(digits / "digits_test.npz"), "labels": "y"}},
+        "model": {
+            "path": str(digits / "digits_cnn.pt"),
+            "factory": "optcli.examples.digits:build_cnn",
+            "factory_kwargs": {"width": 16},
+            "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}],
+        },
+        "data": {
+            "calibration": {"path": str(digits / "digits_calib.npz"), "samples": 128},
+            "eval": {"path": str(digits / "digits_test.npz"), "labels": "y"},
+        },
         "passes": passes,
         "report": {"latency": {"batch_sizes": [1, 8], "warmup": 1, "runs": 5, "threads": 1}},
     }

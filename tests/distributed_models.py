@@ -20,7 +20,9 @@ class FragileMLP(nn.Module):
     with raise_instead it raises a ValueError there instead, like a bug or bad data on one worker.
     """
 
-    def __init__(self, hidden: int = 32, kill_rank: int | None = None, kill_step: int | None = None, raise_instead: bool = False):
+    def __init__(
+        self, hidden: int = 32, kill_rank: int | None = None, kill_step: int | None = None, raise_instead: bool = False
+    ):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
         self.kill_rank, self.kill_step, self.raise_instead, self.steps = kill_rank, kill_step, raise_instead, 0
@@ -36,5 +38,7 @@ class FragileMLP(nn.Module):
         return self.net(x)
 
 
-def build_mlp(hidden: int = 32, kill_rank: int | None = None, kill_step: int | None = None, raise_instead: bool = False) -> FragileMLP:
+def build_mlp(
+    hidden: int = 32, kill_rank: int | None = None, kill_step: int | None = None, raise_instead: bool = False
+) -> FragileMLP:
     return FragileMLP(hidden, kill_rank, kill_step, raise_instead)

@@ -16,10 +16,19 @@ class TinyEncoder(nn.Module):
         self.heads = heads
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(1, 64, dim) * 0.02)
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "ln1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
-            "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim),
-        }) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(dim),
+                    "qkv": nn.Linear(dim, 3 * dim),
+                    "proj": nn.Linear(dim, dim),
+                    "ln2": nn.LayerNorm(dim),
+                    "fc1": nn.Linear(dim, 4 * dim),
+                    "fc2": nn.Linear(4 * dim, dim),
+                }
+            )
+            for _ in range(layers)
+        )
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, input_ids, attention_mask):

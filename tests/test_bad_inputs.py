@@ -6,7 +6,6 @@ import hashlib
 import shutil
 
 import pytest
-
 from conftest import digits_recipe, run_cli, write_recipe
 
 
@@ -36,8 +35,9 @@ def _random_bytes_pt(d, t):
 
 
 def _pickled_module(d, t):
-    from optcli.examples.digits import build_cnn
     import torch
+
+    from optcli.examples.digits import build_cnn
 
     torch.save(build_cnn(16), t / "whole.pt")
     recipe = digits_recipe(d, [{"type": "export"}])
@@ -71,21 +71,40 @@ def _missing_calibration_file(d, t):
 
 def _dynamic_dim_without_size(d, t):
     import torch
-
     from models import build_encoder
 
-    torch.onnx.export(build_encoder(), (torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)), str(t / "enc.onnx"),
-                      dynamo=False, input_names=["input_ids", "attention_mask"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
-    return {"model": {"path": str(t / "enc.onnx")}, "passes": [{"type": "quantize"}]}, "input 'input_ids' has a dynamic dimension 1"
+    torch.onnx.export(
+        build_encoder(),
+        (torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)),
+        str(t / "enc.onnx"),
+        dynamo=False,
+        input_names=["input_ids", "attention_mask"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
+    )
+    return {
+        "model": {"path": str(t / "enc.onnx")},
+        "passes": [{"type": "quantize"}],
+    }, "input 'input_ids' has a dynamic dimension 1"
 
 
 def _finetune_after_export(d, t):
     return digits_recipe(d, [{"type": "export"}, {"type": "export"}]), "needs a torch model but gets onnx"
 
 
-CASES = [_missing_model, _zero_byte_onnx, _truncated_onnx, _random_bytes_pt, _pickled_module, _unknown_pass, _unknown_key,
-         _wrong_type, _static_without_calibration, _missing_calibration_file, _dynamic_dim_without_size, _finetune_after_export]
+CASES = [
+    _missing_model,
+    _zero_byte_onnx,
+    _truncated_onnx,
+    _random_bytes_pt,
+    _pickled_module,
+    _unknown_pass,
+    _unknown_key,
+    _wrong_type,
+    _static_without_calibration,
+    _missing_calibration_file,
+    _dynamic_dim_without_size,
+    _finetune_after_export,
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__.strip("_") for c in CASES])
@@ -127,12 +146,17 @@ def test_non_empty_output_folder_needs_overwrite(digits, tmp_path):
 
 def test_export_that_cannot_trace_fails_the_pass_with_exit_3(tmp_path):
     import torch
-
     from models import build_not_exportable
 
     torch.save(build_not_exportable().state_dict(), tmp_path / "m.pt")
-    recipe = {"model": {"path": str(tmp_path / "m.pt"), "factory": "models:build_not_exportable", "inputs": [{"name": "x", "shape": [1, 4]}]},
-              "passes": [{"type": "export"}]}
+    recipe = {
+        "model": {
+            "path": str(tmp_path / "m.pt"),
+            "factory": "models:build_not_exportable",
+            "inputs": [{"name": "x", "shape": [1, 4]}],
+        },
+        "passes": [{"type": "export"}],
+    }
     result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--quiet")
     assert result.exit_code == 3
     assert "pass 1-export failed" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -21,8 +21,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-
 from conftest import REPO, CliResult, run_cli, write_recipe
+
 from optcli import distributed as D
 
 TESTS = Path(__file__).resolve().parent
@@ -40,10 +40,16 @@ def mlp_recipe(tmp_path, digits) -> dict:
     with np.load(digits / "digits_train.npz") as z:
         np.savez(tmp_path / "train.npz", x=z["x"][:TRAIN_SAMPLES], y=z["y"][:TRAIN_SAMPLES])
     return {
-        "model": {"path": str(tmp_path / "mlp.pt"), "factory": "distributed_models:build_mlp", "factory_kwargs": {},
-                  "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}]},
-        "data": {"train": {"path": str(tmp_path / "train.npz"), "batch_size": GLOBAL_BATCH},
-                 "eval": {"path": str(digits / "digits_test.npz"), "labels": "y"}},
+        "model": {
+            "path": str(tmp_path / "mlp.pt"),
+            "factory": "distributed_models:build_mlp",
+            "factory_kwargs": {},
+            "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}],
+        },
+        "data": {
+            "train": {"path": str(tmp_path / "train.npz"), "batch_size": GLOBAL_BATCH},
+            "eval": {"path": str(digits / "digits_test.npz"), "labels": "y"},
+        },
         "passes": [{"type": "finetune", "epochs": 3, "lr": 3e-3}],
         "report": {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 3, "threads": 1}},
     }
@@ -53,8 +59,19 @@ def run_tagged(*args, timeout: int = 240) -> CliResult:
     """`python -m optcli ...` in a child process whose environment carries a tag its workers inherit;
     afterwards no process with that tag may be alive (psutil), whatever happened to the run."""
     tag = uuid.uuid4().hex
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OPTCLI_TEST_TAG": tag}
-    proc = subprocess.run([sys.executable, "-m", "optcli", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OPTCLI_TEST_TAG": tag,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "optcli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert_no_survivors(tag)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
@@ -107,7 +124,9 @@ def training(report: dict) -> dict:
 
 def test_two_workers_reach_the_weights_and_metric_of_one_worker_with_the_same_global_batch(tmp_path, mlp_recipe):
     out1, rep1 = one_worker_run(tmp_path, mlp_recipe, "one")
-    two = write_recipe(tmp_path, {**mlp_recipe, "passes": [{**mlp_recipe["passes"][0], "batch_size": GLOBAL_BATCH // 2}]}, "two.yaml")
+    two = write_recipe(
+        tmp_path, {**mlp_recipe, "passes": [{**mlp_recipe["passes"][0], "batch_size": GLOBAL_BATCH // 2}]}, "two.yaml"
+    )
     r = run_tagged("run", two, "-o", tmp_path / "two", "--json", "--quiet", "--nproc-per-node", "2")
     assert r.exit_code == 0, r.stderr
     rep2, out2 = r.json(), tmp_path / "two"
@@ -117,12 +136,21 @@ def test_two_workers_reach_the_weights_and_metric_of_one_worker_with_the_same_gl
     assert max_abs_diff(w1, w2) <= 1e-5
     # The metric the runner measures on the written artifacts, and the loop's all-reduced eval metric per epoch.
     assert rep2["steps"][-1]["accuracy"]["value"] == pytest.approx(rep1["steps"][-1]["accuracy"]["value"], abs=1e-9)
-    assert [e["metric"] for e in training(rep2)["epochs"]] == pytest.approx([e["metric"] for e in training(rep1)["epochs"]], abs=1e-6)
-    assert [e["loss"] for e in training(rep2)["epochs"]] == pytest.approx([e["loss"] for e in training(rep1)["epochs"]], abs=1e-5)
+    assert [e["metric"] for e in training(rep2)["epochs"]] == pytest.approx(
+        [e["metric"] for e in training(rep1)["epochs"]], abs=1e-6
+    )
+    assert [e["loss"] for e in training(rep2)["epochs"]] == pytest.approx(
+        [e["loss"] for e in training(rep1)["epochs"]], abs=1e-5
+    )
 
     t1, t2 = training(rep1), training(rep2)
     assert (t1["world_size"], t1["batch_per_worker"], t1["global_batch"]) == (1, GLOBAL_BATCH, GLOBAL_BATCH)
-    assert (t2["world_size"], t2["backend"], t2["batch_per_worker"], t2["global_batch"]) == (2, "gloo", GLOBAL_BATCH // 2, GLOBAL_BATCH)
+    assert (t2["world_size"], t2["backend"], t2["batch_per_worker"], t2["global_batch"]) == (
+        2,
+        "gloo",
+        GLOBAL_BATCH // 2,
+        GLOBAL_BATCH,
+    )
     assert len(t2["devices"]) == 2 and all(d.startswith("cpu") for d in t2["devices"])
     assert t2["samples_per_s_per_worker"] == pytest.approx(t2["samples_per_s"] / 2, rel=0.01)
     assert "2 workers (gloo) on cpu" in (out2 / "report.md").read_text()
@@ -134,7 +162,9 @@ def test_two_workers_reach_the_weights_and_metric_of_one_worker_with_the_same_gl
 def test_a_killed_worker_ends_the_run_with_exit_3_naming_its_rank(tmp_path, mlp_recipe):
     mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": STEPS_PER_EPOCH + 3}  # mid epoch 2
     mlp_recipe["passes"][0]["batch_size"] = GLOBAL_BATCH // 2
-    r = run_tagged("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--quiet", "--nproc-per-node", "2")
+    r = run_tagged(
+        "run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--quiet", "--nproc-per-node", "2"
+    )
     assert r.exit_code == 3, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -146,7 +176,9 @@ def test_max_restarts_resumes_from_the_epoch_checkpoint_and_finishes(tmp_path, m
     plain = {**mlp_recipe, "passes": [dict(mlp_recipe["passes"][0])]}
     mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": STEPS_PER_EPOCH + 3}
     mlp_recipe["passes"][0].update(batch_size=GLOBAL_BATCH // 2, distributed={"max_restarts": 1})
-    r = run_tagged("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--json", "--quiet", "--nproc-per-node", "2")
+    r = run_tagged(
+        "run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--json", "--quiet", "--nproc-per-node", "2"
+    )
     assert r.exit_code == 0, r.stderr
     assert training(r.json())["resumed_from_epoch"] == 1
     # Resuming lost nothing: the same weights as an uninterrupted run (one process, same global batch).
@@ -158,8 +190,25 @@ def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path, mlp_recipe):
     mlp_recipe["passes"][0].update(epochs=2000, batch_size=GLOBAL_BATCH // 2)
     tag = uuid.uuid4().hex
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OPTCLI_TEST_TAG": tag}
-    proc = subprocess.Popen([sys.executable, "-m", "optcli", "run", str(write_recipe(tmp_path, mlp_recipe)), "-o", str(tmp_path / "out"),
-                             "--quiet", "--nproc-per-node", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "optcli",
+            "run",
+            str(write_recipe(tmp_path, mlp_recipe)),
+            "-o",
+            str(tmp_path / "out"),
+            "--quiet",
+            "--nproc-per-node",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (tmp_path / "out" / "steps" / "1-finetune.ckpt").exists():
@@ -179,11 +228,16 @@ def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path, mlp_recipe):
 def test_a_worker_that_raises_ends_the_run_with_its_rank_and_error_in_one_line(tmp_path, mlp_recipe):
     mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": 5, "raise_instead": True}
     mlp_recipe["passes"][0]["batch_size"] = GLOBAL_BATCH // 2
-    r = run_tagged("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--quiet", "--nproc-per-node", "2")
+    r = run_tagged(
+        "run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--quiet", "--nproc-per-node", "2"
+    )
     assert r.exit_code == 3, r.stderr
     # rank 0 fails too (its peer is gone), but the root cause named is rank 1's, read from its error file
-    assert r.stderr.strip().endswith("worker rank 1 (local rank 1, pid " + r.stderr.split("pid ")[1].split(")")[0] +
-                                     ") failed: ValueError: worker 1 met a NaN in its batch at step 5"), r.stderr
+    assert r.stderr.strip().endswith(
+        "worker rank 1 (local rank 1, pid "
+        + r.stderr.split("pid ")[1].split(")")[0]
+        + ") failed: ValueError: worker 1 met a NaN in its batch at step 5"
+    ), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
@@ -202,9 +256,35 @@ def test_two_nodes_resume_from_rank_0s_checkpoint_and_train_like_one_worker(tmp_
         port = s.getsockname()[1]
     tag = uuid.uuid4().hex
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OPTCLI_TEST_TAG": tag}
-    procs = [subprocess.Popen([sys.executable, "-m", "optcli", "run", str(path), "-o", str(tmp_path / f"node{i}"), "--json", "--quiet",
-                               "--nnodes", "2", "--node-rank", str(i), "--rdzv-endpoint", f"127.0.0.1:{port}", "--nproc-per-node", "1"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "optcli",
+                "run",
+                str(path),
+                "-o",
+                str(tmp_path / f"node{i}"),
+                "--json",
+                "--quiet",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(i),
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--nproc-per-node",
+                "1",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
     try:
         results = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -226,8 +306,24 @@ def test_workers_die_with_a_killed_optcli_process(tmp_path, mlp_recipe):
     mlp_recipe["passes"][0].update(epochs=2000, batch_size=GLOBAL_BATCH // 2)
     tag = uuid.uuid4().hex
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OPTCLI_TEST_TAG": tag}
-    proc = subprocess.Popen([sys.executable, "-m", "optcli", "run", str(write_recipe(tmp_path, mlp_recipe)), "-o", str(tmp_path / "out"),
-                             "--quiet", "--nproc-per-node", "2"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "optcli",
+            "run",
+            str(write_recipe(tmp_path, mlp_recipe)),
+            "-o",
+            str(tmp_path / "out"),
+            "--quiet",
+            "--nproc-per-node",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (tmp_path / "out" / "steps" / "1-finetune.ckpt").exists():
@@ -248,9 +344,22 @@ def test_a_node_left_alone_at_the_rendezvous_fails_with_exit_3_after_rdzv_timeou
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     started = time.monotonic()
-    r = run_tagged("run", write_recipe(tmp_path, mlp_recipe), "-o", tmp_path / "out", "--quiet",
-                   "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", f"127.0.0.1:{port}")
-    assert r.exit_code == 3 and "rendezvous at 127.0.0.1" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = run_tagged(
+        "run",
+        write_recipe(tmp_path, mlp_recipe),
+        "-o",
+        tmp_path / "out",
+        "--quiet",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+    )
+    assert r.exit_code == 3 and "rendezvous at 127.0.0.1" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (
+        r.stderr
+    )
     assert time.monotonic() - started < 120
 
 
@@ -259,10 +368,12 @@ def test_a_node_left_alone_at_the_rendezvous_fails_with_exit_3_after_rdzv_timeou
 
 def test_bad_distributed_flags_are_refused_in_one_line(tmp_path, mlp_recipe):
     path = write_recipe(tmp_path, mlp_recipe)
-    for flags, expect in ((["--nproc-per-node", "two"], "--nproc-per-node 'two'"),
-                          (["--nnodes", "2"], "rdzv_endpoint"),
-                          (["--nnodes", "2", "--rdzv-endpoint", "node0"], "host:port"),
-                          (["--node-rank", "3", "--nnodes", "2", "--rdzv-endpoint", "node0:29400"], "node_rank 3")):
+    for flags, expect in (
+        (["--nproc-per-node", "two"], "--nproc-per-node 'two'"),
+        (["--nnodes", "2"], "rdzv_endpoint"),
+        (["--nnodes", "2", "--rdzv-endpoint", "node0"], "host:port"),
+        (["--node-rank", "3", "--nnodes", "2", "--rdzv-endpoint", "node0:29400"], "node_rank 3"),
+    ):
         r = run_cli("run", path, "-o", tmp_path / "out", *flags)
         assert r.exit_code == 2, (flags, r.stderr)
         assert expect in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -275,13 +386,16 @@ def test_distributed_flags_without_a_finetune_pass_are_refused(tmp_path, mlp_rec
     assert r.exit_code == 2 and "no finetune pass" in r.stderr
 
 
-@pytest.mark.parametrize("finetune, expect", [
-    ({"device": "cuda:0", "distributed": {"nproc_per_node": 2}}, "names one GPU"),
-    ({"device": "cpu", "distributed": {"backend": "nccl"}}, "nccl needs device cuda"),
-    ({"device": "cpu", "amp": "bf16"}, "amp bf16 is for CUDA"),
-    ({"distributed": {"nproc_per_node": 0}}, "nproc_per_node"),
-    ({"distributed": {"nnodes": 2}}, "needs rdzv_endpoint"),
-])
+@pytest.mark.parametrize(
+    "finetune, expect",
+    [
+        ({"device": "cuda:0", "distributed": {"nproc_per_node": 2}}, "names one GPU"),
+        ({"device": "cpu", "distributed": {"backend": "nccl"}}, "nccl needs device cuda"),
+        ({"device": "cpu", "amp": "bf16"}, "amp bf16 is for CUDA"),
+        ({"distributed": {"nproc_per_node": 0}}, "nproc_per_node"),
+        ({"distributed": {"nnodes": 2}}, "needs rdzv_endpoint"),
+    ],
+)
 def test_impossible_device_and_launch_settings_fail_validation_with_their_line(tmp_path, mlp_recipe, finetune, expect):
     mlp_recipe["passes"][0].update(finetune)
     r = run_cli("validate", write_recipe(tmp_path, mlp_recipe))
@@ -363,8 +477,13 @@ def test_failure_message_names_the_first_failed_rank_and_its_error(tmp_path, mon
         ErrorHandler().record_exception(e)  # what torch's @record writes in a worker
     failed = ProcessFailure(local_rank=1, pid=4242, exitcode=1, error_file=str(error_file))
     msg = D.failure_message(ChildFailedError("_worker", {3: failed}), max_restarts=0)
-    assert msg == "worker rank 3 (local rank 1, pid 4242) failed: ValueError: labels go up to 12 but the model has 10 outputs"
+    assert (
+        msg
+        == "worker rank 3 (local rank 1, pid 4242) failed: ValueError: labels go up to 12 but the model has 10 outputs"
+    )
     killed = ProcessFailure(local_rank=0, pid=77, exitcode=-9, error_file=str(tmp_path / "none.json"))
-    assert "worker rank 2 (local rank 0, pid 77) failed after 2 restart(s): killed by signal 9 (SIGKILL)" == \
+    assert (
         D.failure_message(ChildFailedError("_worker", {2: killed}), max_restarts=2)
+        == "worker rank 2 (local rank 0, pid 77) failed after 2 restart(s): killed by signal 9 (SIGKILL)"
+    )
     assert json.loads(error_file.read_text())["message"]["message"].startswith("ValueError")

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import digits_recipe, run_cli, write_recipe
+
 from optcli.examples.digits import build_cnn
 
 FAST = {"batch_size": 32, "lr": 0.01}
@@ -43,8 +43,15 @@ def _step(report: dict, name: str) -> dict:
 
 
 def test_distilling_into_a_half_width_student_keeps_95_percent_of_teacher_accuracy(digits, tmp_path):
-    passes = [{"type": "finetune", "epochs": 8, **FAST, "student": {"factory": "optcli.examples.digits:build_cnn", "factory_kwargs": {"width": 8}},
-               "distill": {"teacher": "reference", "temperature": 4.0, "alpha": 0.7}}]
+    passes = [
+        {
+            "type": "finetune",
+            "epochs": 8,
+            **FAST,
+            "student": {"factory": "optcli.examples.digits:build_cnn", "factory_kwargs": {"width": 8}},
+            "distill": {"teacher": "reference", "temperature": 4.0, "alpha": 0.7},
+        }
+    ]
     result = _run(tmp_path, _recipe(digits, passes))
     assert result.exit_code == 0, result.stderr
     report = result.json()
@@ -64,8 +71,10 @@ def test_distilling_into_a_half_width_student_keeps_95_percent_of_teacher_accura
 
 
 def test_finetune_after_50_percent_channel_pruning_beats_the_pruned_only_model(digits, tmp_path):
-    passes = [{"type": "prune", "sparsity": 0.5, "structured": "channels"},
-              {"type": "finetune", "epochs": 4, **FAST, "distill": {"teacher": "reference"}}]
+    passes = [
+        {"type": "prune", "sparsity": 0.5, "structured": "channels"},
+        {"type": "finetune", "epochs": 4, **FAST, "distill": {"teacher": "reference"}},
+    ]
     result = _run(tmp_path, _recipe(digits, passes))
     assert result.exit_code == 0, result.stderr
     report = result.json()
@@ -118,8 +127,12 @@ def test_weights_masked_by_torch_prune_stay_zero_in_the_training_loop(digits):
             self.done = True
 
     model._optcli_prune_schedule = CountingSchedule()
-    job = TrainJob(config=Config(epochs=2, batch_size=64, seed=0), student=model, input_names=["x"],
-                   train=Dataset("train", {"x": data["x"]}, data["y"], 64, "accuracy"))
+    job = TrainJob(
+        config=Config(epochs=2, batch_size=64, seed=0),
+        student=model,
+        input_names=["x"],
+        train=Dataset("train", {"x": data["x"]}, data["y"], 64, "accuracy"),
+    )
     result = train(job, progress=False)
     weight = result.student.hidden.weight
     assert torch.count_nonzero(weight[zeros]) == 0 and torch.count_nonzero(weight[~zeros]) == int((~zeros).sum())
@@ -129,7 +142,10 @@ def test_weights_masked_by_torch_prune_stay_zero_in_the_training_loop(digits):
 
 
 def test_gradual_prune_schedule_reaches_its_sparsity_during_finetune(digits, tmp_path):
-    passes = [{"type": "prune", "sparsity": 0.6, "scope": "layer", "schedule": {"steps": 40}}, {"type": "finetune", "epochs": 2, **FAST}]
+    passes = [
+        {"type": "prune", "sparsity": 0.6, "scope": "layer", "schedule": {"steps": 40}},
+        {"type": "finetune", "epochs": 2, **FAST},
+    ]
     result = _run(tmp_path, _recipe(digits, passes))
     assert result.exit_code == 0, result.stderr
     assert _step(result.json(), "1-prune")["sparsity"] < _step(result.json(), "2-finetune")["sparsity"]
@@ -143,8 +159,15 @@ def test_head_replacement_trains_a_new_three_class_head_and_leaves_frozen_layers
         z = np.load(digits / f"digits_{split}.npz")
         keep = z["y"] < 3
         np.savez(tmp_path / f"abc_{split}.npz", x=z["x"][keep], y=z["y"][keep])
-    passes = [{"type": "finetune", "epochs": 3, **FAST, "head": {"replace": "classifier", "num_classes": 3},
-               "freeze": ["stem.*", "block.*", "features.*"]}]
+    passes = [
+        {
+            "type": "finetune",
+            "epochs": 3,
+            **FAST,
+            "head": {"replace": "classifier", "num_classes": 3},
+            "freeze": ["stem.*", "block.*", "features.*"],
+        }
+    ]
     recipe = _recipe(digits, passes)
     recipe["data"]["train"]["path"] = str(tmp_path / "abc_train.npz")
     recipe["data"]["eval"]["path"] = str(tmp_path / "abc_test.npz")
@@ -156,7 +179,9 @@ def test_head_replacement_trains_a_new_three_class_head_and_leaves_frozen_layers
     original = torch.load(digits / "digits_cnn.pt")
     tuned = _state(tmp_path / "out" / "model.pt2")
     assert torch.equal(tuned["stem.0.weight"], original["stem.0.weight"])
-    assert torch.equal(tuned["features.1.running_mean"], original["features.1.running_mean"])  # frozen BatchNorm keeps its statistics
+    assert torch.equal(
+        tuned["features.1.running_mean"], original["features.1.running_mean"]
+    )  # frozen BatchNorm keeps its statistics
     assert not torch.equal(tuned["hidden.weight"], original["hidden.weight"])
 
 
@@ -202,8 +227,19 @@ def test_resume_after_an_interrupted_epoch_ends_with_the_same_weights(digits, tm
 
 def test_teacher_and_student_given_as_files(digits, tmp_path):
     torch.save(build_cnn(8).state_dict(), tmp_path / "small.pt")
-    passes = [{"type": "finetune", "epochs": 1, **FAST, "distill": {"teacher": str(digits / "digits_cnn.pt2")},
-               "student": {"path": "small.pt", "factory": "optcli.examples.digits:build_cnn", "factory_kwargs": {"width": 8}}}]
+    passes = [
+        {
+            "type": "finetune",
+            "epochs": 1,
+            **FAST,
+            "distill": {"teacher": str(digits / "digits_cnn.pt2")},
+            "student": {
+                "path": "small.pt",
+                "factory": "optcli.examples.digits:build_cnn",
+                "factory_kwargs": {"width": 8},
+            },
+        }
+    ]
     result = _run(tmp_path, _recipe(digits, passes))
     assert result.exit_code == 0, result.stderr
     assert _state(tmp_path / "out" / "model.pt2")["stem.0.weight"].shape[0] == 8
@@ -213,8 +249,15 @@ def test_teacher_and_student_given_as_files(digits, tmp_path):
 
 def test_hidden_features_of_a_narrower_student_are_matched_through_a_projection(digits, tmp_path):
     distill = {"teacher": "reference", "features": [{"student": "block", "teacher": "block", "weight": 0.5}]}
-    passes = [{"type": "finetune", "epochs": 2, **FAST, "student": {"factory": "optcli.examples.digits:build_cnn", "factory_kwargs": {"width": 8}},
-               "distill": distill}]
+    passes = [
+        {
+            "type": "finetune",
+            "epochs": 2,
+            **FAST,
+            "student": {"factory": "optcli.examples.digits:build_cnn", "factory_kwargs": {"width": 8}},
+            "distill": distill,
+        }
+    ]
     result = _run(tmp_path, _recipe(digits, passes))
     assert result.exit_code == 0, result.stderr
     assert "features MSE" in _step(result.json(), "1-finetune")["details"]["training"]["loss"]
@@ -253,9 +296,19 @@ def test_a_job_saved_for_a_worker_trains_to_the_same_weights(digits, tmp_path):
         teacher = build_cnn(16)
         teacher.load_state_dict(torch.load(digits / "digits_cnn.pt"))
         torch.manual_seed(0)
-        config = Config(epochs=1, batch_size=64, seed=3, distill={"teacher": "reference", "features": [{"student": "block", "teacher": "block"}]})
-        return TrainJob(config=config, student=build_cnn(8), teacher=teacher.eval(), input_names=["x"],
-                        train=Dataset("train", {"x": z["x"]}, z["y"], 64, "accuracy"))
+        config = Config(
+            epochs=1,
+            batch_size=64,
+            seed=3,
+            distill={"teacher": "reference", "features": [{"student": "block", "teacher": "block"}]},
+        )
+        return TrainJob(
+            config=config,
+            student=build_cnn(8),
+            teacher=teacher.eval(),
+            input_names=["x"],
+            train=Dataset("train", {"x": z["x"]}, z["y"], 64, "accuracy"),
+        )
 
     job().save(tmp_path / "job")
     direct = train(job(), progress=False).student.state_dict()
@@ -301,8 +354,18 @@ def test_training_data_keyed_by_another_name_is_refused(digits, tmp_path):
 
 def test_teacher_with_another_output_shape_is_refused(digits, tmp_path):
     torch.save(build_cnn(16, num_classes=3).state_dict(), tmp_path / "teacher3.pt")
-    passes = [{"type": "finetune", "distill": {"teacher": {"path": "teacher3.pt", "factory": "optcli.examples.digits:build_cnn",
-                                                            "factory_kwargs": {"width": 16, "num_classes": 3}}}}]
+    passes = [
+        {
+            "type": "finetune",
+            "distill": {
+                "teacher": {
+                    "path": "teacher3.pt",
+                    "factory": "optcli.examples.digits:build_cnn",
+                    "factory_kwargs": {"width": 16, "num_classes": 3},
+                }
+            },
+        }
+    ]
     result = _run(tmp_path, _recipe(digits, passes))
     _refused(result, "distill.teacher", "(2, 3)", "(2, 10)")
     assert not (tmp_path / "out" / "report.json").exists()
@@ -327,7 +390,11 @@ def test_max_steps_stops_training_mid_epoch(digits):
     from optcli.training import TrainJob, train
 
     z = np.load(digits / "digits_train.npz")
-    job = TrainJob(config=Config(epochs=5, max_steps=7, batch_size=64, seed=0), student=build_cnn(8), input_names=["x"],
-                   train=Dataset("train", {"x": z["x"]}, z["y"], 64, "accuracy"))
+    job = TrainJob(
+        config=Config(epochs=5, max_steps=7, batch_size=64, seed=0),
+        student=build_cnn(8),
+        input_names=["x"],
+        train=Dataset("train", {"x": z["x"]}, z["y"], 64, "accuracy"),
+    )
     result = train(job, progress=False)
     assert result.steps == 7 and len(result.epochs) == 1 and result.epochs[0]["samples"] == 7 * 64

@@ -28,14 +28,20 @@ def refused(result, *names: str) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.stderr}"
     assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr and "internal error" not in lines[0], lines[0]
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr and "internal error" not in lines[0], (
+        lines[0]
+    )
     for name in names:
         assert name in lines[0], f"{name!r} not named in: {lines[0]}"
     return lines[0]
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def nothing_written(out: Path) -> None:
@@ -71,9 +77,13 @@ def _external_onnx(folder: Path, location: str, name: str, batch: int | str = 1)
     weight.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", "0"), ("length", "16")):
         weight.external_data.add(key=key, value=value)
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"], name="add")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], initializer=[weight])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"], name="add")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+        initializer=[weight],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     path = folder / name
     path.write_bytes(model.SerializeToString())
@@ -88,12 +98,19 @@ def bad(digits, tmp_path_factory) -> Path:
     pt_bytes = (digits / "digits_cnn.pt").read_bytes()
     pt2_bytes = (digits / "digits_cnn.pt2").read_bytes()
     files = {
-        "empty.onnx": b"", "empty.pt": b"", "empty.pt2": b"",
-        "truncated.onnx": onnx_bytes[: len(onnx_bytes) // 2], "truncated_header.onnx": onnx_bytes[:40],
-        "truncated.pt": pt_bytes[: len(pt_bytes) // 2], "truncated.pt2": pt2_bytes[: len(pt2_bytes) // 2],
+        "empty.onnx": b"",
+        "empty.pt": b"",
+        "empty.pt2": b"",
+        "truncated.onnx": onnx_bytes[: len(onnx_bytes) // 2],
+        "truncated_header.onnx": onnx_bytes[:40],
+        "truncated.pt": pt_bytes[: len(pt_bytes) // 2],
+        "truncated.pt2": pt2_bytes[: len(pt2_bytes) // 2],
         "zip_directory_flipped.pt": _flip(pt_bytes, len(pt_bytes) - 30),
-        "onnx_named.pt": onnx_bytes, "onnx_named.pt2": onnx_bytes, "state_dict_named.onnx": pt_bytes,
-        "state_dict_named.pt2": pt_bytes, "text_named.onnx": b"hello, I am not a model\n" * 10,
+        "onnx_named.pt": onnx_bytes,
+        "onnx_named.pt2": onnx_bytes,
+        "state_dict_named.onnx": pt_bytes,
+        "state_dict_named.pt2": pt_bytes,
+        "text_named.onnx": b"hello, I am not a model\n" * 10,
         "npz_named.onnx": (digits / "digits_test.npz").read_bytes(),
     }
     for name, data in files.items():
@@ -120,14 +137,27 @@ def bad(digits, tmp_path_factory) -> Path:
 
 MODEL_CASES = {
     # file: words the one-line refusal must contain besides the file name
-    "empty.onnx": "empty", "empty.pt": "empty", "empty.pt2": "empty",
-    "truncated.onnx": "not a valid ONNX", "truncated_header.onnx": "not a valid ONNX",
-    "truncated.pt": "truncated", "truncated.pt2": "truncated", "zip_directory_flipped.pt": "truncated",
-    "onnx_named.pt": "not a PyTorch checkpoint", "onnx_named.pt2": ".pt2", "state_dict_named.onnx": "not a valid ONNX",
-    "state_dict_named.pt2": "torch.export", "text_named.onnx": "not a valid ONNX", "npz_named.onnx": "not a valid ONNX",
-    "payload_named.onnx": "not a valid ONNX", "payload_named.pt2": "torch.export", "payload_named.safetensors": "safetensors",
-    "ext/missing_data.onnx": "missing", "ext/escapes_folder.onnx": "outside the model folder",
-    "ext/absolute_location.onnx": "outside the model folder", "ext/symlink_out.onnx": "outside the model folder",
+    "empty.onnx": "empty",
+    "empty.pt": "empty",
+    "empty.pt2": "empty",
+    "truncated.onnx": "not a valid ONNX",
+    "truncated_header.onnx": "not a valid ONNX",
+    "truncated.pt": "truncated",
+    "truncated.pt2": "truncated",
+    "zip_directory_flipped.pt": "truncated",
+    "onnx_named.pt": "not a PyTorch checkpoint",
+    "onnx_named.pt2": ".pt2",
+    "state_dict_named.onnx": "not a valid ONNX",
+    "state_dict_named.pt2": "torch.export",
+    "text_named.onnx": "not a valid ONNX",
+    "npz_named.onnx": "not a valid ONNX",
+    "payload_named.onnx": "not a valid ONNX",
+    "payload_named.pt2": "torch.export",
+    "payload_named.safetensors": "safetensors",
+    "ext/missing_data.onnx": "missing",
+    "ext/escapes_folder.onnx": "outside the model folder",
+    "ext/absolute_location.onnx": "outside the model folder",
+    "ext/symlink_out.onnx": "outside the model folder",
 }
 
 
@@ -137,7 +167,9 @@ def test_broken_model_file_is_refused_by_inspect_in_one_line(bad, name):
     assert not (bad / "PAYLOAD_RAN").exists(), line
 
 
-@pytest.mark.parametrize("name", ["empty.onnx", "truncated.pt", "onnx_named.pt", "ext/escapes_folder.onnx", "state_dict_named.pt2"])
+@pytest.mark.parametrize(
+    "name", ["empty.onnx", "truncated.pt", "onnx_named.pt", "ext/escapes_folder.onnx", "state_dict_named.pt2"]
+)
 def test_broken_model_file_is_refused_by_run_init_and_bench_before_any_work(bad, digits, tmp_path, name):
     before = tree_hashes(bad)
     recipe = digits_recipe(digits, [{"type": "quantize", "mode": "dynamic"}])
@@ -145,7 +177,10 @@ def test_broken_model_file_is_refused_by_run_init_and_bench_before_any_work(bad,
     out = tmp_path / "out"
     refused(run_cli("run", write_recipe(tmp_path, recipe), "-o", out, *QUIET), Path(name).name)
     nothing_written(out)
-    refused(run_cli("init", bad / name, "--factory", "optcli.examples.digits:build_cnn", "--shape", "x=1x1x8x8"), Path(name).name)
+    refused(
+        run_cli("init", bad / name, "--factory", "optcli.examples.digits:build_cnn", "--shape", "x=1x1x8x8"),
+        Path(name).name,
+    )
     refused(run_cli("bench", bad / name, "--shape", "x=1x1x8x8", "--runs", "1", "--warmup", "0"), Path(name).name)
     assert tree_hashes(bad) == before
 
@@ -173,7 +208,9 @@ def test_pickle_payload_never_runs_without_trust(bad, digits, tmp_path):
         recipe = digits_recipe(digits, [{"type": "export"}])
         recipe["model"]["path"] = str(bad / name)
         refused(run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / name, *QUIET), name, "trust")
-        refused(run_cli("init", bad / name, "--factory", "optcli.examples.digits:build_cnn", "--shape", "x=1x1x8x8"), name)
+        refused(
+            run_cli("init", bad / name, "--factory", "optcli.examples.digits:build_cnn", "--shape", "x=1x1x8x8"), name
+        )
     assert not marker.exists()
 
 
@@ -209,7 +246,9 @@ def test_yaml_python_tags_are_refused_and_never_constructed(tmp_path, recipe_fil
 def test_yaml_python_tag_in_a_set_override_is_refused(digits, tmp_path):
     marker = tmp_path / "SET_RAN"
     path = write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}]))
-    refused(run_cli("validate", path, "--set", f"seed=!!python/object/apply:builtins.open [{marker}, w]"), "--set", "seed")
+    refused(
+        run_cli("validate", path, "--set", f"seed=!!python/object/apply:builtins.open [{marker}, w]"), "--set", "seed"
+    )
     assert not marker.exists()
 
 
@@ -307,9 +346,13 @@ def test_bad_data_file_is_refused_before_any_pass_runs(digits, tmp_path, section
     folder.mkdir()
     for name, (path, words) in _data_cases(digits, folder).items():
         recipe = digits_recipe(digits, [{"type": "export"}, {"type": "quantize", "mode": "static"}])
-        recipe["data"][section] = {"path": str(path), "labels": "y"} if section == "eval" and "labels" in name else {"path": str(path)}
+        recipe["data"][section] = (
+            {"path": str(path), "labels": "y"} if section == "eval" and "labels" in name else {"path": str(path)}
+        )
         out = tmp_path / f"out_{name}"
-        line = refused(run_cli("run", write_recipe(tmp_path, recipe), "-o", out, *QUIET), name, f"data.{section}", words)
+        line = refused(
+            run_cli("run", write_recipe(tmp_path, recipe), "-o", out, *QUIET), name, f"data.{section}", words
+        )
         assert not (out / "steps" / "1-export").exists(), f"{name}: export ran before the data was checked ({line})"
         nothing_written(out)
 
@@ -329,7 +372,9 @@ def test_shape_larger_than_memory_is_refused_before_allocating(digits, tmp_path)
     recipe["model"]["inputs"] = [{"name": "x", "shape": [1, 1, 46340, 46340], "dtype": "float32"}]
     recipe["data"] = {}
     recipe["report"]["latency"]["batch_sizes"] = [1, 4096]
-    line = refused(run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", *QUIET), "'x'", "4096", "memory")
+    line = refused(
+        run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", *QUIET), "'x'", "4096", "memory"
+    )
     assert "batch_sizes" in line
     nothing_written(tmp_path / "out")
 
@@ -348,7 +393,9 @@ def test_no_verb_modifies_its_input_files(digits, tmp_path):
     inputs.mkdir()
     for f in digits.iterdir():
         (inputs / f.name).write_bytes(f.read_bytes())
-    recipe_path = write_recipe(inputs, digits_recipe(inputs, [{"type": "export"}, {"type": "quantize", "mode": "static"}]))
+    recipe_path = write_recipe(
+        inputs, digits_recipe(inputs, [{"type": "export"}, {"type": "quantize", "mode": "static"}])
+    )
     before = tree_hashes(inputs)
     mtimes = {p: p.stat().st_mtime_ns for p in inputs.iterdir()}
     out = tmp_path / "out"
@@ -399,7 +446,9 @@ def test_what_the_run_went_past_is_listed_in_report_warnings(digits, tmp_path):
     # An exclusion that matches nothing and a gate passed by a hair: both noticed, neither stops the run.
     out = tmp_path / "first"
     passes = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "exclude": ["NoSuchNode"]}]
-    recipe = digits_recipe(digits, passes, report={"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}})
+    recipe = digits_recipe(
+        digits, passes, report={"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
+    )
     assert run_cli("run", write_recipe(tmp_path, recipe), "-o", out, *QUIET).exit_code == 0
     size = json.loads((out / "report.json").read_text())["steps"][-1]["size_bytes"]
     recipe["gates"] = {"max_size_bytes": int(size * 1.02)}

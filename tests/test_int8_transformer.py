@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, write_recipe
 
 
@@ -26,25 +25,45 @@ def encoder(tmp_path_factory):
 
 def _recipe(folder, quantize: dict) -> dict:
     return {
-        "model": {"path": str(folder / "encoder.pt"), "factory": "models:build_encoder",
-                  "inputs": [{"name": "input_ids", "shape": [1, 16], "dtype": "int64"}, {"name": "attention_mask", "shape": [1, 16], "dtype": "int64"}]},
-        "data": {"calibration": {"path": str(folder / "tokens.npz"), "samples": 64}, "eval": {"path": str(folder / "tokens.npz")}},
+        "model": {
+            "path": str(folder / "encoder.pt"),
+            "factory": "models:build_encoder",
+            "inputs": [
+                {"name": "input_ids", "shape": [1, 16], "dtype": "int64"},
+                {"name": "attention_mask", "shape": [1, 16], "dtype": "int64"},
+            ],
+        },
+        "data": {
+            "calibration": {"path": str(folder / "tokens.npz"), "samples": 64},
+            "eval": {"path": str(folder / "tokens.npz")},
+        },
         "passes": [{"type": "export"}, {"type": "quantize", **quantize}],
         "report": {"latency": {"batch_sizes": [4], "warmup": 1, "runs": 3, "threads": 1}},
     }
 
 
 def test_dynamic_int8_encoder_keeps_fidelity(encoder, tmp_path):
-    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "per_channel": True})), "-o", tmp_path / "out", "--json")
+    result = run_cli(
+        "run",
+        write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "per_channel": True})),
+        "-o",
+        tmp_path / "out",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     report = result.json()
     final = report["steps"][-1]
-    assert final["accuracy"] is None and "fidelity only" in report["evaluation"]  # no labels: fidelity is still measured
+    assert (
+        final["accuracy"] is None and "fidelity only" in report["evaluation"]
+    )  # no labels: fidelity is still measured
     assert final["fidelity"]["cosine_mean"] > 0.99
-    assert final["details"]["quantized_ops"].get("MatMulInteger", 0) + final["details"]["quantized_ops"].get("DynamicQuantizeMatMul", 0) > 0
+    assert (
+        final["details"]["quantized_ops"].get("MatMulInteger", 0)
+        + final["details"]["quantized_ops"].get("DynamicQuantizeMatMul", 0)
+        > 0
+    )
     # re-measure independently: the written model vs the torch model on the eval tokens
     import onnxruntime as ort
-
     from models import build_encoder
 
     data = np.load(encoder / "tokens.npz")
@@ -58,7 +77,9 @@ def test_dynamic_int8_encoder_keeps_fidelity(encoder, tmp_path):
 
 
 def test_static_int8_calibration_survives_inf_attention_masks_and_says_so(encoder, tmp_path):
-    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, {"mode": "static"})), "-o", tmp_path / "out", "--json")
+    result = run_cli(
+        "run", write_recipe(tmp_path, _recipe(encoder, {"mode": "static"})), "-o", tmp_path / "out", "--json"
+    )
     assert result.exit_code == 0, result.stderr
     report = result.json()
     final = report["steps"][-1]
@@ -69,7 +90,14 @@ def test_static_int8_calibration_survives_inf_attention_masks_and_says_so(encode
 
 def test_library_warnings_land_in_the_report_not_the_terminal(encoder, tmp_path):
     # Without pre-processing ONNX Runtime's quantizer logs advice; the user finds it in report.json.
-    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "preprocess": False})), "-o", tmp_path / "out", "--json", "--quiet")
+    result = run_cli(
+        "run",
+        write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "preprocess": False})),
+        "-o",
+        tmp_path / "out",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     assert any("2-quantize" in w and "pre-process" in w for w in result.json()["warnings"])

@@ -27,13 +27,20 @@ def assert_nothing_half_written(out: Path) -> None:
     leftovers = [str(p.relative_to(out)) for p in out.rglob("*") if ".tmp" in p.name or p.name == ".optcli.lock"]
     assert not leftovers, leftovers
     for step in (out / "steps").iterdir() if (out / "steps").exists() else []:
-        assert (step / "step.json").is_file() or not any(step.glob("model.*")), f"{step.name} has an artifact but no step.json"
+        assert (step / "step.json").is_file() or not any(step.glob("model.*")), (
+            f"{step.name} has an artifact but no step.json"
+        )
 
 
 def interrupt_when(args: list, pattern: str, sig: int, timeout: float = 180) -> tuple[int, str, float]:
     """Start `optcli run ...`, send `sig` when a stderr line matches `pattern`; return (exit code, stderr, seconds to exit)."""
-    proc = subprocess.Popen([sys.executable, "-m", "optcli", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "optcli", *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     seen = []
     deadline = time.monotonic() + timeout
     try:
@@ -60,17 +67,31 @@ FAST_MEASURE = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads
 PHASES = {
     # phase: (passes, report section, the stderr line that says the phase has begun)
     "export": ([{"type": "export"}], FAST_MEASURE, r"1-export: running"),
-    "calibration": ([{"type": "export"}, {"type": "quantize", "mode": "static", "calibration": {"method": "percentile", "samples": 360}}],
-                    FAST_MEASURE, r"2-quantize: running"),
+    "calibration": (
+        [
+            {"type": "export"},
+            {"type": "quantize", "mode": "static", "calibration": {"method": "percentile", "samples": 360}},
+        ],
+        FAST_MEASURE,
+        r"2-quantize: running",
+    ),
     "training": ([{"type": "finetune", "epochs": 10_000, "lr": 1e-4}], FAST_MEASURE, r"1-finetune: running"),
     "benchmarking": ([{"type": "export"}], SLOW_MEASURE, r"measuring the original model"),
 }
 
 
-@pytest.mark.parametrize("phase,sig", [
-    ("export", signal.SIGINT), ("export", signal.SIGTERM), ("calibration", signal.SIGTERM),
-    ("training", signal.SIGINT), ("benchmarking", signal.SIGINT), ("benchmarking", signal.SIGTERM),
-], ids=lambda v: v.name if isinstance(v, signal.Signals) else v)
+@pytest.mark.parametrize(
+    "phase,sig",
+    [
+        ("export", signal.SIGINT),
+        ("export", signal.SIGTERM),
+        ("calibration", signal.SIGTERM),
+        ("training", signal.SIGINT),
+        ("benchmarking", signal.SIGINT),
+        ("benchmarking", signal.SIGTERM),
+    ],
+    ids=lambda v: v.name if isinstance(v, signal.Signals) else v,
+)
 def test_signal_exits_130_and_leaves_nothing_half_written(digits, tmp_path, phase, sig):
     passes, report, line = PHASES[phase]
     recipe = digits_recipe(digits, passes, report=report)
@@ -116,15 +137,22 @@ def _fail_copy_half_way(exc: BaseException):
     return copy
 
 
-@pytest.mark.parametrize("exc,code,words", [
-    (OSError(errno.ENOSPC, "No space left on device"), 3, "disk full while writing"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), 3, "disk full while writing"),
-    (KeyboardInterrupt(), 130, "interrupted"),
-])
-def test_failure_while_writing_the_final_artifact_leaves_no_partial_file(digits, tmp_path, monkeypatch, exc, code, words):
+@pytest.mark.parametrize(
+    "exc,code,words",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 3, "disk full while writing"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), 3, "disk full while writing"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
+)
+def test_failure_while_writing_the_final_artifact_leaves_no_partial_file(
+    digits, tmp_path, monkeypatch, exc, code, words
+):
     monkeypatch.setattr(shutil, "copyfile", _fail_copy_half_way(exc))
     out = tmp_path / "out"
-    result = run_cli("run", write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}], report=FAST_MEASURE)), "-o", out, "-q")
+    result = run_cli(
+        "run", write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}], report=FAST_MEASURE)), "-o", out, "-q"
+    )
     assert result.exit_code == code, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], result.stderr
@@ -146,9 +174,11 @@ def test_disk_full_while_writing_reports_exits_3_naming_them(digits, tmp_path, m
 
     monkeypatch.setattr(report, "_write_temp", full)
     out = tmp_path / "out"
-    result = run_cli("run", write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}], report=FAST_MEASURE)), "-o", out, "-q")
+    result = run_cli(
+        "run", write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}], report=FAST_MEASURE)), "-o", out, "-q"
+    )
     assert result.exit_code == 3, result.stderr
-    assert result.stderr.strip() .startswith("error: disk full while writing") and "report" in result.stderr
+    assert result.stderr.strip().startswith("error: disk full while writing") and "report" in result.stderr
     assert not any((out / n).exists() for n in ("report.json", "report.md", "report.html"))
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
@@ -199,11 +229,13 @@ def test_signal_outside_a_guarded_command_still_exits_130():
     import sys as _sys
 
     for sig in ("SIGINT", "SIGTERM"):
-        code = ("import os, signal, sys\n"
-                "import optcli.catalog\n"
-                f"optcli.catalog.pass_catalog = lambda: os.kill(os.getpid(), signal.{sig})\n"
-                "from optcli.cli import main\n"
-                "sys.argv = ['optcli', 'passes']\n"
-                "main()\n")
+        code = (
+            "import os, signal, sys\n"
+            "import optcli.catalog\n"
+            f"optcli.catalog.pass_catalog = lambda: os.kill(os.getpid(), signal.{sig})\n"
+            "from optcli.cli import main\n"
+            "sys.argv = ['optcli', 'passes']\n"
+            "main()\n"
+        )
         proc = _subprocess.run([_sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 130, (sig, proc.returncode, proc.stderr[-300:])

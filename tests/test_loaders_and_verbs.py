@@ -9,7 +9,6 @@ import onnx
 import pytest
 import torch
 import yaml
-
 from conftest import digits_recipe, run_cli, write_recipe
 
 
@@ -34,19 +33,36 @@ def formats(digits, tmp_path_factory):
     save_file(state, str(folder / "weights.safetensors"))
     proto = onnx.load(str(digits / "digits_cnn.onnx"))
     (folder / "ext").mkdir()
-    onnx.save_model(proto, str(folder / "ext" / "model.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        proto, str(folder / "ext" / "model.onnx"), save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
     return folder
 
 
-@pytest.mark.parametrize("name", ["digits_cnn.pt", "digits_cnn.pt2", "digits_cnn.ts.pt", "digits_cnn.onnx", "checkpoint.pth", "weights.safetensors", "ext/model.onnx"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "digits_cnn.pt",
+        "digits_cnn.pt2",
+        "digits_cnn.ts.pt",
+        "digits_cnn.onnx",
+        "checkpoint.pth",
+        "weights.safetensors",
+        "ext/model.onnx",
+    ],
+)
 def test_every_format_loads_and_matches_the_trained_model(digits, formats, name, tmp_path):
     from optcli.artifact import load_model
     from optcli.measure import runner_for
     from optcli.recipe import ModelSpec
 
     path = digits / name if (digits / name).exists() else formats / name
-    spec = ModelSpec(path=path, factory="optcli.examples.digits:build_cnn", factory_kwargs={"width": 16},
-                     inputs=[{"name": "x", "shape": [1, 1, 8, 8]}])
+    spec = ModelSpec(
+        path=path,
+        factory="optcli.examples.digits:build_cnn",
+        factory_kwargs={"width": 16},
+        inputs=[{"name": "x", "shape": [1, 1, 8, 8]}],
+    )
     model = load_model(spec)
     x, expected = _reference_logits(digits)
     got = runner_for(model, threads=1)({"x": x})[0]
@@ -76,7 +92,9 @@ def test_init_writes_a_recipe_that_validates(digits, tmp_path):
     path.write_text(result.stdout)
     assert run_cli("validate", path).exit_code == 0
     result = run_cli("init", digits / "digits_cnn.pt", "--factory", "optcli.examples.digits:build_cnn")
-    assert result.exit_code == 2 and "does not fit" in result.stderr and "factory_kwargs" in result.stderr  # width 16 vs default 32
+    assert (
+        result.exit_code == 2 and "does not fit" in result.stderr and "factory_kwargs" in result.stderr
+    )  # width 16 vs default 32
     result = run_cli("init", digits / "digits_cnn.ts.pt")
     assert result.exit_code == 2 and "--shape" in result.stderr  # TorchScript does not record its input shapes
     result = run_cli("init", digits / "digits_cnn.ts.pt", "--shape", "x=1x1x8x8")
@@ -86,7 +104,9 @@ def test_init_writes_a_recipe_that_validates(digits, tmp_path):
 
 
 def test_bench_reports_percentiles_per_batch(digits):
-    result = run_cli("bench", digits / "digits_cnn.onnx", "--batch", "1", "--batch", "4", "--runs", "5", "--warmup", "1", "--json")
+    result = run_cli(
+        "bench", digits / "digits_cnn.onnx", "--batch", "1", "--batch", "4", "--runs", "5", "--warmup", "1", "--json"
+    )
     assert result.exit_code == 0, result.stderr
     lat = result.json()["latency"]
     assert set(lat) == {"batch_1", "batch_4"}
@@ -116,7 +136,9 @@ def test_compare_two_reports(digits, tmp_path):
 
 def test_set_overrides_a_recipe_key(digits, tmp_path):
     recipe = write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}, {"type": "quantize"}]))
-    result = run_cli("validate", recipe, "--set", "passes.1.mode=static", "--set", "passes.1.per_channel=true", "--json")
+    result = run_cli(
+        "validate", recipe, "--set", "passes.1.mode=static", "--set", "passes.1.per_channel=true", "--json"
+    )
     assert result.json()["recipe"]["passes"][1]["mode"] == "static"
     bad = run_cli("validate", recipe, "--set", "passes.7.mode=static")
     assert bad.exit_code == 2 and "no index" in bad.stderr
@@ -133,7 +155,9 @@ def digits_batches(n: int = 64):
 
 def test_data_factory_feeds_evaluation(digits, tmp_path):
     recipe = digits_recipe(digits, [{"type": "export"}])
-    recipe["data"] = {"eval": {"factory": "test_loaders_and_verbs:digits_batches", "factory_kwargs": {"n": 48}, "labels": "y"}}
+    recipe["data"] = {
+        "eval": {"factory": "test_loaders_and_verbs:digits_batches", "factory_kwargs": {"n": 48}, "labels": "y"}
+    }
     result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json")
     assert result.exit_code == 0, result.stderr
     assert "48 samples" in result.json()["evaluation"]
@@ -181,6 +205,8 @@ def test_top5_and_mse_metrics_match_scikit_learn():
 
     rng = np.random.default_rng(0)
     logits, labels = rng.standard_normal((200, 10)), rng.integers(0, 10, 200)
-    assert metric_value("top5", [logits], labels) == pytest.approx(top_k_accuracy_score(labels, logits, k=5, labels=range(10)))
+    assert metric_value("top5", [logits], labels) == pytest.approx(
+        top_k_accuracy_score(labels, logits, k=5, labels=range(10))
+    )
     pred, target = rng.standard_normal((50, 1)), rng.standard_normal(50)
     assert metric_value("mse", [pred], target) == pytest.approx(mean_squared_error(target, pred.ravel()))

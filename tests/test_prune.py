@@ -7,9 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import numpy_helper
-
 from conftest import digits_recipe, run_cli, write_recipe
+from onnx import numpy_helper
 
 LAYERS = ["stem.0", "block.conv1", "block.conv2", "features.0", "hidden", "classifier"]
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 2, "threads": 1}}
@@ -43,18 +42,37 @@ def test_global_prune_reaches_the_exact_sparsity_over_the_pruned_layers(digits, 
     details = report["steps"][1]["details"]
     assert set(details["per_layer_sparsity"]) == set(LAYERS)
     for name in LAYERS:
-        assert details["per_layer_sparsity"][name] == pytest.approx(_zeros(weights[name]) / weights[name].numel(), abs=1e-6)
+        assert details["per_layer_sparsity"][name] == pytest.approx(
+            _zeros(weights[name]) / weights[name].numel(), abs=1e-6
+        )
     assert details["parameters_before"] == details["parameters_after"]  # masks keep shapes ...
     assert details["nonzero_parameters_after"] < details["parameters_before"]
-    assert "dense kernels" in details["latency_note"] and "structured: channels" in details["latency_note"]  # ... and buy no speed
+    assert (
+        "dense kernels" in details["latency_note"] and "structured: channels" in details["latency_note"]
+    )  # ... and buy no speed
     assert report["steps"][1]["compressed_bytes"] < report["steps"][0]["compressed_bytes"]
 
 
 def test_layer_scope_with_glob_override_reaches_each_layers_sparsity(digits, tmp_path):
-    passes = [{"type": "prune", "sparsity": 0.5, "scope": "layer", "layers": {"features.*": 0.75, "block.conv2": 0.0}, "exclude": []}]
+    passes = [
+        {
+            "type": "prune",
+            "sparsity": 0.5,
+            "scope": "layer",
+            "layers": {"features.*": 0.75, "block.conv2": 0.0},
+            "exclude": [],
+        }
+    ]
     out, _ = _run(tmp_path, digits, passes)
     weights = _pt2_weights(out / "model.pt2")
-    expected = {"stem.0": 0.5, "block.conv1": 0.5, "block.conv2": 0.0, "features.0": 0.75, "hidden": 0.5, "classifier": 0.5}
+    expected = {
+        "stem.0": 0.5,
+        "block.conv1": 0.5,
+        "block.conv2": 0.0,
+        "features.0": 0.75,
+        "hidden": 0.5,
+        "classifier": 0.5,
+    }
     for name, sparsity in expected.items():
         assert abs(_zeros(weights[name]) - round(sparsity * weights[name].numel())) <= 1, name
 
@@ -88,7 +106,10 @@ def test_pruned_weights_stay_zero_through_finetune_and_onnx_export(digits, tmp_p
 
 
 def test_gradual_prune_during_finetune_ends_at_the_exact_sparsity(digits, tmp_path):
-    passes = [{"type": "prune", "sparsity": 0.7, "schedule": {"steps": 20}}, {"type": "finetune", "epochs": 2, "lr": 0.003}]
+    passes = [
+        {"type": "prune", "sparsity": 0.7, "schedule": {"steps": 20}},
+        {"type": "finetune", "epochs": 2, "lr": 0.003},
+    ]
     recipe = digits_recipe(digits, passes, report=FAST)
     recipe["data"]["train"] = {"path": str(digits / "digits_train.npz"), "labels": "y", "batch_size": 64}
     out = tmp_path / "out"
@@ -113,7 +134,9 @@ def test_masks_hold_through_a_plain_training_loop_and_fold_on_save(tmp_path):
     model = Model("torch", [InputSpec("x", (1, 1, 8, 8), "float32")], module=build_cnn(16).eval())
     ctx = Context(recipe=None, step_name="1-prune", step_dir=tmp_path, reference=model, data=None)
     pruned = apply(model, Config(sparsity=0.8), ctx).module
-    assert not any(_zeros(p) for p in model.module.parameters() if p.dim() > 1)  # the reference is never pruned in place
+    assert not any(
+        _zeros(p) for p in model.module.parameters() if p.dim() > 1
+    )  # the reference is never pruned in place
     zero = {n: (m.weight == 0).clone() for n, m in pruned.named_modules() if n in LAYERS}
     opt = torch.optim.Adam(pruned.parameters(), lr=0.05)
     pruned.train()
@@ -168,7 +191,10 @@ def test_schedule_finish_reaches_the_target_when_training_stops_early(tmp_path):
 
 
 def test_channel_pruning_shrinks_layers_keeps_outputs_and_runs_in_onnxruntime(digits, tmp_path):
-    passes = [{"type": "prune", "sparsity": 0.5, "structured": "channels", "scope": "layer", "exclude": ["classifier"]}, {"type": "export"}]
+    passes = [
+        {"type": "prune", "sparsity": 0.5, "structured": "channels", "scope": "layer", "exclude": ["classifier"]},
+        {"type": "export"},
+    ]
     out, report = _run(tmp_path, digits, passes)
     before = {n: tuple(t.shape) for n, t in _pt2_weights(digits / "digits_cnn.pt2").items()}
     after = {n: tuple(t.shape) for n, t in _pt2_weights(out / "steps" / "1-prune" / "model.pt2").items()}
@@ -201,9 +227,13 @@ class Branchy(torch.nn.Module):
         super().__init__()
         nn = torch.nn
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 1))
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 1)
+        )
         self.side = nn.Conv2d(16, 8, 1)
-        self.mix = nn.Sequential(nn.Conv2d(24, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.mix = nn.Sequential(
+            nn.Conv2d(24, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.head = nn.Linear(32, 5)
 
     def forward(self, x):
@@ -219,8 +249,15 @@ def build_branchy() -> Branchy:
 def test_channel_pruning_handles_depthwise_convs_and_concatenation(tmp_path):
     torch.save(build_branchy().state_dict(), tmp_path / "branchy.pt")
     recipe = {
-        "model": {"path": str(tmp_path / "branchy.pt"), "factory": "test_prune:build_branchy", "inputs": [{"name": "x", "shape": [1, 3, 12, 12]}]},
-        "passes": [{"type": "prune", "sparsity": 0.5, "structured": "channels", "scope": "layer", "exclude": ["head"]}, {"type": "export"}],
+        "model": {
+            "path": str(tmp_path / "branchy.pt"),
+            "factory": "test_prune:build_branchy",
+            "inputs": [{"name": "x", "shape": [1, 3, 12, 12]}],
+        },
+        "passes": [
+            {"type": "prune", "sparsity": 0.5, "structured": "channels", "scope": "layer", "exclude": ["head"]},
+            {"type": "export"},
+        ],
         "report": FAST,
     }
     out = tmp_path / "out"
@@ -228,8 +265,12 @@ def test_channel_pruning_handles_depthwise_convs_and_concatenation(tmp_path):
     assert result.exit_code == 0, result.stderr
     state = torch.export.load(str(out / "steps" / "1-prune" / "model.pt2")).state_dict
     dw = state["depthwise.0.weight"]
-    assert dw.shape[1] == 1 and dw.shape[0] == state["stem.0.weight"].shape[0] == 8  # depthwise stays depthwise, halved with its input
-    assert state["mix.0.weight"].shape[1] == state["depthwise.3.weight"].shape[0] + state["side.weight"].shape[0] < 24  # the concat shrank
+    assert (
+        dw.shape[1] == 1 and dw.shape[0] == state["stem.0.weight"].shape[0] == 8
+    )  # depthwise stays depthwise, halved with its input
+    assert (
+        state["mix.0.weight"].shape[1] == state["depthwise.3.weight"].shape[0] + state["side.weight"].shape[0] < 24
+    )  # the concat shrank
     x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
     with torch.inference_mode():
         expected = torch.export.load(str(out / "steps" / "1-prune" / "model.pt2")).module()(torch.from_numpy(x)).numpy()
@@ -260,7 +301,11 @@ def test_onnx_initializer_pruning_keeps_the_graph_valid_and_exact(digits, tmp_pa
 def _identity_checkpoint(folder):
     path = folder / "identity.pt"
     torch.save({}, path)
-    return {"path": str(path), "factory": "torch.nn:Identity", "inputs": [{"name": "x", "shape": [1, 4], "dtype": "float32"}]}
+    return {
+        "path": str(path),
+        "factory": "torch.nn:Identity",
+        "inputs": [{"name": "x", "shape": [1, 4], "dtype": "float32"}],
+    }
 
 
 REFUSALS = {
@@ -272,7 +317,10 @@ REFUSALS = {
     "everything_excluded": ({"exclude": ["*"]}, "no layer"),
     "schedule_without_finetune": ({"schedule": {"steps": 10}}, "add a finetune pass"),
     "structured_onnx": ({"structured": "channels", "_onnx": True}, "needs a torch model"),
-    "onnx_glob_matches_nothing": ({"layers": {"decoder.*": 0.5}, "_onnx": True}, "'decoder.*' matches no prunable layer"),
+    "onnx_glob_matches_nothing": (
+        {"layers": {"decoder.*": 0.5}, "_onnx": True},
+        "'decoder.*' matches no prunable layer",
+    ),
     "no_prunable_layers": ({"_identity": True}, "no prunable layers"),
     "torchscript_model": ({"_ts": True}, "keeps no Conv/Linear modules"),
 }

@@ -8,9 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
-
 from conftest import run_cli, write_recipe
+from torch import nn
 
 
 class OutlierEncoder(nn.Module):
@@ -23,10 +22,19 @@ class OutlierEncoder(nn.Module):
         self.heads = heads
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(1, seq, dim) * 0.1)
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "ln1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
-            "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim),
-        }) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(dim),
+                    "qkv": nn.Linear(dim, 3 * dim),
+                    "proj": nn.Linear(dim, dim),
+                    "ln2": nn.LayerNorm(dim),
+                    "fc1": nn.Linear(dim, 4 * dim),
+                    "fc2": nn.Linear(4 * dim, dim),
+                }
+            )
+            for _ in range(layers)
+        )
 
     def forward(self, input_ids):
         b, t = input_ids.shape
@@ -47,7 +55,9 @@ def build_outlier_encoder() -> OutlierEncoder:
             blk["ln2"].weight[:3] *= 30.0
             blk["fc1"].weight[:6] *= 80.0  # six hidden units with ~100x the usual GELU output
             blk["fc1"].bias[:6] += 10.0
-            blk["fc2"].weight[:, :6] /= 80.0  # ... which meet small weights, so the ordinary channels still carry the signal
+            blk["fc2"].weight[:, :6] /= (
+                80.0  # ... which meet small weights, so the ordinary channels still carry the signal
+            )
     return model.eval()
 
 
@@ -63,9 +73,15 @@ def encoder(tmp_path_factory):
 
 def _recipe(folder, quantize: dict) -> dict:
     return {
-        "model": {"path": str(folder / "encoder.pt"), "factory": "test_quant_search:build_outlier_encoder",
-                  "inputs": [{"name": "input_ids", "shape": [1, 32], "dtype": "int64"}]},
-        "data": {"calibration": {"path": str(folder / "calib.npz"), "samples": 64}, "eval": {"path": str(folder / "eval.npz")}},
+        "model": {
+            "path": str(folder / "encoder.pt"),
+            "factory": "test_quant_search:build_outlier_encoder",
+            "inputs": [{"name": "input_ids", "shape": [1, 32], "dtype": "int64"}],
+        },
+        "data": {
+            "calibration": {"path": str(folder / "calib.npz"), "samples": 64},
+            "eval": {"path": str(folder / "eval.npz")},
+        },
         "passes": [{"type": "export"}, {"type": "quantize", **quantize}],
         "report": {"latency": {"batch_sizes": [16], "warmup": 1, "runs": 3, "threads": 1}},
     }
@@ -75,7 +91,11 @@ def _torch_cosine(folder, onnx_path) -> float:
     import onnxruntime as ort
 
     ids = np.load(folder / "eval.npz")["input_ids"]
-    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0].astype(np.float64)
+    got = (
+        ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        .run(None, {"input_ids": ids})[0]
+        .astype(np.float64)
+    )
     with torch.inference_mode():
         ref = build_outlier_encoder()(torch.from_numpy(ids)).numpy().astype(np.float64)
     return float(((got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)).mean())
@@ -86,15 +106,27 @@ TARGET = 0.999
 
 
 def test_plain_dynamic_int8_misses_the_cosine_target(encoder, tmp_path):
-    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "per_channel": True})), "-o", tmp_path / "out", "--json", "--quiet")
+    result = run_cli(
+        "run",
+        write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "per_channel": True})),
+        "-o",
+        tmp_path / "out",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.stderr
     assert _torch_cosine(encoder, tmp_path / "out" / "model.onnx") < TARGET
 
 
 def test_search_meets_cosine_target_by_falling_back_fewer_than_half_the_nodes(encoder, tmp_path):
-    quantize = {"target": {"metric": "cosine", "min_value": TARGET}, "allow_slower": True,
-                "search": {"modes": ["dynamic"], "per_channel": [True], "smoothquant": [None], "max_trials": 12}}
-    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet")
+    quantize = {
+        "target": {"metric": "cosine", "min_value": TARGET},
+        "allow_slower": True,
+        "search": {"modes": ["dynamic"], "per_channel": [True], "smoothquant": [None], "max_trials": 12},
+    }
+    result = run_cli(
+        "run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet"
+    )
     assert result.exit_code == 0, result.stderr
     search = result.json()["steps"][-1]["details"]["search"]
     chosen = next(c for c in search["candidates"] if c["chosen"])
@@ -113,9 +145,14 @@ def test_search_meets_cosine_target_by_falling_back_fewer_than_half_the_nodes(en
 
 
 def test_search_with_smoothquant_meets_target_and_reports_every_candidate(encoder, tmp_path):
-    quantize = {"target": {"metric": "cosine", "max_drop": 1 - TARGET}, "allow_slower": True,
-                "search": {"modes": ["dynamic"], "per_channel": [True], "smoothquant": [None, 0.8], "fallback": False}}
-    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet")
+    quantize = {
+        "target": {"metric": "cosine", "max_drop": 1 - TARGET},
+        "allow_slower": True,
+        "search": {"modes": ["dynamic"], "per_channel": [True], "smoothquant": [None, 0.8], "fallback": False},
+    }
+    result = run_cli(
+        "run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet"
+    )
     assert result.exit_code == 0, result.stderr
     search = result.json()["steps"][-1]["details"]["search"]
     rows = {c["name"]: c for c in search["candidates"]}
@@ -125,9 +162,20 @@ def test_search_with_smoothquant_meets_target_and_reports_every_candidate(encode
 
 
 def test_every_candidate_missing_the_target_exits_1_with_the_best_reported(encoder, tmp_path):
-    quantize = {"target": {"metric": "cosine", "min_value": 0.9999999}, "allow_slower": True,
-                "search": {"modes": ["dynamic"], "per_channel": [True, False], "smoothquant": [None], "max_trials": 3, "max_fallback_fraction": 0.2}}
-    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet")
+    quantize = {
+        "target": {"metric": "cosine", "min_value": 0.9999999},
+        "allow_slower": True,
+        "search": {
+            "modes": ["dynamic"],
+            "per_channel": [True, False],
+            "smoothquant": [None],
+            "max_trials": 3,
+            "max_fallback_fraction": 0.2,
+        },
+    }
+    result = run_cli(
+        "run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet"
+    )
     assert result.exit_code == 1, result.stderr
     report = result.json()
     search = report["steps"][-1]["details"]["search"]
@@ -140,9 +188,14 @@ def test_every_candidate_missing_the_target_exits_1_with_the_best_reported(encod
     assert (tmp_path / "out" / "model.onnx").is_file()  # the best candidate is still written, and reported
 
 
-@pytest.mark.parametrize("bad, key", [({"metric": "cosine", "max_drop": -0.01}, "max_drop"),
-                                      ({"metric": "cosine", "min_value": 1.5}, "min_value"),
-                                      ({"metric": "cosine"}, "max_drop")])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"metric": "cosine", "max_drop": -0.01}, "max_drop"),
+        ({"metric": "cosine", "min_value": 1.5}, "min_value"),
+        ({"metric": "cosine"}, "max_drop"),
+    ],
+)
 def test_impossible_target_is_refused_at_validation(encoder, tmp_path, bad, key):
     result = run_cli("validate", write_recipe(tmp_path, _recipe(encoder, {"target": bad})))
     assert result.exit_code == 2
@@ -159,8 +212,14 @@ def test_target_can_be_set_from_the_command_line(encoder, tmp_path):
 
 def test_search_respects_its_time_budget(encoder, tmp_path):
     budget = 0.25  # well below the ~12 trials of the default grid, even on a fast machine
-    quantize = {"target": {"metric": "cosine", "min_value": 0.9999999}, "allow_slower": True, "search": {"time_budget_s": budget}}
-    result = run_cli("run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet")
+    quantize = {
+        "target": {"metric": "cosine", "min_value": 0.9999999},
+        "allow_slower": True,
+        "search": {"time_budget_s": budget},
+    }
+    result = run_cli(
+        "run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet"
+    )
     assert result.exit_code == 1, result.stderr  # the target is out of reach; the budget ends the search
     search = result.json()["steps"][-1]["details"]["search"]
     longest = max(c["seconds"] for c in search["candidates"])
@@ -172,23 +231,39 @@ def test_search_respects_its_time_budget(encoder, tmp_path):
 def test_smoothquant_keeps_the_float_function_and_folds_into_pre_layernorms(encoder, tmp_path):
     from optcli.smoothquant import smooth
 
-    result = run_cli("run", write_recipe(tmp_path, {**_recipe(encoder, {}), "passes": [{"type": "export"}]}), "-o", tmp_path / "out", "--quiet")
+    result = run_cli(
+        "run",
+        write_recipe(tmp_path, {**_recipe(encoder, {}), "passes": [{"type": "export"}]}),
+        "-o",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.stderr
     ids = np.load(encoder / "calib.npz")["input_ids"]
     info = smooth(tmp_path / "out" / "model.onnx", tmp_path / "smoothed.onnx", [{"input_ids": ids}], alpha=0.8)
-    assert info["folded_into_layernorm"] >= 2 and info["mul_inserted"] >= 2  # pre-LN -> qkv/fc1 folded; GELU -> fc2 gets a Mul
+    assert (
+        info["folded_into_layernorm"] >= 2 and info["mul_inserted"] >= 2
+    )  # pre-LN -> qkv/fc1 folded; GELU -> fc2 gets a Mul
     import onnxruntime as ort
 
-    a = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
-    b = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    a = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids}
+    )[0]
+    b = ort.InferenceSession(str(tmp_path / "smoothed.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids}
+    )[0]
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()))
 
 
 def test_accuracy_target_on_labelled_digits_holds_on_independent_remeasurement(digits, tmp_path):
     from conftest import digits_recipe
 
-    quantize = {"type": "quantize", "target": {"metric": "accuracy", "max_drop": 0.01}, "allow_slower": True,
-                "search": {"modes": ["dynamic", "static"], "per_channel": [True], "smoothquant": [None], "max_trials": 4}}
+    quantize = {
+        "type": "quantize",
+        "target": {"metric": "accuracy", "max_drop": 0.01},
+        "allow_slower": True,
+        "search": {"modes": ["dynamic", "static"], "per_channel": [True], "smoothquant": [None], "max_trials": 4},
+    }
     recipe = digits_recipe(digits, [{"type": "export"}, quantize])
     recipe["report"]["latency"]["batch_sizes"] = [8]
     result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json", "--quiet")
@@ -198,7 +273,9 @@ def test_accuracy_target_on_labelled_digits_holds_on_independent_remeasurement(d
     import onnxruntime as ort
 
     test = np.load(digits / "digits_test.npz")
-    logits = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": test["x"]})[0]
+    logits = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": test["x"]}
+    )[0]
     accuracy = float((logits.argmax(1) == test["y"]).mean())
     assert accuracy >= float((digits / "accuracy.txt").read_text()) - 0.01 - 1e-9
     assert accuracy == pytest.approx(next(c for c in search["candidates"] if c["chosen"])["metric"], abs=1e-9)

@@ -8,7 +8,6 @@ import os
 import numpy as np
 import onnxruntime as ort
 import yaml
-
 from conftest import REPO, digits_recipe, run_cli, run_subprocess, write_recipe
 
 
@@ -20,7 +19,12 @@ def _ort_accuracy(model_path, npz):
 
 
 def test_static_int8_keeps_digits_accuracy_within_one_point_and_report_matches_disk(digits, tmp_path):
-    recipe = write_recipe(tmp_path, digits_recipe(digits, [{"type": "quantize", "mode": "static", "per_channel": True}], gates={"max_accuracy_drop": 0.01}))
+    recipe = write_recipe(
+        tmp_path,
+        digits_recipe(
+            digits, [{"type": "quantize", "mode": "static", "per_channel": True}], gates={"max_accuracy_drop": 0.01}
+        ),
+    )
     out = tmp_path / "out"
     result = run_cli("run", recipe, "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
@@ -66,9 +70,11 @@ def test_shipped_example_recipe_validates_and_resolves_relative_to_the_recipe(di
 
 
 def test_help_is_instant_without_torch_or_onnxruntime():
-    code = ("import sys\nfrom optcli.cli import main\nsys.argv=['optcli','--help']\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch','onnxruntime','onnx','numpy') if m in sys.modules), file=sys.stderr)")
+    code = (
+        "import sys\nfrom optcli.cli import main\nsys.argv=['optcli','--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch','onnxruntime','onnx','numpy') if m in sys.modules), file=sys.stderr)"
+    )
     import subprocess
     import sys
 

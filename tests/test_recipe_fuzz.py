@@ -16,24 +16,92 @@ from optcli.passes import pass_types
 from optcli.recipe import load_recipe
 
 SCALARS = st.one_of(
-    st.none(), st.booleans(),
+    st.none(),
+    st.booleans(),
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
-    st.sampled_from(["static", "dynamic", "int8", "uint8", "minmax", "entropy", "auto", "1e400", ".nan", "-1", "x", "a:b", "../../etc/passwd"]),
+    st.sampled_from(
+        [
+            "static",
+            "dynamic",
+            "int8",
+            "uint8",
+            "minmax",
+            "entropy",
+            "auto",
+            "1e400",
+            ".nan",
+            "-1",
+            "x",
+            "a:b",
+            "../../etc/passwd",
+        ]
+    ),
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 PATHS = [
-    "seed", "model", "model.path", "model.factory", "model.factory_kwargs", "model.inputs", "model.inputs.0", "model.inputs.0.shape",
-    "model.inputs.0.dtype", "model.trust_pickle", "data", "data.eval", "data.eval.samples", "data.eval.batch_size", "data.eval.labels",
-    "data.eval.metric", "data.calibration.path", "data.calibration.seed", "report.latency.batch_sizes", "report.latency.runs",
-    "report.latency.threads", "report.fidelity_samples", "gates.max_accuracy_drop", "gates.min_speedup", "gates.max_size_bytes",
-    "passes", "passes.0", "passes.0.opset", "passes.0.atol", "passes.1.mode", "passes.1.calibration", "passes.1.calibration.samples",
-    "passes.1.exclude", "passes.1.extra_options", "unknown", "passes.0.unknown",
+    "seed",
+    "model",
+    "model.path",
+    "model.factory",
+    "model.factory_kwargs",
+    "model.inputs",
+    "model.inputs.0",
+    "model.inputs.0.shape",
+    "model.inputs.0.dtype",
+    "model.trust_pickle",
+    "data",
+    "data.eval",
+    "data.eval.samples",
+    "data.eval.batch_size",
+    "data.eval.labels",
+    "data.eval.metric",
+    "data.calibration.path",
+    "data.calibration.seed",
+    "report.latency.batch_sizes",
+    "report.latency.runs",
+    "report.latency.threads",
+    "report.fidelity_samples",
+    "gates.max_accuracy_drop",
+    "gates.min_speedup",
+    "gates.max_size_bytes",
+    "passes",
+    "passes.0",
+    "passes.0.opset",
+    "passes.0.atol",
+    "passes.1.mode",
+    "passes.1.calibration",
+    "passes.1.calibration.samples",
+    "passes.1.exclude",
+    "passes.1.extra_options",
+    "unknown",
+    "passes.0.unknown",
 ]
-OPTIONS = ["mode", "opset", "per_channel", "sparsity", "epochs", "lr", "method", "scope", "exporter", "calibration", "exclude", "structured", "distill"]
-PASS = st.builds(lambda t, opts: {"type": t, **opts}, st.sampled_from([*pass_types(), "bogus", ""]),
-                 st.dictionaries(st.sampled_from(OPTIONS), VALUES, max_size=3))
+OPTIONS = [
+    "mode",
+    "opset",
+    "per_channel",
+    "sparsity",
+    "epochs",
+    "lr",
+    "method",
+    "scope",
+    "exporter",
+    "calibration",
+    "exclude",
+    "structured",
+    "distill",
+]
+PASS = st.builds(
+    lambda t, opts: {"type": t, **opts},
+    st.sampled_from([*pass_types(), "bogus", ""]),
+    st.dictionaries(st.sampled_from(OPTIONS), VALUES, max_size=3),
+)
 
 
 def _set(raw: dict, dotted: str, value) -> None:
@@ -57,7 +125,9 @@ def _set(raw: dict, dotted: str, value) -> None:
 
 @st.composite
 def recipes(draw, digits: Path) -> dict:
-    raw = digits_recipe(digits, draw(st.lists(PASS, max_size=4)) if draw(st.booleans()) else [{"type": "export"}, {"type": "quantize"}])
+    raw = digits_recipe(
+        digits, draw(st.lists(PASS, max_size=4)) if draw(st.booleans()) else [{"type": "export"}, {"type": "quantize"}]
+    )
     for _ in range(draw(st.integers(0, 4))):
         _set(raw, draw(st.sampled_from(PATHS)), draw(VALUES))
     return raw
@@ -74,7 +144,9 @@ def _write(folder: Path, raw) -> Path:
     return path
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_load_recipe_accepts_or_raises_bad_input_only(digits, folder, data):
     raw = data.draw(recipes(digits))
@@ -87,7 +159,9 @@ def test_load_recipe_accepts_or_raises_bad_input_only(digits, folder, data):
     assert time.perf_counter() - started < 10
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_validate_cli_exits_0_or_2_with_one_line(digits, folder, data):
     path = _write(folder, data.draw(recipes(digits)))
@@ -100,8 +174,14 @@ def test_validate_cli_exits_0_or_2_with_one_line(digits, folder, data):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.lists(st.sampled_from([*"model:path-[]{}&*!|>'\"#%@`,? \n\t0123456789.:abc", "!!python/object ", "*a", "&a ", "<<: "]),
-                    max_size=60).map("".join))
+@given(
+    text=st.lists(
+        st.sampled_from(
+            [*"model:path-[]{}&*!|>'\"#%@`,? \n\t0123456789.:abc", "!!python/object ", "*a", "&a ", "<<: "]
+        ),
+        max_size=60,
+    ).map("".join)
+)
 def test_arbitrary_yaml_text_is_refused_as_bad_input(folder, text):
     # Any other exception type (ConstructorError, RecursionError, TypeError ...) fails the test.
     path = folder / "text.yaml"

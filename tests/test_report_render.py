@@ -27,45 +27,100 @@ def make_report() -> dict:
     return {
         "optcli_version": "0.1.0",
         "recipe": {"passes": [{"type": "export"}, {"type": "prune", "sparsity": 0.5}, {"type": "quantize"}]},
-        "environment": {"python": "3.11.7", "torch": "2.13.0", "onnxruntime": "1.32.0",
-                        "cpu": "x86_64 Test CPU", "threads": 2},
+        "environment": {
+            "python": "3.11.7",
+            "torch": "2.13.0",
+            "onnxruntime": "1.32.0",
+            "cpu": "x86_64 Test CPU",
+            "threads": 2,
+        },
         "input": {"path": "models/mlp.pt", "format": "torch", "sha256": "a" * 64},
         "output": {"path": "out/model.onnx", "format": "onnx", "sha256": "b" * 64},
         "evaluation": "accuracy on data.eval (1797 samples)",
         "steps": [
-            {"name": "original", "type": None, "format": "torch", "path": "models/mlp.pt", "seconds": None,
-             "size_bytes": 1_234_567, "compressed_bytes": 1_100_000, "parameters": 300_000,
-             "nonzero_parameters": 300_000, "sparsity": 0.0,
-             "latency": {"batch_1": _latency(0.9), "batch_32": _latency(6.0)},
-             "accuracy": {"metric": "accuracy", "value": 0.97},
-             "fidelity": None, "details": {}},
-            {"name": "1-export", "type": "export", "format": "onnx", "path": "steps/1-export/model.onnx",
-             "seconds": 1.23, "size_bytes": 1_200_000, "compressed_bytes": 1_090_000, "parameters": 300_000,
-             "nonzero_parameters": 300_000, "sparsity": 0.0,
-             "latency": {"batch_1": _latency(0.4), "batch_32": _latency(3.1)},
-             "accuracy": None,
-             "fidelity": {"cosine_mean": 0.999999, "max_abs_error": 1e-6, "top1_agreement": 1.0},
-             "details": {"exporter": "dynamo", "max_abs_error": 1e-6,
-                         "latency_note": "batch 32 measured with a padded static shape"}},
-            {"name": EVIL, "type": "prune", "format": "onnx", "path": "steps/2-prune/model.onnx",
-             "seconds": 42.5, "size_bytes": 1_190_000, "compressed_bytes": 700_000, "parameters": 300_000,
-             "nonzero_parameters": 150_000, "sparsity": 0.5,
-             "latency": {"batch_1": _latency(0.38), "batch_32": _latency(2.9)},
-             "accuracy": {"metric": "accuracy", "value": 0.955},
-             "fidelity": {"cosine_mean": 0.991, "max_abs_error": 0.2, "top1_agreement": 0.97},
-             "details": {"per_layer_sparsity": per_layer,
-                         "training": {"epochs": [{"epoch": i, "loss": 1.0 / i, "metric": 0.9 + 0.01 * i}
-                                                 for i in range(1, 6)], "best_epoch": 4}}},
-            {"name": "3-quantize", "type": "quantize", "format": "onnx", "path": "steps/3-quantize/model.onnx",
-             "seconds": 3.0, "size_bytes": 320_000, "compressed_bytes": 250_000, "parameters": 300_000,
-             "nonzero_parameters": 150_000, "sparsity": 0.5,
-             "latency": {"batch_1": _latency(0.2), "batch_32": _latency(float("nan"))},
-             "accuracy": {"metric": "accuracy", "value": 0.952},
-             "fidelity": {"cosine_mean": 0.98, "max_abs_error": 0.4, "top1_agreement": 0.95},
-             "details": {"search": {"target": 0.95, "candidates": [
-                 {"name": "per-tensor", "latency_ms": 0.18, "metric": 0.93, "chosen": False},
-                 {"name": "per-channel", "latency_ms": 0.2, "metric": 0.952, "chosen": True},
-                 {"name": "skip-first", "latency_ms": 0.26, "metric": 0.961, "chosen": False}]}}},
+            {
+                "name": "original",
+                "type": None,
+                "format": "torch",
+                "path": "models/mlp.pt",
+                "seconds": None,
+                "size_bytes": 1_234_567,
+                "compressed_bytes": 1_100_000,
+                "parameters": 300_000,
+                "nonzero_parameters": 300_000,
+                "sparsity": 0.0,
+                "latency": {"batch_1": _latency(0.9), "batch_32": _latency(6.0)},
+                "accuracy": {"metric": "accuracy", "value": 0.97},
+                "fidelity": None,
+                "details": {},
+            },
+            {
+                "name": "1-export",
+                "type": "export",
+                "format": "onnx",
+                "path": "steps/1-export/model.onnx",
+                "seconds": 1.23,
+                "size_bytes": 1_200_000,
+                "compressed_bytes": 1_090_000,
+                "parameters": 300_000,
+                "nonzero_parameters": 300_000,
+                "sparsity": 0.0,
+                "latency": {"batch_1": _latency(0.4), "batch_32": _latency(3.1)},
+                "accuracy": None,
+                "fidelity": {"cosine_mean": 0.999999, "max_abs_error": 1e-6, "top1_agreement": 1.0},
+                "details": {
+                    "exporter": "dynamo",
+                    "max_abs_error": 1e-6,
+                    "latency_note": "batch 32 measured with a padded static shape",
+                },
+            },
+            {
+                "name": EVIL,
+                "type": "prune",
+                "format": "onnx",
+                "path": "steps/2-prune/model.onnx",
+                "seconds": 42.5,
+                "size_bytes": 1_190_000,
+                "compressed_bytes": 700_000,
+                "parameters": 300_000,
+                "nonzero_parameters": 150_000,
+                "sparsity": 0.5,
+                "latency": {"batch_1": _latency(0.38), "batch_32": _latency(2.9)},
+                "accuracy": {"metric": "accuracy", "value": 0.955},
+                "fidelity": {"cosine_mean": 0.991, "max_abs_error": 0.2, "top1_agreement": 0.97},
+                "details": {
+                    "per_layer_sparsity": per_layer,
+                    "training": {
+                        "epochs": [{"epoch": i, "loss": 1.0 / i, "metric": 0.9 + 0.01 * i} for i in range(1, 6)],
+                        "best_epoch": 4,
+                    },
+                },
+            },
+            {
+                "name": "3-quantize",
+                "type": "quantize",
+                "format": "onnx",
+                "path": "steps/3-quantize/model.onnx",
+                "seconds": 3.0,
+                "size_bytes": 320_000,
+                "compressed_bytes": 250_000,
+                "parameters": 300_000,
+                "nonzero_parameters": 150_000,
+                "sparsity": 0.5,
+                "latency": {"batch_1": _latency(0.2), "batch_32": _latency(float("nan"))},
+                "accuracy": {"metric": "accuracy", "value": 0.952},
+                "fidelity": {"cosine_mean": 0.98, "max_abs_error": 0.4, "top1_agreement": 0.95},
+                "details": {
+                    "search": {
+                        "target": 0.95,
+                        "candidates": [
+                            {"name": "per-tensor", "latency_ms": 0.18, "metric": 0.93, "chosen": False},
+                            {"name": "per-channel", "latency_ms": 0.2, "metric": 0.952, "chosen": True},
+                            {"name": "skip-first", "latency_ms": 0.26, "metric": 0.961, "chosen": False},
+                        ],
+                    }
+                },
+            },
         ],
         "gates": [
             {"name": "max_accuracy_drop", "limit": 0.01, "value": 0.018, "passed": False},
@@ -85,6 +140,7 @@ def _expected_json(report: dict) -> dict:
         if isinstance(o, list):
             return [fix(v) for v in o]
         return o
+
     return fix(copy.deepcopy(report))
 
 
@@ -121,8 +177,10 @@ def test_write_reports_writes_three_files_and_json_round_trips(tmp_path):
 @pytest.mark.parametrize("target", ["json.dumps", "os.replace"])
 def test_failed_write_leaves_no_temp_and_no_final_files(tmp_path, monkeypatch, target):
     module, attr = target.split(".")
+
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(getattr(rep, module), attr, boom)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
@@ -136,11 +194,13 @@ def test_failed_replace_keeps_previous_reports_intact(tmp_path, monkeypatch):
     old = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
     real_replace = rep.os.replace
+
     def flaky(src, dst):
         calls.append(dst)
         if len(calls) == 2:
             raise OSError("disk full")
         real_replace(src, dst)
+
     monkeypatch.setattr(rep.os, "replace", flaky)
     changed = make_report()
     changed["steps"][0]["name"] = "renamed"
@@ -168,7 +228,7 @@ def test_html_is_self_contained_with_charts(tmp_path):
     assert charts.count("search") == 1 and charts.count("training") == 1
     assert page.count("<svg") == page.count("</svg>") == len(charts)
     # the search target line and the chosen point
-    assert 'stroke-dasharray' in page and "chosen: per-channel" in page
+    assert "stroke-dasharray" in page and "chosen: per-channel" in page
 
 
 def test_html_escapes_text():

@@ -144,9 +144,19 @@ def test_output_folder_refuses_to_clobber_without_overwrite_or_resume(first):
 
 
 def test_second_run_into_the_same_folder_is_refused_while_the_first_runs(digits, tmp_path):
-    slow = write_recipe(tmp_path, digits_recipe(digits, PASSES, report={"latency": {"batch_sizes": [1], "warmup": 0, "runs": 100_000, "threads": 1}}))
+    slow = write_recipe(
+        tmp_path,
+        digits_recipe(
+            digits, PASSES, report={"latency": {"batch_sizes": [1], "warmup": 0, "runs": 100_000, "threads": 1}}
+        ),
+    )
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "optcli", "run", str(slow), "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "optcli", "run", str(slow), "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stderr:
             if "measuring the original" in line:
@@ -165,8 +175,15 @@ def test_second_run_into_the_same_folder_is_refused_while_the_first_runs(digits,
 
 def test_two_runs_into_different_folders_at_once_do_not_interfere(digits, tmp_path):
     recipe = write_recipe(tmp_path, digits_recipe(digits, PASSES, report=FAST))
-    procs = [subprocess.Popen([sys.executable, "-m", "optcli", "run", str(recipe), "-o", str(tmp_path / f"out{i}"), "-q", "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "optcli", "run", str(recipe), "-o", str(tmp_path / f"out{i}"), "-q", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     reports = [json.loads(stdout) for stdout, _ in results]
@@ -181,5 +198,9 @@ def test_stale_lock_is_named_in_the_refusal(first):
     (out / ".optcli.lock").write_text("999999")
     result = run_cli("run", recipe, "-o", out, "--resume", "-q")
     assert result.exit_code == 2
-    assert str(out / ".optcli.lock") in result.stderr and "pid 999999" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        str(out / ".optcli.lock") in result.stderr
+        and "pid 999999" in result.stderr
+        and len(result.stderr.strip().splitlines()) == 1
+    )
     assert (out / ".optcli.lock").read_text() == "999999"  # a refused run does not remove someone else's lock

@@ -35,7 +35,9 @@ class DigitsCNN(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.block = Residual(width)
-        self.features = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU()
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.hidden = nn.Linear(2 * width, 4 * width)
         self.classifier = nn.Linear(4 * width, num_classes)
@@ -62,7 +64,9 @@ def digits_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     return {"x_train": x[:a], "y_train": y[:a], "x_calib": x[a:b], "y_calib": y[a:b], "x_test": x[b:], "y_test": y[b:]}
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 8, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+def train(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 8, lr: float = 3e-3, seed: int = 0
+) -> nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -94,15 +98,25 @@ def make_example(folder: Path, width: int = 32, epochs: int = 8, formats=("pt", 
     if "pt" in formats:
         torch.save(model.state_dict(), folder / "digits_cnn.pt")
     if "pt2" in formats:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+        program = torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},)
+        )
         torch.export.save(program, str(folder / "digits_cnn.pt2"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # users still ship TorchScript; optcli must read it
         if "ts" in formats:
             torch.jit.save(torch.jit.trace(model, example), str(folder / "digits_cnn.ts.pt"))
         if "onnx" in formats:
-            torch.onnx.export(model, (example,), str(folder / "digits_cnn.onnx"), dynamo=False, input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(folder / "digits_cnn.onnx"),
+                dynamo=False,
+                input_names=["x"],
+                output_names=["logits"],
+                dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                opset_version=17,
+            )
     return {"test_accuracy": accuracy(model, arrays["x_test"], arrays["y_test"]), "folder": str(folder)}
 
 

@@ -7,9 +7,10 @@ validating a recipe or printing `optcli passes` stays fast.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from optcli.config import StrictModel
 
@@ -28,10 +29,10 @@ class PassConfig(StrictModel):
 class Context:
     """What a pass may use besides the model: the recipe, the original model, data, a folder of its own."""
 
-    recipe: "Recipe"
+    recipe: Recipe
     step_name: str
     step_dir: Path
-    reference: "Model"
+    reference: Model
     data: Any  # optcli.data.DataCatalog
     seed: int = 0
     quiet: bool = False
@@ -51,13 +52,13 @@ class PassSpec:
     type: str
     config: type[PassConfig]
     consumes: frozenset[str]
-    apply: Callable[["Model", Any, Context], "Model"]
+    apply: Callable[[Model, Any, Context], Model]
     summary: str
     produces: str | None = None  # None: same format as its input
     # Checks against the whole recipe at load time (data present, options compatible); raises ValueError.
-    check: Callable[[Any, "Recipe", str], None] | None = None
+    check: Callable[[Any, Recipe, str], None] | None = None
     # Checks against the loaded original model (validate and run, before any work): (config, recipe, model); raises BadInput.
-    preflight: Callable[[Any, "Recipe", "Model"], None] | None = None
+    preflight: Callable[[Any, Recipe, Model], None] | None = None
     # Cheap passes whose in-memory result (mask hooks, a prune schedule) the written artifact cannot carry: --resume re-runs them.
     rerun_on_resume: bool = False
 

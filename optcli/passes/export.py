@@ -38,7 +38,7 @@ def _quiet_exporter():
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             yield buf
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=False):
             lg.setLevel(level)
 
 
@@ -49,8 +49,14 @@ def _export(module, args, names, output_names, config: Config, target, exporter:
         batch = torch.export.Dim("batch", min=1, max=65536)
         dynamic = {n: ({0: batch} if config.dynamic_batch and spec_batch else None) for n, spec_batch in names.items()}
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=config.opset, dynamic_shapes=dynamic,
-            input_names=list(names), output_names=output_names or None, external_data=False,
+            module,
+            args,
+            dynamo=True,
+            opset_version=config.opset,
+            dynamic_shapes=dynamic,
+            input_names=list(names),
+            output_names=output_names or None,
+            external_data=False,
         )
         program.save(str(target), external_data=_needs_external(module))
     else:
@@ -58,8 +64,14 @@ def _export(module, args, names, output_names, config: Config, target, exporter:
         if output_names and config.dynamic_batch:
             axes.update({n: {0: "batch"} for n in output_names})
         torch.onnx.export(
-            module, args, str(target), dynamo=False, opset_version=config.opset, input_names=list(names),
-            output_names=output_names or None, dynamic_axes=axes or None,
+            module,
+            args,
+            str(target),
+            dynamo=False,
+            opset_version=config.opset,
+            input_names=list(names),
+            output_names=output_names or None,
+            dynamic_axes=axes or None,
         )
 
 
@@ -92,7 +104,9 @@ def apply(model, config: Config, ctx: Context):
                 _export(module, args, names, model.output_names, config, target, exporter)
             break
         except Exception as e:  # exporters raise many types; the message is what the user needs
-            errors.append(f"{exporter}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            errors.append(
+                f"{exporter}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            )
             for leftover in ctx.step_dir.glob("model.onnx*"):
                 leftover.unlink()
     else:
@@ -113,15 +127,24 @@ def apply(model, config: Config, ctx: Context):
     try:
         got = onnx_runner(target, model.inputs, threads=2)(check)
     except Exception as e:  # e.g. a tracer that baked the example batch into the graph
-        raise PassFailed(ctx.step_name, f"the exported ONNX graph does not run on new inputs ({str(e).strip().splitlines()[0][:200]}); "
-                         "the model likely has data-dependent Python code the exporter could not capture") from None
-    max_err = max(float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max()) if r.size else 0.0 for r, g in zip(ref, got))
+        raise PassFailed(
+            ctx.step_name,
+            f"the exported ONNX graph does not run on new inputs ({str(e).strip().splitlines()[0][:200]}); "
+            "the model likely has data-dependent Python code the exporter could not capture",
+        ) from None
+    max_err = max(
+        float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max()) if r.size else 0.0
+        for r, g in zip(ref, got, strict=False)
+    )
     scale = max(float(np.abs(r).max()) if r.size else 0.0 for r in ref)
     limit = config.atol + config.rtol * scale
     ctx.details["max_abs_error_vs_torch"] = max_err
     ctx.details["error_limit"] = limit
     if not np.isfinite(max_err) or max_err > limit:
-        raise PassFailed(ctx.step_name, f"ONNX output differs from torch by {max_err:.3g} (limit {limit:.3g} = atol {config.atol} + rtol {config.rtol} x {scale:.3g}); try exporter: torchscript or another opset")
+        raise PassFailed(
+            ctx.step_name,
+            f"ONNX output differs from torch by {max_err:.3g} (limit {limit:.3g} = atol {config.atol} + rtol {config.rtol} x {scale:.3g}); try exporter: torchscript or another opset",
+        )
     return model.with_(format="onnx", module=None, path=target, output_names=output_names)
 
 

@@ -26,7 +26,7 @@ class ModelRef(StrictModel):
     trust_pickle: bool = Field(default=False, description="allow torch.load to unpickle a whole module from path")
 
     @model_validator(mode="after")
-    def _something(self) -> "ModelRef":
+    def _something(self) -> ModelRef:
         if self.path is None and self.factory is None:
             raise ValueError("give a path (model file) and/or a factory (module:callable)")
         return self
@@ -40,10 +40,16 @@ class Feature(StrictModel):
 
 class Distill(StrictModel):
     teacher: Union[Literal["reference"], ModelRef, RecipePath] = Field(  # noqa: UP007
-        default="reference", description="reference (the model as loaded, before any pass), a model file, or {path, factory}")
+        default="reference",
+        description="reference (the model as loaded, before any pass), a model file, or {path, factory}",
+    )
     temperature: float = Field(default=4.0, gt=0, le=1000, description="softmax temperature T of the soft targets")
-    alpha: float = Field(default=0.7, ge=0, le=1, description="weight of the soft (teacher) term; 1 - alpha goes to the labels")
-    features: list[Feature] = Field(default_factory=list, description="hidden-state matching (MSE, learned projection when widths differ)")
+    alpha: float = Field(
+        default=0.7, ge=0, le=1, description="weight of the soft (teacher) term; 1 - alpha goes to the labels"
+    )
+    features: list[Feature] = Field(
+        default_factory=list, description="hidden-state matching (MSE, learned projection when widths differ)"
+    )
 
 
 class Head(StrictModel):
@@ -54,31 +60,52 @@ class Head(StrictModel):
 class Config(PassConfig):
     type: Literal["finetune"] = "finetune"
     epochs: int = Field(default=3, ge=1, le=100_000, description="passes over data.train")
-    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="stop after this many optimizer steps (overrides epochs)"
+    )
     batch_size: int | None = Field(default=None, ge=1, le=65536, description="default: data.train.batch_size")
     optimizer: Literal["sgd", "adam", "adamw"] = Field(default="adamw", description="torch.optim optimizer")
     lr: float = Field(default=1e-3, gt=0, le=10, description="peak learning rate (after warm-up)")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
     weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty (decoupled for adamw)")
-    schedule: Literal["constant", "cosine", "step"] = Field(default="cosine", description="learning-rate schedule after warm-up")
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        default="cosine", description="learning-rate schedule after warm-up"
+    )
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps")
-    step_epochs: int = Field(default=1, ge=1, description="schedule: step multiplies lr by gamma every this many epochs")
+    step_epochs: int = Field(
+        default=1, ge=1, description="schedule: step multiplies lr by gamma every this many epochs"
+    )
     gamma: float = Field(default=0.1, gt=0, le=1, description="schedule: step decay factor")
     grad_clip: float | None = Field(default=None, gt=0, description="clip the gradient norm to this")
     seed: int | None = Field(default=None, description="default: the recipe's seed; same seed -> same weights on CPU")
     shuffle: bool = Field(default=True, description="reshuffle data.train every epoch")
-    patience: int | None = Field(default=None, ge=1, description="early stop after this many epochs without eval improvement")
+    patience: int | None = Field(
+        default=None, ge=1, description="early stop after this many epochs without eval improvement"
+    )
     min_delta: float = Field(default=0.0, ge=0, description="smallest eval improvement that counts")
     keep_best: bool = Field(default=True, description="end with the best epoch's weights (by the eval metric)")
-    distill: Distill | None = Field(default=None, description="learn from a teacher's soft outputs (knowledge distillation)")
+    distill: Distill | None = Field(
+        default=None, description="learn from a teacher's soft outputs (knowledge distillation)"
+    )
     student: Union[ModelRef, RecipePath, None] = Field(  # noqa: UP007
-        default=None, description="train this model instead of the incoming one, e.g. {factory: mypkg:small_net}")
+        default=None, description="train this model instead of the incoming one, e.g. {factory: mypkg:small_net}"
+    )
     head: Head | None = Field(default=None, description="swap the classifier for a new task and train it")
     freeze: list[str] = Field(default_factory=list, description="parameter-name globs kept fixed, e.g. ['stem.*']")
-    device: DeviceSetting = Field(default="auto", description="auto (cuda when torch sees a GPU) | cpu | cuda | cuda:N; worker k of a node takes GPU k")
-    amp: AmpSetting = Field(default="none", description="mixed precision on CUDA: bf16 | fp16 (with loss scaling) | none")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="workers and nodes, torchrun's options: {nproc_per_node: 2}; optcli run --nproc-per-node etc. override")
-    scale_lr: ScaleLr = Field(default="none", description="linear: lr x world size, since the global batch is batch_size x world size")
+    device: DeviceSetting = Field(
+        default="auto",
+        description="auto (cuda when torch sees a GPU) | cpu | cuda | cuda:N; worker k of a node takes GPU k",
+    )
+    amp: AmpSetting = Field(
+        default="none", description="mixed precision on CUDA: bf16 | fp16 (with loss scaling) | none"
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="workers and nodes, torchrun's options: {nproc_per_node: 2}; optcli run --nproc-per-node etc. override",
+    )
+    scale_lr: ScaleLr = Field(
+        default="none", description="linear: lr x world size, since the global batch is batch_size x world size"
+    )
 
 
 def _ref(value) -> ModelRef | None:
@@ -93,23 +120,34 @@ def check(config: Config, recipe, input_format: str) -> None:
     check_settings(config.distributed, config.device, config.amp)
     train = recipe.data.train
     if train is None:
-        raise ValueError("finetune needs training data: add data.train (path: train.npz, batch_size: 64), arrays keyed by input name")
-    for role, ref in (("distill.teacher", _ref(config.distill.teacher if config.distill else None)), ("student", _ref(config.student))):
+        raise ValueError(
+            "finetune needs training data: add data.train (path: train.npz, batch_size: 64), arrays keyed by input name"
+        )
+    for role, ref in (
+        ("distill.teacher", _ref(config.distill.teacher if config.distill else None)),
+        ("student", _ref(config.student)),
+    ):
         if ref is None or ref.path is None:
             continue
         if ref.path.suffix.lower() == ".onnx":
-            raise ValueError(f"{role}: {ref.path.name} is ONNX, which torch cannot run backward or hook into; give the torch checkpoint (.pt + factory, or .pt2)")
+            raise ValueError(
+                f"{role}: {ref.path.name} is ONNX, which torch cannot run backward or hook into; give the torch checkpoint (.pt + factory, or .pt2)"
+            )
         if not ref.path.is_file():
             raise ValueError(f"{role}.path: {ref.path} not found")
     if config.max_steps is None and config.patience is not None and config.patience >= config.epochs:
-        raise ValueError(f"patience {config.patience} >= epochs {config.epochs} can never stop early; lower it or drop it")
+        raise ValueError(
+            f"patience {config.patience} >= epochs {config.epochs} can never stop early; lower it or drop it"
+        )
     names = [t.name for t in recipe.model.inputs or []]
     keys = _npz_keys(train.path) if train.path is not None else None
     if names and keys is not None:
         missing = [n for n in names if n not in keys]
         if missing:
-            raise ValueError(f"data.train ({train.path.name}) has no array for model input(s) {', '.join(missing)} "
-                             f"(keys: {', '.join(keys)}); key the arrays by input name")
+            raise ValueError(
+                f"data.train ({train.path.name}) has no array for model input(s) {', '.join(missing)} "
+                f"(keys: {', '.join(keys)}); key the arrays by input name"
+            )
 
 
 def _npz_keys(path: Path) -> list[str] | None:
@@ -134,8 +172,13 @@ def _load_other(ref: ModelRef, model, role: str, ctx: Context):
     if ref.path is None:
         module = build_from_factory(ref.factory, ref.factory_kwargs, f"{role}.factory")
     else:
-        spec = ModelSpec(path=ref.path, factory=ref.factory, factory_kwargs=ref.factory_kwargs, trust_pickle=ref.trust_pickle,
-                         inputs=ctx.recipe.model.inputs)
+        spec = ModelSpec(
+            path=ref.path,
+            factory=ref.factory,
+            factory_kwargs=ref.factory_kwargs,
+            trust_pickle=ref.trust_pickle,
+            inputs=ctx.recipe.model.inputs,
+        )
         try:
             module = load_model(spec).module
         except BadInput as e:
@@ -153,7 +196,9 @@ def _trainable(module, where: str):
     from optcli.errors import BadInput
 
     if isinstance(module, torch.jit.ScriptModule):
-        raise BadInput(f"{where} is TorchScript, which optcli does not re-save after training; give a state_dict + factory or a .pt2")
+        raise BadInput(
+            f"{where} is TorchScript, which optcli does not re-save after training; give a state_dict + factory or a .pt2"
+        )
     return module
 
 
@@ -183,9 +228,13 @@ def apply(model, config: Config, ctx: Context):
     teacher = None
     if config.distill is not None:
         teacher_ref = _ref(config.distill.teacher)
-        teacher = ctx.reference.module if teacher_ref is None else _load_other(teacher_ref, model, "distill.teacher", ctx)
+        teacher = (
+            ctx.reference.module if teacher_ref is None else _load_other(teacher_ref, model, "distill.teacher", ctx)
+        )
         if teacher is None:
-            raise BadInput("distill.teacher: reference is an ONNX graph; give a torch teacher (path: teacher.pt, factory: ...)")
+            raise BadInput(
+                "distill.teacher: reference is an ONNX graph; give a torch teacher (path: teacher.pt, factory: ...)"
+            )
 
     # Everything that must fit, checked on one batch before the first step.
     feeds, labels = next(train_data.batches(batch_size=2))
@@ -194,25 +243,51 @@ def apply(model, config: Config, ctx: Context):
     if teacher is not None:
         t_out = _logits(teacher, inputs, "teacher")
         if t_out.shape != s_out.shape:
-            raise BadInput(f"distill.teacher: outputs {tuple(t_out.shape)} but the student outputs {tuple(s_out.shape)} for the same batch; "
-                           "a teacher must predict the same classes (set head.num_classes to match, or pick another teacher)")
+            raise BadInput(
+                f"distill.teacher: outputs {tuple(t_out.shape)} but the student outputs {tuple(s_out.shape)} for the same batch; "
+                "a teacher must predict the same classes (set head.num_classes to match, or pick another teacher)"
+            )
     if train_data.labels is None and teacher is None:
-        raise BadInput(f"data.train has no labels (keys: {', '.join(train_data.arrays)}); set data.train.labels or add distill: to learn from a teacher")
-    all_labels = [d.labels for d in (train_data, eval_data) if d is not None and d.labels is not None and d.labels.dtype.kind in "iu"]
+        raise BadInput(
+            f"data.train has no labels (keys: {', '.join(train_data.arrays)}); set data.train.labels or add distill: to learn from a teacher"
+        )
+    all_labels = [
+        d.labels
+        for d in (train_data, eval_data)
+        if d is not None and d.labels is not None and d.labels.dtype.kind in "iu"
+    ]
     if all_labels and s_out.ndim == 2 and max(int(lab.max()) for lab in all_labels) >= s_out.shape[1]:
         top = max(int(lab.max()) for lab in all_labels)
-        raise BadInput(f"data: labels go up to {top} but the model has {s_out.shape[1]} outputs; set head: {{replace: <classifier>, num_classes: {top + 1}}}")
+        raise BadInput(
+            f"data: labels go up to {top} but the model has {s_out.shape[1]} outputs; set head: {{replace: <classifier>, num_classes: {top + 1}}}"
+        )
 
     checkpoints = Path(ctx.options["resume_dir"] + ".ckpt") if ctx.options.get("resume_dir") else None
-    job = TrainJob(config=config, student=student, train=train_data, eval=eval_data, teacher=teacher, input_names=names,
-                   checkpoint_dir=str(checkpoints) if checkpoints else None)
+    job = TrainJob(
+        config=config,
+        student=student,
+        train=train_data,
+        eval=eval_data,
+        teacher=teacher,
+        input_names=names,
+        checkpoint_dir=str(checkpoints) if checkpoints else None,
+    )
     result, world = run_training(job, config, ctx)  # one process here, or workers through torch's elastic launcher
 
     ctx.details["training"] = {
-        "epochs": result.epochs, "best_epoch": result.best_epoch, "metric": result.metric, "seconds": result.seconds,
-        "samples_per_s": result.samples_per_s, "steps": result.steps, "stopped_early": result.stopped_early,
-        "resumed_from_epoch": result.resumed_from_epoch, "train_samples": len(train_data), "seed": seed,
-        "loss": _loss_name(config, train_data.labels is not None), "torch_threads": torch.get_num_threads(), **world,
+        "epochs": result.epochs,
+        "best_epoch": result.best_epoch,
+        "metric": result.metric,
+        "seconds": result.seconds,
+        "samples_per_s": result.samples_per_s,
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "train_samples": len(train_data),
+        "seed": seed,
+        "loss": _loss_name(config, train_data.labels is not None),
+        "torch_threads": torch.get_num_threads(),
+        **world,
     }
     if frozen:
         ctx.details["training"]["frozen_parameters"] = len(frozen)
@@ -223,8 +298,6 @@ def apply(model, config: Config, ctx: Context):
 
         shutil.rmtree(checkpoints, ignore_errors=True)  # the step's artifact now holds the result
     return model.with_(module=result.student)
-
-
 
 
 def _logits(module, inputs, role: str):
@@ -238,7 +311,9 @@ def _logits(module, inputs, role: str):
         with torch.no_grad():
             return _first_output(module(*inputs))
     except Exception as e:
-        raise BadInput(f"{role}: does not run on data.train's inputs ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise BadInput(
+            f"{role}: does not run on data.train's inputs ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
 
 
 def _loss_name(config: Config, has_labels: bool) -> str:

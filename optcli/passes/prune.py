@@ -16,21 +16,47 @@ from optcli.passes.base import Context, PassConfig, PassSpec
 
 
 class Schedule(StrictModel):
-    steps: int = Field(ge=1, le=10_000_000, description="optimizer steps of the following finetune over which sparsity ramps up (cubic, Zhu & Gupta 2017)")
+    steps: int = Field(
+        ge=1,
+        le=10_000_000,
+        description="optimizer steps of the following finetune over which sparsity ramps up (cubic, Zhu & Gupta 2017)",
+    )
     initial_sparsity: float = Field(default=0.0, ge=0, lt=1, description="sparsity at step 0 of the ramp")
     every: int = Field(default=1, ge=1, description="raise the masks every this many optimizer steps")
 
 
 class Config(PassConfig):
     type: Literal["prune"] = "prune"
-    method: Literal["magnitude"] = Field(default="magnitude", description="smallest |w| first: L1 for unstructured weights, L2 norm of each channel for structured")
-    sparsity: float = Field(default=0.5, ge=0, lt=1, description="fraction of weights (unstructured) or output channels (structured) removed")
-    scope: Literal["global", "layer"] = Field(default="global", description="global: rank all pruned layers' weights together; layer: every layer reaches `sparsity` itself")
-    structured: Literal["none", "channels"] = Field(default="none", description="none: zero weights with masks; channels: remove output channels of Conv / output features of Linear (torch models)")
-    layers: dict[str, float] = Field(default_factory=dict, description='per-layer sparsity by glob on module names, e.g. {"features.*": 0.7}; 0 leaves a layer alone')
-    exclude: list[str] | None = Field(default=None, description="globs of layers left alone; default (null): the first conv and the last layer (classifier head)")
+    method: Literal["magnitude"] = Field(
+        default="magnitude",
+        description="smallest |w| first: L1 for unstructured weights, L2 norm of each channel for structured",
+    )
+    sparsity: float = Field(
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="fraction of weights (unstructured) or output channels (structured) removed",
+    )
+    scope: Literal["global", "layer"] = Field(
+        default="global",
+        description="global: rank all pruned layers' weights together; layer: every layer reaches `sparsity` itself",
+    )
+    structured: Literal["none", "channels"] = Field(
+        default="none",
+        description="none: zero weights with masks; channels: remove output channels of Conv / output features of Linear (torch models)",
+    )
+    layers: dict[str, float] = Field(
+        default_factory=dict,
+        description='per-layer sparsity by glob on module names, e.g. {"features.*": 0.7}; 0 leaves a layer alone',
+    )
+    exclude: list[str] | None = Field(
+        default=None,
+        description="globs of layers left alone; default (null): the first conv and the last layer (classifier head)",
+    )
     min_params: int = Field(default=0, ge=0, description="layers with fewer weights than this are left alone")
-    schedule: Schedule | None = Field(default=None, description="gradual pruning during the following finetune: {steps: N}; unstructured only")
+    schedule: Schedule | None = Field(
+        default=None, description="gradual pruning during the following finetune: {steps: N}; unstructured only"
+    )
 
     @field_validator("layers")
     @classmethod
@@ -43,17 +69,25 @@ class Config(PassConfig):
 
 def check(config: Config, recipe, input_format: str) -> None:
     if config.structured == "channels" and input_format == "onnx":
-        raise ValueError("structured: channels needs a torch model (an ONNX graph cannot be re-wired here); prune before the export pass, or use structured: none")
+        raise ValueError(
+            "structured: channels needs a torch model (an ONNX graph cannot be re-wired here); prune before the export pass, or use structured: none"
+        )
     if config.schedule is not None:
         if config.structured != "none":
-            raise ValueError("schedule works with unstructured masks only; structured pruning is one shot (follow it with finetune to recover)")
+            raise ValueError(
+                "schedule works with unstructured masks only; structured pruning is one shot (follow it with finetune to recover)"
+            )
         index = next(i for i, p in enumerate(recipe.passes) if p is config)
         if not any(p.type == "finetune" for p in recipe.passes[index + 1 :]):
-            raise ValueError("schedule: gradual pruning happens during training; add a finetune pass after prune, or drop schedule for one-shot pruning")
+            raise ValueError(
+                "schedule: gradual pruning happens during training; add a finetune pass after prune, or drop schedule for one-shot pruning"
+            )
     if input_format == "onnx" and recipe.model.format == "onnx" and recipe.passes[0] is config:
         _check_onnx_layers(config, recipe.model.path)
     if input_format == "torch" and recipe.model.path.suffix.lower() == ".pt2":
-        raise ValueError("a .pt2 (torch.export) file keeps no Conv/Linear modules to prune; give the state_dict with model.factory")
+        raise ValueError(
+            "a .pt2 (torch.export) file keeps no Conv/Linear modules to prune; give the state_dict with model.factory"
+        )
 
 
 def _check_onnx_layers(config: Config, path) -> None:
@@ -108,10 +142,16 @@ def _torch_layers(module, inputs) -> list:
     from optcli.artifact import example_inputs
     from optcli.pruning import Layer
 
-    kinds = {name: ("conv" if isinstance(m, nn.modules.conv._ConvNd) else "linear", m)
-             for name, m in module.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+    kinds = {
+        name: ("conv" if isinstance(m, nn.modules.conv._ConvNd) else "linear", m)
+        for name, m in module.named_modules()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    }
     seen: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n) if n not in seen else None) for name, (_, m) in kinds.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n) if n not in seen else None)
+        for name, (_, m) in kinds.items()
+    ]
     was_training = module.training
     try:
         feeds = example_inputs(inputs, batch=2)
@@ -135,8 +175,10 @@ def _refuse_scripted(model) -> None:
     from optcli.errors import BadInput
 
     if isinstance(model.module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        raise BadInput(f"prune: {model.path.name if model.path else 'the model'} was loaded as {model.kind or 'a graph'}, which keeps no "
-                       "Conv/Linear modules to prune; give the state_dict with model.factory")
+        raise BadInput(
+            f"prune: {model.path.name if model.path else 'the model'} was loaded as {model.kind or 'a graph'}, which keeps no "
+            "Conv/Linear modules to prune; give the state_dict with model.factory"
+        )
 
 
 def _param_counts(module) -> tuple[int, int]:
@@ -190,19 +232,31 @@ def _prune_channels(model, config: Config, ctx: Context):
     # Output features of the last layer are the model's outputs: never remove them, whatever exclude says.
     head = layers[-1]
     chosen = {layer.name for layer in plan.layers if layer.name != head.name}
-    ratio_dict = {layer.handle: sparsity for members, sparsity in plan.groups for layer in members
-                  if layer.name in chosen and sparsity != config.sparsity}
+    ratio_dict = {
+        layer.handle: sparsity
+        for members, sparsity in plan.groups
+        for layer in members
+        if layer.name in chosen and sparsity != config.sparsity
+    }
     ignored = [layer.handle for layer in layers if layer.name not in chosen]
     feeds = example_inputs(model.inputs, batch=2, seed=ctx.seed)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in model.inputs)
     module.eval()
     with torch.no_grad():
         shapes_before = [tuple(o.shape) for o in _outputs(module(*args))]
-    shapes = {n: tuple(m.weight.shape) for n, m in module.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    shapes = {
+        n: tuple(m.weight.shape)
+        for n, m in module.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
     before = sum(p.numel() for p in module.parameters())
     pruner = tp.pruner.MetaPruner(
-        module, args[0] if len(args) == 1 else list(args), importance=tp.importance.MagnitudeImportance(p=2),
-        global_pruning=config.scope == "global", pruning_ratio=config.sparsity, pruning_ratio_dict=ratio_dict or None,
+        module,
+        args[0] if len(args) == 1 else list(args),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        global_pruning=config.scope == "global",
+        pruning_ratio=config.sparsity,
+        pruning_ratio_dict=ratio_dict or None,
         ignored_layers=ignored,
     )
     pruner.step()
@@ -210,10 +264,16 @@ def _prune_channels(model, config: Config, ctx: Context):
     with torch.no_grad():
         shapes_after = [tuple(o.shape) for o in _outputs(module(*args))]
     if shapes_after != shapes_before:
-        raise PassFailed(ctx.step_name, f"channel pruning changed the output shapes {shapes_before} -> {shapes_after}; exclude the layers that produce outputs")
+        raise PassFailed(
+            ctx.step_name,
+            f"channel pruning changed the output shapes {shapes_before} -> {shapes_after}; exclude the layers that produce outputs",
+        )
     after = sum(p.numel() for p in module.parameters())
-    shrunk = {n: {"before": list(shapes[n]), "after": list(m.weight.shape)} for n, m in module.named_modules()
-              if n in shapes and tuple(m.weight.shape) != shapes[n]}
+    shrunk = {
+        n: {"before": list(shapes[n]), "after": list(m.weight.shape)}
+        for n, m in module.named_modules()
+        if n in shapes and tuple(m.weight.shape) != shapes[n]
+    }
     per_layer = {layer.name: round(1 - layer.handle.weight.numel() / layer.numel, 6) for layer in layers}
     channels = {layer.name: round(1 - layer.handle.weight.shape[0] / shapes[layer.name][0], 6) for layer in layers}
     _record(ctx, config, plan, per_layer, before, after, after)
@@ -224,12 +284,16 @@ def _prune_channels(model, config: Config, ctx: Context):
     wanted = sum(shapes[n][0] * s for n, s in targets.items())
     ctx.details["channels_removed"] = round(removed / total, 6) if total else 0.0
     if abs(removed - wanted) > max(1, len(targets)):  # torch-pruning rounds each layer to whole channels
-        ctx.warn(f"removed {removed:.0f} of {total} output channels of the pruned layers, not the {wanted:.0f} asked: torch-pruning keeps "
-                 "at least one channel per layer and leaves channels alone that an excluded layer shares (residual additions)")
+        ctx.warn(
+            f"removed {removed:.0f} of {total} output channels of the pruned layers, not the {wanted:.0f} asked: torch-pruning keeps "
+            "at least one channel per layer and leaves channels alone that an excluded layer shares (residual additions)"
+        )
     ctx.details["shrunk_layers"] = shrunk
     ctx.details["output_shapes"] = [list(s) for s in shapes_after]
     if not shrunk:
-        ctx.warn("no channel could be removed (every group touches an excluded layer); try exclude: [<head>] or a higher sparsity")
+        ctx.warn(
+            "no channel could be removed (every group touches an excluded layer); try exclude: [<head>] or a higher sparsity"
+        )
     return model.with_(module=module)
 
 
@@ -261,7 +325,12 @@ def onnx_layers(proto, with_weights: bool) -> list:
             continue
         candidates = [node.input[1], node.input[0]] if node.op_type == "MatMul" else node.input[1:2]
         weight = next((i for i in candidates if i in inits), None)
-        if weight is None or weight in seen or inits[weight].data_type not in (1, 10, 11) or len(inits[weight].dims) < 2:
+        if (
+            weight is None
+            or weight in seen
+            or inits[weight].data_type not in (1, 10, 11)
+            or len(inits[weight].dims) < 2
+        ):
             continue  # float32/16/64 matrices and kernels only: int8 weights of a quantized graph stay as they are
         seen.add(weight)
         name = weight.removesuffix(".weight") if weight.endswith(".weight") or not node.name else node.name
@@ -273,7 +342,9 @@ def onnx_layers(proto, with_weights: bool) -> list:
             holder = torch.nn.Module()
             holder.weight = torch.nn.Parameter(torch.from_numpy(arr.astype("float32", copy=True)), requires_grad=False)
             holder.onnx_name, holder.dtype = weight, arr.dtype
-        layers.append(Layer(name, "conv" if node.op_type == "Conv" else "linear", math.prod(inits[weight].dims), holder))
+        layers.append(
+            Layer(name, "conv" if node.op_type == "Conv" else "linear", math.prod(inits[weight].dims), holder)
+        )
     return layers
 
 
@@ -299,7 +370,9 @@ def _prune_onnx(model, config: Config, ctx: Context):
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
-        raise PassFailed(ctx.step_name, f"pruned graph fails the ONNX checker: {str(e).splitlines()[0][:300]}") from None
+        raise PassFailed(
+            ctx.step_name, f"pruned graph fails the ONNX checker: {str(e).splitlines()[0][:300]}"
+        ) from None
     target = save_onnx(proto, ctx.step_dir / "model.onnx")
     _record(ctx, config, plan, {layer.name: layer_sparsity(layer.handle) for layer in layers}, before, before, nonzero)
     ctx.details["parameters_counted"] = "weights of Conv/Gemm/MatMul initializers"
@@ -313,17 +386,19 @@ def _record(ctx: Context, config: Config, plan, per_layer: dict, before: int, af
     pruned = plan.layers
     total = sum(layer.numel for layer in pruned)
     removed = sum(per_layer[layer.name] * layer.numel for layer in pruned)
-    ctx.details.update({
-        "structured": config.structured,
-        "scope": config.scope,
-        "target_sparsity": config.sparsity,
-        "pruned_layers_sparsity": round(removed / total, 6) if total else 0.0,
-        "per_layer_sparsity": {k: round(float(v), 6) for k, v in per_layer.items()},
-        "excluded_layers": plan.excluded,
-        "parameters_before": before,
-        "parameters_after": after,
-        "nonzero_parameters_after": nonzero,
-    })
+    ctx.details.update(
+        {
+            "structured": config.structured,
+            "scope": config.scope,
+            "target_sparsity": config.sparsity,
+            "pruned_layers_sparsity": round(removed / total, 6) if total else 0.0,
+            "per_layer_sparsity": {k: round(float(v), 6) for k, v in per_layer.items()},
+            "excluded_layers": plan.excluded,
+            "parameters_before": before,
+            "parameters_after": after,
+            "nonzero_parameters_after": nonzero,
+        }
+    )
 
 
 PASS = PassSpec(
