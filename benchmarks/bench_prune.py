@@ -121,8 +121,9 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))  # optcli's model.factory imports bench_prune:build_resnet from here
 
-    from optcli.artifact import InputSpec, Model, save_torch
+    from optcli.artifact import save_torch
     from optcli.measure import latency, metric_value, onnx_runner, predict, size_on_disk
+    from optcli.model import InputSpec, Model
     from optcli.passes.base import Context
     from optcli.passes.prune import Config, apply
 

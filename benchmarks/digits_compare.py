@@ -14,8 +14,8 @@ BATCHES = (1, 32)
 
 
 def measure(artifacts: dict[str, Path], test_npz: Path, threads: int, repeats: int) -> dict[str, dict]:
-    from optcli.artifact import InputSpec
     from optcli.measure import latency, metric_value, onnx_runner, predict
+    from optcli.model import InputSpec
 
     inputs = [InputSpec("x", (1, 1, 8, 8), "float32")]
     test = np.load(test_npz)

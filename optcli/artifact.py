@@ -6,50 +6,19 @@ unpickling, and ONNX external data must live inside the model's own folder.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
 import math
 import os
 import pickle
 import sys
 import zipfile
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from optcli.errors import BadInput
+from optcli.errors import BadInput, first_line
+from optcli.library_warnings import quiet_loggers
+from optcli.model import InputSpec, Model, example_inputs, fold_pruning
 
-BATCH = "batch"
 ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message limit
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    shape: tuple[int, ...]  # concrete example shape; shape[0] is the batch when batch_dynamic
-    dtype: str
-    batch_dynamic: bool = True
-
-    def shape_for(self, batch: int) -> tuple[int, ...]:
-        if self.batch_dynamic and self.shape:
-            return (batch, *self.shape[1:])
-        return self.shape
-
-
-@dataclass
-class Model:
-    """A model between passes: a torch module in memory, or an ONNX file on disk."""
-
-    format: str  # "torch" | "onnx"
-    inputs: list[InputSpec]
-    module: Any = None
-    path: Path | None = None
-    output_names: list[str] = field(default_factory=list)
-    kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle
-
-    def with_(self, **changes) -> Model:
-        return replace(self, **changes)
 
 
 # --------------------------------------------------------------------------- loading
@@ -66,11 +35,11 @@ def load_model(spec, trust_pickle: bool = False) -> Model:
     if suffix == ".onnx":
         model = load_onnx(path)
     elif suffix == ".pt2":
-        model = _load_exported_program(path)
+        model = load_exported_program(path)
     elif suffix == ".safetensors":
-        model = _from_state_dict(_load_safetensors(path), spec, path)
+        model = _from_state_dict(load_safetensors(path), spec, path)
     else:
-        model = _load_torch_file(path, spec, trust_pickle or spec.trust_pickle)
+        model = load_torch_file(path, spec, trust_pickle or spec.trust_pickle)
     inputs = resolve_inputs(model.inputs, spec.inputs, path)
     return model.with_(inputs=inputs, output_names=spec.output_names or model.output_names)
 
@@ -119,7 +88,7 @@ def load_onnx(path: Path) -> Model:
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:  # onnx raises ValidationError and several C++ error types
-        raise BadInput(f"{path}: ONNX checker refused the model: {str(e).splitlines()[0][:300]}") from None
+        raise BadInput(f"{path}: ONNX checker refused the model: {first_line(e)}") from None
     return model
 
 
@@ -148,13 +117,13 @@ def onnx_inputs(proto) -> list[dict]:
     return out
 
 
-def _load_exported_program(path: Path) -> Model:
+def load_exported_program(path: Path) -> Model:
     import torch
 
     if not zipfile.is_zipfile(path):
         raise BadInput(f"{path}: not a torch.export archive (.pt2 is a zip file); was it truncated?")
     try:
-        with _quiet_logger("torch.export"):  # it logs a traceback before raising on a broken archive
+        with quiet_loggers("torch.export"):  # it logs a traceback before raising on a broken archive
             program = torch.export.load(str(path))
     except Exception as e:
         raise BadInput(
@@ -176,18 +145,7 @@ def _load_exported_program(path: Path) -> Model:
     return Model(format="torch", inputs=inputs, module=program.module(), path=path, kind="torch.export")
 
 
-@contextlib.contextmanager
-def _quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _load_safetensors(path: Path) -> dict:
+def load_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -197,7 +155,7 @@ def _load_safetensors(path: Path) -> dict:
         raise BadInput(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def _is_torchscript(path: Path) -> bool:
+def is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
@@ -205,10 +163,10 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
+def load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
     import torch
 
-    if _is_torchscript(path):
+    if is_torchscript(path):
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
@@ -246,7 +204,7 @@ def _load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
         return Model(format="torch", inputs=[], module=obj.eval(), path=path, kind="pickle")
     if not isinstance(obj, dict):
         raise BadInput(f"{path}: holds a {type(obj).__name__}, not a state_dict or module")
-    model = _from_state_dict(_unwrap_checkpoint(obj), spec, path)
+    model = _from_state_dict(unwrap_checkpoint(obj), spec, path)
     return model.with_(kind=kind)
 
 
@@ -257,7 +215,7 @@ def _looks_like_torch_save(path: Path) -> bool:
     return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def _unwrap_checkpoint(obj: dict) -> dict:
+def unwrap_checkpoint(obj: dict) -> dict:
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj.get(key), dict):
             return obj[key]
@@ -357,104 +315,6 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
 # --------------------------------------------------------------------------- saving
 
 
-def copy_module(module):
-    """A deep copy that also works on modules carrying torch.nn.utils.prune masks after a training forward."""
-    import copy
-    import warnings
-
-    import torch
-    from torch.nn.utils import prune
-
-    with torch.no_grad():
-        # After a forward with grad enabled the masked `weight` is a non-leaf tensor, which deepcopy refuses: recompute it as a leaf.
-        for sub in module.modules():
-            for hook in list(sub._forward_pre_hooks.values()):
-                if isinstance(hook, prune.BasePruningMethod):
-                    setattr(sub, hook._tensor_name, hook.apply_mask(sub))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree notice when copying a torch.export graph
-        return copy.deepcopy(module)
-
-
-def fold_pruning(module):
-    """A copy of the module with pruning masks / parametrizations folded into plain weights."""
-    import torch
-    from torch.nn.utils import parametrize, prune
-
-    module = copy_module(module)
-    for sub in module.modules():
-        for hook in list(sub._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(sub, hook._tensor_name)
-        if parametrize.is_parametrized(sub):
-            for name in list(sub.parametrizations.keys()):
-                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
-    return module.eval() if isinstance(module, torch.nn.Module) else module
-
-
-def available_memory() -> int:
-    """Bytes of memory the OS can give us now without swapping (MemAvailable)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_memory(inputs: list[InputSpec], batch: int, setting: str) -> None:
-    """Refuse, before allocating, a batch of inputs larger than the memory available.
-
-    Past the limit Linux overcommits, and the OOM killer ends the run without a word.
-    """
-    import numpy as np
-
-    need = 0
-    for spec in inputs:
-        elements = math.prod(spec.shape_for(batch))
-        # generated values pass through a float64/int64 array before the cast
-        need += elements * (np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype).itemsize + 8)
-    have = available_memory()
-    if need > have:
-        biggest = max(inputs, key=lambda s: math.prod(s.shape_for(batch)))
-        raise BadInput(
-            f"input {biggest.name!r}: batch {batch} of shape {tuple(biggest.shape_for(batch))} ({biggest.dtype}) needs {need / 1e9:,.1f} GB, "
-            f"more than the {have / 1e9:,.1f} GB of memory available; lower {setting} or the input shape"
-        )
-
-
-def example_inputs(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dict:
-    """Plausible inputs of the declared shapes: floats ~N(0,1), ids in a small range, masks of ones."""
-    import numpy as np
-
-    check_memory(inputs, batch, "the batch size")
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in inputs:
-        shape = spec.shape_for(batch)
-        lname = spec.name.lower()
-        if spec.dtype.startswith("float") or spec.dtype == "bfloat16":
-            arr = rng.standard_normal(shape).astype("float32" if spec.dtype == "bfloat16" else spec.dtype)
-        elif spec.dtype == "bool":
-            arr = np.ones(shape, dtype=bool)
-        elif "mask" in lname:
-            arr = np.ones(shape, dtype=spec.dtype)
-        elif "type" in lname or "segment" in lname:
-            arr = np.zeros(shape, dtype=spec.dtype)
-        else:
-            arr = rng.integers(0, 100, size=shape).astype(spec.dtype)
-        feeds[spec.name] = arr
-    return feeds
-
-
 def save_torch(module, inputs: list[InputSpec], folder: Path) -> Path:
     """Write a torch module with torch.export (.pt2, dynamic batch). Returns the file."""
     import torch
@@ -527,8 +387,7 @@ def parse_shape_arg(item: str) -> tuple[str, list[int], str]:
 
 def load_any(path: Path, shapes: list[str] = (), trust_pickle: bool = False, factory: str | None = None) -> Model:
     """Load a model file outside a recipe (inspect, bench, init), with --shape for unknown inputs."""
-    from optcli.config import TensorSpec
-    from optcli.recipe import ModelSpec
+    from optcli.config import ModelSpec, TensorSpec
 
     try:
         given = [TensorSpec(name=n, shape=s, dtype=d) for n, s, d in (parse_shape_arg(x) for x in shapes)]

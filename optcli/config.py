@@ -75,3 +75,26 @@ class DataSource(StrictModel):
         if self.metric not in ("accuracy", "top5", "mse") and ":" not in self.metric:
             raise ValueError(f"metric '{self.metric}' is not accuracy, top5, mse or module:callable")
         return self
+
+
+ONNX_SUFFIXES = (".onnx",)
+TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".safetensors", ".bin")
+
+
+class ModelSpec(StrictModel):
+    path: RecipePath
+    factory: ImportRef | None = Field(
+        default=None, description="module:callable that builds the nn.Module; needed for a state_dict"
+    )
+    factory_kwargs: dict = Field(default_factory=dict)
+    inputs: list[TensorSpec] | None = Field(
+        default=None, description="input names/shapes/dtypes where the file does not fix them"
+    )
+    output_names: list[str] | None = None
+    trust_pickle: bool = Field(
+        default=False, description="allow torch.load to unpickle arbitrary objects (runs code from the file)"
+    )
+
+    @property
+    def format(self) -> str:
+        return "onnx" if self.path.suffix.lower() in ONNX_SUFFIXES else "torch"

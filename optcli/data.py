@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from optcli.artifact import InputSpec, build_from_factory
+from optcli.artifact import build_from_factory
 from optcli.errors import BadInput
+from optcli.model import InputSpec
 
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 

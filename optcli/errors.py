@@ -51,8 +51,10 @@ def writing(path):
         raise
 
 
-class GateFailed(OptcliError):
-    exit_code = 1
+def first_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first non-empty line of an error, cut to `limit` characters: what a one-line message quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""
 
 
 EXIT_OK, EXIT_GATE, EXIT_BAD_INPUT, EXIT_PASS_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130

@@ -59,14 +59,14 @@ def _onnx_details(path: Path) -> dict:
 def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
     import torch
 
-    from optcli.artifact import _is_torchscript
+    from optcli.artifact import is_torchscript
     from optcli.measure import size_on_disk
 
     info = {"path": str(path), **size_on_disk(path)}
     if path.suffix == ".pt2":
-        from optcli.artifact import _load_exported_program
+        from optcli.artifact import load_exported_program
 
-        model = _load_exported_program(path)
+        model = load_exported_program(path)
         program = torch.export.load(str(path))
         tensors = {n: program.state_dict[n] for n in program.graph_signature.parameters if n in program.state_dict}
         info.update(
@@ -74,23 +74,23 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
             inputs=_described(model.inputs),
             ops=dict(Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function").most_common(20)),
         )
-    elif _is_torchscript(path):
+    elif is_torchscript(path):
         module = torch.jit.load(str(path), map_location="cpu")
         tensors = dict(module.named_parameters())
         info.update(format="torchscript", inputs=None)
     else:
-        from optcli.artifact import _load_safetensors, _unwrap_checkpoint
+        from optcli.artifact import load_safetensors, unwrap_checkpoint
 
         if path.suffix == ".safetensors":
-            state = _load_safetensors(path)
+            state = load_safetensors(path)
         else:
-            from optcli.artifact import _load_torch_file
-            from optcli.recipe import ModelSpec
+            from optcli.artifact import load_torch_file
+            from optcli.config import ModelSpec
 
             try:
-                state = _unwrap_checkpoint(torch.load(str(path), map_location="cpu", weights_only=True))
+                state = unwrap_checkpoint(torch.load(str(path), map_location="cpu", weights_only=True))
             except Exception:
-                model = _load_torch_file(path, ModelSpec(path=path), trust_pickle)  # raises the right one-line error
+                model = load_torch_file(path, ModelSpec(path=path), trust_pickle)  # raises the right one-line error
                 state = dict(model.module.named_parameters())
         tensors = {
             k: v

@@ -10,6 +10,8 @@ import contextlib
 import logging
 import warnings
 
+from optcli.errors import first_line
+
 # Internal deprecations of torch/onnx plumbing are not actionable by a user of optcli.
 _IGNORED = (DeprecationWarning, FutureWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
@@ -21,6 +23,20 @@ class _Collector(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(f"{record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.CRITICAL):
+    """Raise the level of these loggers inside the block (each one: torch gives its module loggers their own)."""
+    loggers = [logging.getLogger(n) for n in names]
+    previous = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, previous, strict=True):
+            lg.setLevel(lvl)
 
 
 @contextlib.contextmanager
@@ -42,6 +58,6 @@ def captured(limit: int = 10):
         messages = handler.messages + [
             f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, _IGNORED)
         ]
-        for message in dict.fromkeys(m.strip().splitlines()[0][:300] for m in messages if m.strip()):
+        for message in dict.fromkeys(first_line(m) for m in messages if m.strip()):
             if len(collected) < limit:
                 collected.append(message)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from optcli.artifact import InputSpec, Model, artifact_files, example_inputs
+from optcli.artifact import artifact_files
+from optcli.model import InputSpec, Model, example_inputs, fixed_batch
 
 # Inputs 1.. of these ops are scales / zero points, not weights.
 _QUANT_PARAM_INPUTS = {
@@ -66,7 +67,7 @@ def torch_runner(module, inputs: list[InputSpec], threads: int) -> Runner:
                 out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in inputs])
         finally:
             torch.set_num_threads(previous)
-        return [t.detach().float().numpy() if t.is_floating_point() else t.numpy() for t in _flatten(out)]
+        return [t.detach().float().numpy() if t.is_floating_point() else t.numpy() for t in flatten_outputs(out)]
 
     return Runner(run, inputs, f"torch {torch.__version__}")
 
@@ -76,7 +77,7 @@ def _is_graph_module(module) -> bool:
     return type(module).__name__ == "GraphModule"
 
 
-def _flatten(out) -> list:
+def flatten_outputs(out) -> list:
     import torch
 
     if isinstance(out, torch.Tensor):
@@ -87,7 +88,7 @@ def _flatten(out) -> list:
         out = out.to_tuple()
     flat = []
     for item in out:
-        flat.extend(_flatten(item))
+        flat.extend(flatten_outputs(item))
     return flat
 
 
@@ -256,3 +257,57 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
     if ref.ndim == 2 and ref.shape[1] > 1:
         result["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
     return result
+
+
+class Evaluator:
+    """Measures artifacts the same way every step: same inputs, same threads, same reference outputs."""
+
+    def __init__(self, recipe, original: Model, data, log):
+        self.recipe = recipe
+        self.spec = recipe.report.latency
+        self.eval = data.eval
+        self.log = log
+        if self.eval is not None:
+            self.inputs_note = f"data.eval ({len(self.eval)} samples)"
+            self.labels = self.eval.labels
+            self.metric = self.eval.metric
+        else:
+            self.inputs_note = f"{recipe.report.fidelity_samples} generated inputs"
+            self.labels, self.metric = None, None
+        self.generated = (
+            example_inputs(original.inputs, batch=recipe.report.fidelity_samples, seed=recipe.seed)
+            if self.eval is None
+            else None
+        )
+        self.reference_outputs: list[np.ndarray] | None = None
+
+    def description(self) -> str:
+        if self.labels is not None:
+            return f"{self.metric} on {self.inputs_note}; fidelity vs the original on the same inputs"
+        return f"fidelity only (no labelled eval data): original vs optimized on {self.inputs_note}"
+
+    def _batches(self, inputs):
+        fixed = fixed_batch(inputs)
+        if self.eval is not None:
+            return (feeds for feeds, _ in self.eval.batches(batch_size=fixed))
+        size = fixed or 32
+        n = len(next(iter(self.generated.values())))
+        return ({k: v[i : i + size] for k, v in self.generated.items()} for i in range(0, n, size))
+
+    def measure(self, path: Path, model: Model, runner=None) -> dict:
+        runner = runner or load_written(path, model.inputs, self.spec.threads)
+        outputs = predict(runner, self._batches(model.inputs))
+        if self.reference_outputs is None:
+            self.reference_outputs = outputs
+        row = {**size_on_disk(path), **parameter_counts(path, model.module)}
+        lat, notes = latency(runner, self.spec.batch_sizes, self.spec.warmup, self.spec.runs)
+        row["latency"] = lat
+        row["latency_notes"] = notes
+        row["engine"] = runner.engine
+        row["accuracy"] = (
+            {"metric": self.metric, "value": metric_value(self.metric, outputs, self.labels)}
+            if self.labels is not None
+            else None
+        )
+        row["fidelity"] = fidelity(self.reference_outputs, outputs)
+        return row

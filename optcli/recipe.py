@@ -9,31 +9,9 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import Field, ValidationError, create_model
 
-from optcli.config import DataSource, ImportRef, RecipePath, StrictModel, TensorSpec
+from optcli.config import ONNX_SUFFIXES, TORCH_SUFFIXES, DataSource, ModelSpec, StrictModel
 from optcli.errors import BadInput
 from optcli.passes import all_passes, get_pass
-
-ONNX_SUFFIXES = (".onnx",)
-TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".safetensors", ".bin")
-
-
-class ModelSpec(StrictModel):
-    path: RecipePath
-    factory: ImportRef | None = Field(
-        default=None, description="module:callable that builds the nn.Module; needed for a state_dict"
-    )
-    factory_kwargs: dict = Field(default_factory=dict)
-    inputs: list[TensorSpec] | None = Field(
-        default=None, description="input names/shapes/dtypes where the file does not fix them"
-    )
-    output_names: list[str] | None = None
-    trust_pickle: bool = Field(
-        default=False, description="allow torch.load to unpickle arbitrary objects (runs code from the file)"
-    )
-
-    @property
-    def format(self) -> str:
-        return "onnx" if self.path.suffix.lower() in ONNX_SUFFIXES else "torch"
 
 
 class DataSpec(StrictModel):

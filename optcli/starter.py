@@ -46,6 +46,6 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
 
 
 def _is_module_file(path: Path) -> bool:
-    from optcli.artifact import _is_torchscript
+    from optcli.artifact import is_torchscript
 
-    return _is_torchscript(path)
+    return is_torchscript(path)

@@ -53,8 +53,8 @@ def formats(digits, tmp_path_factory):
 )
 def test_every_format_loads_and_matches_the_trained_model(digits, formats, name, tmp_path):
     from optcli.artifact import load_model
+    from optcli.config import ModelSpec
     from optcli.measure import runner_for
-    from optcli.recipe import ModelSpec
 
     path = digits / name if (digits / name).exists() else formats / name
     spec = ModelSpec(

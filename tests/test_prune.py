@@ -125,8 +125,9 @@ def test_gradual_prune_during_finetune_ends_at_the_exact_sparsity(digits, tmp_pa
 
 
 def test_masks_hold_through_a_plain_training_loop_and_fold_on_save(tmp_path):
-    from optcli.artifact import InputSpec, Model, save_torch
+    from optcli.artifact import save_torch
     from optcli.examples.digits import build_cnn
+    from optcli.model import InputSpec, Model
     from optcli.passes.base import Context
     from optcli.passes.prune import Config, apply
 
@@ -151,11 +152,11 @@ def test_masks_hold_through_a_plain_training_loop_and_fold_on_save(tmp_path):
 
 
 def test_gradual_schedule_raises_sparsity_step_by_step_to_the_exact_target(tmp_path):
-    from optcli.artifact import InputSpec, Model
     from optcli.examples.digits import build_cnn
+    from optcli.model import InputSpec, Model
     from optcli.passes.base import Context
     from optcli.passes.prune import Config, apply
-    from optcli.pruning import cubic_sparsity
+    from optcli.passes.prune.plan import cubic_sparsity
 
     model = Model("torch", [InputSpec("x", (1, 1, 8, 8), "float32")], module=build_cnn(16).eval())
     ctx = Context(recipe=None, step_name="1-prune", step_dir=tmp_path, reference=model, data=None)
@@ -176,8 +177,8 @@ def test_gradual_schedule_raises_sparsity_step_by_step_to_the_exact_target(tmp_p
 
 
 def test_schedule_finish_reaches_the_target_when_training_stops_early(tmp_path):
-    from optcli.artifact import InputSpec, Model
     from optcli.examples.digits import build_cnn
+    from optcli.model import InputSpec, Model
     from optcli.passes.base import Context
     from optcli.passes.prune import Config, apply
 

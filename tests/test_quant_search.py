@@ -229,7 +229,7 @@ def test_search_respects_its_time_budget(encoder, tmp_path):
 
 
 def test_smoothquant_keeps_the_float_function_and_folds_into_pre_layernorms(encoder, tmp_path):
-    from optcli.smoothquant import smooth
+    from optcli.passes.quantize.smoothquant import smooth
 
     result = run_cli(
         "run",

@@ -16,7 +16,10 @@ from optcli.config import StrictModel
 
 if TYPE_CHECKING:
     from optcli.model import Model
-    from optcli.recipe import Recipe
+
+# The validated recipe (optcli.recipe.Recipe). Not imported: the recipe is built from this registry's configs,
+# so the contract stays below it; a pass reads only the sections it documents (data, report, seed).
+Recipe = Any
 
 Format = Literal["torch", "onnx"]
 

@@ -10,6 +10,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from optcli.errors import first_line
+from optcli.library_warnings import quiet_loggers
 from optcli.passes.base import Context, PassConfig, PassSpec
 
 
@@ -30,16 +32,9 @@ class Config(PassConfig):
 def _quiet_exporter():
     # The dynamo exporter prints progress to stdout and logs to stderr; --json needs a clean stdout.
     buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "torch.fx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            yield buf
-    finally:
-        for lg, level in zip(loggers, levels, strict=False):
-            lg.setLevel(level)
+    names = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "torch.fx")
+    with quiet_loggers(*names, level=logging.ERROR), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        yield buf
 
 
 def _export(module, args, names, output_names, config: Config, target, exporter: str) -> None:
@@ -84,9 +79,9 @@ def _needs_external(module) -> bool:
 def apply(model, config: Config, ctx: Context):
     import torch
 
-    from optcli.artifact import example_inputs, fold_pruning
     from optcli.errors import PassFailed
     from optcli.measure import onnx_runner, torch_runner
+    from optcli.model import example_inputs, fold_pruning
 
     module = fold_pruning(model.module) if not isinstance(model.module, torch.jit.ScriptModule) else model.module
     feeds = example_inputs(model.inputs, batch=2, seed=ctx.seed)
@@ -104,9 +99,7 @@ def apply(model, config: Config, ctx: Context):
                 _export(module, args, names, model.output_names, config, target, exporter)
             break
         except Exception as e:  # exporters raise many types; the message is what the user needs
-            errors.append(
-                f"{exporter}: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
-            )
+            errors.append(f"{exporter}: {type(e).__name__}: {first_line(e)}")
             for leftover in ctx.step_dir.glob("model.onnx*"):
                 leftover.unlink()
     else:
@@ -129,7 +122,7 @@ def apply(model, config: Config, ctx: Context):
     except Exception as e:  # e.g. a tracer that baked the example batch into the graph
         raise PassFailed(
             ctx.step_name,
-            f"the exported ONNX graph does not run on new inputs ({str(e).strip().splitlines()[0][:200]}); "
+            f"the exported ONNX graph does not run on new inputs ({first_line(e, 200)}); "
             "the model likely has data-dependent Python code the exporter could not capture",
         ) from None
     max_err = max(

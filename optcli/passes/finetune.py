@@ -166,8 +166,8 @@ def _npz_keys(path: Path) -> list[str] | None:
 def _load_other(ref: ModelRef, model, role: str, ctx: Context):
     """A teacher or student named by the recipe, as an nn.Module taking the model's inputs."""
     from optcli.artifact import build_from_factory, load_model
+    from optcli.config import ModelSpec
     from optcli.errors import BadInput
-    from optcli.recipe import ModelSpec
 
     if ref.path is None:
         module = build_from_factory(ref.factory, ref.factory_kwargs, f"{role}.factory")
@@ -205,9 +205,9 @@ def _trainable(module, where: str):
 def apply(model, config: Config, ctx: Context):
     import torch
 
-    from optcli.artifact import copy_module
     from optcli.distributed import run_training
     from optcli.errors import BadInput
+    from optcli.model import copy_module
     from optcli.training import TrainJob, freeze, replace_head
 
     seed = ctx.seed if config.seed is None else config.seed

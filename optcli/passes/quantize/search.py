@@ -28,6 +28,8 @@ from optcli.measure import (
     runner_for,
     size_on_disk,
 )
+from optcli.model import fixed_batch
+from optcli.passes.quantize.ort import Settings, quantize_onnx
 
 # Ops ONNX Runtime quantizes that carry weights; sensitivity is ranked over these.
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
@@ -35,39 +37,6 @@ WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
 NOISE = 0.95
 # Static candidates quantize only compute ops unless op_types is given: QDQ pairs around data-movement ops cost CPU time.
 STATIC_COMPUTE_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose"]
-
-
-@dataclass(frozen=True)
-class Settings:
-    """One int8 configuration (what quantize_onnx needs)."""
-
-    mode: str = "dynamic"
-    per_channel: bool = False
-    calibration: str = "minmax"
-    smooth_alpha: float | None = None
-    exclude: frozenset[str] = frozenset()
-    op_types: tuple[str, ...] | None = None
-
-    def name(self) -> str:
-        parts = [self.mode, "per-channel" if self.per_channel else "per-tensor"]
-        if self.mode == "static":
-            parts.append(self.calibration)
-        if self.smooth_alpha is not None:
-            parts.append(f"smooth{self.smooth_alpha:g}")
-        if self.exclude:
-            parts.append(f"fp32x{len(self.exclude)}")
-        return "/".join(parts)
-
-    def summary(self) -> dict:
-        out = {
-            "mode": self.mode,
-            "per_channel": self.per_channel,
-            "smoothquant_alpha": self.smooth_alpha,
-            "fp32_nodes": len(self.exclude),
-        }
-        if self.mode == "static":
-            out["calibration"] = self.calibration
-        return out
 
 
 @dataclass
@@ -343,7 +312,9 @@ class Search:
     def run(self, candidates: list[Settings]) -> tuple[Trial, Trial]:
         fp32 = self.measure_fp32()
         for settings in candidates:
-            if not self.can_try():
+            # The first candidate always runs: a budget that the fp32 measurement alone used up (a loaded machine)
+            # must end the search with the best it has, not with nothing.
+            if self.trials_used() and not self.can_try():
                 self.notes.append(
                     f"{'time budget' if self.out_of_budget() else 'max_trials'} reached before all base candidates were tried"
                 )
@@ -400,8 +371,8 @@ def evaluation_for(model, config, ctx) -> Evaluation:
 
     data = ctx.data.eval
     spec = ctx.recipe.report.latency
-    fixed = [s.shape[0] for s in model.inputs if not s.batch_dynamic and s.shape]
-    pairs = list(data.batches(batch_size=fixed[0] if fixed else data.batch_size, limit=config.search.eval_samples))
+    fixed = fixed_batch(model.inputs)
+    pairs = list(data.batches(batch_size=fixed or data.batch_size, limit=config.search.eval_samples))
     batches = [feeds for feeds, _ in pairs]
     labels = np.concatenate([y for _, y in pairs]) if data.labels is not None else None
     if config.target.metric != "cosine" and labels is None:
@@ -417,12 +388,12 @@ def evaluation_for(model, config, ctx) -> Evaluation:
         reference,
         model.inputs,
         spec.threads,
-        fixed[0] if fixed else max(spec.batch_sizes),
+        fixed or max(spec.batch_sizes),
         config.search.latency_runs,
     )
 
 
-def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str], calib, quantize_onnx) -> None:
+def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str], calib) -> None:
     """Run the search, write the chosen model to `target`, and record the search block and its gates in ctx.details."""
     ev = evaluation_for(model, config, ctx)
     goal = make_goal(config.target, ev.score(ev.reference))

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from optcli.config import StrictModel
+from optcli.errors import first_line
 from optcli.passes.base import Context, PassConfig, PassSpec
 
 
@@ -95,7 +96,7 @@ def _check_onnx_layers(config: Config, path) -> None:
     import onnx
 
     from optcli.errors import BadInput
-    from optcli.pruning import make_plan
+    from optcli.passes.prune.plan import make_plan
 
     if not path.is_file():
         return  # check_recipe reports the missing file
@@ -114,7 +115,7 @@ def preflight(config: Config, recipe, original) -> None:
 
     Only for prune passes that see the original module: passes before them may rename or replace layers.
     """
-    from optcli.pruning import make_plan
+    from optcli.passes.prune.plan import make_plan
 
     index = next(i for i, p in enumerate(recipe.passes) if p is config)
     if original.format != "torch" or any(p.type != "prune" for p in recipe.passes[:index]):
@@ -139,8 +140,8 @@ def _torch_layers(module, inputs) -> list:
     import torch
     from torch import nn
 
-    from optcli.artifact import example_inputs
-    from optcli.pruning import Layer
+    from optcli.model import example_inputs
+    from optcli.passes.prune.plan import Layer
 
     kinds = {
         name: ("conv" if isinstance(m, nn.modules.conv._ConvNd) else "linear", m)
@@ -198,7 +199,7 @@ def _param_counts(module) -> tuple[int, int]:
 def _prune_masks(model, config: Config, ctx: Context):
     import copy
 
-    from optcli.pruning import PruneSchedule, apply_plan, layer_sparsity, make_plan
+    from optcli.passes.prune.plan import PruneSchedule, apply_plan, layer_sparsity, make_plan
 
     _refuse_scripted(model)
     module = copy.deepcopy(model.module)  # the original stays untouched: it is the reference / distillation teacher
@@ -221,9 +222,9 @@ def _prune_channels(model, config: Config, ctx: Context):
     import torch
     import torch_pruning as tp
 
-    from optcli.artifact import example_inputs, fold_pruning
     from optcli.errors import PassFailed
-    from optcli.pruning import make_plan
+    from optcli.model import example_inputs, fold_pruning
+    from optcli.passes.prune.plan import make_plan
 
     _refuse_scripted(model)
     module = fold_pruning(model.module)  # a copy, earlier masks folded: torch-pruning slices plain weights
@@ -298,9 +299,9 @@ def _prune_channels(model, config: Config, ctx: Context):
 
 
 def _outputs(out) -> list:
-    from optcli.measure import _flatten
+    from optcli.measure import flatten_outputs
 
-    return _flatten(out)
+    return flatten_outputs(out)
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -316,7 +317,7 @@ def onnx_layers(proto, with_weights: bool) -> list:
 
     from onnx import numpy_helper
 
-    from optcli.pruning import Layer
+    from optcli.passes.prune.plan import Layer
 
     inits = {t.name: t for t in proto.graph.initializer}
     layers, seen = [], set()
@@ -355,7 +356,7 @@ def _prune_onnx(model, config: Config, ctx: Context):
 
     from optcli.artifact import save_onnx
     from optcli.errors import PassFailed
-    from optcli.pruning import apply_plan, layer_sparsity, make_plan
+    from optcli.passes.prune.plan import apply_plan, layer_sparsity, make_plan
 
     proto = onnx.load(str(model.path), load_external_data=True)
     inits = {t.name: t for t in proto.graph.initializer}
@@ -370,9 +371,7 @@ def _prune_onnx(model, config: Config, ctx: Context):
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as e:
-        raise PassFailed(
-            ctx.step_name, f"pruned graph fails the ONNX checker: {str(e).splitlines()[0][:300]}"
-        ) from None
+        raise PassFailed(ctx.step_name, f"pruned graph fails the ONNX checker: {first_line(e)}") from None
     target = save_onnx(proto, ctx.step_dir / "model.onnx")
     _record(ctx, config, plan, {layer.name: layer_sparsity(layer.handle) for layer in layers}, before, before, nonzero)
     ctx.details["parameters_counted"] = "weights of Conv/Gemm/MatMul initializers"

@@ -1,0 +1,85 @@
+"""Gates: the recipe's promises (accuracy drop, fidelity, size, speed-up) and those a pass adds, checked on the steps."""
+
+from __future__ import annotations
+
+from optcli.measure import higher_is_better
+
+
+def check_gates(gates, steps: list[dict]) -> list[dict]:
+    first, last = steps[0], steps[-1]
+    results = []
+    if gates.max_accuracy_drop is not None:
+        if first["accuracy"] is None or last["accuracy"] is None:
+            results.append(
+                {
+                    "name": "max_accuracy_drop",
+                    "limit": gates.max_accuracy_drop,
+                    "value": None,
+                    "passed": False,
+                    "note": "no labelled eval data (data.eval with labels)",
+                }
+            )
+        else:
+            sign = 1 if higher_is_better(first["accuracy"]["metric"]) else -1
+            drop = sign * (first["accuracy"]["value"] - last["accuracy"]["value"])
+            results.append(
+                {
+                    "name": "max_accuracy_drop",
+                    "limit": gates.max_accuracy_drop,
+                    "value": round(drop, 6),
+                    "passed": drop <= gates.max_accuracy_drop + 1e-12,
+                }
+            )
+    if gates.min_fidelity_cosine is not None:
+        cos = (last.get("fidelity") or {}).get("cosine_mean")
+        results.append(
+            {
+                "name": "min_fidelity_cosine",
+                "limit": gates.min_fidelity_cosine,
+                "value": cos,
+                "passed": cos is not None and cos >= gates.min_fidelity_cosine,
+            }
+        )
+    if gates.max_size_bytes is not None:
+        results.append(
+            {
+                "name": "max_size_bytes",
+                "limit": gates.max_size_bytes,
+                "value": last["size_bytes"],
+                "passed": last["size_bytes"] <= gates.max_size_bytes,
+            }
+        )
+    if gates.min_speedup is not None:
+        speedups = [
+            first["latency"][b]["p50_ms"] / last["latency"][b]["p50_ms"]
+            for b in first["latency"]
+            if b in last["latency"]
+        ]
+        value = round(min(speedups), 4) if speedups else None
+        results.append(
+            {
+                "name": "min_speedup",
+                "limit": gates.min_speedup,
+                "value": value,
+                "passed": value is not None and value >= gates.min_speedup,
+                "note": "slowest batch size, p50",
+            }
+        )
+    # A pass can hold its own promise to the user (a quantize target): it lists gates in details["gates"].
+    for step in steps[1:]:
+        for gate in (step.get("details") or {}).get("gates") or []:
+            results.append({**gate, "name": f"{step['name']}: {gate['name']}"})
+    return results
+
+
+def near_gate_warnings(gates: list[dict]) -> list[str]:
+    """Gates that passed with little headroom. For scores bounded by 1 (cosine), headroom is measured against 1 - limit."""
+    out = []
+    for g in gates:
+        value, limit = g["value"], g["limit"]
+        if not (g["passed"] and isinstance(value, (int, float)) and isinstance(limit, (int, float)) and limit):
+            continue
+        scale = 1 - limit if "cosine" in g["name"] and 0 < limit < 1 else abs(limit)
+        if abs(value - limit) <= 0.05 * scale:
+            out.append(f"gate {g['name']} passed within 5% of its limit ({value} vs {limit})")
+    return out

@@ -1,0 +1,148 @@
+"""What a model is between passes: a torch module in memory or an ONNX file, its inputs, example feeds.
+
+Shared by every pass family and by measurement; loading and saving by format live in artifact.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from optcli.errors import BadInput
+
+BATCH = "batch"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]  # concrete example shape; shape[0] is the batch when batch_dynamic
+    dtype: str
+    batch_dynamic: bool = True
+
+    def shape_for(self, batch: int) -> tuple[int, ...]:
+        if self.batch_dynamic and self.shape:
+            return (batch, *self.shape[1:])
+        return self.shape
+
+
+@dataclass
+class Model:
+    """A model between passes: a torch module in memory, or an ONNX file on disk."""
+
+    format: str  # "torch" | "onnx"
+    inputs: list[InputSpec]
+    module: Any = None
+    path: Path | None = None
+    output_names: list[str] = field(default_factory=list)
+    kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle
+
+    def with_(self, **changes) -> Model:
+        return replace(self, **changes)
+
+
+def fixed_batch(inputs: list[InputSpec]) -> int | None:
+    """The batch size a model's inputs pin (a fixed first dimension), or None when the batch is free."""
+    fixed = [s.shape[0] for s in inputs if not s.batch_dynamic and s.shape]
+    return fixed[0] if fixed else None
+
+
+def copy_module(module):
+    """A deep copy that also works on modules carrying torch.nn.utils.prune masks after a training forward."""
+    import copy
+    import warnings
+
+    import torch
+    from torch.nn.utils import prune
+
+    with torch.no_grad():
+        # After a forward with grad enabled the masked `weight` is a non-leaf tensor, which deepcopy refuses: recompute it as a leaf.
+        for sub in module.modules():
+            for hook in list(sub._forward_pre_hooks.values()):
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(sub, hook._tensor_name, hook.apply_mask(sub))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree notice when copying a torch.export graph
+        return copy.deepcopy(module)
+
+
+def fold_pruning(module):
+    """A copy of the module with pruning masks / parametrizations folded into plain weights."""
+    import torch
+    from torch.nn.utils import parametrize, prune
+
+    module = copy_module(module)
+    for sub in module.modules():
+        for hook in list(sub._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(sub, hook._tensor_name)
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations.keys()):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+    return module.eval() if isinstance(module, torch.nn.Module) else module
+
+
+def available_memory() -> int:
+    """Bytes of memory the OS can give us now without swapping (MemAvailable)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(inputs: list[InputSpec], batch: int, setting: str) -> None:
+    """Refuse, before allocating, a batch of inputs larger than the memory available.
+
+    Past the limit Linux overcommits, and the OOM killer ends the run without a word.
+    """
+    import numpy as np
+
+    need = 0
+    for spec in inputs:
+        elements = math.prod(spec.shape_for(batch))
+        # generated values pass through a float64/int64 array before the cast
+        need += elements * (np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype).itemsize + 8)
+    have = available_memory()
+    if need > have:
+        biggest = max(inputs, key=lambda s: math.prod(s.shape_for(batch)))
+        raise BadInput(
+            f"input {biggest.name!r}: batch {batch} of shape {tuple(biggest.shape_for(batch))} ({biggest.dtype}) needs {need / 1e9:,.1f} GB, "
+            f"more than the {have / 1e9:,.1f} GB of memory available; lower {setting} or the input shape"
+        )
+
+
+def example_inputs(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dict:
+    """Plausible inputs of the declared shapes: floats ~N(0,1), ids in a small range, masks of ones."""
+    import numpy as np
+
+    check_memory(inputs, batch, "the batch size")
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in inputs:
+        shape = spec.shape_for(batch)
+        lname = spec.name.lower()
+        if spec.dtype.startswith("float") or spec.dtype == "bfloat16":
+            arr = rng.standard_normal(shape).astype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+        elif spec.dtype == "bool":
+            arr = np.ones(shape, dtype=bool)
+        elif "mask" in lname:
+            arr = np.ones(shape, dtype=spec.dtype)
+        elif "type" in lname or "segment" in lname:
+            arr = np.zeros(shape, dtype=spec.dtype)
+        else:
+            arr = rng.integers(0, 100, size=shape).astype(spec.dtype)
+        feeds[spec.name] = arr
+    return feeds

@@ -1,0 +1,115 @@
+"""The quantize pass's typed config: the YAML keys, their defaults and checks (the family's lowest layer)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from optcli.config import StrictModel
+from optcli.passes.base import PassConfig
+
+
+class Calibration(StrictModel):
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    samples: int = Field(default=128, ge=1, le=1_000_000, description="calibration samples read from data.calibration")
+    percentile: float = Field(default=99.999, gt=0, le=100, description="for method: percentile")
+
+
+class Target(StrictModel):
+    """What the user can afford to lose; measured on data.eval against the original model."""
+
+    metric: str = Field(
+        default="cosine",
+        description="cosine (fidelity vs the original, no labels needed) | accuracy | top5 | mse | module:callable(outputs, labels)",
+    )
+    max_drop: float | None = Field(
+        default=None, ge=0, description="largest allowed drop vs the original (absolute; a rise for mse)"
+    )
+    min_value: float | None = Field(default=None, description="or: the lowest acceptable value of the metric")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Target:
+        if (self.max_drop is None) == (self.min_value is None):
+            raise ValueError("give exactly one of max_drop (e.g. 0.01) or min_value (e.g. 0.995)")
+        if self.metric not in ("cosine", "accuracy", "top5", "mse") and ":" not in self.metric:
+            raise ValueError(f"metric {self.metric!r} is not cosine, accuracy, top5, mse or module:callable")
+        if self.metric == "mse" and self.min_value is not None:
+            raise ValueError("mse is lower-is-better: bound it with max_drop (the allowed rise)")
+        if self.metric == "cosine" and self.min_value is not None and not -1 <= self.min_value <= 1:
+            raise ValueError(f"a cosine lies in [-1, 1]; min_value {self.min_value} can never be met")
+        return self
+
+
+class Search(StrictModel):
+    """The configurations tried when a target is given (each list is one axis of the grid)."""
+
+    modes: list[Literal["dynamic", "static"]] = Field(
+        default=["dynamic", "static"], min_length=1, description="static needs data.calibration"
+    )
+    per_channel: list[bool] = Field(default=[True, False], min_length=1)
+    smoothquant: list[Annotated[float, Field(gt=0, le=1)] | None] = Field(
+        default=[None, 0.5, 0.8], min_length=1, description="SmoothQuant alphas to try (null: no smoothing)"
+    )
+    calibration: list[Literal["minmax", "entropy", "percentile"]] = Field(
+        default=["minmax"], min_length=1, description="calibration methods for static candidates"
+    )
+    fallback: bool = Field(
+        default=True, description="fall back the most sensitive nodes to fp32 when a faster candidate misses the target"
+    )
+    max_fallback_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="most nodes (fraction of the quantizable ones) left in fp32"
+    )
+    sensitivity_samples: int = Field(
+        default=64, ge=1, le=1_000_000, description="data.eval samples used to rank node sensitivity"
+    )
+    eval_samples: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="data.eval samples used to score candidates (default: all)"
+    )
+    latency_runs: int = Field(
+        default=10, ge=1, le=10_000, description="timed runs per candidate (p50; batch and threads from report.latency)"
+    )
+    max_trials: int = Field(
+        default=24, ge=1, le=10_000, description="int8 models written and measured, fallback included"
+    )
+    time_budget_s: float = Field(
+        default=1800, gt=0, description="the search stops starting trials after this many seconds"
+    )
+
+
+class Config(PassConfig):
+    type: Literal["quantize"] = "quantize"
+    mode: Literal["dynamic", "static"] = Field(
+        default="dynamic",
+        description="dynamic: weights int8, activations at run time; static: QDQ with calibrated activations",
+    )
+    per_channel: bool = False
+    reduce_range: bool = Field(default=False, description="7-bit weights, for CPUs without VNNI")
+    weight_type: Literal["int8", "uint8"] = "int8"
+    activation_type: Literal["int8", "uint8"] = Field(default="uint8", description="static mode only")
+    symmetric_activation: bool = False
+    calibration: Calibration = Calibration()
+    smoothquant: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="SmoothQuant alpha: move activation outliers into the next MatMul's weights before int8 (null: off)",
+    )
+    exclude: list[str] = Field(default_factory=list, description="node names or op types left in float")
+    op_types: list[str] | None = Field(
+        default=None, description="only quantize these op types (default: all ONNX Runtime supports)"
+    )
+    preprocess: bool = Field(
+        default=True, description="ONNX Runtime's quantization pre-processing (shape inference, graph optimization)"
+    )
+    extra_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed through to onnxruntime.quantization"
+    )
+    target: Target | None = Field(
+        default=None,
+        description="search for the fastest int8 model meeting this (mode/per_channel/calibration/smoothquant are then searched)",
+    )
+    search: Search = Search()
+    allow_slower: bool = Field(
+        default=False, description="with a target: keep an int8 model slower than fp32 (else the run fails its gate)"
+    )

@@ -1,0 +1,273 @@
+"""One int8 write with onnxruntime.quantization: pre-processing, the calibration reader, the inf screen, exclusions.
+
+`quantize_onnx` is the only place the family calls ORT's quantizer; the pass and the search both go through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from optcli.errors import first_line
+from optcli.passes.base import Context
+from optcli.passes.quantize.config import Config
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One int8 configuration (what quantize_onnx needs)."""
+
+    mode: str = "dynamic"
+    per_channel: bool = False
+    calibration: str = "minmax"
+    smooth_alpha: float | None = None
+    exclude: frozenset[str] = frozenset()
+    op_types: tuple[str, ...] | None = None
+
+    def name(self) -> str:
+        parts = [self.mode, "per-channel" if self.per_channel else "per-tensor"]
+        if self.mode == "static":
+            parts.append(self.calibration)
+        if self.smooth_alpha is not None:
+            parts.append(f"smooth{self.smooth_alpha:g}")
+        if self.exclude:
+            parts.append(f"fp32x{len(self.exclude)}")
+        return "/".join(parts)
+
+    def summary(self) -> dict:
+        out = {
+            "mode": self.mode,
+            "per_channel": self.per_channel,
+            "smoothquant_alpha": self.smooth_alpha,
+            "fp32_nodes": len(self.exclude),
+        }
+        if self.mode == "static":
+            out["calibration"] = self.calibration
+        return out
+
+
+class CalibrationReader:
+    """Feeds calibration batches to onnxruntime's calibrator (a CalibrationDataReader)."""
+
+    def __init__(self, batches: list[dict]):
+        self._batches = batches
+        self._it = iter(batches)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._batches)
+
+    def set_range(self, start_index: int, end_index: int):  # used by some ORT calibrators
+        self._it = iter(self._batches[start_index:end_index])
+
+
+def preprocess(source: Path, target: Path, ctx: Context) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        # Weights to a side file: an inline save fails past protobuf's 2 GB and costs ~2 GB more peak memory per GB of model.
+        quant_pre_process(
+            str(source),
+            str(target),
+            skip_symbolic_shape=False,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            external_data_location=target.name + ".data",
+        )
+        return target
+    except Exception as e:  # pre-processing is an optimization; quantize the raw graph if it fails
+        ctx.warn(f"quantization pre-processing skipped ({type(e).__name__}: {first_line(e, 120)})")
+        target.unlink(missing_ok=True)
+        return source
+
+
+# Masks filled with finfo(float32).min (HF BERT) are finite but wreck a calibrated range as surely as -inf.
+HUGE = 1e30
+
+
+def _unusable(arr: np.ndarray) -> bool:
+    return arr.size > 0 and (not np.isfinite(arr).all() or float(np.abs(arr).max()) >= HUGE)
+
+
+def nonfinite_tensors(path: Path, batches: list[dict]) -> set[str]:
+    """Float tensors that hold +-inf, NaN or |x| >= 1e30 on calibration data (attention masks)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, numpy_helper
+
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    bad = {
+        t.name
+        for t in proto.graph.initializer
+        if t.data_type == TensorProto.FLOAT and _unusable(numpy_helper.to_array(t))
+    }
+    float_names = {v.name for v in proto.graph.value_info if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    outputs = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if (
+                    attr.name == "value"
+                    and attr.t.data_type == TensorProto.FLOAT
+                    and _unusable(numpy_helper.to_array(attr.t))
+                ):
+                    bad.add(node.output[0])
+    produced = {o for node in proto.graph.node for o in node.output if o}
+    # value_info can name tensors no node of the main graph produces (subgraphs, stale entries): ORT refuses those as outputs.
+    extra = [n for n in float_names if n not in outputs and n in produced]
+    proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in extra)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    for feeds in batches[:2]:
+        for name, value in zip(names, session.run(None, feeds), strict=False):
+            if value.dtype.kind == "f" and _unusable(value):
+                bad.add(name)
+    return bad
+
+
+def nodes_touching(proto, tensors: set[str]) -> list[str]:
+    return [n.name for n in proto.graph.node if n.name and (set(n.input) | set(n.output)) & tensors]
+
+
+def resolve_exclude(proto, items: list[str], ctx: Context) -> set[str]:
+    node_names = {n.name for n in proto.graph.node}
+    op_types = {n.op_type for n in proto.graph.node}
+    exclude = set()
+    for item in items:
+        if item in node_names:
+            exclude.add(item)
+        elif item in op_types:
+            exclude.update(n.name for n in proto.graph.node if n.op_type == item)
+        else:
+            ctx.warn(f"exclude: {item!r} is neither a node name nor an op type in the graph (after pre-processing)")
+    return exclude
+
+
+def quantize_onnx(
+    source: Path,
+    target: Path,
+    settings,
+    config: Config,
+    calib_batches: list[dict] | None,
+    smooth_batches: list[dict] | None,
+    ctx: Context,
+    details: dict | None = None,
+    cache: dict | None = None,
+) -> dict:
+    """Write one int8 model: optional SmoothQuant, then onnxruntime.quantization dynamic or static QDQ.
+
+    `settings` is a Settings (mode, per_channel, calibration, smooth_alpha, exclude, op_types);
+    the remaining knobs (types, reduce_range, extra_options) come from the pass config. A search passes `cache`
+    ({"dir": folder}) so the smoothed graph and the inf screen are computed once per source, not once per trial.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from optcli.artifact import ONNX_EXTERNAL_THRESHOLD, artifact_files
+
+    details = {} if details is None else details
+    if settings.smooth_alpha is not None:
+        from optcli.passes.quantize.smoothquant import smooth
+
+        key = ("smooth", str(source), settings.smooth_alpha)
+        if cache is None or key not in cache:
+            smoothed = (
+                cache["dir"] / f"smoothed_{settings.smooth_alpha:g}.onnx"
+                if cache is not None
+                else target.with_name("smoothed.onnx")
+            )
+            info = smooth(source, smoothed, smooth_batches or calib_batches or [], settings.smooth_alpha)
+            if cache is None:
+                details["smoothquant"] = info
+            else:
+                cache[key] = (smoothed, info)
+        if cache is not None:
+            smoothed, details["smoothquant"] = cache[key]
+        source = smoothed
+    exclude = set(settings.exclude)
+    large = sum(f.stat().st_size for f in artifact_files(Path(source))) > ONNX_EXTERNAL_THRESHOLD
+    qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    extra = dict(config.extra_options)
+    op_types = list(settings.op_types) if settings.op_types else None
+    if settings.mode == "dynamic":
+        quantize_dynamic(
+            str(source),
+            str(target),
+            op_types_to_quantize=op_types,
+            per_channel=settings.per_channel,
+            reduce_range=config.reduce_range,
+            weight_type=qtype[config.weight_type],
+            nodes_to_exclude=sorted(exclude),
+            use_external_data_format=large,
+            extra_options=extra,
+        )
+    else:
+        key = ("inf", str(source))
+        inf = cache[key] if cache is not None and key in cache else nonfinite_tensors(Path(source), calib_batches)
+        if cache is not None:
+            cache[key] = inf
+        if inf:
+            touched = nodes_touching(onnx.load(str(source), load_external_data=False), inf)
+            exclude.update(touched)
+            details["nonfinite_tensors"] = sorted(inf)
+            details["nonfinite_nodes"] = sorted(touched)
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }
+        if settings.calibration == "percentile":
+            extra.setdefault("CalibPercentile", config.calibration.percentile)
+        extra.setdefault("ActivationSymmetric", config.symmetric_activation)
+        if inf:
+            # Ranges are still collected for every tensor of a quantizable op; keep the inf ones out of the calibrator.
+            extra.setdefault("CalibTensorRangeSymmetric", False)
+        quantize_static(
+            str(source),
+            str(target),
+            CalibrationReader(calib_batches),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            per_channel=settings.per_channel,
+            reduce_range=config.reduce_range,
+            activation_type=qtype[config.activation_type],
+            weight_type=qtype[config.weight_type],
+            nodes_to_exclude=sorted(exclude),
+            use_external_data_format=large,
+            calibrate_method=method[settings.calibration],
+            extra_options=extra,
+        )
+    if settings.smooth_alpha is not None and cache is None:
+        for f in artifact_files(Path(source)):
+            f.unlink(missing_ok=True)
+    details["excluded_nodes"] = sorted(exclude)
+    return details
+
+
+def count_quant_ops(path: Path) -> dict:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.op_type in (
+            "QuantizeLinear",
+            "DequantizeLinear",
+            "DynamicQuantizeLinear",
+            "MatMulInteger",
+            "ConvInteger",
+            "QLinearMatMul",
+            "QLinearConv",
+            "QGemm",
+            "QAttention",
+            "DynamicQuantizeMatMul",
+        ) or node.op_type.startswith("QLinear"):
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

@@ -1,0 +1,161 @@
+"""The output folder and its steps: refusal to clobber, the lock, step records and the --resume cache.
+
+out/
+  .optcli.lock         pid of the run holding the folder
+  steps/<n>-<type>/    each step's artifact + step.json (its key: input bytes + config + model + data + seed)
+  model.onnx|.pt2      the final artifact, copied in last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from optcli.artifact import artifact_files
+from optcli.errors import BadInput, writing
+from optcli.model import Model
+
+LOCK = ".optcli.lock"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in artifact_files(path) if path.suffix == ".onnx" else [path]:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        with writing(dst):
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+class OutputFolder:
+    """The run's output folder: refuses to clobber, locks against a concurrent run, cleans up temp files."""
+
+    def __init__(self, root: Path, overwrite: bool, resume: bool, inputs: list[Path] = ()):
+        self.root = root
+        self.lock = root / LOCK
+        if root.exists() and not root.is_dir():
+            raise BadInput(f"output {root} is a file; give a folder")
+        for path in inputs:  # --overwrite would delete it, the final copy could land on it
+            if inside(path, root):
+                raise BadInput(f"output folder {root} holds the input {path}; choose an output folder of its own")
+        if self.lock.exists():
+            self._in_use()
+        if root.exists() and any(p.name != LOCK for p in root.iterdir()) and not (overwrite or resume):
+            raise BadInput(
+                f"output folder {root} is not empty; pass --overwrite to replace it or --resume to continue it"
+            )
+        with writing(self.lock):
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                self._in_use()
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+        if overwrite and not resume:
+            for p in root.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        (root / "steps").mkdir(exist_ok=True)
+
+    def _in_use(self):
+        try:
+            pid = self.lock.read_text().strip()
+        except OSError:
+            pid = ""
+        raise BadInput(
+            f"output folder {self.root} is in use by another optcli run (pid {pid or '?'}); wait for it, "
+            f"or delete {self.lock} if that run is gone"
+        ) from None
+
+    def step_tmp(self, name: str) -> Path:
+        tmp = self.root / "steps" / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with writing(tmp):
+            tmp.mkdir(parents=True)
+        return tmp
+
+    def finish_step(self, tmp: Path, name: str) -> Path:
+        final = self.root / "steps" / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def close(self) -> None:
+        for tmp in (self.root / "steps").glob(".*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.lock.unlink(missing_ok=True)
+
+
+def step_key(previous: str, config) -> str:
+    return hashlib.sha256((previous + json.dumps(config.model_dump(mode="json"), sort_keys=True)).encode()).hexdigest()
+
+
+def finished_step(done: Path, key: str) -> dict | None:
+    """The record of a finished step with this key whose artifact is intact on disk, else None (run it again)."""
+    try:
+        record = json.loads(done.read_text())
+        if record.get("key") != key:
+            return None
+        artifact = done.parent / record["artifact"]
+        return record if sha256_file(artifact) == record["sha256"] else None
+    except Exception:  # half-written, edited (a broken ONNX raises DecodeError) or from an older optcli: not trusted
+        return None
+
+
+def input_key(recipe) -> str:
+    """What every step depends on besides its own config: the model file, the data files, the seed."""
+    parts = [
+        sha256_file(recipe.model.path),
+        json.dumps(recipe.model.model_dump(mode="json"), sort_keys=True),
+        json.dumps(recipe.data.model_dump(mode="json"), sort_keys=True),
+        str(recipe.seed),
+    ]
+    for name in ("calibration", "eval", "train"):
+        source = getattr(recipe.data, name)
+        if source is not None and source.path is not None:
+            parts.append(sha256_file(source.path))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def reload_step(step_dir: Path, record: dict, model: Model) -> Model:
+    path = step_dir / record["artifact"]
+    if path.suffix == ".onnx":
+        return model.with_(format="onnx", module=None, path=path)
+    import torch
+
+    return model.with_(format="torch", module=torch.export.load(str(path)).module(), path=path)
+
+
+def write_final(model: Model, root: Path) -> dict:
+    src = model.path
+    files = artifact_files(src)
+    for f in files[1:] + files[:1]:  # external data first: the model file never points at data not yet there
+        atomic_copy(f, root / f.name)
+    final = root / src.name
+    return {"path": str(final), "format": model.format, "sha256": sha256_file(final)}
+
+
+def write_record(step_dir: Path, record: dict) -> None:
+    """step.json goes in before the step folder is renamed into place, so a finished step always has it, whole."""
+    with writing(step_dir / "step.json"):
+        (step_dir / "step.json").write_text(json.dumps(record, indent=2, default=str))
