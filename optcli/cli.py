@@ -110,7 +110,7 @@ def run(
     def body():
         from optcli.distributed import cli_overrides
         from optcli.recipe import load_recipe
-        from optcli.report import render_table
+        from optcli.report.terminal import render_table
         from optcli.runner import RunOptions, run_recipe
 
         err = _console()
