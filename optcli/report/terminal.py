@@ -1,16 +1,24 @@
-"""Every Rich call of the run report: the steps table with gates, warnings, notes and pruned layers."""
+"""Every Rich call of optcli: the run report's table, the tables of inspect / bench / passes / compare,
+the consoles the CLI prints to and the step log.
+
+Views only: each renderer takes the plain dict its command's library function returned
+(compare_reports, inspect_model, bench_model, pass_catalog, a report) and returns a Rich renderable.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
-from rich.console import Group
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from optcli.report.view import (
     clean,
     compact_step_table,
+    format_bytes,
     gate_lines,
     latency_notes,
     pruned_rows,
@@ -19,6 +27,26 @@ from optcli.report.view import (
     verdict,
     warning_lines,
 )
+
+# --------------------------------------------------------------------------- consoles
+
+
+def console(stderr: bool = True) -> Console:
+    """A console without syntax highlighting; 160 columns when stderr is not a terminal (logs, CI)."""
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stderr.isatty() else 160)
+
+
+def show(renderable: RenderableType) -> None:
+    """Print to stdout (a command's human-readable result)."""
+    console(stderr=False).print(renderable)
+
+
+def step_log(out: Console) -> Callable[[str], None]:
+    """The runner's progress lines ("optcli <what happens>") on out."""
+    return lambda message: out.print(f"[dim]optcli[/dim] {message}")
+
+
+# --------------------------------------------------------------------------- optcli run
 
 
 def render_table(report: dict) -> Group:
@@ -49,3 +77,81 @@ def render_table(report: dict) -> Group:
                 t.add_row(Text(layer), sparsity)
             parts.append(t)
     return Group(*parts)
+
+
+# --------------------------------------------------------------------------- the other commands
+
+
+def render_comparison(result: dict) -> Table:
+    """`optcli compare`: one row per metric of the two final artifacts, with new/baseline."""
+    t = Table(title=f"{result['new']} vs {result['baseline']}")
+    for col in ("metric", "new", "baseline", "new/baseline"):
+        t.add_column(col, justify="right")
+    for r in result["rows"]:
+        t.add_row(r["metric"], str(r["new"]), str(r["baseline"]), f"{r['ratio']}x" if r["ratio"] is not None else "-")
+    return t
+
+
+def render_inspection(info: dict) -> Group:
+    """`optcli inspect`: the file's summary, then its inputs and its 20 most used ops."""
+    head = Table(show_header=False, box=None)
+    head.add_row("file", info["path"])
+    head.add_row("format", info["format"])
+    head.add_row("size", f"{format_bytes(info['size_bytes'])} ({format_bytes(info['compressed_bytes'])} deflated)")
+    head.add_row("parameters", f"{info['parameters']:,} ({info['sparsity']:.1%} zero)")
+    for key in ("opset", "initializer_dtypes", "parameter_dtypes", "outputs"):
+        if info.get(key):
+            head.add_row(key.replace("_", " "), str(info[key]))
+    parts: list[Any] = [head]
+    if info.get("inputs"):
+        t = Table(title="inputs")
+        for col in ("name", "shape", "dtype", "batch"):
+            t.add_column(col)
+        for i in info["inputs"]:
+            i = i if isinstance(i, dict) else i.__dict__
+            t.add_row(i["name"], str(list(i["shape"])), i["dtype"], "dynamic" if i.get("batch_dynamic") else "fixed")
+        parts.append(t)
+    if info.get("ops"):
+        t = Table(title="ops")
+        t.add_column("op")
+        t.add_column("count", justify="right")
+        for op, n in list(info["ops"].items())[:20]:
+            t.add_row(op, str(n))
+        parts.append(t)
+    return Group(*parts)
+
+
+def render_bench(result: dict) -> Table:
+    """`optcli bench`: latency percentiles and throughput per batch size; notes as the caption."""
+    t = Table(title=f"{result['path']} on {result['engine']}, {result['threads']} threads, {result['runs']} runs")
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "items/s"):
+        t.add_column(col, justify="right")
+    for key, row in result["latency"].items():
+        t.add_row(
+            key.removeprefix("batch_"),
+            f"{row['p50_ms']:.3f}",
+            f"{row['p90_ms']:.3f}",
+            f"{row['p99_ms']:.3f}",
+            f"{row['throughput_per_s']:.1f}",
+        )
+    for note in result["notes"]:
+        t.caption = (t.caption or "") + note
+    return t
+
+
+def render_pass_catalog(catalog: list[dict]) -> Group:
+    """`optcli passes`: one table of options (type, default, meaning) per pass."""
+    tables = []
+    for entry in catalog:
+        t = Table(
+            title=f"{entry['type']}: {entry['summary']}  [{'/'.join(entry['consumes'])} -> {entry['produces']}]",
+            title_justify="left",
+        )
+        for col in ("option", "type", "default", "meaning"):
+            t.add_column(col)
+        for opt in entry["options"]:
+            t.add_row(
+                opt["name"], opt["type"], repr(opt["default"]) if opt["default"] is not None else "-", opt["help"]
+            )
+        tables.append(t)
+    return Group(*tables)
