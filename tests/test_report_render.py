@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from optcli import report as rep
-from optcli.report.terminal import render_table
+from optcli.report.terminal import EpochProgress, render_table
 
 EVIL = "2-prune<script>alert(1)</script>"
 
@@ -304,6 +305,21 @@ def test_package_does_not_import_heavy_frameworks():
     for path in sources:
         src = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+(torch|onnxruntime|onnx|numpy)\b", src, re.M), path.name
+
+
+def test_epoch_progress_shows_epoch_loss_metric_and_rate_and_is_silent_when_disabled():
+    out = Console(file=io.StringIO(), record=True, width=160)
+    bar = EpochProgress(True, epochs=3, out=out)
+    task = bar.epoch(2, steps=4)
+    bar.update(task, advance=4, loss=0.5, metric="accuracy 0.91", rate=123.0)
+    bar.close()
+    text = out.export_text()
+    assert "epoch 2/3" in text and "4/4" in text
+    assert "loss 0.5000" in text and "accuracy 0.91" in text and "123 samples/s" in text
+    quiet = EpochProgress(False, epochs=3)
+    assert quiet.bar is None and quiet.epoch(1, steps=4) is None
+    quiet.update(None, loss=1.0)  # no bar: updates and close are no-ops, nothing printed
+    quiet.close()
 
 
 if __name__ == "__main__":  # render a preview: python tests/test_report_render.py /tmp/report_preview.html

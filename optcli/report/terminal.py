@@ -1,5 +1,5 @@
 """Every Rich call of optcli: the run report's table, the tables of inspect / bench / passes / compare,
-the consoles the CLI prints to and the step log.
+the consoles the CLI prints to, the step log and the training progress bar.
 
 Views only: each renderer takes the plain dict its command's library function returned
 (compare_reports, inspect_model, bench_model, pass_catalog, a report) and returns a Rich renderable.
@@ -77,6 +77,41 @@ def render_table(report: dict) -> Group:
                 t.add_row(Text(layer), sparsity)
             parts.append(t)
     return Group(*parts)
+
+
+class EpochProgress:
+    """A rich progress bar per epoch (loss, metric, samples/s) on stderr; silent when not enabled."""
+
+    def __init__(self, enabled: bool, epochs: int, out: Console | None = None):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}/" + str(epochs)),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[metric]}  {task.fields[rate]:.0f} samples/s"),
+                TimeElapsedColumn(),
+                console=out or Console(stderr=True),
+                transient=False,
+            )
+            self.bar.start()
+
+    def epoch(self, epoch: int, steps: int):
+        return (
+            self.bar.add_task("train", total=steps, epoch=epoch, loss=float("nan"), metric="", rate=0.0)
+            if self.bar
+            else None
+        )
+
+    def update(self, task, **fields):
+        if self.bar is not None:
+            self.bar.update(task, **fields)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.stop()
 
 
 # --------------------------------------------------------------------------- the other commands
