@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from optcli import report as rep
-from optcli.report.terminal import EpochProgress, render_table
+from optcli.report.terminal import EpochProgress, render_pass_catalog, render_table
 
 EVIL = "2-prune<script>alert(1)</script>"
 
@@ -305,6 +305,16 @@ def test_package_does_not_import_heavy_frameworks():
     for path in sources:
         src = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+(torch|onnxruntime|onnx|numpy)\b", src, re.M), path.name
+
+
+def test_pass_catalog_shows_what_a_pass_consumes_and_produces_and_bracketed_help_verbatim():
+    entry = {"type": "export", "summary": "torch -> ONNX", "consumes": ["torch"], "produces": "onnx"}
+    entry["options"] = [{"name": "layers", "type": "object", "default": None, "help": "[bold]globs[/bold] of layers"}]
+    console = Console(file=io.StringIO(), record=True, width=200)
+    console.print(render_pass_catalog([entry]))
+    text = console.export_text()
+    assert "export: torch -> ONNX  [torch -> onnx]" in text  # was swallowed as a Rich markup tag
+    assert "[bold]globs[/bold] of layers" in text
 
 
 def test_epoch_progress_shows_epoch_loss_metric_and_rate_and_is_silent_when_disabled():

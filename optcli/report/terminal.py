@@ -178,15 +178,15 @@ def render_pass_catalog(catalog: list[dict]) -> Group:
     """`optcli passes`: one table of options (type, default, meaning) per pass."""
     tables = []
     for entry in catalog:
+        # Text, not markup: "[torch -> onnx]" and help strings would otherwise be read as Rich style tags and vanish.
         t = Table(
-            title=f"{entry['type']}: {entry['summary']}  [{'/'.join(entry['consumes'])} -> {entry['produces']}]",
+            title=Text(f"{entry['type']}: {entry['summary']}  [{'/'.join(entry['consumes'])} -> {entry['produces']}]"),
             title_justify="left",
         )
         for col in ("option", "type", "default", "meaning"):
             t.add_column(col)
         for opt in entry["options"]:
-            t.add_row(
-                opt["name"], opt["type"], repr(opt["default"]) if opt["default"] is not None else "-", opt["help"]
-            )
+            default = repr(opt["default"]) if opt["default"] is not None else "-"
+            t.add_row(*(Text(c) for c in (opt["name"], opt["type"], default, opt["help"])))
         tables.append(t)
     return Group(*tables)
