@@ -214,6 +214,22 @@ def test_failed_replace_keeps_previous_reports_intact(tmp_path, monkeypatch):
     json.loads((out / "report.json").read_text())  # replaced whole or not at all
 
 
+def test_atomic_path_replaces_whole_on_success_and_keeps_the_old_file_on_error(tmp_path):
+    from optcli.report import atomic_path, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "sub" / "model.bin", "old")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_bytes(b"new")
+        assert target.read_text() == "old"  # nothing visible until the block succeeds
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"torn")
+        raise RuntimeError("writer crashed")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in target.parent.iterdir()] == ["model.bin"]  # no temp left either way
+
+
 # --------------------------------------------------------------------------- html
 
 

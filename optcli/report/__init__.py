@@ -15,10 +15,11 @@ from pathlib import Path
 from optcli.report.html import render_html
 from optcli.report.markdown import render_markdown
 from optcli.report.view import format_bytes, ratio, render_json
-from optcli.report.write import atomic_write_text, atomic_write_texts
+from optcli.report.write import atomic_path, atomic_write_text, atomic_write_texts
 
 __all__ = [
     "REPORT_FILES",
+    "atomic_path",
     "atomic_write_text",
     "atomic_write_texts",
     "format_bytes",

@@ -5,9 +5,10 @@ Standard library only, and no import of the rest of optcli, so any module can us
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -38,6 +39,34 @@ def atomic_write_text(path: Path, text: str) -> Path:
     """Write text to path atomically (see atomic_write_texts); the folder is created if missing."""
     path = Path(path)
     return atomic_write_texts(path.parent, {path.name: text})[0]
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path beside path for a library to write to (torch.save, shutil.copyfile); on success it is
+    fsynced and replaces path, on any error it is removed and path is left as it was.
+
+        with atomic_path(out / "model.pt") as tmp:
+            torch.save(state, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        _unlink(tmp)
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _write_temp(folder: Path, name: str, text: str) -> Path:
