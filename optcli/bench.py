@@ -22,22 +22,3 @@ def bench_model(path: Path, shapes: list[str], batch_sizes: list[int], threads: 
         "latency": results,
         "notes": notes,
     }
-
-
-def render_bench(result: dict):
-    from rich.table import Table
-
-    t = Table(title=f"{result['path']} on {result['engine']}, {result['threads']} threads, {result['runs']} runs")
-    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "items/s"):
-        t.add_column(col, justify="right")
-    for key, row in result["latency"].items():
-        t.add_row(
-            key.removeprefix("batch_"),
-            f"{row['p50_ms']:.3f}",
-            f"{row['p90_ms']:.3f}",
-            f"{row['p99_ms']:.3f}",
-            f"{row['throughput_per_s']:.1f}",
-        )
-    for note in result["notes"]:
-        t.caption = (t.caption or "") + note
-    return t

@@ -53,23 +53,3 @@ def pass_catalog() -> list[dict]:
             }
         )
     return catalog
-
-
-def render_pass_catalog(catalog: list[dict]):
-    from rich.console import Group
-    from rich.table import Table
-
-    tables = []
-    for entry in catalog:
-        t = Table(
-            title=f"{entry['type']}: {entry['summary']}  [{'/'.join(entry['consumes'])} -> {entry['produces']}]",
-            title_justify="left",
-        )
-        for col in ("option", "type", "default", "meaning"):
-            t.add_column(col)
-        for opt in entry["options"]:
-            t.add_row(
-                opt["name"], opt["type"], repr(opt["default"]) if opt["default"] is not None else "-", opt["help"]
-            )
-        tables.append(t)
-    return Group(*tables)

@@ -32,12 +32,6 @@ def _err(message: str) -> None:
     sys.stderr.write(message + "\n")
 
 
-def _console(stderr: bool = True):
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stderr.isatty() else 160)
-
-
 def guarded(fn: Callable[[], int | None], debug: bool) -> None:
     """Run a command body; map errors to exit codes with one line on stderr (traceback with --debug)."""
     from optcli.errors import DISK_FULL, EXIT_INTERRUPTED, OptcliError
@@ -110,11 +104,11 @@ def run(
     def body():
         from optcli.distributed import cli_overrides
         from optcli.recipe import load_recipe
-        from optcli.report import render_table
+        from optcli.report.terminal import console, render_table, show, step_log
         from optcli.runner import RunOptions, run_recipe
 
-        err = _console()
-        log = (lambda m: None) if quiet else (lambda m: err.print(f"[dim]optcli[/dim] {m}"))
+        err = console()
+        log = (lambda m: None) if quiet else step_log(err)
         rec = load_recipe(recipe, overrides=set_)
         launch = cli_overrides(
             rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint
@@ -136,8 +130,8 @@ def run(
             if not quiet:
                 err.print(render_table(report))
         elif not quiet:
-            _console(stderr=False).print(render_table(report))
-            _console(stderr=False).print(f"wrote {report['output']['path']} and {out}/report.{{json,md,html}}")
+            show(render_table(report))
+            show(f"wrote {report['output']['path']} and {out}/report.{{json,md,html}}")
         failed = [g["name"] for g in report["gates"] if not g["passed"]]
         if failed:
             _err(f"gate failed: {', '.join(failed)} (see {out}/report.json)")
@@ -185,10 +179,11 @@ def inspect(
     """Parameters, sparsity, dtypes, ops, inputs and outputs of a model file."""
 
     def body():
-        from optcli.inspect import inspect_model, render_inspection
+        from optcli.inspect import inspect_model
+        from optcli.report.terminal import render_inspection, show
 
         info = inspect_model(model, trust_pickle=trust_pickle)
-        _print_json(info) if json_out else _console(stderr=False).print(render_inspection(info))
+        _print_json(info) if json_out else show(render_inspection(info))
 
     guarded(body, debug)
 
@@ -207,10 +202,11 @@ def bench(
     """Latency percentiles and throughput of a model file (ONNX Runtime or torch)."""
 
     def body():
-        from optcli.bench import bench_model, render_bench
+        from optcli.bench import bench_model
+        from optcli.report.terminal import render_bench, show
 
         result = bench_model(model, shapes=shape, batch_sizes=batch, threads=threads, warmup=warmup, runs=runs)
-        _print_json(result) if json_out else _console(stderr=False).print(render_bench(result))
+        _print_json(result) if json_out else show(render_bench(result))
 
     guarded(body, debug)
 
@@ -218,10 +214,11 @@ def bench(
 @app.command()
 def passes(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
     """Every pass with its options, types and defaults."""
-    from optcli.catalog import pass_catalog, render_pass_catalog
+    from optcli.catalog import pass_catalog
+    from optcli.report.terminal import render_pass_catalog, show
 
     catalog = pass_catalog()
-    _print_json(catalog) if json_out else _console(stderr=False).print(render_pass_catalog(catalog))
+    _print_json(catalog) if json_out else show(render_pass_catalog(catalog))
 
 
 @app.command()
@@ -263,10 +260,11 @@ def compare(
     """What changed between two runs' final artifacts (size, latency, accuracy, fidelity)."""
 
     def body():
-        from optcli.compare import compare_reports, render_comparison
+        from optcli.compare import compare_reports
+        from optcli.report.terminal import render_comparison, show
 
         result = compare_reports(report, baseline)
-        _print_json(result) if json_out else _console(stderr=False).print(render_comparison(result))
+        _print_json(result) if json_out else show(render_comparison(result))
 
     guarded(body, debug)
 

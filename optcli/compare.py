@@ -41,14 +41,3 @@ def compare_reports(new: Path, old: Path) -> dict:
         ratio = round(va / vb, 4) if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and vb else None
         rows.append({"metric": key, "new": va, "baseline": vb, "ratio": ratio})
     return {"new": str(new), "baseline": str(old), "rows": rows}
-
-
-def render_comparison(result: dict):
-    from rich.table import Table
-
-    t = Table(title=f"{result['new']} vs {result['baseline']}")
-    for col in ("metric", "new", "baseline", "new/baseline"):
-        t.add_column(col, justify="right")
-    for r in result["rows"]:
-        t.add_row(r["metric"], str(r["new"]), str(r["baseline"]), f"{r['ratio']}x" if r["ratio"] is not None else "-")
-    return t

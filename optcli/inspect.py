@@ -110,36 +110,3 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
         },
     )
     return info
-
-
-def render_inspection(info: dict):
-    from rich.console import Group
-    from rich.table import Table
-
-    from optcli.report import format_bytes
-
-    head = Table(show_header=False, box=None)
-    head.add_row("file", info["path"])
-    head.add_row("format", info["format"])
-    head.add_row("size", f"{format_bytes(info['size_bytes'])} ({format_bytes(info['compressed_bytes'])} deflated)")
-    head.add_row("parameters", f"{info['parameters']:,} ({info['sparsity']:.1%} zero)")
-    for key in ("opset", "initializer_dtypes", "parameter_dtypes", "outputs"):
-        if info.get(key):
-            head.add_row(key.replace("_", " "), str(info[key]))
-    parts = [head]
-    if info.get("inputs"):
-        t = Table(title="inputs")
-        for col in ("name", "shape", "dtype", "batch"):
-            t.add_column(col)
-        for i in info["inputs"]:
-            i = i if isinstance(i, dict) else i.__dict__
-            t.add_row(i["name"], str(list(i["shape"])), i["dtype"], "dynamic" if i.get("batch_dynamic") else "fixed")
-        parts.append(t)
-    if info.get("ops"):
-        t = Table(title="ops")
-        t.add_column("op")
-        t.add_column("count", justify="right")
-        for op, n in list(info["ops"].items())[:20]:
-            t.add_row(op, str(n))
-        parts.append(t)
-    return Group(*parts)

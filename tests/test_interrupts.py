@@ -163,16 +163,16 @@ def test_failure_while_writing_the_final_artifact_leaves_no_partial_file(
 
 
 def test_disk_full_while_writing_reports_exits_3_naming_them(digits, tmp_path, monkeypatch):
-    from optcli import report
+    from optcli.report import write
 
-    real = report._write_temp
+    real = write._write_temp
 
     def full(out_dir, name, text):
         if name == "report.html":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(out_dir, name, text)
 
-    monkeypatch.setattr(report, "_write_temp", full)
+    monkeypatch.setattr(write, "_write_temp", full)
     out = tmp_path / "out"
     result = run_cli(
         "run", write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}], report=FAST_MEASURE)), "-o", out, "-q"

@@ -1,10 +1,12 @@
-"""Rendering and writing of reports (optcli.report): no torch, fast."""
+"""Rendering and writing of reports (the optcli.report package): no torch, fast."""
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from optcli import report as rep
+from optcli.report.terminal import EpochProgress, render_pass_catalog, render_table
 
 EVIL = "2-prune<script>alert(1)</script>"
 
@@ -181,7 +184,7 @@ def test_failed_write_leaves_no_temp_and_no_final_files(tmp_path, monkeypatch, t
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(getattr(rep, module), attr, boom)
+    monkeypatch.setattr({"json": json, "os": os}[module], attr, boom)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
         rep.write_reports(make_report(), out)
@@ -193,7 +196,7 @@ def test_failed_replace_keeps_previous_reports_intact(tmp_path, monkeypatch):
     rep.write_reports(make_report(), out)
     old = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
-    real_replace = rep.os.replace
+    real_replace = os.replace
 
     def flaky(src, dst):
         calls.append(dst)
@@ -201,7 +204,7 @@ def test_failed_replace_keeps_previous_reports_intact(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(rep.os, "replace", flaky)
+    monkeypatch.setattr(os, "replace", flaky)
     changed = make_report()
     changed["steps"][0]["name"] = "renamed"
     with pytest.raises(OSError):
@@ -209,6 +212,22 @@ def test_failed_replace_keeps_previous_reports_intact(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == sorted(old)  # no temp files
     assert (out / "report.md").read_bytes() == old["report.md"]  # untouched, not truncated
     json.loads((out / "report.json").read_text())  # replaced whole or not at all
+
+
+def test_atomic_path_replaces_whole_on_success_and_keeps_the_old_file_on_error(tmp_path):
+    from optcli.report import atomic_path, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "sub" / "model.bin", "old")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target
+        tmp.write_bytes(b"new")
+        assert target.read_text() == "old"  # nothing visible until the block succeeds
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"torn")
+        raise RuntimeError("writer crashed")
+    assert target.read_bytes() == b"new"
+    assert [p.name for p in target.parent.iterdir()] == ["model.bin"]  # no temp left either way
 
 
 # --------------------------------------------------------------------------- html
@@ -274,7 +293,7 @@ def test_markdown_has_every_step_and_the_failed_gate():
 def test_render_table_shows_steps_and_size_ratio():
     report = make_report()
     console = Console(record=True, width=200)
-    console.print(rep.render_table(report))
+    console.print(render_table(report))
     text = console.export_text()
     for step in report["steps"]:
         assert step["name"] in text
@@ -289,16 +308,44 @@ def test_render_table_shows_steps_and_size_ratio():
 
 def test_renderers_survive_a_sparse_report():
     report = {"steps": [{"name": "original"}], "gates": [], "warnings": [], "passed": None}
-    Console(record=True, width=120).print(rep.render_table(report))
+    Console(record=True, width=120).print(render_table(report))
     assert "original" in rep.render_markdown(report)
     assert "<svg" in rep.render_html(report)
     assert rep.render_markdown({}) and rep.render_html({})
 
 
-def test_module_does_not_import_heavy_frameworks():
+def test_package_does_not_import_heavy_frameworks():
     assert "torch" not in rep.__dict__ and "onnxruntime" not in rep.__dict__
-    src = Path(rep.__file__).read_text()
-    assert not re.search(r"^\s*(import|from)\s+(torch|onnxruntime|onnx|numpy)\b", src, re.M)
+    sources = sorted(Path(rep.__file__).parent.glob("*.py"))
+    assert len(sources) >= 7  # __init__, view, terminal, markdown, html, svg, write
+    for path in sources:
+        src = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(torch|onnxruntime|onnx|numpy)\b", src, re.M), path.name
+
+
+def test_pass_catalog_shows_what_a_pass_consumes_and_produces_and_bracketed_help_verbatim():
+    entry = {"type": "export", "summary": "torch -> ONNX", "consumes": ["torch"], "produces": "onnx"}
+    entry["options"] = [{"name": "layers", "type": "object", "default": None, "help": "[bold]globs[/bold] of layers"}]
+    console = Console(file=io.StringIO(), record=True, width=200)
+    console.print(render_pass_catalog([entry]))
+    text = console.export_text()
+    assert "export: torch -> ONNX  [torch -> onnx]" in text  # was swallowed as a Rich markup tag
+    assert "[bold]globs[/bold] of layers" in text
+
+
+def test_epoch_progress_shows_epoch_loss_metric_and_rate_and_is_silent_when_disabled():
+    out = Console(file=io.StringIO(), record=True, width=160)
+    bar = EpochProgress(True, epochs=3, out=out)
+    task = bar.epoch(2, steps=4)
+    bar.update(task, advance=4, loss=0.5, metric="accuracy 0.91", rate=123.0)
+    bar.close()
+    text = out.export_text()
+    assert "epoch 2/3" in text and "4/4" in text
+    assert "loss 0.5000" in text and "accuracy 0.91" in text and "123 samples/s" in text
+    quiet = EpochProgress(False, epochs=3)
+    assert quiet.bar is None and quiet.epoch(1, steps=4) is None
+    quiet.update(None, loss=1.0)  # no bar: updates and close are no-ops, nothing printed
+    quiet.close()
 
 
 if __name__ == "__main__":  # render a preview: python tests/test_report_render.py /tmp/report_preview.html

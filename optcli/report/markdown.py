@@ -1,0 +1,89 @@
+"""report.md: the report as GitHub-flavoured Markdown tables, safe for any step or layer name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from optcli.report.view import (
+    ENV_HEADERS,
+    IO_HEADERS,
+    LATENCY_HEADERS,
+    SEARCH_HEADERS,
+    TRAINING_HEADERS,
+    clean,
+    env_rows,
+    fmt_num,
+    gate_lines,
+    io_rows,
+    latency_notes,
+    latency_rows,
+    pruned_rows,
+    search_candidates,
+    search_rows,
+    step_table,
+    steps,
+    training_epochs,
+    training_rows,
+    training_summary,
+    verdict,
+    warning_lines,
+)
+
+
+def md_cell(x: Any) -> str:
+    """One table cell: pipes escaped, one line, no raw HTML (< and > as entities)."""
+    text = str(x).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return text.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def md_table(headers: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    report = clean(report)
+    out = [f"# optcli report: {verdict(report)}", ""]
+    if report.get("evaluation"):
+        out += [f"Evaluation: {md_cell(report['evaluation'])}", ""]
+    headers, rows = step_table(report)
+    out += ["## Steps", "", md_table(headers, rows), ""]
+    out += ["## Gates", ""]
+    gates = gate_lines(report)
+    out += [md_table(["gate"], [[g] for _, g in gates]) if gates else "No gates.", ""]
+    out += ["## Warnings", ""]
+    out += [f"- {md_cell(w)}" for w in warning_lines(report)] or ["None."]
+    out.append("")
+    for name, note in latency_notes(report):
+        out += [f"> latency note ({md_cell(name)}): {md_cell(note)}", ""]
+    lat = latency_rows(report)
+    if lat:
+        out += ["## Latency", "", md_table(LATENCY_HEADERS, lat), ""]
+    for step in steps(report):
+        out += _step_details(step)
+    out += ["## Files", "", md_table(IO_HEADERS, io_rows(report)), ""]
+    out += ["## Environment", "", md_table(ENV_HEADERS, env_rows(report)), ""]
+    return "\n".join(out)
+
+
+def _step_details(step: dict) -> list[str]:
+    name = md_cell(step.get("name"))
+    out: list[str] = []
+    pruned = pruned_rows(step)
+    if pruned:
+        out += [f"## {name}: most pruned layers", "", md_table(["layer", "sparsity"], pruned), ""]
+    if training_epochs(step):
+        summary = training_summary(step)
+        out += [
+            f"## {name}: training",
+            "",
+            *([md_cell(summary), ""] if summary else []),
+            md_table(TRAINING_HEADERS, training_rows(step)),
+            "",
+        ]
+    cands, target = search_candidates(step)
+    if cands:
+        out += [f"## {name}: search (target {fmt_num(target)})", "", md_table(SEARCH_HEADERS, search_rows(step)), ""]
+    return out

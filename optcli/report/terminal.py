@@ -1,0 +1,192 @@
+"""Every Rich call of optcli: the run report's table, the tables of inspect / bench / passes / compare,
+the consoles the CLI prints to, the step log and the training progress bar.
+
+Views only: each renderer takes the plain dict its command's library function returned
+(compare_reports, inspect_model, bench_model, pass_catalog, a report) and returns a Rich renderable.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from optcli.report.view import (
+    clean,
+    compact_step_table,
+    format_bytes,
+    gate_lines,
+    latency_notes,
+    pruned_rows,
+    step_table,
+    steps,
+    verdict,
+    warning_lines,
+)
+
+# --------------------------------------------------------------------------- consoles
+
+
+def console(stderr: bool = True) -> Console:
+    """A console without syntax highlighting; 160 columns when stderr is not a terminal (logs, CI)."""
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stderr.isatty() else 160)
+
+
+def show(renderable: RenderableType) -> None:
+    """Print to stdout (a command's human-readable result)."""
+    console(stderr=False).print(renderable)
+
+
+def step_log(out: Console) -> Callable[[str], None]:
+    """The runner's progress lines ("optcli <what happens>") on out."""
+    return lambda message: out.print(f"[dim]optcli[/dim] {message}")
+
+
+# --------------------------------------------------------------------------- optcli run
+
+
+def render_table(report: dict) -> Group:
+    """A rich renderable: the steps table, then gates, warnings, notes and per-layer sparsity."""
+    report = clean(report)
+    headers, rows = compact_step_table(*step_table(report))
+    table = Table(title=f"optcli report: {verdict(report)}", title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(Text(c) for c in row))  # Text: no rich markup parsing of names
+    parts: list[Any] = [table]
+    if report.get("evaluation"):
+        parts.append(Text(f"evaluation: {report['evaluation']}", style="dim"))
+    for passed, line in gate_lines(report):
+        parts.append(Text(line, style="green" if passed else "bold red"))
+    for w in warning_lines(report):
+        parts.append(Text(f"⚠ {w}", style="yellow"))
+    for name, note in latency_notes(report):
+        parts.append(Text(f"note ({name}): {note}", style="dim"))
+    for step in steps(report):
+        pruned = pruned_rows(step)
+        if pruned:
+            t = Table(title=Text(f"{step.get('name')}: most pruned layers"), title_justify="left")
+            t.add_column("layer")
+            t.add_column("sparsity", justify="right")
+            for layer, sparsity in pruned:
+                t.add_row(Text(layer), sparsity)
+            parts.append(t)
+    return Group(*parts)
+
+
+class EpochProgress:
+    """A rich progress bar per epoch (loss, metric, samples/s) on stderr; silent when not enabled."""
+
+    def __init__(self, enabled: bool, epochs: int, out: Console | None = None):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("epoch {task.fields[epoch]}/" + str(epochs)),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[metric]}  {task.fields[rate]:.0f} samples/s"),
+                TimeElapsedColumn(),
+                console=out or Console(stderr=True),
+                transient=False,
+            )
+            self.bar.start()
+
+    def epoch(self, epoch: int, steps: int):
+        return (
+            self.bar.add_task("train", total=steps, epoch=epoch, loss=float("nan"), metric="", rate=0.0)
+            if self.bar
+            else None
+        )
+
+    def update(self, task, **fields):
+        if self.bar is not None:
+            self.bar.update(task, **fields)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --------------------------------------------------------------------------- the other commands
+
+
+def render_comparison(result: dict) -> Table:
+    """`optcli compare`: one row per metric of the two final artifacts, with new/baseline."""
+    t = Table(title=f"{result['new']} vs {result['baseline']}")
+    for col in ("metric", "new", "baseline", "new/baseline"):
+        t.add_column(col, justify="right")
+    for r in result["rows"]:
+        t.add_row(r["metric"], str(r["new"]), str(r["baseline"]), f"{r['ratio']}x" if r["ratio"] is not None else "-")
+    return t
+
+
+def render_inspection(info: dict) -> Group:
+    """`optcli inspect`: the file's summary, then its inputs and its 20 most used ops."""
+    head = Table(show_header=False, box=None)
+    head.add_row("file", info["path"])
+    head.add_row("format", info["format"])
+    head.add_row("size", f"{format_bytes(info['size_bytes'])} ({format_bytes(info['compressed_bytes'])} deflated)")
+    head.add_row("parameters", f"{info['parameters']:,} ({info['sparsity']:.1%} zero)")
+    for key in ("opset", "initializer_dtypes", "parameter_dtypes", "outputs"):
+        if info.get(key):
+            head.add_row(key.replace("_", " "), str(info[key]))
+    parts: list[Any] = [head]
+    if info.get("inputs"):
+        t = Table(title="inputs")
+        for col in ("name", "shape", "dtype", "batch"):
+            t.add_column(col)
+        for i in info["inputs"]:
+            i = i if isinstance(i, dict) else i.__dict__
+            t.add_row(i["name"], str(list(i["shape"])), i["dtype"], "dynamic" if i.get("batch_dynamic") else "fixed")
+        parts.append(t)
+    if info.get("ops"):
+        t = Table(title="ops")
+        t.add_column("op")
+        t.add_column("count", justify="right")
+        for op, n in list(info["ops"].items())[:20]:
+            t.add_row(op, str(n))
+        parts.append(t)
+    return Group(*parts)
+
+
+def render_bench(result: dict) -> Table:
+    """`optcli bench`: latency percentiles and throughput per batch size; notes as the caption."""
+    t = Table(title=f"{result['path']} on {result['engine']}, {result['threads']} threads, {result['runs']} runs")
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "items/s"):
+        t.add_column(col, justify="right")
+    for key, row in result["latency"].items():
+        t.add_row(
+            key.removeprefix("batch_"),
+            f"{row['p50_ms']:.3f}",
+            f"{row['p90_ms']:.3f}",
+            f"{row['p99_ms']:.3f}",
+            f"{row['throughput_per_s']:.1f}",
+        )
+    for note in result["notes"]:
+        t.caption = (t.caption or "") + note
+    return t
+
+
+def render_pass_catalog(catalog: list[dict]) -> Group:
+    """`optcli passes`: one table of options (type, default, meaning) per pass."""
+    tables = []
+    for entry in catalog:
+        # Text, not markup: "[torch -> onnx]" and help strings would otherwise be read as Rich style tags and vanish.
+        t = Table(
+            title=Text(f"{entry['type']}: {entry['summary']}  [{'/'.join(entry['consumes'])} -> {entry['produces']}]"),
+            title_justify="left",
+        )
+        for col in ("option", "type", "default", "meaning"):
+            t.add_column(col)
+        for opt in entry["options"]:
+            default = repr(opt["default"]) if opt["default"] is not None else "-"
+            t.add_row(*(Text(c) for c in (opt["name"], opt["type"], default, opt["help"])))
+        tables.append(t)
+    return Group(*tables)

@@ -1,0 +1,356 @@
+"""The report dict (what report.json holds) seen as rows, cells and strings, for every renderer.
+
+Pure functions over plain dicts: no Rich, no HTML, only the standard library. Every value in a
+report may be null (not measured); every cell shows DASH for it instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+DASH = "—"
+
+LATENCY_HEADERS = ["step", "batch", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "runs"]
+TRAINING_HEADERS = ["epoch", "loss", "metric", "best"]
+SEARCH_HEADERS = ["candidate", "latency ms", "metric", "chosen"]
+IO_HEADERS = ["", "path", "format", "sha256"]
+ENV_HEADERS = ["", "value"]
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def finite(x: Any) -> bool:
+    """A real number (not bool, not NaN/inf)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def format_bytes(n: float | None) -> str:
+    """Human size in decimal units: 999 -> "999 B", 1234567 -> "1.2 MB"; None -> "—"."""
+    if not finite(n):
+        return DASH
+    n = float(n)
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000.0
+        if abs(n) < 999.95 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    return DASH  # unreachable
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    """a / b as "0.26×" / "2.1×" / "12×"; "—" when either is missing or b is 0."""
+    if not finite(a) or not finite(b) or b == 0:
+        return DASH
+    x = float(a) / float(b)
+    ax = abs(x)
+    if ax >= 9.95:
+        return f"{x:.0f}×"
+    if ax >= 0.995:
+        return f"{x:.1f}×"
+    if ax >= 0.01 or ax == 0:
+        return f"{x:.2f}×"
+    return f"{x:.2g}×"
+
+
+def fmt_num(x: Any, digits: int = 4) -> str:
+    """Any cell value: ints with thousands separators, floats to `digits` significant figures."""
+    if isinstance(x, (bool, str)):
+        return str(x)
+    if not finite(x):
+        return DASH
+    if isinstance(x, int):
+        return f"{x:,}"
+    return f"{x:.{digits}g}"
+
+
+def fmt_ms(ms: Any) -> str:
+    """Milliseconds with the decimals their size deserves: 0.123, 12.35, 123."""
+    if not finite(ms):
+        return DASH
+    if ms < 1:
+        return f"{ms:.3f}"
+    if ms < 100:
+        return f"{ms:.2f}"
+    return f"{ms:.0f}"
+
+
+def fmt_pct(x: Any) -> str:
+    return f"{x * 100:.1f}%" if finite(x) else DASH
+
+
+def fmt_count(n: Any) -> str:
+    return f"{int(n):,}" if finite(n) else DASH
+
+
+def fmt_seconds(s: Any) -> str:
+    return f"{s:.2f}" if finite(s) else DASH
+
+
+def clean(obj: Any) -> Any:
+    """A JSON-safe copy of obj: NaN/inf -> None, tuples -> lists, numpy values -> Python."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays
+        return clean(obj.tolist())
+    return obj  # json.dumps(default=str) handles the rest (Path, datetime, ...)
+
+
+def render_json(report: dict) -> str:
+    """report.json's text: cleaned (no NaN), indented, one trailing newline."""
+    return json.dumps(clean(report), indent=2, default=str, allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------- reading the report
+
+
+def dig(d: Any, *keys: str) -> Any:
+    """d[k1][k2]...; None as soon as a level is missing or not a dict."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def steps(report: dict) -> list[dict]:
+    return [s for s in (report.get("steps") or []) if isinstance(s, dict)]
+
+
+def batch_sizes(report: dict) -> list[int]:
+    """Sorted batch sizes found in any step's latency ("batch_<n>" keys)."""
+    sizes: set[int] = set()
+    for step in steps(report):
+        for key in step.get("latency") or {}:
+            prefix, _, n = str(key).partition("_")
+            if prefix == "batch" and n.isdigit():
+                sizes.add(int(n))
+    return sorted(sizes)
+
+
+def p50(step: dict, batch: int) -> Any:
+    return dig(step, "latency", f"batch_{batch}", "p50_ms")
+
+
+def accuracy(step: dict) -> Any:
+    return dig(step, "accuracy", "value")
+
+
+def metric_name(report: dict) -> str:
+    for step in steps(report):
+        name = dig(step, "accuracy", "metric")
+        if name:
+            return str(name)
+    return "accuracy"
+
+
+def verdict(report: dict) -> str:
+    passed = report.get("passed")
+    return "PASSED" if passed is True else "FAILED" if passed is False else "not gated"
+
+
+def warning_lines(report: dict) -> list[str]:
+    return [str(w) for w in report.get("warnings") or []]
+
+
+def latency_notes(report: dict) -> list[tuple[str, str]]:
+    """(step name, note) for each step whose latency needed a caveat."""
+    return [
+        (str(s.get("name")), str(dig(s, "details", "latency_note")))
+        for s in steps(report)
+        if dig(s, "details", "latency_note")
+    ]
+
+
+def training_epochs(step: dict) -> list[dict]:
+    epochs = dig(step, "details", "training", "epochs")
+    return [e for e in epochs if isinstance(e, dict)] if isinstance(epochs, list) else []
+
+
+def search_candidates(step: dict) -> tuple[list[dict], Any]:
+    """The quantize search's candidates and its target metric (None when the step did not search)."""
+    search = dig(step, "details", "search")
+    if not isinstance(search, dict):
+        return [], None
+    cands = [c for c in search.get("candidates") or [] if isinstance(c, dict)]
+    return cands, search.get("target")
+
+
+def candidate_label(c: dict, i: int) -> str:
+    return str(c.get("name") or c.get("label") or f"#{i + 1}")
+
+
+def top_pruned(step: dict, n: int = 10) -> list[tuple[str, float]]:
+    """The n most sparse layers of a step's details.per_layer_sparsity, most sparse first."""
+    per_layer = dig(step, "details", "per_layer_sparsity")
+    if not isinstance(per_layer, dict):
+        return []
+    items = [(str(k), float(v)) for k, v in per_layer.items() if finite(v)]
+    return sorted(items, key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _accuracy_cell(step: dict, original: dict, is_original: bool) -> str:
+    value = accuracy(step)
+    if not finite(value):
+        return DASH
+    base = accuracy(original)
+    if is_original or not finite(base):
+        return f"{value:.4f}"
+    return f"{value:.4f} ({(value - base) * 100:+.2f} pt)"
+
+
+def _latency_cell(step: dict, original: dict, batch: int) -> str:
+    ms = p50(step, batch)
+    if not finite(ms):
+        return DASH
+    return f"{fmt_ms(ms)} ({ratio(p50(original, batch), ms)})"
+
+
+def step_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and string rows of the steps table; shared by every renderer."""
+    all_steps = steps(report)
+    batches = batch_sizes(report)
+    headers = ["step", "format", "size", "size ratio", "compressed", "params", "sparsity"]
+    headers += [f"p50 b{b} ms (speed-up)" for b in batches]
+    headers += [f"{metric_name(report)} (Δ)", "fidelity cos", "top-1 agree", "seconds"]
+    if not all_steps:
+        return headers, []
+    original = all_steps[0]
+    rows = []
+    for i, step in enumerate(all_steps):
+        row = [
+            str(step.get("name", DASH)),
+            str(step.get("format") or DASH),
+            format_bytes(step.get("size_bytes")),
+            ratio(step.get("size_bytes"), original.get("size_bytes")),
+            format_bytes(step.get("compressed_bytes")),
+            fmt_count(step.get("parameters")),
+            fmt_pct(step.get("sparsity")),
+        ]
+        row += [_latency_cell(step, original, b) for b in batches]
+        row += [
+            _accuracy_cell(step, original, i == 0),
+            fmt_num(dig(step, "fidelity", "cosine_mean"), 6),
+            fmt_pct(dig(step, "fidelity", "top1_agreement")),
+            fmt_seconds(step.get("seconds")),
+        ]
+        rows.append(row)
+    return headers, rows
+
+
+def compact_step_table(headers: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The terminal's narrower view of the steps table: size and its ratio in one cell, no params/seconds."""
+    idx = {h: i for i, h in enumerate(headers)}
+    keep = [h for h in headers if h not in ("size ratio", "params", "seconds")]
+    out_headers = ["size (×)" if h == "size" else h.replace(" (speed-up)", " (×)") for h in keep]
+    out_rows = []
+    for row in rows:
+        cells = {h: row[i] for h, i in idx.items()}
+        cells["size"] = f"{cells['size']} ({cells['size ratio']})"
+        out_rows.append([cells[h] for h in keep])
+    return out_headers, out_rows
+
+
+def gate_lines(report: dict) -> list[tuple[bool, str]]:
+    """(passed, "✓ name value vs limit") per gate."""
+    out = []
+    for gate in report.get("gates") or []:
+        passed = bool(gate.get("passed"))
+        mark = "✓" if passed else "✗"
+        text = f"{mark} {gate.get('name', '?')}: {fmt_num(gate.get('value'))} vs limit {fmt_num(gate.get('limit'))}"
+        out.append((passed, text))
+    return out
+
+
+def latency_rows(report: dict) -> list[list[str]]:
+    """One row per step and batch size: percentiles, throughput, runs (LATENCY_HEADERS)."""
+    rows = []
+    for step in steps(report):
+        for b in batch_sizes(report):
+            lat = dig(step, "latency", f"batch_{b}")
+            if not isinstance(lat, dict):
+                continue
+            rows.append(
+                [
+                    str(step.get("name")),
+                    str(b),
+                    fmt_ms(lat.get("p50_ms")),
+                    fmt_ms(lat.get("p90_ms")),
+                    fmt_ms(lat.get("p99_ms")),
+                    fmt_num(lat.get("throughput_per_s")),
+                    fmt_count(lat.get("runs")),
+                ]
+            )
+    return rows
+
+
+def pruned_rows(step: dict) -> list[list[str]]:
+    """["layer", "sparsity"] rows of the most pruned layers."""
+    return [[layer, fmt_pct(s)] for layer, s in top_pruned(step)]
+
+
+def training_rows(step: dict) -> list[list[str]]:
+    best = dig(step, "details", "training", "best_epoch")
+    return [
+        [
+            fmt_num(e.get("epoch")),
+            fmt_num(e.get("loss")),
+            fmt_num(e.get("metric")),
+            "★" if e.get("epoch") == best else "",
+        ]
+        for e in training_epochs(step)
+    ]
+
+
+def training_summary(step: dict) -> str:
+    """One line on where training ran: workers, backend, devices, batch per worker and global, samples/s."""
+    t = dig(step, "details", "training")
+    if not isinstance(t, dict) or not isinstance(t.get("world_size"), int):
+        return ""
+    world, devices = t["world_size"], t.get("devices") or []
+    where = ", ".join(sorted({str(d) for d in devices})) or "?"
+    workers = f"{world} workers ({t.get('backend')})" if world > 1 else "1 process"
+    return (
+        f"{workers} on {where}; batch {fmt_num(t.get('batch_per_worker'))} per worker, global batch {fmt_num(t.get('global_batch'))}; "
+        f"{fmt_num(t.get('samples_per_s'))} samples/s ({fmt_num(t.get('samples_per_s_per_worker'))} per worker)"
+    )
+
+
+def search_rows(step: dict) -> list[list[str]]:
+    cands, _ = search_candidates(step)
+    return [
+        [candidate_label(c, i), fmt_ms(c.get("latency_ms")), fmt_num(c.get("metric")), "✓" if c.get("chosen") else ""]
+        for i, c in enumerate(cands)
+    ]
+
+
+def io_rows(report: dict) -> list[list[str]]:
+    """Input and output files: path, format, sha256 (IO_HEADERS)."""
+    return [
+        [
+            label,
+            str(dig(report, key, "path") or DASH),
+            str(dig(report, key, "format") or DASH),
+            str(dig(report, key, "sha256") or DASH),
+        ]
+        for label, key in (("input", "input"), ("output", "output"))
+    ]
+
+
+def env_rows(report: dict) -> list[list[str]]:
+    """optcli's version, then the environment the run recorded (ENV_HEADERS)."""
+    env = report.get("environment") or {}
+    rows = [["optcli", str(report.get("optcli_version") or DASH)]]
+    return rows + [[str(k), str(v)] for k, v in env.items()]
