@@ -17,6 +17,7 @@ from pathlib import Path
 from optcli.artifact import artifact_files
 from optcli.errors import BadInput, writing
 from optcli.model import Model
+from optcli.report.write import atomic_path, atomic_write_text
 
 LOCK = ".optcli.lock"
 
@@ -31,13 +32,8 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        with writing(dst):
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(dst), atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def inside(path: Path, folder: Path) -> bool:
@@ -158,4 +154,4 @@ def write_final(model: Model, root: Path) -> dict:
 def write_record(step_dir: Path, record: dict) -> None:
     """step.json goes in before the step folder is renamed into place, so a finished step always has it, whole."""
     with writing(step_dir / "step.json"):
-        (step_dir / "step.json").write_text(json.dumps(record, indent=2, default=str))
+        atomic_write_text(step_dir / "step.json", json.dumps(record, indent=2, default=str))
