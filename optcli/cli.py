@@ -15,6 +15,8 @@ from pathlib import Path
 
 import typer
 
+from optcli.errors import EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, EXIT_PASS_FAILED
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -34,7 +36,7 @@ def _err(message: str) -> None:
 
 def guarded(fn: Callable[[], int | None], debug: bool) -> None:
     """Run a command body; map errors to exit codes with one line on stderr (traceback with --debug)."""
-    from optcli.errors import DISK_FULL, EXIT_INTERRUPTED, OptcliError
+    from optcli.errors import DISK_FULL, OptcliError, first_line
 
     def _sigterm(signum, frame):
         raise KeyboardInterrupt
@@ -62,9 +64,9 @@ def guarded(fn: Callable[[], int | None], debug: bool) -> None:
             _err(f"error: disk full while writing {e.filename or 'output'}: free some space and rerun")
         else:
             _err(
-                f"error: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug for the traceback)"
+                f"error: internal error: {type(e).__name__}: {first_line(e, 1000)} (rerun with --debug for the traceback)"
             )
-        code = 3
+        code = EXIT_PASS_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
@@ -135,8 +137,8 @@ def run(
         failed = [g["name"] for g in report["gates"] if not g["passed"]]
         if failed:
             _err(f"gate failed: {', '.join(failed)} (see {out}/report.json)")
-            return 1
-        return 0
+            return EXIT_GATE
+        return EXIT_OK
 
     guarded(body, debug)
 
@@ -284,5 +286,5 @@ def main() -> None:
         app()
     except SystemExit as e:
         if interrupted and e.code == 1:
-            raise SystemExit(130) from None
+            raise SystemExit(EXIT_INTERRUPTED) from None
         raise
