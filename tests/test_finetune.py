@@ -107,7 +107,7 @@ def test_weights_masked_by_torch_prune_stay_zero_in_the_training_loop(digits):
 
     from optcli.data import Dataset
     from optcli.passes.finetune import Config
-    from optcli.training import TrainJob, train
+    from optcli.passes.finetune.loop import TrainJob, train
 
     data = np.load(digits / "digits_train.npz")
     model = build_cnn(16)
@@ -288,7 +288,7 @@ def test_progress_is_shown_unless_quiet(digits, tmp_path):
 def test_a_job_saved_for_a_worker_trains_to_the_same_weights(digits, tmp_path):
     from optcli.data import Dataset
     from optcli.passes.finetune import Config
-    from optcli.training import TrainJob, train
+    from optcli.passes.finetune.loop import TrainJob, train
 
     z = np.load(digits / "digits_train.npz")
 
@@ -373,7 +373,7 @@ def test_teacher_with_another_output_shape_is_refused(digits, tmp_path):
 
 def test_learning_rate_warms_up_then_follows_the_schedule():
     from optcli.passes.finetune import Config
-    from optcli.training import lr_at
+    from optcli.passes.finetune.loop import lr_at
 
     cosine = Config(lr=0.1, warmup_steps=4, schedule="cosine")
     assert [round(lr_at(s, 104, cosine, 10), 4) for s in range(4)] == [0.02, 0.04, 0.06, 0.08]
@@ -387,7 +387,7 @@ def test_learning_rate_warms_up_then_follows_the_schedule():
 def test_max_steps_stops_training_mid_epoch(digits):
     from optcli.data import Dataset
     from optcli.passes.finetune import Config
-    from optcli.training import TrainJob, train
+    from optcli.passes.finetune.loop import TrainJob, train
 
     z = np.load(digits / "digits_train.npz")
     job = TrainJob(

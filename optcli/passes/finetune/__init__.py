@@ -2,110 +2,23 @@
 
 The pass prepares the modules (student, teacher, new head, frozen parameters), checks that data,
 student and teacher fit together before any step is taken, and hands the rest to
-optcli.training.train, the plain training loop.
+launch.run_training, which trains here or in workers with loop.train, the plain training loop.
+
+The family, lowest layer first (each imports only those above it in this list):
+    config.py   the pass's typed settings (pydantic, no torch): what a worker rebuilds its job from
+    loop.py     the training loop in plain PyTorch: build, resume, one epoch, the loop; AMP; checkpoints
+    launch.py   one process or torch's elastic launcher (workers, failures, rank 0's checkpoint)
+    __init__.py this pass: check (at recipe load), apply (torch imported here, lazily)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Union
 
-from pydantic import Field, model_validator
+from optcli.passes.base import Context, PassSpec
+from optcli.passes.finetune.config import Config, ModelRef, check_settings
 
-from optcli.config import ImportRef, RecipePath, StrictModel
-from optcli.distributed import AmpSetting, DeviceSetting, DistributedConfig, ScaleLr
-from optcli.passes.base import Context, PassConfig, PassSpec
-
-
-class ModelRef(StrictModel):
-    """Another model: a file (state_dict + factory, .pt2, pickled module) or just a factory (its own weights: fresh, or pretrained if it loads them)."""
-
-    path: RecipePath | None = Field(default=None, description="model file; relative to the recipe")
-    factory: ImportRef | None = Field(default=None, description="module:callable that builds the nn.Module")
-    factory_kwargs: dict = Field(default_factory=dict)
-    trust_pickle: bool = Field(default=False, description="allow torch.load to unpickle a whole module from path")
-
-    @model_validator(mode="after")
-    def _something(self) -> ModelRef:
-        if self.path is None and self.factory is None:
-            raise ValueError("give a path (model file) and/or a factory (module:callable)")
-        return self
-
-
-class Feature(StrictModel):
-    student: str = Field(description="student module whose output is matched, e.g. layer3")
-    teacher: str = Field(description="teacher module it is matched to")
-    weight: float = Field(default=0.1, ge=0, description="weight of this MSE term in the loss")
-
-
-class Distill(StrictModel):
-    teacher: Union[Literal["reference"], ModelRef, RecipePath] = Field(  # noqa: UP007
-        default="reference",
-        description="reference (the model as loaded, before any pass), a model file, or {path, factory}",
-    )
-    temperature: float = Field(default=4.0, gt=0, le=1000, description="softmax temperature T of the soft targets")
-    alpha: float = Field(
-        default=0.7, ge=0, le=1, description="weight of the soft (teacher) term; 1 - alpha goes to the labels"
-    )
-    features: list[Feature] = Field(
-        default_factory=list, description="hidden-state matching (MSE, learned projection when widths differ)"
-    )
-
-
-class Head(StrictModel):
-    replace: str = Field(description="name of the classifier nn.Linear to swap, e.g. classifier or fc")
-    num_classes: int = Field(ge=1, le=10_000_000, description="outputs of the new head")
-
-
-class Config(PassConfig):
-    type: Literal["finetune"] = "finetune"
-    epochs: int = Field(default=3, ge=1, le=100_000, description="passes over data.train")
-    max_steps: int | None = Field(
-        default=None, ge=1, description="stop after this many optimizer steps (overrides epochs)"
-    )
-    batch_size: int | None = Field(default=None, ge=1, le=65536, description="default: data.train.batch_size")
-    optimizer: Literal["sgd", "adam", "adamw"] = Field(default="adamw", description="torch.optim optimizer")
-    lr: float = Field(default=1e-3, gt=0, le=10, description="peak learning rate (after warm-up)")
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
-    weight_decay: float = Field(default=0.0, ge=0, description="L2 penalty (decoupled for adamw)")
-    schedule: Literal["constant", "cosine", "step"] = Field(
-        default="cosine", description="learning-rate schedule after warm-up"
-    )
-    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps")
-    step_epochs: int = Field(
-        default=1, ge=1, description="schedule: step multiplies lr by gamma every this many epochs"
-    )
-    gamma: float = Field(default=0.1, gt=0, le=1, description="schedule: step decay factor")
-    grad_clip: float | None = Field(default=None, gt=0, description="clip the gradient norm to this")
-    seed: int | None = Field(default=None, description="default: the recipe's seed; same seed -> same weights on CPU")
-    shuffle: bool = Field(default=True, description="reshuffle data.train every epoch")
-    patience: int | None = Field(
-        default=None, ge=1, description="early stop after this many epochs without eval improvement"
-    )
-    min_delta: float = Field(default=0.0, ge=0, description="smallest eval improvement that counts")
-    keep_best: bool = Field(default=True, description="end with the best epoch's weights (by the eval metric)")
-    distill: Distill | None = Field(
-        default=None, description="learn from a teacher's soft outputs (knowledge distillation)"
-    )
-    student: Union[ModelRef, RecipePath, None] = Field(  # noqa: UP007
-        default=None, description="train this model instead of the incoming one, e.g. {factory: mypkg:small_net}"
-    )
-    head: Head | None = Field(default=None, description="swap the classifier for a new task and train it")
-    freeze: list[str] = Field(default_factory=list, description="parameter-name globs kept fixed, e.g. ['stem.*']")
-    device: DeviceSetting = Field(
-        default="auto",
-        description="auto (cuda when torch sees a GPU) | cpu | cuda | cuda:N; worker k of a node takes GPU k",
-    )
-    amp: AmpSetting = Field(
-        default="none", description="mixed precision on CUDA: bf16 | fp16 (with loss scaling) | none"
-    )
-    distributed: DistributedConfig = Field(
-        default_factory=DistributedConfig,
-        description="workers and nodes, torchrun's options: {nproc_per_node: 2}; optcli run --nproc-per-node etc. override",
-    )
-    scale_lr: ScaleLr = Field(
-        default="none", description="linear: lr x world size, since the global batch is batch_size x world size"
-    )
+__all__ = ["PASS", "Config", "apply", "check"]
 
 
 def _ref(value) -> ModelRef | None:
@@ -115,8 +28,6 @@ def _ref(value) -> ModelRef | None:
 
 
 def check(config: Config, recipe, input_format: str) -> None:
-    from optcli.distributed import check_settings
-
     check_settings(config.distributed, config.device, config.amp)
     train = recipe.data.train
     if train is None:
@@ -167,17 +78,19 @@ def _load_other(ref: ModelRef, model, role: str, ctx: Context):
     """A teacher or student named by the recipe, as an nn.Module taking the model's inputs."""
     from optcli.artifact import build_from_factory, load_model
     from optcli.errors import BadInput
-    from optcli.recipe import ModelSpec
 
     if ref.path is None:
         module = build_from_factory(ref.factory, ref.factory_kwargs, f"{role}.factory")
     else:
-        spec = ModelSpec(
-            path=ref.path,
-            factory=ref.factory,
-            factory_kwargs=ref.factory_kwargs,
-            trust_pickle=ref.trust_pickle,
-            inputs=ctx.recipe.model.inputs,
+        # The recipe's own model: section with this file in it, so the inputs it declares carry over.
+        spec = ctx.recipe.model.model_copy(
+            update={
+                "path": ref.path,
+                "factory": ref.factory,
+                "factory_kwargs": ref.factory_kwargs,
+                "trust_pickle": ref.trust_pickle,
+                "output_names": None,
+            }
         )
         try:
             module = load_model(spec).module
@@ -206,9 +119,9 @@ def apply(model, config: Config, ctx: Context):
     import torch
 
     from optcli.artifact import copy_module
-    from optcli.distributed import run_training
     from optcli.errors import BadInput
-    from optcli.training import TrainJob, freeze, replace_head
+    from optcli.passes.finetune.launch import run_training
+    from optcli.passes.finetune.loop import TrainJob, freeze, replace_head
 
     seed = ctx.seed if config.seed is None else config.seed
     config = config.model_copy(update={"seed": seed})
@@ -301,15 +214,11 @@ def apply(model, config: Config, ctx: Context):
 
 
 def _logits(module, inputs, role: str):
-    import torch
-
     from optcli.errors import BadInput
-    from optcli.training import _first_output, _set_eval_mode
+    from optcli.passes.finetune.loop import eval_logits
 
-    _set_eval_mode(module)
     try:
-        with torch.no_grad():
-            return _first_output(module(*inputs))
+        return eval_logits(module, inputs)
     except Exception as e:
         raise BadInput(
             f"{role}: does not run on data.train's inputs ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
