@@ -149,31 +149,7 @@ def apply(model, config: Config, ctx: Context):
                 "distill.teacher: reference is an ONNX graph; give a torch teacher (path: teacher.pt, factory: ...)"
             )
 
-    # Everything that must fit, checked on one batch before the first step.
-    feeds, labels = next(train_data.batches(batch_size=2))
-    inputs = tuple(torch.from_numpy(feeds[n]) for n in names)
-    s_out = _logits(student, inputs, "student")
-    if teacher is not None:
-        t_out = _logits(teacher, inputs, "teacher")
-        if t_out.shape != s_out.shape:
-            raise BadInput(
-                f"distill.teacher: outputs {tuple(t_out.shape)} but the student outputs {tuple(s_out.shape)} for the same batch; "
-                "a teacher must predict the same classes (set head.num_classes to match, or pick another teacher)"
-            )
-    if train_data.labels is None and teacher is None:
-        raise BadInput(
-            f"data.train has no labels (keys: {', '.join(train_data.arrays)}); set data.train.labels or add distill: to learn from a teacher"
-        )
-    all_labels = [
-        d.labels
-        for d in (train_data, eval_data)
-        if d is not None and d.labels is not None and d.labels.dtype.kind in "iu"
-    ]
-    if all_labels and s_out.ndim == 2 and max(int(lab.max()) for lab in all_labels) >= s_out.shape[1]:
-        top = max(int(lab.max()) for lab in all_labels)
-        raise BadInput(
-            f"data: labels go up to {top} but the model has {s_out.shape[1]} outputs; set head: {{replace: <classifier>, num_classes: {top + 1}}}"
-        )
+    _check_fit(student, teacher, train_data, eval_data, names)
 
     checkpoints = Path(ctx.options["resume_dir"] + ".ckpt") if ctx.options.get("resume_dir") else None
     job = TrainJob(
@@ -211,6 +187,38 @@ def apply(model, config: Config, ctx: Context):
 
         shutil.rmtree(checkpoints, ignore_errors=True)  # the step's artifact now holds the result
     return model.with_(module=result.student)
+
+
+def _check_fit(student, teacher, train_data, eval_data, names: list[str]) -> None:
+    """Everything that must fit, checked on one batch before the first step: outputs, labels, classes."""
+    import torch
+
+    from optcli.errors import BadInput
+
+    feeds, labels = next(train_data.batches(batch_size=2))
+    inputs = tuple(torch.from_numpy(feeds[n]) for n in names)
+    s_out = _logits(student, inputs, "student")
+    if teacher is not None:
+        t_out = _logits(teacher, inputs, "teacher")
+        if t_out.shape != s_out.shape:
+            raise BadInput(
+                f"distill.teacher: outputs {tuple(t_out.shape)} but the student outputs {tuple(s_out.shape)} for the same batch; "
+                "a teacher must predict the same classes (set head.num_classes to match, or pick another teacher)"
+            )
+    if train_data.labels is None and teacher is None:
+        raise BadInput(
+            f"data.train has no labels (keys: {', '.join(train_data.arrays)}); set data.train.labels or add distill: to learn from a teacher"
+        )
+    all_labels = [
+        d.labels
+        for d in (train_data, eval_data)
+        if d is not None and d.labels is not None and d.labels.dtype.kind in "iu"
+    ]
+    if all_labels and s_out.ndim == 2 and max(int(lab.max()) for lab in all_labels) >= s_out.shape[1]:
+        top = max(int(lab.max()) for lab in all_labels)
+        raise BadInput(
+            f"data: labels go up to {top} but the model has {s_out.shape[1]} outputs; set head: {{replace: <classifier>, num_classes: {top + 1}}}"
+        )
 
 
 def _logits(module, inputs, role: str):
