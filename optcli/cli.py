@@ -104,7 +104,7 @@ def run(
     """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
 
     def body():
-        from optcli.distributed import cli_overrides
+        from optcli.passes.finetune.launch import cli_overrides
         from optcli.recipe import load_recipe
         from optcli.report.terminal import console, render_table, show, step_log
         from optcli.runner import RunOptions, run_recipe

@@ -13,7 +13,7 @@ from torch import nn
 
 class FragileMLP(nn.Module):
     """8x8 digits -> 10 classes. No BatchNorm: per-worker batch statistics would make N workers differ from
-    one worker on CPU, where torch's SyncBatchNorm is unavailable (see optcli.distributed.to_sync_batchnorm).
+    one worker on CPU, where torch's SyncBatchNorm is unavailable (see optcli.passes.finetune.launch.to_sync_batchnorm).
 
     With kill_rank/kill_step set, the worker of that RANK SIGKILLs itself at its kill_step-th training
     forward, in the first attempt only (TORCHELASTIC_RESTART_COUNT 0), like a machine losing a process;

@@ -23,7 +23,10 @@ import pytest
 import torch
 from conftest import REPO, CliResult, run_cli, write_recipe
 
-from optcli import distributed as D
+from optcli.errors import BadInput
+from optcli.passes.finetune import launch as D
+from optcli.passes.finetune import loop
+from optcli.passes.finetune.config import DistributedConfig
 
 TESTS = Path(__file__).resolve().parent
 TRAIN_SAMPLES, GLOBAL_BATCH = 512, 32  # 16 global steps per epoch; 512 % 32 == 0, so no rank gets padded samples
@@ -410,11 +413,11 @@ def test_each_worker_binds_the_gpu_of_its_local_rank():
     assert D.device_for("auto", local_rank=1, cuda_count=2, nproc=2) == "cuda:1"
     assert D.device_for("auto", local_rank=1, cuda_count=0, nproc=2) == "cpu"
     assert D.device_for("cuda:2", local_rank=0, cuda_count=4, nproc=1) == "cuda:2"
-    with pytest.raises(D.BadInput, match="no CUDA GPU"):
+    with pytest.raises(BadInput, match="no CUDA GPU"):
         D.device_for("cuda", 0, cuda_count=0)
-    with pytest.raises(D.BadInput, match="only 2 GPU"):
+    with pytest.raises(BadInput, match="only 2 GPU"):
         D.device_for("cuda", local_rank=2, cuda_count=2, nproc=3)
-    with pytest.raises(D.BadInput, match="names one GPU"):
+    with pytest.raises(BadInput, match="names one GPU"):
         D.device_for("cuda:1", 0, cuda_count=2, nproc=2)
 
 
@@ -422,26 +425,26 @@ def test_backend_auto_is_nccl_on_cuda_and_gloo_on_cpu():
     assert D.backend_for("auto", "cuda:0") == "nccl"
     assert D.backend_for("auto", "cpu") == "gloo"
     assert D.backend_for("gloo", "cuda:1") == "gloo"
-    with pytest.raises(D.BadInput, match="nccl needs CUDA"):
+    with pytest.raises(BadInput, match="nccl needs CUDA"):
         D.backend_for("nccl", "cpu")
 
 
 def test_nproc_auto_is_one_per_gpu_and_one_on_cpu():
-    auto = D.DistributedConfig(nproc_per_node="auto")
+    auto = DistributedConfig(nproc_per_node="auto")
     assert D.nproc_for(auto, "cuda", cuda_count=8) == 8
     assert D.nproc_for(auto, "auto", cuda_count=2) == 2
     assert D.nproc_for(auto, "cpu", cuda_count=8) == 1
     assert D.nproc_for(auto, "cuda:3", cuda_count=8) == 1
-    assert D.nproc_for(D.DistributedConfig(nproc_per_node=3), "cpu", cuda_count=0) == 3
+    assert D.nproc_for(DistributedConfig(nproc_per_node=3), "cpu", cuda_count=0) == 3
 
 
 def test_amp_picks_autocast_dtype_and_loss_scaling_only_on_cuda():
-    assert D.amp_dtype("bf16", "cuda:0") is torch.bfloat16
-    assert D.amp_dtype("fp16", "cuda:1") is torch.float16
-    assert D.amp_dtype("fp16", "cpu") is None and D.amp_dtype("none", "cuda:0") is None
-    with D.autocast("bf16", "cpu"):  # a no-op off CUDA
+    assert loop.amp_dtype("bf16", "cuda:0") is torch.bfloat16
+    assert loop.amp_dtype("fp16", "cuda:1") is torch.float16
+    assert loop.amp_dtype("fp16", "cpu") is None and loop.amp_dtype("none", "cuda:0") is None
+    with loop.autocast("bf16", "cpu"):  # a no-op off CUDA
         assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
-    assert not D.grad_scaler("bf16", "cuda:0").is_enabled()  # bf16 has fp32's exponent range: no scaling
+    assert not loop.grad_scaler("bf16", "cuda:0").is_enabled()  # bf16 has fp32's exponent range: no scaling
 
 
 def test_linear_lr_scaling_multiplies_by_world_size():

@@ -106,8 +106,9 @@ def test_weights_masked_by_torch_prune_stay_zero_in_the_training_loop(digits):
     from torch.nn.utils import prune
 
     from optcli.data import Dataset
+    from optcli.passes.base import attach_training_hook
     from optcli.passes.finetune import Config
-    from optcli.training import TrainJob, train
+    from optcli.passes.finetune.loop import TrainJob, train
 
     data = np.load(digits / "digits_train.npz")
     model = build_cnn(16)
@@ -126,7 +127,8 @@ def test_weights_masked_by_torch_prune_stay_zero_in_the_training_loop(digits):
             self.finished += 1
             self.done = True
 
-    model._optcli_prune_schedule = CountingSchedule()
+    schedule = CountingSchedule()
+    attach_training_hook(model, schedule)
     job = TrainJob(
         config=Config(epochs=2, batch_size=64, seed=0),
         student=model,
@@ -137,8 +139,8 @@ def test_weights_masked_by_torch_prune_stay_zero_in_the_training_loop(digits):
     weight = result.student.hidden.weight
     assert torch.count_nonzero(weight[zeros]) == 0 and torch.count_nonzero(weight[~zeros]) == int((~zeros).sum())
     batches = -(-len(data["x"]) // 64)
-    assert model._optcli_prune_schedule.steps == 2 * batches == result.steps
-    assert model._optcli_prune_schedule.finished == 1
+    assert schedule.steps == 2 * batches == result.steps
+    assert schedule.finished == 1
 
 
 def test_gradual_prune_schedule_reaches_its_sparsity_during_finetune(digits, tmp_path):
@@ -288,7 +290,7 @@ def test_progress_is_shown_unless_quiet(digits, tmp_path):
 def test_a_job_saved_for_a_worker_trains_to_the_same_weights(digits, tmp_path):
     from optcli.data import Dataset
     from optcli.passes.finetune import Config
-    from optcli.training import TrainJob, train
+    from optcli.passes.finetune.loop import TrainJob, train
 
     z = np.load(digits / "digits_train.npz")
 
@@ -373,7 +375,7 @@ def test_teacher_with_another_output_shape_is_refused(digits, tmp_path):
 
 def test_learning_rate_warms_up_then_follows_the_schedule():
     from optcli.passes.finetune import Config
-    from optcli.training import lr_at
+    from optcli.passes.finetune.loop import lr_at
 
     cosine = Config(lr=0.1, warmup_steps=4, schedule="cosine")
     assert [round(lr_at(s, 104, cosine, 10), 4) for s in range(4)] == [0.02, 0.04, 0.06, 0.08]
@@ -387,7 +389,7 @@ def test_learning_rate_warms_up_then_follows_the_schedule():
 def test_max_steps_stops_training_mid_epoch(digits):
     from optcli.data import Dataset
     from optcli.passes.finetune import Config
-    from optcli.training import TrainJob, train
+    from optcli.passes.finetune.loop import TrainJob, train
 
     z = np.load(digits / "digits_train.npz")
     job = TrainJob(

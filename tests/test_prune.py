@@ -154,14 +154,14 @@ def test_masks_hold_through_a_plain_training_loop_and_fold_on_save(tmp_path):
 def test_gradual_schedule_raises_sparsity_step_by_step_to_the_exact_target(tmp_path):
     from optcli.examples.digits import build_cnn
     from optcli.model import InputSpec, Model
-    from optcli.passes.base import Context
+    from optcli.passes.base import Context, training_hooks
     from optcli.passes.prune import Config, apply
     from optcli.passes.prune.plan import cubic_sparsity
 
     model = Model("torch", [InputSpec("x", (1, 1, 8, 8), "float32")], module=build_cnn(16).eval())
     ctx = Context(recipe=None, step_name="1-prune", step_dir=tmp_path, reference=model, data=None)
     module = apply(model, Config(sparsity=0.8, scope="layer", schedule={"steps": 10}), ctx).module
-    schedule = module._optcli_prune_schedule
+    schedule = training_hooks(module)
     conv = module.block.conv1
     seen = [_zeros(conv.weight)]
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
@@ -179,14 +179,14 @@ def test_gradual_schedule_raises_sparsity_step_by_step_to_the_exact_target(tmp_p
 def test_schedule_finish_reaches_the_target_when_training_stops_early(tmp_path):
     from optcli.examples.digits import build_cnn
     from optcli.model import InputSpec, Model
-    from optcli.passes.base import Context
+    from optcli.passes.base import Context, training_hooks
     from optcli.passes.prune import Config, apply
 
     model = Model("torch", [InputSpec("x", (1, 1, 8, 8), "float32")], module=build_cnn(16).eval())
     ctx = Context(recipe=None, step_name="1-prune", step_dir=tmp_path, reference=model, data=None)
     module = apply(model, Config(sparsity=0.5, scope="layer", schedule={"steps": 100}), ctx).module
-    module._optcli_prune_schedule.step()
-    module._optcli_prune_schedule.finish()
+    training_hooks(module).step()
+    training_hooks(module).finish()
     weight = module.features[0].weight
     assert abs(_zeros(weight) - round(0.5 * weight.numel())) <= 1
 

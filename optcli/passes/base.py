@@ -67,3 +67,45 @@ class PassSpec:
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format
+
+
+# --------------------------------------------------------------------------- hooks a later fine-tune drives
+# A torch pass whose effect must hold while a following finetune trains (a gradual prune schedule raising
+# masks, weight sharing re-tied after each update) attaches a hook to the module it returns. The fine-tune
+# loop calls step() after every optimizer step and finish() after the last one; `done` says whether the
+# hook has reached its final state (an epoch is kept as "best" only then). Passes never import each other:
+# this contract is the only thing they share.
+TRAINING_HOOKS = "optcli_training_hooks"
+
+
+class TrainingHooks:
+    """Every hook attached to one module, driven as one."""
+
+    def __init__(self):
+        self.hooks: list[Any] = []
+
+    def step(self) -> None:
+        for hook in self.hooks:
+            hook.step()
+
+    def finish(self) -> None:
+        for hook in self.hooks:
+            hook.finish()
+
+    @property
+    def done(self) -> bool:
+        return all(getattr(hook, "done", True) for hook in self.hooks)
+
+
+def attach_training_hook(module: Any, hook: Any) -> None:
+    hooks = getattr(module, TRAINING_HOOKS, None)
+    if hooks is None:
+        hooks = TrainingHooks()
+        setattr(module, TRAINING_HOOKS, hooks)
+    hooks.hooks.append(hook)
+
+
+def training_hooks(module: Any) -> TrainingHooks | None:
+    """The hooks a fine-tune must drive for this module, or None."""
+    hooks = getattr(module, TRAINING_HOOKS, None)
+    return hooks if hooks is not None and hooks.hooks else None

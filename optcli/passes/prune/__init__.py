@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from optcli.config import StrictModel
 from optcli.errors import first_line
-from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.passes.base import Context, PassConfig, PassSpec, attach_training_hook
 
 
 class Schedule(StrictModel):
@@ -208,8 +208,9 @@ def _prune_masks(model, config: Config, ctx: Context):
     before, _ = _param_counts(module)
     if config.schedule is not None:
         s = config.schedule
-        module._optcli_prune_schedule = PruneSchedule(plan, steps=s.steps, initial=s.initial_sparsity, every=s.every)
-        ctx.details["schedule"] = module._optcli_prune_schedule.describe()
+        schedule = PruneSchedule(plan, steps=s.steps, initial=s.initial_sparsity, every=s.every)
+        attach_training_hook(module, schedule)
+        ctx.details["schedule"] = schedule.describe()
         ctx.log(f"{ctx.step_name}: gradual pruning to {config.sparsity:.0%} over {s.steps} finetune steps (cubic ramp)")
     else:
         apply_plan(plan)

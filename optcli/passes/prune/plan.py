@@ -8,10 +8,10 @@ optcli.artifact.fold_pruning folds them into plain weights when an artifact is w
 Gradual pruning hook (for the fine-tune loop)
 ---------------------------------------------
 With `schedule: {steps: N}` the prune pass starts at `initial_sparsity` and leaves a
-`PruneSchedule` on the root module as `module._optcli_prune_schedule`. A training loop
+`PruneSchedule` attached to the root module (optcli.passes.base.attach_training_hook). A training loop
 that finds one must
 
-    schedule = getattr(model, "_optcli_prune_schedule", None)
+    schedule = training_hooks(model)
     ...
     optimizer.step()
     if schedule is not None:

@@ -5,8 +5,8 @@
 `run_training(job, config, ctx)` is what the finetune pass calls. One worker without restarts trains in
 this process. Otherwise it writes the job to the step folder, starts the workers with
 torch.distributed.launcher.api.elastic_launch (the in-process API behind `torchrun`: c10d rendezvous,
-restarts, error files, signal forwarding) and each worker runs `_worker`: bind the device of its
-LOCAL_RANK, init_process_group, rebuild the job, call optcli.training.train (which shards the data
+restarts, error files, signal forwarding) and each worker runs `worker`: bind the device of its
+LOCAL_RANK, init_process_group, rebuild the job, call loop.train (which shards the data
 with DistributedSampler and wraps the student in DistributedDataParallel). Rank 0 alone writes
 checkpoints and logs; the trained student comes back to this process as rank 0's return value.
 
@@ -22,7 +22,8 @@ What still differs is BatchNorm in train mode (statistics over b, not N*b): on C
 it becomes SyncBatchNorm; on CPU torch has none (see to_sync_batchnorm). The tests check this with a
 BatchNorm-free model: weights equal to 1e-5.
 
-This module imports torch inside functions only, so recipe validation stays fast.
+This module imports torch inside functions only: `optcli run` reads cli_overrides from it before any
+model is loaded, and a recipe without a finetune pass never needs torch's distributed stack.
 """
 
 from __future__ import annotations
@@ -36,69 +37,17 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
-
-from optcli.config import StrictModel
-from optcli.errors import BadInput, PassFailed
-
-DeviceSetting = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
-AmpSetting = Literal["none", "bf16", "fp16"]
-ScaleLr = Literal["none", "linear"]
+from optcli.errors import BadInput, PassFailed, first_line
+from optcli.passes.finetune.config import DistributedConfig, check_settings
 
 # A worker whose peer died sees a socket error within milliseconds. Before it exits it waits this
 # long, so the agent reports the worker that really failed (the root cause), not its victim.
 PEER_LOSS_GRACE_S = 3.0
 _PEER_LOSS = re.compile(r"connection (closed|reset)|broken pipe|remote process exited|peer|socket", re.IGNORECASE)
-
-
-class DistributedConfig(StrictModel):
-    """How many workers retrain, and where: torchrun's own options, passed through."""
-
-    nproc_per_node: int | Literal["auto"] = Field(
-        default=1, description="workers on this machine; auto = one per visible GPU (1 on a CPU-only machine)"
-    )
-    nnodes: int = Field(default=1, ge=1, le=100_000, description="machines; run the same command on each")
-    node_rank: int = Field(
-        default=0, ge=0, description="this machine's index (static rendezvous; c10d assigns ranks itself)"
-    )
-    rdzv_endpoint: str | None = Field(
-        default=None,
-        description="host:port of the rendezvous on node 0; required when nnodes > 1 (one machine: a free local port)",
-    )
-    rdzv_backend: Literal["c10d", "static"] = Field(default="c10d", description="torch.distributed rendezvous backend")
-    rdzv_id: str = Field(
-        default="optcli", min_length=1, description="job id shared by all nodes of one run (multi-node)"
-    )
-    rdzv_timeout: int = Field(
-        default=900, ge=1, le=86_400, description="seconds to wait for every node to join the rendezvous"
-    )
-    max_restarts: int = Field(
-        default=0,
-        ge=0,
-        le=1000,
-        description="restart all workers this often after a failure; they resume from the last epoch checkpoint",
-    )
-    backend: Literal["auto", "nccl", "gloo"] = Field(
-        default="auto", description="process-group backend; auto = nccl on CUDA, gloo on CPU"
-    )
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DistributedConfig:
-        if isinstance(self.nproc_per_node, int) and not 1 <= self.nproc_per_node <= 1024:
-            raise ValueError(f"nproc_per_node must be 1..1024 or auto (got {self.nproc_per_node})")
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(
-                "nnodes > 1 needs rdzv_endpoint: host:port of node 0, reachable from every node (e.g. 10.0.0.1:29400)"
-            )
-        if self.rdzv_endpoint and not re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", self.rdzv_endpoint):
-            raise ValueError(f"rdzv_endpoint {self.rdzv_endpoint!r} is not host:port")
-        if self.node_rank >= self.nnodes:
-            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
-        return self
 
 
 def with_overrides(
@@ -193,48 +142,9 @@ def backend_for(setting: str, device: str) -> str:
     return setting
 
 
-def check_settings(config: DistributedConfig, device: str, amp: str) -> None:
-    """Load-time checks (recipe -> exit 2 with its line): combinations that can never run."""
-    if config.backend == "nccl" and device == "cpu":
-        raise ValueError(
-            "distributed.backend nccl needs device cuda (or auto on a GPU machine); gloo is the CPU backend"
-        )
-    if amp != "none" and device == "cpu":
-        raise ValueError(f"amp {amp} is for CUDA devices; on CPU use amp: none")
-    if device.startswith("cuda:") and config.nproc_per_node not in (1, "auto"):
-        raise ValueError(
-            f"device {device} names one GPU but nproc_per_node is {config.nproc_per_node}; use device: cuda (worker k takes GPU k)"
-        )
-
-
 def scaled_lr(lr: float, world_size: int, rule: str) -> float:
     """linear: lr x world size (Goyal et al. 2017), since the global batch grows with the workers."""
     return lr * world_size if rule == "linear" else lr
-
-
-def amp_dtype(amp: str, device: str):
-    import torch
-
-    if amp == "none" or not device.startswith("cuda"):
-        return None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-@contextmanager
-def autocast(amp: str, device: str):
-    """Mixed precision for the forward pass and loss on CUDA (torch.autocast); a no-op otherwise."""
-    import torch
-
-    dtype = amp_dtype(amp, device)
-    with torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext():
-        yield
-
-
-def grad_scaler(amp: str, device: str):
-    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
-    import torch
-
-    return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.startswith("cuda"))
 
 
 def to_sync_batchnorm(module, device: str):
@@ -287,7 +197,7 @@ def run_training(job, config, ctx) -> tuple[Any, dict]:
     """
     import torch
 
-    from optcli.training import Env, train
+    from optcli.passes.finetune.loop import Env, train
 
     dist_cfg = with_overrides(config.distributed, ctx.options.get("distributed"))
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -391,7 +301,7 @@ def launch(
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     try:
         with _quiet_agent(settings["debug"]), _fresh_store_per_attempt():
-            results = elastic_launch(launch_config, _worker)(str(job_dir), settings)
+            results = elastic_launch(launch_config, worker)(str(job_dir), settings)
     except ChildFailedError as e:
         raise PassFailed(step_name, failure_message(e, config.max_restarts)) from None
     except SignalException as e:
@@ -399,7 +309,7 @@ def launch(
         raise KeyboardInterrupt(str(e)) from None
     except RendezvousError as e:
         where = config.rdzv_endpoint or "this machine"
-        why = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:300]}" if str(e).strip() else "")
+        why = type(e).__name__ + (f": {first_line(e)}" if first_line(e) else "")
         raise PassFailed(
             step_name,
             f"rendezvous at {where} failed ({why}); "
@@ -425,7 +335,7 @@ def failure_message(error, max_restarts: int) -> str:
         message = message.get("message", "")
     if not message or message.startswith("To enable traceback"):
         message = f"exited with code {failure.exitcode}"
-    message = str(message).strip().splitlines()[0][:400]
+    message = first_line(message, 400)
     if failure.exitcode < 0:
         message = f"killed by signal {-failure.exitcode} ({failure.signal_name()})"
     attempts = f" after {max_restarts} restart(s)" if max_restarts else ""
@@ -507,12 +417,12 @@ def _rank0_checkpoint(job, rank: int):
     """
     import torch.distributed as dist
 
-    from optcli.training import _latest_checkpoint
+    from optcli.passes.finetune.loop import latest_checkpoint
 
     folder = Path(job.checkpoint_dir) if job.checkpoint_dir else None
     payload: list = [None]
     if rank == 0 and folder is not None:
-        latest = _latest_checkpoint(folder)
+        latest = latest_checkpoint(folder)
         payload = [(latest.name, latest.read_bytes()) if latest is not None else None]
     dist.broadcast_object_list(payload, src=0)
     if rank == 0 or folder is None:
@@ -520,7 +430,7 @@ def _rank0_checkpoint(job, rank: int):
     shared = payload[0]
     if shared is not None and (folder / shared[0]).is_file() and (folder / shared[0]).read_bytes() == shared[1]:
         return None  # rank 0's node, or a shared filesystem
-    if shared is None and _latest_checkpoint(folder) is None:
+    if shared is None and latest_checkpoint(folder) is None:
         return None
     private = tempfile.TemporaryDirectory(prefix="optcli-ckpt-")
     if shared is not None:
@@ -529,7 +439,7 @@ def _rank0_checkpoint(job, rank: int):
     return private
 
 
-def _worker(job_dir: str, settings: dict):
+def worker(job_dir: str, settings: dict):
     """One worker: bind the device, join the process group, train, return rank 0's result.
 
     The agent wraps this in torch's @record, so an exception lands in the worker's error file.
@@ -537,7 +447,7 @@ def _worker(job_dir: str, settings: dict):
     import torch
     import torch.distributed as dist
 
-    from optcli.training import Env, TrainJob, train
+    from optcli.passes.finetune.loop import Env, TrainJob, train
 
     _die_with_parent()
     place = worker_env()

@@ -1,8 +1,11 @@
-"""The fine-tune / distillation loop: plain PyTorch, one function, read it top to bottom.
+"""The fine-tune / distillation loop: plain PyTorch, read it top to bottom from `train` at the end.
 
     result = train(job, env)        # TrainJob in, TrainResult out
 
-Contract (also what optcli/distributed.py builds on):
+train() is the loop over epochs; build() makes the loader, modules and optimizer, resume() reads the
+last checkpoint of the same job, train_epoch() is one pass over the data, evaluate() the eval metric.
+
+Contract (also what launch.py builds on):
 
 - `TrainJob` holds everything one worker needs: the typed finetune config (its JSON dump is
   the serializable description), the student module, an optional teacher module, the train /
@@ -28,7 +31,7 @@ Contract (also what optcli/distributed.py builds on):
 - Pruning: masks of torch.nn.utils.prune live in forward pre-hooks, so pruned weights stay zero
   by construction. Weights that arrive already sparse without hooks (a pruned model re-read from
   disk) keep their zeros too: they are re-zeroed after each optimizer step. A gradual prune
-  schedule, `model._optcli_prune_schedule`, gets `.step()` after every optimizer step and `.finish()`
+  schedule (passes.base.training_hooks: any hooks a torch pass attached) gets `.step()` after every optimizer step and `.finish()`
   after the last; epochs before it is done are not candidates for "best epoch" (their masks are not final).
 """
 
@@ -39,7 +42,6 @@ import fnmatch
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,8 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optcli.distributed import autocast, grad_scaler
 from optcli.errors import BadInput
+from optcli.passes.base import training_hooks
+from optcli.passes.finetune.config import Config
+from optcli.report.terminal import EpochProgress
+from optcli.report.write import atomic_path
 
 # A tensor whose share of exact zeros is at least this came from pruning; dense training never lands on 0.0 this often.
 SPARSE_ZEROS = 0.05
@@ -74,7 +79,7 @@ class Env:
 
 @dataclass
 class TrainJob:
-    config: Any  # optcli.passes.finetune.Config (typed; config.model_dump(mode="json") is the serializable form)
+    config: Config  # config.model_dump(mode="json") is its serializable form
     student: nn.Module
     train: Any  # optcli.data.Dataset
     input_names: list[str]
@@ -112,7 +117,6 @@ class TrainJob:
     @classmethod
     def load(cls, folder: Path) -> TrainJob:
         from optcli.data import Dataset
-        from optcli.passes.finetune import Config
 
         folder = Path(folder)
         meta = json.loads((folder / "config.json").read_text())
@@ -223,6 +227,18 @@ def _first_output(out):
     return _first_output(out[0])
 
 
+def eval_logits(module: nn.Module, inputs: tuple) -> torch.Tensor:
+    """The module's first output for one batch, in eval mode and without gradients (the pass's fit checks)."""
+    _set_eval_mode(module)
+    with torch.no_grad():
+        return _first_output(module(*inputs))
+
+
+def to_tensors(feeds: dict, names: list[str], device: torch.device) -> tuple:
+    """Arrays keyed by input name -> the model's positional input tensors on device."""
+    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in names)
+
+
 class Distiller(nn.Module):
     """The student plus what distillation trains with it: projections from student to teacher feature widths.
 
@@ -312,6 +328,26 @@ def probe_features(module: nn.Module, names: list[str], inputs: tuple, role: str
     return {"__output__": out, **caught}
 
 
+def feature_widths(student: nn.Module, teacher: nn.Module, features: list, example: tuple) -> tuple[dict, dict]:
+    """Widths of the matched student and teacher features, from one batch; only the width may differ."""
+    _set_eval_mode(student)  # probing must not move BatchNorm statistics
+    s_caught = probe_features(student, [f.student for f in features], example, "student")
+    t_caught = probe_features(teacher, [f.teacher for f in features], example, "teacher")
+    s_widths, t_widths = {}, {}
+    for f in features:
+        s, t = s_caught[f.student], t_caught[f.teacher]
+        a_s, a_t = _width_axis(s), _width_axis(t)
+        if s.ndim != t.ndim or [d for i, d in enumerate(s.shape) if i != a_s] != [
+            d for i, d in enumerate(t.shape) if i != a_t
+        ]:
+            raise BadInput(
+                f"distill.features: student {f.student!r} gives {tuple(s.shape)}, teacher {f.teacher!r} gives {tuple(t.shape)}; "
+                "only the width (channels / last axis) may differ"
+            )
+        s_widths[f.student], t_widths[f.teacher] = s.shape[a_s], t.shape[a_t]
+    return s_widths, t_widths
+
+
 # --------------------------------------------------------------------------- loss and metric
 
 
@@ -374,7 +410,7 @@ def fingerprint(job: TrainJob) -> str:
     return h.hexdigest()
 
 
-def _latest_checkpoint(folder: Path | None) -> Path | None:
+def latest_checkpoint(folder: Path | None) -> Path | None:
     if folder is None or not folder.is_dir():
         return None
     found = sorted(folder.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
@@ -382,11 +418,9 @@ def _latest_checkpoint(folder: Path | None) -> Path | None:
 
 
 def _save_checkpoint(folder: Path, epoch: int, state: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"epoch-{epoch}.pt"
-    tmp = folder / f".epoch-{epoch}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, target)  # a crash mid-write never leaves a torn checkpoint behind
+    with atomic_path(target) as tmp:  # a crash mid-write never leaves a torn checkpoint behind
+        torch.save(state, tmp)
     for old in folder.glob("epoch-*.pt"):
         if old != target:
             old.unlink()
@@ -430,43 +464,66 @@ def deterministic():
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
-class _Progress:
-    """A rich progress bar per epoch (loss, metric, samples/s); silent when quiet or not rank 0."""
-
-    def __init__(self, enabled: bool, epochs: int):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("epoch {task.fields[epoch]}/" + str(epochs)),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[metric]}  {task.fields[rate]:.0f} samples/s"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self.bar.start()
-
-    def epoch(self, epoch: int, steps: int):
-        return (
-            self.bar.add_task("train", total=steps, epoch=epoch, loss=float("nan"), metric="", rate=0.0)
-            if self.bar
-            else None
-        )
-
-    def update(self, task, **fields):
-        if self.bar is not None:
-            self.bar.update(task, **fields)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.stop()
+# --------------------------------------------------------------------------- mixed precision (AMP)
 
 
-# --------------------------------------------------------------------------- the loop
+def amp_dtype(amp: str, device: str):
+    if amp == "none" or not device.startswith("cuda"):
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+@contextlib.contextmanager
+def autocast(amp: str, device: str):
+    """Mixed precision for the forward pass and loss on CUDA (torch.autocast); a no-op otherwise."""
+    dtype = amp_dtype(amp, device)
+    with torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        yield
+
+
+def grad_scaler(amp: str, device: str):
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+    return torch.amp.GradScaler("cuda", enabled=amp == "fp16" and device.startswith("cuda"))
+
+
+# --------------------------------------------------------------------------- the loop: build, resume, one epoch, train
+
+
+@dataclass
+class Run:
+    """What build() makes for one run: the data loader, the modules, the optimizer. Fixed once built."""
+
+    job: TrainJob
+    env: Env
+    device: torch.device
+    sampler: torch.utils.data.DistributedSampler
+    loader: torch.utils.data.DataLoader
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    student: nn.Module
+    teacher: nn.Module | None
+    net: Distiller  # the student with its feature projections: what is optimized and checkpointed
+    model: nn.Module  # net, or net inside DistributedDataParallel: what the training forward pass calls
+    frozen: list[nn.Module]
+    masks: dict[str, torch.Tensor]  # weights that arrived pruned without mask hooks: their zeros are kept
+    schedule: Any  # passes.base.TrainingHooks (a gradual prune schedule ...: .step(), .finish(), .done), or None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    metric_name: str | None
+
+
+@dataclass
+class State:
+    """Where the run stands between epochs: what a checkpoint holds besides the weights."""
+
+    step: int = 0
+    epoch: int = 0  # epochs finished
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # {"score", "epoch", "model": state_dict} of the best candidate epoch so far
+    bad_epochs: int = 0
+    resumed_from: int | None = None
 
 
 def train(
@@ -474,17 +531,64 @@ def train(
 ) -> TrainResult:
     cfg = job.config
     with deterministic():
-        return _train(job, cfg, env, progress, log)
+        run = build(job, env)
+        ckpt_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else None
+        key = fingerprint(job) if ckpt_dir else ""
+        state = resume(run, ckpt_dir, key, log)
+        bar = EpochProgress(progress and env.is_main, run.epochs)
+        stopped_early = False
+        try:
+            for epoch in range(state.epoch, run.epochs):
+                if state.step >= run.total_steps:
+                    break
+                task = bar.epoch(epoch + 1, min(run.steps_per_epoch, run.total_steps - state.step))
+                started = time.perf_counter()
+                loss_sum, seen = train_epoch(run, state, epoch, bar, task, started)
+                train_seconds = time.perf_counter() - started
+                if run.schedule is not None and (epoch == run.epochs - 1 or state.step >= run.total_steps):
+                    run.schedule.finish()  # the final sparsity is reached even if fewer steps ran than planned
+                if env.world_size > 1:  # DDP: the epoch loss over all ranks' samples
+                    pair = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=run.device)
+                    torch.distributed.all_reduce(pair)
+                    loss_sum, seen = float(pair[0]), int(pair[1])
+                metric = evaluate(run)
+                row = {
+                    "epoch": epoch + 1,
+                    "loss": round(loss_sum / max(1, seen), 6),
+                    "metric": None if metric is None else round(metric, 6),
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "samples_per_s": round(seen / max(1e-9, train_seconds), 1),
+                    "samples": seen,
+                    "train_seconds": round(train_seconds, 4),
+                    "lr": run.optimizer.param_groups[0]["lr"],
+                }
+                state.history.append(row)
+                state.epoch = epoch + 1
+                bar.update(task, metric=f"{run.metric_name} {metric:.4f}" if metric is not None else "")
+                keep_best(run, state, row, metric)
+                if ckpt_dir is not None and env.is_main:  # DDP: rank 0 writes, every rank can read it back
+                    _save_checkpoint(ckpt_dir, epoch + 1, checkpoint_state(run, state, key))
+                if ckpt_dir is not None and env.world_size > 1:  # DDP: nobody races ahead of a checkpoint being written
+                    torch.distributed.barrier()
+                if cfg.patience is not None and state.bad_epochs >= cfg.patience:
+                    stopped_early = True
+                    log(
+                        f"early stop after epoch {epoch + 1}: no {run.metric_name or 'loss'} improvement for {cfg.patience} epochs"
+                    )
+                    break
+        finally:
+            bar.close()
+            run.net.release()
+        return finish(run, state, stopped_early)
 
 
-def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
+def build(job: TrainJob, env: Env) -> Run:
+    """The data loader (sharded per rank), the student wrapped for distillation (and DDP), the optimizer."""
+    cfg = job.config
     device = torch.device(env.device)
     names = job.input_names
 
-    def tensors(feeds: dict) -> tuple:
-        return tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in names)
-
-    # ---- data: a TensorDataset of inputs (+ labels), sharded across ranks by the sampler
+    # data: a TensorDataset of inputs (+ labels), sharded across ranks by the sampler
     train_arrays = [torch.from_numpy(np.ascontiguousarray(job.train.arrays[n])) for n in names]
     labels = torch.from_numpy(np.ascontiguousarray(job.train.labels)) if job.train.labels is not None else None
     dataset = torch.utils.data.TensorDataset(*train_arrays, *([labels] if labels is not None else []))
@@ -495,247 +599,223 @@ def _train(job: TrainJob, cfg, env: Env, progress: bool, log) -> TrainResult:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     steps_per_epoch = len(loader)
     epochs = math.ceil(cfg.max_steps / steps_per_epoch) if cfg.max_steps else cfg.epochs
-    total_steps = cfg.max_steps or epochs * steps_per_epoch
 
-    # ---- models: the student (wrapped with its feature projections), the teacher frozen in eval mode
+    # models: the student (wrapped with its feature projections), the teacher frozen in eval mode
     torch.manual_seed(cfg.seed)
     teacher = job.teacher.to(device) if job.teacher is not None else None
     if teacher is not None:
         _set_eval_mode(teacher)
     student = job.student.to(device)
-    distill = cfg.distill
-    features = list(distill.features) if distill is not None else []
-    example = tensors({n: job.train.arrays[n][:2] for n in names})
+    features = list(cfg.distill.features) if cfg.distill is not None else []
     s_widths, t_widths = {}, {}
     if features:
-        _set_eval_mode(student)  # probing must not move BatchNorm statistics
-        s_caught = probe_features(student, [f.student for f in features], example, "student")
-        t_caught = probe_features(teacher, [f.teacher for f in features], example, "teacher")
-        for f in features:
-            s, t = s_caught[f.student], t_caught[f.teacher]
-            a_s, a_t = _width_axis(s), _width_axis(t)
-            if s.ndim != t.ndim or [d for i, d in enumerate(s.shape) if i != a_s] != [
-                d for i, d in enumerate(t.shape) if i != a_t
-            ]:
-                raise BadInput(
-                    f"distill.features: student {f.student!r} gives {tuple(s.shape)}, teacher {f.teacher!r} gives {tuple(t.shape)}; "
-                    "only the width (channels / last axis) may differ"
-                )
-            s_widths[f.student], t_widths[f.teacher] = s.shape[a_s], t.shape[a_t]
+        example = to_tensors({n: job.train.arrays[n][:2] for n in names}, names, device)
+        s_widths, t_widths = feature_widths(student, teacher, features, example)
     net = Distiller(student, features, t_widths, s_widths).to(device)
-    frozen = _frozen_modules(student)
-    masks = _sparse_masks(student)
-    schedule = getattr(student, "_optcli_prune_schedule", None)
     model = net
     if env.world_size > 1:  # DDP: gradients all-reduced across ranks on backward
         model = nn.parallel.DistributedDataParallel(net, device_ids=[env.local_rank] if device.type == "cuda" else None)
 
-    optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg)
-    amp = getattr(cfg, "amp", "none")
-    scaler = grad_scaler(amp, env.device)
-    metric_name = _eval_metric_name(job)
+    return Run(
+        job=job,
+        env=env,
+        device=device,
+        sampler=sampler,
+        loader=loader,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        total_steps=cfg.max_steps or epochs * steps_per_epoch,
+        student=student,
+        teacher=teacher,
+        net=net,
+        model=model,
+        frozen=_frozen_modules(student),
+        masks=_sparse_masks(student),
+        schedule=training_hooks(student),
+        optimizer=make_optimizer([p for p in net.parameters() if p.requires_grad], cfg),
+        scaler=grad_scaler(cfg.amp, env.device),
+        metric_name=_eval_metric_name(job),
+    )
 
-    # ---- resume: the last finished epoch of this same job, if its checkpoint is there
-    ckpt_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else None
-    key = fingerprint(job) if ckpt_dir else ""
-    history: list[dict] = []
-    step, start_epoch, best, bad_epochs, resumed_from = 0, 0, None, 0, None
-    latest = _latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        state = torch.load(latest, map_location=device, weights_only=True)
-        if state.get("fingerprint") == key:
-            for _ in range(state["step"] if schedule is not None else 0):
-                schedule.step()  # bring a gradual prune schedule to where it was; the masks themselves come from the state
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler.is_enabled() and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            step, start_epoch, history, bad_epochs = (
-                state["step"],
-                state["epoch"],
-                state["history"],
-                state["bad_epochs"],
-            )
-            best = state["best"]
-            resumed_from = start_epoch
-            log(f"resuming from the checkpoint of epoch {start_epoch} ({latest})")
-        else:
-            log(f"ignoring {latest}: written by a different config, model or data")
 
-    # ---- one forward pass: the loss for a batch
-    def loss_for(batch: list[torch.Tensor]) -> torch.Tensor:
-        inputs = tuple(t.to(device) for t in batch[: len(names)])
-        y = batch[len(names)].to(device) if len(batch) > len(names) else None
-        logits, feats = model(*inputs)
-        if teacher is None:
-            return task_loss(logits, y)
-        with torch.no_grad():
-            t_caught = (
-                probe_features(teacher, [f.teacher for f in features], inputs, "teacher")
-                if features
-                else {"__output__": _first_output(teacher(*inputs))}
-            )
-        loss = distillation_loss(logits, t_caught["__output__"], y, distill.temperature, distill.alpha)
-        for f, s_feat in zip(features, feats, strict=False):
-            loss = loss + f.weight * F.mse_loss(s_feat, t_caught[f.teacher])
-        return loss
+def resume(run: Run, ckpt_dir: Path | None, key: str, log) -> State:
+    """The last finished epoch of this same job (same fingerprint), if its checkpoint is there; else a fresh start."""
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is None:
+        return State()
+    saved = torch.load(latest, map_location=run.device, weights_only=True)
+    if saved.get("fingerprint") != key:
+        log(f"ignoring {latest}: written by a different config, model or data")
+        return State()
+    for _ in range(saved["step"] if run.schedule is not None else 0):
+        run.schedule.step()  # bring a gradual prune schedule to where it was; the masks themselves come from the state
+    run.net.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    if run.scaler.is_enabled() and saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
+    log(f"resuming from the checkpoint of epoch {saved['epoch']} ({latest})")
+    return State(
+        step=saved["step"],
+        epoch=saved["epoch"],
+        history=saved["history"],
+        best=saved["best"],
+        bad_epochs=saved["bad_epochs"],
+        resumed_from=saved["epoch"],
+    )
 
-    # ---- evaluation: this rank's slice of data.eval, all-reduced into one figure
-    def evaluate() -> float | None:
-        if metric_name is None:
-            return None
-        _set_eval_mode(net)
-        n = len(job.eval)
-        lo, hi = n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size  # DDP: contiguous slice per rank
-        outs, losses = [], []
-        with torch.no_grad():
-            for start in range(lo, hi, batch_size):
-                feeds = {k: v[start : min(hi, start + batch_size)] for k, v in job.eval.arrays.items()}
-                inputs = tensors(feeds)
-                logits, _ = net(*inputs)
-                outs.append(logits.float().cpu().numpy())
-                if metric_name == "eval_loss":
-                    soft = distillation_loss(
-                        logits, _first_output(teacher(*inputs)), None, distill.temperature, distill.alpha
-                    )
-                    losses.append(float(soft) * len(logits))
-        count = hi - lo
-        if count == 0:
-            value = 0.0
-        elif metric_name == "eval_loss":
-            value = sum(losses) / count
-        else:
-            from optcli.measure import metric_value
 
-            value = metric_value(metric_name, [np.concatenate(outs)], job.eval.labels[lo:hi])
-        if env.world_size > 1:  # DDP: count-weighted mean over ranks
-            pair = torch.tensor([value * count, float(count)], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(pair)
-            value = float(pair[0] / pair[1])
-        return value
+def train_epoch(run: Run, state: State, epoch: int, bar: EpochProgress, task, started: float) -> tuple[float, int]:
+    """One pass over this rank's shard of data.train (or up to max_steps); returns this rank's (loss sum, samples)."""
+    cfg, env = run.job.config, run.env
+    run.sampler.set_epoch(epoch)  # DDP: every rank permutes with (seed, epoch) and takes its own slice
+    torch.manual_seed(cfg.seed + epoch)  # dropout etc. depend only on (seed, epoch): resumable bit for bit
+    _set_train_mode(run.net, run.frozen)
+    seen, loss_sum = 0, 0.0
+    for batch in run.loader:
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_at(state.step, run.total_steps, cfg, run.steps_per_epoch)
+        with autocast(cfg.amp, env.device):  # AMP: forward and loss in bf16/fp16 on CUDA; a no-op on CPU
+            loss = batch_loss(run, batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()  # AMP: fp16 loss scaling; identity unless amp: fp16 on CUDA
+        if cfg.grad_clip:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.net.parameters(), cfg.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        state.step += 1
+        if run.masks:  # weights that arrived pruned (no mask hooks) stay zero
+            with torch.no_grad():
+                for name, p in run.student.named_parameters():
+                    if name in run.masks:
+                        p.mul_(run.masks[name])
+        if run.schedule is not None:
+            run.schedule.step()
+        n = len(batch[0])
+        seen += n
+        loss_sum += float(loss.detach()) * n
+        bar.update(
+            task,
+            advance=1,
+            loss=loss_sum / seen,
+            rate=seen * env.world_size / max(1e-9, time.perf_counter() - started),
+        )
+        if state.step >= run.total_steps:
+            break
+    return loss_sum, seen
 
-    # ---- the loop
-    bar = _Progress(progress and env.is_main, epochs)
-    stopped_early = False
-    try:
-        for epoch in range(start_epoch, epochs):
-            if step >= total_steps:
-                break
-            sampler.set_epoch(epoch)
-            torch.manual_seed(cfg.seed + epoch)  # dropout etc. depend only on (seed, epoch): resumable bit for bit
-            _set_train_mode(net, frozen)
-            task = bar.epoch(epoch + 1, min(steps_per_epoch, total_steps - step))
-            started, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for batch in loader:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, cfg, steps_per_epoch)
-                with autocast(amp, env.device):  # AMP: forward and loss in bf16/fp16 on CUDA; a no-op on CPU
-                    loss = loss_for(batch)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # AMP: fp16 loss scaling; identity unless amp: fp16 on CUDA
-                if cfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                if masks:  # weights that arrived pruned (no mask hooks) stay zero
-                    with torch.no_grad():
-                        for name, p in student.named_parameters():
-                            if name in masks:
-                                p.mul_(masks[name])
-                if schedule is not None:
-                    schedule.step()
-                n = len(batch[0])
-                seen += n
-                loss_sum += float(loss.detach()) * n
-                bar.update(
-                    task,
-                    advance=1,
-                    loss=loss_sum / seen,
-                    rate=seen * env.world_size / max(1e-9, time.perf_counter() - started),
+
+def batch_loss(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
+    """One forward pass: the task loss, or the distillation loss (+ feature terms) against the teacher."""
+    names, device, distill = run.job.input_names, run.device, run.job.config.distill
+    inputs = tuple(t.to(device) for t in batch[: len(names)])
+    y = batch[len(names)].to(device) if len(batch) > len(names) else None
+    logits, feats = run.model(*inputs)
+    if run.teacher is None:
+        return task_loss(logits, y)
+    features = run.net.features
+    with torch.no_grad():
+        t_caught = (
+            probe_features(run.teacher, [t_name for _, t_name, _ in features], inputs, "teacher")
+            if features
+            else {"__output__": _first_output(run.teacher(*inputs))}
+        )
+    loss = distillation_loss(logits, t_caught["__output__"], y, distill.temperature, distill.alpha)
+    for (_, t_name, weight), s_feat in zip(features, feats, strict=False):
+        loss = loss + weight * F.mse_loss(s_feat, t_caught[t_name])
+    return loss
+
+
+def evaluate(run: Run) -> float | None:
+    """This rank's slice of data.eval, all-reduced into one figure (every rank gets the same one)."""
+    if run.metric_name is None:
+        return None
+    job, env, net, batch_size = run.job, run.env, run.net, run.batch_size
+    distill = job.config.distill
+    _set_eval_mode(net)
+    n = len(job.eval)
+    lo, hi = n * env.rank // env.world_size, n * (env.rank + 1) // env.world_size  # DDP: contiguous slice per rank
+    outs, losses = [], []
+    with torch.no_grad():
+        for start in range(lo, hi, batch_size):
+            feeds = {k: v[start : min(hi, start + batch_size)] for k, v in job.eval.arrays.items()}
+            inputs = to_tensors(feeds, job.input_names, run.device)
+            logits, _ = net(*inputs)
+            outs.append(logits.float().cpu().numpy())
+            if run.metric_name == "eval_loss":
+                soft = distillation_loss(
+                    logits, _first_output(run.teacher(*inputs)), None, distill.temperature, distill.alpha
                 )
-                if step >= total_steps:
-                    break
-            train_seconds = time.perf_counter() - started
-            last_epoch = epoch == epochs - 1 or step >= total_steps
-            if schedule is not None and last_epoch:
-                schedule.finish()  # the final sparsity is reached even if fewer steps ran than the schedule planned
-            if env.world_size > 1:  # DDP: the epoch loss over all ranks' samples
-                pair = torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=device)
-                torch.distributed.all_reduce(pair)
-                loss_sum, seen = float(pair[0]), int(pair[1])
-            metric = evaluate()
-            row = {
-                "epoch": epoch + 1,
-                "loss": round(loss_sum / max(1, seen), 6),
-                "metric": None if metric is None else round(metric, 6),
-                "seconds": round(time.perf_counter() - started, 3),
-                "samples_per_s": round(seen / max(1e-9, train_seconds), 1),
-                "samples": seen,
-                "train_seconds": round(train_seconds, 4),
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            history.append(row)
-            bar.update(task, metric=f"{metric_name} {metric:.4f}" if metric is not None else "")
+                losses.append(float(soft) * len(logits))
+    count = hi - lo
+    if count == 0:
+        value = 0.0
+    elif run.metric_name == "eval_loss":
+        value = sum(losses) / count
+    else:
+        from optcli.measure import metric_value
 
-            # early stopping on the eval metric; the best epoch's weights are kept. While a gradual prune
-            # schedule still ramps, an epoch is not a candidate: its masks are not the final ones yet.
-            score = metric if metric is not None else -row["loss"]
-            if metric is not None and _lower_is_better(metric_name):
-                score = -metric
-            candidate = schedule is None or schedule.done
-            if candidate and (best is None or score > best["score"] + cfg.min_delta):
-                best = {
-                    "score": score,
-                    "epoch": epoch + 1,
-                    "model": {k: v.detach().clone() for k, v in net.state_dict().items()},
-                }
-                bad_epochs = 0
-            elif candidate:
-                bad_epochs += 1
-            if ckpt_dir is not None and env.is_main:  # DDP: rank 0 writes, every rank can read it back
-                _save_checkpoint(
-                    ckpt_dir,
-                    epoch + 1,
-                    {
-                        "fingerprint": key,
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "history": history,
-                        "bad_epochs": bad_epochs,
-                        "best": best,
-                        "model": net.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                    },
-                )
-            if ckpt_dir is not None and env.world_size > 1:  # DDP: nobody races ahead of a checkpoint being written
-                torch.distributed.barrier()
-            if cfg.patience is not None and bad_epochs >= cfg.patience:
-                stopped_early = True
-                log(
-                    f"early stop after epoch {epoch + 1}: no {metric_name or 'loss'} improvement for {cfg.patience} epochs"
-                )
-                break
-    finally:
-        bar.close()
-        net.release()
+        value = metric_value(run.metric_name, [np.concatenate(outs)], job.eval.labels[lo:hi])
+    if env.world_size > 1:  # DDP: count-weighted mean over ranks
+        pair = torch.tensor([value * count, float(count)], dtype=torch.float64, device=run.device)
+        torch.distributed.all_reduce(pair)
+        value = float(pair[0] / pair[1])
+    return value
 
+
+def keep_best(run: Run, state: State, row: dict, metric: float | None) -> None:
+    """Early-stopping bookkeeping on the eval metric (else the train loss): the best epoch's weights are kept.
+
+    While a gradual prune schedule still ramps, an epoch is not a candidate: its masks are not the final ones yet.
+    """
+    score = metric if metric is not None else -row["loss"]
+    if metric is not None and _lower_is_better(run.metric_name):
+        score = -metric
+    candidate = run.schedule is None or run.schedule.done
+    if candidate and (state.best is None or score > state.best["score"] + run.job.config.min_delta):
+        state.best = {
+            "score": score,
+            "epoch": row["epoch"],
+            "model": {k: v.detach().clone() for k, v in run.net.state_dict().items()},
+        }
+        state.bad_epochs = 0
+    elif candidate:
+        state.bad_epochs += 1
+
+
+def checkpoint_state(run: Run, state: State, key: str) -> dict:
+    """What resume() reads back: the State, the weights, the optimizer and the loss scaler."""
+    return {
+        "fingerprint": key,
+        "epoch": state.epoch,
+        "step": state.step,
+        "history": state.history,
+        "bad_epochs": state.bad_epochs,
+        "best": state.best,
+        "model": run.net.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+    }
+
+
+def finish(run: Run, state: State, stopped_early: bool) -> TrainResult:
+    """The trained student on CPU in eval mode (the best epoch's weights when keep_best), with the run's figures."""
+    cfg, history, best = run.job.config, state.history, state.best
     if cfg.keep_best and best is not None and best["epoch"] != (history[-1]["epoch"] if history else None):
-        net.load_state_dict(best["model"])
+        run.net.load_state_dict(best["model"])
     best_epoch = best["epoch"] if (best is not None and cfg.keep_best) else (history[-1]["epoch"] if history else None)
-    _set_eval_mode(student)
+    _set_eval_mode(run.student)
     samples, train_seconds = sum(r["samples"] for r in history), sum(r["train_seconds"] for r in history)
     return TrainResult(
-        student=student.cpu(),
+        student=run.student.cpu(),
         epochs=history,
         best_epoch=best_epoch,
-        metric=metric_name,
+        metric=run.metric_name,
         seconds=round(sum(r["seconds"] for r in history), 3),
         samples_per_s=round(samples / max(1e-9, train_seconds), 1),
-        steps=step,
+        steps=state.step,
         stopped_early=stopped_early,
-        resumed_from_epoch=resumed_from,
-        kept_zero_tensors=len(masks),
+        resumed_from_epoch=state.resumed_from,
+        kept_zero_tensors=len(run.masks),
     )

@@ -1,0 +1,97 @@
+"""The layers the README's Architecture section describes, checked on the code: an import only points down."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "optcli"
+
+# Lowest first. A module may import its own layer or any layer below, never one above.
+LAYERS = [
+    ["optcli", "optcli.config", "optcli.errors"],
+    ["optcli.model", "optcli.library_warnings", "optcli.environment", "optcli.report"],
+    ["optcli.artifact", "optcli.data", "optcli.measure"],
+    ["optcli.passes.base"],
+    ["optcli.passes.*"],  # the pass families
+    ["optcli.passes"],  # the registry
+    ["optcli.recipe", "optcli.catalog"],
+    ["optcli.steps", "optcli.gates"],
+    ["optcli.runner", "optcli.inspect", "optcli.bench", "optcli.compare", "optcli.starter"],
+    ["optcli.cli", "optcli.__main__", "optcli.examples"],
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(name: str) -> int:
+    best, best_len = None, -1
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if prefix.endswith(".*"):
+                base = prefix[:-2]
+                if name.startswith(base + ".") and best_len < len(base) + 1:
+                    best, best_len = rank, len(base) + 1
+            elif (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = rank, len(prefix)
+    assert best is not None, f"{name} is in no layer of the README's picture: add it to LAYERS and the README"
+    return best
+
+
+def optcli_imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """Every `optcli.*` import in the file, at any depth (lazy imports inside functions count too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optcli") and node.level == 0:
+            found.append((node.module, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, [], node.lineno) for a in node.names if a.name.startswith("optcli")]
+    return found
+
+
+def family(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:3]) if name.startswith("optcli.passes.") else name
+
+
+def test_no_import_runs_back_up_a_layer():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        me = module_name(path)
+        for target, _, line in optcli_imports(path):
+            if family(target) == family(me):
+                continue  # inside one module family (a pass's own folder, report/)
+            if target.startswith("optcli.report") and me.startswith("optcli.report"):
+                continue
+            if layer_of(target) > layer_of(me):
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} {me} imports {target}")
+    assert not wrong, "imports that run up a layer:\n" + "\n".join(wrong)
+
+
+def test_pass_families_do_not_import_each_other():
+    wrong = []
+    for path in (PACKAGE / "passes").rglob("*.py"):
+        me = module_name(path)
+        if me in ("optcli.passes", "optcli.passes.base"):
+            continue
+        for target, _, line in optcli_imports(path):
+            if target.startswith("optcli.passes.") and target != "optcli.passes.base" and family(target) != family(me):
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} {me} imports {target}")
+    assert not wrong, "one pass family reaching into another (move the shared part down a layer):\n" + "\n".join(wrong)
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        for target, names, line in optcli_imports(path):
+            private = [n for n in names if n.startswith("_") and not n.startswith("__")]
+            if private:
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} from {target} import {', '.join(private)}")
+    assert not wrong, (
+        "private names imported from another module (make them public, named for that use):\n" + "\n".join(wrong)
+    )
