@@ -25,6 +25,9 @@ class Dataset:
     metric: str
     shuffle: bool = False
     seed: int = 0
+    # Inputs with no batch axis (a fixed shape such as [5]) whose samples are stacked on a new first axis:
+    # they are fed one whole sample at a time, as the model takes them.
+    unbatched: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
@@ -37,10 +40,11 @@ class Dataset:
         if self.shuffle:
             order = np.random.default_rng(self.seed + epoch).permutation(len(self))
         order = order[:n]
-        size = batch_size or self.batch_size
+        size = 1 if self.unbatched else batch_size or self.batch_size
         for start in range(0, n, size):
             idx = order[start : start + size]
-            yield {k: v[idx] for k, v in self.arrays.items()}, (self.labels[idx] if self.labels is not None else None)
+            feeds = {k: v[idx][0] if k in self.unbatched else v[idx] for k, v in self.arrays.items()}
+            yield feeds, (self.labels[idx] if self.labels is not None else None)
 
     def head(self, n: int) -> dict:
         return {k: v[:n] for k, v in self.arrays.items()}
@@ -115,9 +119,23 @@ def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
         )
     feeds = {}
     n = None
+    unbatched = set()
     for spec in inputs:
         arr = arrays[spec.name]
-        if spec.shape and (
+        if spec.shape and not spec.batch_dynamic and arr.shape[1:] == tuple(spec.shape):
+            unbatched.add(spec.name)  # samples of a batch-less input, stacked: fed one at a time
+        elif (
+            spec.shape
+            and not spec.batch_dynamic
+            and arr.shape != tuple(spec.shape)
+            and (arr.ndim != len(spec.shape) or arr.shape[1:] != tuple(spec.shape[1:]))
+        ):
+            dims = ", ".join(map(str, spec.shape))
+            raise BadInput(
+                f"{where}: {spec.name!r} has shape {arr.shape}, but the model takes exactly ({dims}) (no free batch axis): "
+                f"store one sample as ({dims}), or many stacked on a new first axis as (n, {dims})"
+            )
+        elif spec.shape and (
             arr.ndim != len(spec.shape) or any(a != s for a, s in zip(arr.shape[1:], spec.shape[1:], strict=False))
         ):
             raise BadInput(
@@ -135,7 +153,9 @@ def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
     if source.samples:
         feeds = {k: v[: source.samples] if v.ndim else v for k, v in feeds.items()}
         labels = labels[: source.samples] if labels is not None else None
-    return Dataset(name, feeds, labels, source.batch_size, source.metric, source.shuffle, source.seed)
+    return Dataset(
+        name, feeds, labels, source.batch_size, source.metric, source.shuffle, source.seed, frozenset(unbatched)
+    )
 
 
 def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:

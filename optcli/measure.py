@@ -11,6 +11,7 @@ import numpy as np
 
 from optcli.artifact import artifact_files
 from optcli.model import InputSpec, Model, example_inputs, fixed_batch
+from optcli.onnx_check import session_or_upgraded
 
 # Inputs 1.. of these ops are scales / zero points, not weights.
 _QUANT_PARAM_INPUTS = {
@@ -43,13 +44,13 @@ def onnx_runner(path: Path, inputs: list[InputSpec], threads: int) -> Runner:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session, upgraded = session_or_upgraded(path, opts)
     names = {i.name for i in session.get_inputs()}
 
     def run(feeds):
         return session.run(None, {k: v for k, v in feeds.items() if k in names})
 
-    return Runner(run, inputs, f"onnxruntime {ort.__version__}")
+    return Runner(run, inputs, f"onnxruntime {ort.__version__}" + (f" ({upgraded})" if upgraded else ""))
 
 
 def torch_runner(module, inputs: list[InputSpec], threads: int) -> Runner:

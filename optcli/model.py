@@ -103,6 +103,23 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+# ONNX tensor types optcli cannot feed (model inputs come from numpy arrays of numbers): the name users know them by.
+_UNFEEDABLE = {8: "string", 14: "complex64", 15: "complex128", 4: "uint16", 5: "int16", 12: "uint32", 13: "uint64"}
+
+
+def check_feedable(inputs: list[InputSpec], path: Path) -> None:
+    """Refuse, in one line, a model whose inputs are not numbers optcli can generate, load and feed."""
+    for spec in inputs:
+        if spec.dtype.startswith("onnx:"):
+            code = int(spec.dtype.split(":")[1]) if spec.dtype.split(":")[1].isdigit() else -1
+            kind = _UNFEEDABLE.get(code, f"ONNX type {code}")
+            raise BadInput(
+                f"{path.name}: input {spec.name!r} takes {kind} tensors; optcli measures and quantizes models whose "
+                "inputs are float, int or bool tensors only, so it can do nothing with this one as it stands "
+                "(move the string handling out of the graph and give the numeric part)"
+            )
+
+
 def check_memory(inputs: list[InputSpec], batch: int, setting: str) -> None:
     """Refuse, before allocating, a batch of inputs larger than the memory available.
 

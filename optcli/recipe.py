@@ -274,14 +274,27 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> 
 
 
 def with_implicit_exports(recipe: Recipe) -> Recipe:
-    """A torch model handed to an ONNX-only pass (quantize) is exported first, as a step of its own."""
-    export_config = get_pass("export").config
+    """A torch model handed to an ONNX-only pass (quantize) is exported first, as a step of its own; an ONNX graph
+    from the user is prepared (constants lifted, opset upgraded, ORT pre-processing) before its first quantize."""
+    export_config, prepare_config = get_pass("export").config, get_pass("prepare").config
     fmt, passes = recipe.model.format, []
+    prepared_by = None
     for cfg in recipe.passes:
         p = get_pass(cfg.type)
         if fmt == "torch" and p.consumes == {"onnx"}:
             passes.append(export_config(type="export"))
             fmt = "onnx"
+            prepared_by = "export"  # our own export: initializers, a recent opset; quantize pre-processes it itself
+        if cfg.type == "quantize":
+            if prepared_by is None:
+                # `preprocess: false` written on quantize turns off the ORT rung of the implicit step too.
+                off = "preprocess" in cfg.model_fields_set and not cfg.preprocess
+                passes.append(prepare_config(type="prepare", preprocess="none" if off else "auto"))
+                prepared_by = "prepare"
+            if prepared_by == "prepare" and "preprocess" not in cfg.model_fields_set:
+                cfg = cfg.model_copy(update={"preprocess": False})  # the prepare step ran ORT's pre-processing
+        elif cfg.type in ("prepare", "export"):
+            prepared_by = cfg.type
         passes.append(cfg)
         fmt = p.output_format(fmt)
     return recipe.model_copy(update={"passes": passes})

@@ -16,10 +16,11 @@ from optcli import __version__, library_warnings
 from optcli.artifact import load_model, save_torch
 from optcli.data import DataCatalog
 from optcli.environment import environment
-from optcli.errors import DISK_FULL, DiskFull, OptcliError, PassFailed, first_line, writing
+from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed, first_line, writing
 from optcli.gates import check_gates, near_gate_warnings
 from optcli.measure import Evaluator, runner_for
-from optcli.model import Model, check_memory
+from optcli.model import Model, check_feedable, check_memory
+from optcli.onnx_check import Unloadable
 from optcli.passes import get_pass
 from optcli.passes.base import Context
 from optcli.report import write_reports
@@ -51,6 +52,7 @@ class RunOptions:
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
     original = load_model(recipe.model, trust_pickle=trust_pickle)
+    check_feedable(original.inputs, recipe.model.path)
     check_memory(original.inputs, max(recipe.report.latency.batch_sizes), "report.latency.batch_sizes")
     if recipe.data.eval is None:
         check_memory(original.inputs, recipe.report.fidelity_samples, "report.fidelity_samples")
@@ -135,9 +137,11 @@ def _measure_original(recipe, original: Model, evaluator: Evaluator, log) -> dic
     t0 = time.perf_counter()
     log(f"measuring the original model ({original.kind}, {recipe.model.path.name})")
     direct = original.format == "torch" or original.path
-    row = evaluator.measure(
-        recipe.model.path, original, runner=runner_for(original, recipe.report.latency.threads) if direct else None
-    )
+    try:
+        runner = runner_for(original, recipe.report.latency.threads) if direct else None
+    except Unloadable as e:  # the user's graph, not our bug: say so in their terms
+        raise BadInput(f"ONNX Runtime cannot load this model: {e}") from None
+    row = evaluator.measure(recipe.model.path, original, runner=runner)
     return {
         "name": "original",
         "type": None,

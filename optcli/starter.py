@@ -11,6 +11,7 @@ from optcli.errors import BadInput
 
 def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = ()) -> str:
     from optcli.artifact import load_any
+    from optcli.model import check_feedable
 
     suffix = path.suffix.lower()
     needs_factory = suffix == ".safetensors" or (suffix in (".pt", ".pth") and not _is_module_file(path))
@@ -18,6 +19,7 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
         raise BadInput(f"{path} holds only weights; pass --factory module:callable that builds the nn.Module")
     try:
         model = load_any(path, shapes, factory=factory)
+        check_feedable(model.inputs, path)
     except BadInput as e:
         if "does not record its inputs" in str(e):
             raise BadInput(

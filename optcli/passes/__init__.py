@@ -11,6 +11,8 @@ _MODULES = {
     "quantize": "optcli.passes.quantize",
     "finetune": "optcli.passes.finetune",
     "prune": "optcli.passes.prune",
+    "prepare": "optcli.passes.quantize.prepare",
+    "optimize": "optcli.passes.optimize",
 }
 
 

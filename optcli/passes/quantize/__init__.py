@@ -12,6 +12,28 @@ from optcli.model import fixed_batch
 from optcli.passes.base import Context, PassSpec
 from optcli.passes.quantize.config import Config
 
+# Below this many elements int8 weights save less than the scales and Q/DQ nodes they add.
+MIN_WEIGHT_ELEMENTS = 256
+WEIGHT_DTYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16
+
+
+def largest_weight(proto) -> int:
+    """Elements of the largest float initializer: what int8 could shrink."""
+    import math
+
+    return max((math.prod(t.dims) for t in proto.graph.initializer if t.data_type in WEIGHT_DTYPES), default=0)
+
+
+def _kept_input(ctx: Context, path):
+    """What a skipped quantize keeps: the user's own file when only preparation ran before (its shape annotations
+    would make a tiny graph bigger), else the step's input."""
+    index = int(ctx.step_name.split("-")[0])
+    before = [p.type for p in ctx.recipe.passes[: index - 1]]
+    original = ctx.reference
+    if original.format == "onnx" and original.path is not None and all(t == "prepare" for t in before):
+        return original.path
+    return path
+
 
 def check(config: Config, recipe, input_format: str) -> None:
     if config.target is not None:
@@ -35,14 +57,24 @@ def _calibration_batches(model, config: Config, ctx: Context) -> list[dict]:
 def apply(model, config: Config, ctx: Context):
     import onnx
 
+    from optcli.onnx_check import place
     from optcli.passes.quantize.ort import Settings, count_quant_ops, preprocess, quantize_onnx, resolve_exclude
 
     work = ctx.step_dir / "work"
     work.mkdir(exist_ok=True)
-    source = preprocess(model.path, work / "preprocessed.onnx", ctx) if config.preprocess else model.path
+    source = preprocess(model.path, work, ctx) if config.preprocess else model.path
     proto = onnx.load(str(source), load_external_data=False)
     exclude = resolve_exclude(proto, config.exclude, ctx)
+    largest = largest_weight(proto)
     del proto  # an inline model's weights: the quantizer loads its own copy
+    if largest <= MIN_WEIGHT_ELEMENTS:
+        # Q/DQ pairs and scales around activations alone make such a graph bigger and slower, never smaller.
+        note = f"nothing to quantize here (no weight tensor above {MIN_WEIGHT_ELEMENTS} elements): the input is kept"
+        ctx.details["skipped"] = note
+        ctx.warn(note)
+        kept = place(_kept_input(ctx, model.path), ctx.step_dir, move=False)
+        shutil.rmtree(work, ignore_errors=True)
+        return model.with_(path=kept)
     target = ctx.step_dir / "model.onnx"
     has_calibration = ctx.data.calibration is not None
     calib = _calibration_batches(model, config, ctx) if has_calibration else None
@@ -63,6 +95,10 @@ def apply(model, config: Config, ctx: Context):
             _eval_head(ctx, model, config.calibration.samples) if config.smoothquant is not None else None
         )
         quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
+        if ctx.details.get("per_channel_off"):
+            ctx.warn(f"per-tensor int8 used: {ctx.details['per_channel_off']}")
+        for note in (ctx.details.get("kept_fp32") or {}).values():
+            ctx.warn(note)
         if ctx.details.get("nonfinite_tensors"):
             touched = ctx.details.pop("nonfinite_nodes")
             ctx.warn(

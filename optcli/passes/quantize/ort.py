@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from optcli.errors import first_line
 from optcli.passes.base import Context
 from optcli.passes.quantize.config import Config
 
@@ -65,24 +64,14 @@ class CalibrationReader:
         self._it = iter(self._batches[start_index:end_index])
 
 
-def preprocess(source: Path, target: Path, ctx: Context) -> Path:
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def preprocess(source: Path, work: Path, ctx: Context) -> Path:
+    """ONNX Runtime's pre-processing of a graph optcli exported itself, as prepare's ladder (nothing lands in the cwd)."""
+    from optcli.passes.quantize.prepare import preprocess_ladder
 
-    try:
-        # Weights to a side file: an inline save fails past protobuf's 2 GB and costs ~2 GB more peak memory per GB of model.
-        quant_pre_process(
-            str(source),
-            str(target),
-            skip_symbolic_shape=False,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            external_data_location=target.name + ".data",
-        )
-        return target
-    except Exception as e:  # pre-processing is an optimization; quantize the raw graph if it fails
-        ctx.warn(f"quantization pre-processing skipped ({type(e).__name__}: {first_line(e, 120)})")
-        target.unlink(missing_ok=True)
-        return source
+    path, record = preprocess_ladder(source, work, None, [], 1.0, "full", None)
+    if record["rung"] != "full":
+        ctx.warn(f"quantization pre-processing: rung {record['rung']} used ({'; '.join(record['tried'])})")
+    return path
 
 
 # Masks filled with finfo(float32).min (HF BERT) are finite but wreck a calibrated range as surely as -inf.
@@ -173,6 +162,7 @@ def quantize_onnx(
     from optcli.artifact import ONNX_EXTERNAL_THRESHOLD, artifact_files
 
     details = {} if details is None else details
+    source, target = Path(source).resolve(), Path(target).resolve()  # the quantizer runs in a scratch cwd
     if settings.smooth_alpha is not None:
         from optcli.passes.quantize.smoothquant import smooth
 
@@ -196,19 +186,16 @@ def quantize_onnx(
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     extra = dict(config.extra_options)
     op_types = list(settings.op_types) if settings.op_types else None
-    if settings.mode == "dynamic":
-        quantize_dynamic(
-            str(source),
-            str(target),
-            op_types_to_quantize=op_types,
-            per_channel=settings.per_channel,
-            reduce_range=config.reduce_range,
-            weight_type=qtype[config.weight_type],
-            nodes_to_exclude=sorted(exclude),
-            use_external_data_format=large,
-            extra_options=extra,
-        )
-    else:
+    per_channel = settings.per_channel
+    if per_channel:
+        from optcli.onnx_check import MIN_OPSET, default_opset
+
+        opset = default_opset(onnx.load(str(source), load_external_data=False))
+        if opset < MIN_OPSET:
+            # ORT writes per-axis DequantizeLinear for opset 11/12 anyway, a model it then refuses to load.
+            per_channel = False
+            details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
+    if settings.mode == "static":
         key = ("inf", str(source))
         inf = cache[key] if cache is not None and key in cache else nonfinite_tensors(Path(source), calib_batches)
         if cache is not None:
@@ -229,21 +216,38 @@ def quantize_onnx(
         if inf:
             # Ranges are still collected for every tensor of a quantizable op; keep the inf ones out of the calibrator.
             extra.setdefault("CalibTensorRangeSymmetric", False)
-        quantize_static(
-            str(source),
-            str(target),
-            CalibrationReader(calib_batches),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=op_types,
-            per_channel=settings.per_channel,
-            reduce_range=config.reduce_range,
-            activation_type=qtype[config.activation_type],
-            weight_type=qtype[config.weight_type],
-            nodes_to_exclude=sorted(exclude),
-            use_external_data_format=large,
-            calibrate_method=method[settings.calibration],
-            extra_options=extra,
-        )
+
+    def write(exclude: set[str]) -> None:
+        if settings.mode == "dynamic":
+            quantize_dynamic(
+                str(source),
+                str(target),
+                op_types_to_quantize=op_types,
+                per_channel=per_channel,
+                reduce_range=config.reduce_range,
+                weight_type=qtype[config.weight_type],
+                nodes_to_exclude=sorted(exclude),
+                use_external_data_format=large,
+                extra_options=extra,
+            )
+        else:
+            quantize_static(
+                str(source),
+                str(target),
+                CalibrationReader(calib_batches),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=op_types,
+                per_channel=per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=qtype[config.activation_type],
+                weight_type=qtype[config.weight_type],
+                nodes_to_exclude=sorted(exclude),
+                use_external_data_format=large,
+                calibrate_method=method[settings.calibration],
+                extra_options=extra,
+            )
+
+    write_with_fallback(write, source, target, exclude, details)
     if settings.smooth_alpha is not None and cache is None:
         for f in artifact_files(Path(source)):
             f.unlink(missing_ok=True)
@@ -271,3 +275,38 @@ def count_quant_ops(path: Path) -> dict:
         ) or node.op_type.startswith("QLinear"):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return counts
+
+
+MAX_FALLBACKS = 8
+
+
+def write_with_fallback(write, source: Path, target: Path, exclude: set[str], details: dict) -> None:
+    """Run the quantizer; when it breaks on a node (raises, or writes a model ONNX Runtime refuses), keep that node
+    in fp32 with the reason in details["kept_fp32"] and try again. Raises what it cannot pin on one node."""
+    import contextlib
+    import tempfile
+
+    import onnx
+
+    from optcli.onnx_check import reason, session
+    from optcli.passes.quantize.fallback import culprit
+
+    kept = details.setdefault("kept_fp32", {})
+    proto = None
+    while True:
+        try:
+            # ORT's quantizer and calibrator write temp models relative to the working directory.
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch, contextlib.chdir(scratch):
+                write(exclude)
+            session(target)
+            break
+        except Exception as e:
+            proto = proto or onnx.load(str(source), load_external_data=False)
+            blamed = culprit(proto, e)
+            if blamed is None or blamed[0] in exclude or len(kept) >= MAX_FALLBACKS:
+                raise
+            exclude.add(blamed[0])
+            kept[blamed[0]] = f"{blamed[1]} kept in fp32: ONNX Runtime's quantizer failed on it ({reason(e, 200)})"
+            target.unlink(missing_ok=True)
+    if not kept:
+        details.pop("kept_fp32")
