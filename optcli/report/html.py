@@ -22,6 +22,7 @@ from optcli.report.view import (
     fmt_num,
     format_bytes,
     gate_lines,
+    graph_change_lines,
     io_rows,
     latency_notes,
     latency_rows,
@@ -113,6 +114,10 @@ def _step_details(step: dict) -> list[str]:
             html_table(TRAINING_HEADERS, training_rows(step)),
             "</div>",
         ]
+    changes = graph_change_lines(step)
+    if changes:
+        items = "".join(f"<li>{escape(c)}</li>" for c in changes)
+        out += [f"<h2>{escape(name)}: graph changes</h2>", f"<ul>{items}</ul>"]
     cands, target = search_candidates(step)
     if cands:
         out += [

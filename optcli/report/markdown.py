@@ -15,6 +15,7 @@ from optcli.report.view import (
     env_rows,
     fmt_num,
     gate_lines,
+    graph_change_lines,
     io_rows,
     latency_notes,
     latency_rows,
@@ -83,6 +84,9 @@ def _step_details(step: dict) -> list[str]:
             md_table(TRAINING_HEADERS, training_rows(step)),
             "",
         ]
+    changes = graph_change_lines(step)
+    if changes:
+        out += [f"## {name}: graph changes", "", *[f"- {md_cell(c)}" for c in changes], ""]
     cands, target = search_candidates(step)
     if cands:
         out += [f"## {name}: search (target {fmt_num(target)})", "", md_table(SEARCH_HEADERS, search_rows(step)), ""]

@@ -20,6 +20,7 @@ from optcli.report.view import (
     compact_step_table,
     format_bytes,
     gate_lines,
+    graph_change_lines,
     latency_notes,
     pruned_rows,
     step_table,
@@ -67,6 +68,10 @@ def render_table(report: dict) -> Group:
         parts.append(Text(f"⚠ {w}", style="yellow"))
     for name, note in latency_notes(report):
         parts.append(Text(f"note ({name}): {note}", style="dim"))
+    for step in steps(report):
+        changes = graph_change_lines(step)
+        if changes:
+            parts.append(Text(f"{step.get('name')}: {'; '.join(changes[:4])}", style="dim"))
     for step in steps(report):
         pruned = pruned_rows(step)
         if pruned:

@@ -354,3 +354,37 @@ def env_rows(report: dict) -> list[list[str]]:
     env = report.get("environment") or {}
     rows = [["optcli", str(report.get("optcli_version") or DASH)]]
     return rows + [[str(k), str(v)] for k, v in env.items()]
+
+
+def graph_change_lines(step: dict) -> list[str]:
+    """What a graph rewrite did (prepare, optimize) or left in fp32 (quantize), one sentence each."""
+    d = step.get("details") or {}
+    if not isinstance(d, dict):
+        return []
+    out = [str(c) for c in d.get("changes") or []]
+    pre = d.get("preprocess")
+    if isinstance(pre, dict) and pre.get("rung"):
+        tried = "; ".join(str(t) for t in pre.get("tried") or [])
+        out.append(f"ONNX Runtime pre-processing: {pre['rung']}" + (f" (before it: {tried})" if tried else ""))
+    if d.get("applied") is not None and isinstance(d.get("nodes"), dict):
+        stages = ", ".join(str(a) for a in d["applied"]) or "nothing"
+        out.append(f"applied: {stages}; nodes {d['nodes'].get('before')} -> {d['nodes'].get('after')}")
+        ops = d.get("op_changes") or {}
+        if ops:
+            out.append("ops: " + ", ".join(f"{op} {a} -> {b}" for op, (a, b) in list(ops.items())[:12]))
+        if d.get("portable") is False:
+            out.append("uses ONNX Runtime's com.microsoft ops: only ONNX Runtime loads this artifact")
+    out += [f"not applied: {k}" for k in d.get("not_applied") or []]
+    out += [str(k) for k in d.get("kept") or []]
+    if d.get("input_unloadable"):
+        out.append(f"the input did not load in ONNX Runtime ({d['input_unloadable']})")
+    if d.get("per_tensor_reason"):
+        out.append(str(d["per_tensor_reason"]))
+    if d.get("per_channel_off"):
+        out.append(f"per-tensor int8: {d['per_channel_off']}")
+    out += [str(v) for v in (d.get("kept_fp32") or {}).values()]
+    if d.get("skipped"):
+        out.append(str(d["skipped"]))
+    if out and d.get("checked_on"):
+        out.append(f"each change checked in ONNX Runtime on {d['checked_on']}")
+    return out
