@@ -25,6 +25,11 @@ class Settings:
     smooth_alpha: float | None = None
     exclude: frozenset[str] = frozenset()
     op_types: tuple[str, ...] | None = None
+    # Set by the search's CNN candidates; None: the pass config's value.
+    reduce_range: bool | None = None
+    activation_symmetric: bool | None = None
+    source: str = "input"  # which graph the search writes from: input | raw (no pre-processing) | folded (BN folded)
+    tag: str = ""  # how the search made this candidate (latency-fallback, ...)
 
     def name(self) -> str:
         parts = [self.mode, "per-channel" if self.per_channel else "per-tensor"]
@@ -32,8 +37,22 @@ class Settings:
             parts.append(self.calibration)
         if self.smooth_alpha is not None:
             parts.append(f"smooth{self.smooth_alpha:g}")
+        if self.source == "folded":
+            parts.insert(0, "bn-folded")
+        if self.source == "raw":
+            parts.append("no-preprocess")
+        if self.op_types is not None and self.source == "folded":
+            parts.append("+".join(o.lower() for o in self.op_types))
+        elif self.source == "folded":
+            parts.append("all-ops")
+        if self.activation_symmetric:
+            parts.append("sym-act")
+        if self.reduce_range:
+            parts.append("reduce-range")
         if self.exclude:
             parts.append(f"fp32x{len(self.exclude)}")
+        if self.tag:
+            parts.append(self.tag)
         return "/".join(parts)
 
     def summary(self) -> dict:
@@ -45,6 +64,15 @@ class Settings:
         }
         if self.mode == "static":
             out["calibration"] = self.calibration
+        if self.source != "input":
+            out["source"] = self.source
+        if self.op_types is not None:
+            out["op_types"] = list(self.op_types)
+        for key in ("reduce_range", "activation_symmetric"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tag:
+            out["tag"] = self.tag
         return out
 
 
@@ -196,13 +224,14 @@ def quantize_onnx(
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     extra = dict(config.extra_options)
     op_types = list(settings.op_types) if settings.op_types else None
+    reduce_range = config.reduce_range if settings.reduce_range is None else settings.reduce_range
     if settings.mode == "dynamic":
         quantize_dynamic(
             str(source),
             str(target),
             op_types_to_quantize=op_types,
             per_channel=settings.per_channel,
-            reduce_range=config.reduce_range,
+            reduce_range=reduce_range,
             weight_type=qtype[config.weight_type],
             nodes_to_exclude=sorted(exclude),
             use_external_data_format=large,
@@ -225,7 +254,10 @@ def quantize_onnx(
         }
         if settings.calibration == "percentile":
             extra.setdefault("CalibPercentile", config.calibration.percentile)
-        extra.setdefault("ActivationSymmetric", config.symmetric_activation)
+        symmetric = (
+            config.symmetric_activation if settings.activation_symmetric is None else settings.activation_symmetric
+        )
+        extra.setdefault("ActivationSymmetric", symmetric)
         if inf:
             # Ranges are still collected for every tensor of a quantizable op; keep the inf ones out of the calibrator.
             extra.setdefault("CalibTensorRangeSymmetric", False)
@@ -236,7 +268,7 @@ def quantize_onnx(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=op_types,
             per_channel=settings.per_channel,
-            reduce_range=config.reduce_range,
+            reduce_range=reduce_range,
             activation_type=qtype[config.activation_type],
             weight_type=qtype[config.weight_type],
             nodes_to_exclude=sorted(exclude),
