@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import yaml
 from conftest import run_cli, write_recipe
 from onnx import TensorProto, helper, numpy_helper
 
@@ -126,6 +127,10 @@ def test_convs_between_hardswish_ops_that_are_slower_in_int8_stay_fp32(tmp_path,
     assert "slower in int8" in table["Conv"]["why"]
     regions = {r["node"]: r for r in found["profile"]["regions"]}
     assert {n for n, r in regions.items() if r["int8"]} == {"A", "B"}
+    # Every report view shows the per-op-type table with the reason.
+    for view in ("report.md", "report.html"):
+        text = (tmp_path / "out" / view).read_text()
+        assert "int8 per op type" in text and "slower in int8 here (profile)" in text
 
 
 def test_int8_that_never_pays_fails_the_gate_with_the_figures_unless_allowed(tmp_path, injected):
@@ -158,3 +163,21 @@ def test_reduce_range_follows_the_cpu_isa(tmp_path):
     assert prof.cpu_has_vnni(with_vnni) is True
     assert prof.cpu_has_vnni(without) is False
     assert prof.cpu_has_vnni(tmp_path / "missing") is None
+
+
+def test_init_for_a_cnn_writes_the_latency_aware_search(tmp_path):
+    hardswish_cnn(tmp_path / "model.onnx", big=True)
+    result = run_cli("init", tmp_path / "model.onnx")
+    assert result.exit_code == 0, result.stderr
+    recipe = yaml.safe_load(result.stdout)
+    quantize = recipe["passes"][-1]
+    assert quantize["type"] == "quantize" and quantize["target"]["metric"] == "cosine" and "mode" not in quantize
+    # No data yet: the recipe names the file it needs, and validate says so in one line.
+    (tmp_path / "r.yaml").write_text(result.stdout)
+    missing = run_cli("validate", tmp_path / "r.yaml")
+    assert missing.exit_code == 2 and "model_samples.npz" in missing.stderr
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "real.npz", x=rng.standard_normal((8, 8, 16, 16)).astype(np.float32))
+    with_data = run_cli("init", tmp_path / "model.onnx", "--data", tmp_path / "real.npz")
+    (tmp_path / "r2.yaml").write_text(with_data.stdout)
+    assert run_cli("validate", tmp_path / "r2.yaml").exit_code == 0

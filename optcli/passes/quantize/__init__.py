@@ -42,6 +42,17 @@ def apply(model, config: Config, ctx: Context):
     source = preprocess(model.path, work / "preprocessed.onnx", ctx) if config.preprocess else model.path
     proto = onnx.load(str(source), load_external_data=False)
     exclude = resolve_exclude(proto, config.exclude, ctx)
+    convs = any(n.op_type in ("Conv", "ConvTranspose") for n in proto.graph.node)
+    if (
+        config.target is None
+        and config.mode == "dynamic"
+        and convs
+        and (not config.op_types or "Conv" in config.op_types)
+    ):
+        ctx.warn(
+            "dynamic int8 on Conv emits ConvInteger, which has no fast kernel in ONNX Runtime (issue #12854): expect it "
+            "slower than fp32; use mode: static with data.calibration, or a target to search for int8 that pays"
+        )
     del proto  # an inline model's weights: the quantizer loads its own copy
     target = ctx.step_dir / "model.onnx"
     has_calibration = ctx.data.calibration is not None
