@@ -312,6 +312,7 @@ class Search:
         # The graphs candidates are written from (Settings.source): the pass's input, the BN-folded graph, the raw file.
         self.sources = {"input": source, **(sources or {})}
         self.profiles: dict[str, prof.Profile] = {}
+        self.stem_fp32: set[str] = set()  # leading compute nodes the stem fallback kept fp32 (accuracy)
         self.slow_figures: dict[str, dict] = {}  # node -> its fp32 / int8 region cost when the profile sent it back
         self.model = model
         self.quantize_fn = quantize_fn  # (source, target, settings, calib_batches, smooth_batches) -> details
@@ -494,6 +495,26 @@ class Search:
                 return
             current = new
 
+    def stem_fallback(self, base: Trial) -> None:
+        """A CNN's first convs (few channels, full resolution) are where int8 loses most accuracy and gains least
+        speed: keep the first 1, 2, 4, 8 ... compute nodes fp32 until the target holds. One trial per step, so it
+        fits a budget that ranking every node by sensitivity (one quantization per node) does not."""
+        source = self.sources[base.settings.source]
+        nodes = quantizable_nodes(source, base.settings, set(base.settings.exclude))
+        limit = int(self.space.max_fallback_fraction * len(nodes))
+        k = 1
+        while k <= limit and self.can_try():
+            trial = self.try_settings(
+                replace(base.settings, exclude=base.settings.exclude | frozenset(nodes[:k]), tag=f"stem-fp32x{k}")
+            )
+            trial.slower_in_int8 = list(base.slower_in_int8)
+            self.stem_fp32 |= set(nodes[:k])
+            if trial.meets:
+                self.notes.append(f"stem fallback: the first {k} compute nodes in fp32 meet the target")
+                return
+            k *= 2
+        self.notes.append("stem fallback: the target was not met with up to " + f"{k // 2} leading nodes in fp32")
+
     # ----------------------------------------------------------------- the search
     def run(self, candidates: list[Settings]) -> tuple[Trial, Trial]:
         fp32 = self.measure_fp32()
@@ -513,6 +534,9 @@ class Search:
         best = self.choose()
         if best is not None and self.space.fallback and self.can_try():
             self.latency_fallback(best)
+        best = self.choose()
+        if best is not None and not best.meets and best.settings.source == "folded" and self.space.fallback:
+            self.stem_fallback(best)
         done = [t for t in self.trials if t.settings is not None and t.metric is not None]
         if self.space.fallback and done and not any(t.meets for t in done) and not self.can_try():
             self.notes.append(
@@ -737,6 +761,8 @@ def chosen_profile(search: Search, chosen: Trial, exclude: set[str], cache: dict
             why[node] = "slower in int8 here (profile)"
         elif node in search.sensitivity:
             why[node] = "accuracy (sensitivity fallback)"
+        elif node in search.stem_fp32:
+            why[node] = "accuracy (first convs kept fp32)"
         elif node in nonfinite:
             why[node] = "inf/NaN on calibration data"
     fp32_nodes = set(why)
