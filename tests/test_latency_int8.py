@@ -181,3 +181,37 @@ def test_init_for_a_cnn_writes_the_latency_aware_search(tmp_path):
     with_data = run_cli("init", tmp_path / "model.onnx", "--data", tmp_path / "real.npz")
     (tmp_path / "r2.yaml").write_text(with_data.stdout)
     assert run_cli("validate", tmp_path / "r2.yaml").exit_code == 0
+
+
+def test_the_real_profiler_charges_fused_int8_kernels_to_their_conv(tmp_path):
+    """ORT renames what it fuses (QLinearConv 'A_token_3', NCHWc 'A_out_nchwc'); each kernel must land in its region."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    hardswish_cnn(tmp_path / "model.onnx", big=True)
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(
+        str(tmp_path / "model.onnx"),
+        str(tmp_path / "int8.onnx"),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        op_types_to_quantize=["Conv"],
+    )
+    measured = prof.profile(tmp_path / "int8.onnx", batches[0], threads=1, runs=2)
+    fused = [name for name, op in measured.node_op.items() if op == "QLinearConv"]
+    assert fused and measured.session_ops.get("QLinearConv") == len(fused)
+    regions = prof.Regions(tmp_path / "int8.onnx")
+    assert {regions.resolve(name) for name in fused} == {"A", "B", "C", "D", "E"}
+    fp32 = prof.profile(tmp_path / "model.onnx", batches[0], threads=1, runs=2)
+    comparison = prof.compare(tmp_path / "model.onnx", fp32, tmp_path / "int8.onnx", measured)
+    assert {r["node"] for r in comparison.rows} == {"A", "B", "C", "D", "E"}

@@ -25,6 +25,7 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Names ORT gives the nodes it creates from one of ours (QDQ fusion, NCHWc layout, Q/DQ the quantizer inserted).
 _DERIVED = re.compile(r"(_token_\d+|_nchwc|_QuantizeLinear|_DequantizeLinear|_quantized|_output_\d+)$")
 # Session ops that are int8 kernels (fused Q/DQ regions).
+SESSION_GRAPH_LIMIT = 256 * 2**20
 INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger")
 
 
@@ -58,13 +59,18 @@ def profile(path: Path, feeds: dict, threads: int, runs: int = 10, warmup: int =
         opts.log_severity_level = 3
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "profile")
-        opts.optimized_model_filepath = str(Path(tmp) / "session.onnx")
+        # The session's own graph (what it fused) is written only for models small enough to copy cheaply.
+        small = Path(path).stat().st_size < SESSION_GRAPH_LIMIT
+        if small:
+            opts.optimized_model_filepath = str(Path(tmp) / "session.onnx")
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         for _ in range(warmup + runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-        optimized = onnx.load(str(Path(tmp) / "session.onnx"), load_external_data=False)
-        session_ops = dict(Counter(n.op_type for n in optimized.graph.node))
+        session_ops = {}
+        if small and (Path(tmp) / "session.onnx").exists():
+            optimized = onnx.load(str(Path(tmp) / "session.onnx"), load_external_data=False)
+            session_ops = dict(Counter(n.op_type for n in optimized.graph.node))
     times: dict[str, list[float]] = defaultdict(list)
     ops: dict[str, str] = {}
     for e in events:
