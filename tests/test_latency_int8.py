@@ -215,3 +215,12 @@ def test_the_real_profiler_charges_fused_int8_kernels_to_their_conv(tmp_path):
     fp32 = prof.profile(tmp_path / "model.onnx", batches[0], threads=1, runs=2)
     comparison = prof.compare(tmp_path / "model.onnx", fp32, tmp_path / "int8.onnx", measured)
     assert {r["node"] for r in comparison.rows} == {"A", "B", "C", "D", "E"}
+
+
+def test_a_cnn_target_without_calibration_data_is_refused_before_any_work(tmp_path):
+    hardswish_cnn(tmp_path / "model.onnx", big=True)
+    recipe = _recipe(tmp_path)
+    del recipe["data"]["calibration"]
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "data.calibration" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out" / "model.onnx").exists()

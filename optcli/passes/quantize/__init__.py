@@ -98,11 +98,28 @@ def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
     return [feeds for feeds, _ in data.batches(batch_size=batch, limit=samples)]
 
 
+def preflight(config: Config, recipe, model) -> None:
+    """A CNN's search tries static int8 only (dynamic Conv is ConvInteger, slower than fp32): it needs calibration."""
+    if config.target is None or recipe.data.calibration is not None or model.format != "onnx" or model.path is None:
+        return
+    import onnx
+
+    from optcli.errors import BadInput
+
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    if any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node):
+        raise BadInput(
+            "quantize target on a CNN needs data.calibration (static int8; dynamic int8 on Conv is slower than fp32): "
+            "add data.calibration: {path: samples.npz, samples: 128}"
+        )
+
+
 PASS = PassSpec(
     type="quantize",
     config=Config,
     consumes=frozenset({"onnx"}),
     apply=apply,
     check=check,
+    preflight=preflight,
     summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration",
 )
