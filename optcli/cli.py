@@ -240,6 +240,9 @@ def init(
     shape: list[str] = typer.Option(
         [], "--shape", help="input shape where the file does not fix it: name=1x1x8x8[:dtype]"
     ),
+    data: Path | None = typer.Option(
+        None, "--data", help="a .npz of real inputs keyed by input name: calibration and eval for int8 (CNNs)"
+    ),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ):
     """Print a starter recipe for MODEL (inputs filled in from the file) to stdout."""
@@ -247,7 +250,7 @@ def init(
     def body():
         from optcli.starter import starter_recipe
 
-        sys.stdout.write(starter_recipe(model, factory=factory, shapes=shape))
+        sys.stdout.write(starter_recipe(model, factory=factory, shapes=shape, data=data))
 
     guarded(body, debug)
 

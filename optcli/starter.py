@@ -9,7 +9,7 @@ import yaml
 from optcli.errors import BadInput
 
 
-def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = ()) -> str:
+def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (), data: Path | None = None) -> str:
     from optcli.artifact import load_any
     from optcli.model import check_feedable
 
@@ -30,21 +30,55 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
     if factory:
         spec["factory"] = factory
     spec["inputs"] = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs]
-    passes = [{"type": "quantize", "mode": "dynamic", "per_channel": True}]
+    cnn = _is_cnn(model)
+    passes = [CNN_QUANTIZE if cnn else {"type": "quantize", "mode": "dynamic", "per_channel": True}]
     if model.format == "torch":
         passes.insert(0, {"type": "export", "opset": 18})
-    recipe = {
-        "model": spec,
+    recipe = {"model": spec}
+    if cnn:
+        samples = str(data) if data is not None else str(path.with_name(path.stem.split(".")[0] + "_samples.npz"))
+        recipe["data"] = {"calibration": {"path": samples, "samples": 128}, "eval": {"path": samples}}
+    recipe |= {
         "passes": passes,
         "report": {"latency": {"batch_sizes": [1, 32], "warmup": 5, "runs": 30, "threads": 2}},
         "gates": {"min_fidelity_cosine": 0.99},
     }
-    header = (
-        f"# optcli recipe for {path.name} (written by optcli init)\n"
-        "# Add data.eval (a .npz keyed by input name, plus labels) to measure accuracy, and data.calibration\n"
-        "# for static int8 (mode: static). `optcli passes` lists every option; `optcli validate` checks this file.\n"
-    )
+    header = f"# optcli recipe for {path.name} (written by optcli init)\n"
+    if cnn:
+        header += (
+            "# A CNN: int8 pays only where ONNX Runtime fuses it (static QDQ, BatchNorm folded, slow regions kept fp32);\n"
+            "# the quantize step searches for the fastest int8 model within the target, measured on this machine.\n"
+            "# data: a .npz of ~100 real inputs keyed by input name (add labels: y and metric: accuracy to score them).\n"
+        )
+        if data is None:
+            header += f"# {samples} does not exist yet: write it, or rerun with --data PATH.\n"
+    else:
+        header += (
+            "# Add data.eval (a .npz keyed by input name, plus labels) to measure accuracy, and data.calibration\n"
+            "# for static int8 (mode: static).\n"
+        )
+    header += "# `optcli passes` lists every option; `optcli validate` checks this file.\n"
     return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+# What a CNN gets by default: the latency-aware search (fidelity to the original, int8 only where it is faster).
+CNN_QUANTIZE = {"type": "quantize", "target": {"metric": "cosine", "min_value": 0.99}}
+
+
+def _is_cnn(model) -> bool:
+    """Conv in the graph (ONNX) or a Conv module (torch): dynamic int8 would make it slower (ConvInteger)."""
+    if model.format == "onnx":
+        import onnx
+
+        graph = onnx.load(str(model.path), load_external_data=False).graph
+        return any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node)
+    module = getattr(model, "module", None)
+    if module is None:
+        return False
+    import torch
+
+    convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
+    return any(isinstance(m, convs) for m in module.modules())
 
 
 def _is_module_file(path: Path) -> bool:

@@ -84,7 +84,7 @@ def test_inspect_reports_params_ops_inputs_of_onnx_and_state_dict(digits):
 
 
 def test_init_writes_a_recipe_that_validates(digits, tmp_path):
-    result = run_cli("init", digits / "digits_cnn.onnx")
+    result = run_cli("init", digits / "digits_cnn.onnx", "--data", digits / "digits_calib.npz")
     assert result.exit_code == 0, result.stderr
     recipe = yaml.safe_load(result.stdout)
     assert recipe["model"]["inputs"] == [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}]

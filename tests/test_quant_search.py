@@ -157,7 +157,8 @@ def test_search_with_smoothquant_meets_target_and_reports_every_candidate(encode
     search = result.json()["steps"][-1]["details"]["search"]
     rows = {c["name"]: c for c in search["candidates"]}
     assert rows["dynamic/per-channel/smooth0.8"]["metric"] > rows["dynamic/per-channel"]["metric"]
-    assert rows["dynamic/per-channel/smooth0.8"]["chosen"] and search["fallback_nodes"] == []
+    # chosen: the smoothed model, or the same settings without ORT's pre-processing if that ran faster here
+    assert search["chosen"].startswith("dynamic/per-channel/smooth0.8") and search["fallback_nodes"] == []
     assert _torch_cosine(encoder, tmp_path / "out" / "model.onnx") >= TARGET - 1e-4
 
 

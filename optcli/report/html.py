@@ -8,9 +8,11 @@ from html import escape
 from optcli.report.svg import svg_bar_chart, svg_loss_curve, svg_scatter
 from optcli.report.view import (
     ENV_HEADERS,
+    INT8_OP_HEADERS,
     IO_HEADERS,
     LATENCY_HEADERS,
     SEARCH_HEADERS,
+    SENSITIVITY_HEADERS,
     TRAINING_HEADERS,
     accuracy,
     batch_sizes,
@@ -23,6 +25,8 @@ from optcli.report.view import (
     format_bytes,
     gate_lines,
     graph_change_lines,
+    int8_op_rows,
+    int8_profile_summary,
     io_rows,
     latency_notes,
     latency_rows,
@@ -31,6 +35,7 @@ from optcli.report.view import (
     pruned_rows,
     search_candidates,
     search_rows,
+    sensitivity_rows,
     step_table,
     steps,
     training_epochs,
@@ -127,6 +132,22 @@ def _step_details(step: dict) -> list[str]:
             html_table(SEARCH_HEADERS, search_rows(step)),
             "</div>",
         ]
+    out += _int8_sections(step, name)
+    return out
+
+
+def _int8_sections(step: dict, name: str) -> list[str]:
+    out: list[str] = []
+    ops = int8_op_rows(step)
+    if ops:
+        out += [
+            f"<h2>{escape(name)}: int8 per op type</h2>",
+            f"<p>{escape(int8_profile_summary(step))}</p>",
+            html_table(INT8_OP_HEADERS, ops),
+        ]
+    sens = sensitivity_rows(step)
+    if sens:
+        out += [f"<h2>{escape(name)}: per-node sensitivity</h2>", html_table(SENSITIVITY_HEADERS, sens)]
     return out
 
 

@@ -7,21 +7,26 @@ from typing import Any
 
 from optcli.report.view import (
     ENV_HEADERS,
+    INT8_OP_HEADERS,
     IO_HEADERS,
     LATENCY_HEADERS,
     SEARCH_HEADERS,
+    SENSITIVITY_HEADERS,
     TRAINING_HEADERS,
     clean,
     env_rows,
     fmt_num,
     gate_lines,
     graph_change_lines,
+    int8_op_rows,
+    int8_profile_summary,
     io_rows,
     latency_notes,
     latency_rows,
     pruned_rows,
     search_candidates,
     search_rows,
+    sensitivity_rows,
     step_table,
     steps,
     training_epochs,
@@ -90,4 +95,23 @@ def _step_details(step: dict) -> list[str]:
     cands, target = search_candidates(step)
     if cands:
         out += [f"## {name}: search (target {fmt_num(target)})", "", md_table(SEARCH_HEADERS, search_rows(step)), ""]
+    out += _int8_sections(step, name)
+    return out
+
+
+def _int8_sections(step: dict, name: str) -> list[str]:
+    out: list[str] = []
+    ops = int8_op_rows(step)
+    if ops:
+        out += [
+            f"## {name}: int8 per op type",
+            "",
+            md_cell(int8_profile_summary(step)),
+            "",
+            md_table(INT8_OP_HEADERS, ops),
+            "",
+        ]
+    sens = sensitivity_rows(step)
+    if sens:
+        out += [f"## {name}: per-node sensitivity", "", md_table(SENSITIVITY_HEADERS, sens), ""]
     return out

@@ -16,11 +16,14 @@ from rich.table import Table
 from rich.text import Text
 
 from optcli.report.view import (
+    INT8_OP_HEADERS,
     clean,
     compact_step_table,
     format_bytes,
     gate_lines,
     graph_change_lines,
+    int8_op_rows,
+    int8_profile_summary,
     latency_notes,
     pruned_rows,
     step_table,
@@ -81,7 +84,22 @@ def render_table(report: dict) -> Group:
             for layer, sparsity in pruned:
                 t.add_row(Text(layer), sparsity)
             parts.append(t)
+        parts += _int8_tables(step)
     return Group(*parts)
+
+
+def _int8_tables(step: dict) -> list[Any]:
+    ops = int8_op_rows(step)
+    if not ops:
+        return []
+    t = Table(
+        title=Text(f"{step.get('name')}: int8 per op type"), title_justify="left", caption=int8_profile_summary(step)
+    )
+    for i, h in enumerate(INT8_OP_HEADERS):
+        t.add_column(h, justify="left" if i in (0, 5) else "right")
+    for row in ops:
+        t.add_row(*(Text(c) for c in row))
+    return [t]
 
 
 class EpochProgress:

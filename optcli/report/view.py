@@ -388,3 +388,55 @@ def graph_change_lines(step: dict) -> list[str]:
     if out and d.get("checked_on"):
         out.append(f"each change checked in ONNX Runtime on {d['checked_on']}")
     return out
+
+
+# --------------------------------------------------------------------------- int8: what the session runs (search profile)
+INT8_OP_HEADERS = ["op type", "fp32 ms", "int8 ms", "int8", "kept fp32", "why fp32"]
+SENSITIVITY_HEADERS = ["node", "metric drop (int8 alone)", "kept fp32"]
+
+
+def int8_profile(step: dict) -> dict | None:
+    prof = dig(step, "details", "search", "profile")
+    return prof if isinstance(prof, dict) else None
+
+
+def int8_op_rows(step: dict) -> list[list[str]]:
+    """Per compute-op type of the chosen int8 model: fp32 vs int8 profiled ms, regions int8 / kept fp32, and why."""
+    prof = int8_profile(step)
+    if not prof:
+        return []
+    return [
+        [
+            str(r.get("op_type")),
+            fmt_ms(r.get("fp32_ms")),
+            fmt_ms(r.get("int8_ms")),
+            fmt_num(r.get("quantized")),
+            fmt_num(r.get("fp32")),
+            str(r.get("why") or ""),
+        ]
+        for r in prof.get("op_types") or []
+        if isinstance(r, dict)
+    ]
+
+
+def int8_profile_summary(step: dict) -> str:
+    prof = int8_profile(step)
+    if not prof:
+        return ""
+    fused = prof.get("fused") or {}
+    return (
+        f"ONNX Runtime profile (kernel time per run): int8 {fmt_ms(prof.get('int8_total_ms'))} ms vs fp32 "
+        f"{fmt_ms(prof.get('fp32_total_ms'))} ms; the session runs {fmt_num(fused.get('int8_kernels'))} int8 kernels, "
+        f"{fmt_num(fused.get('float_compute'))} float compute ops, {fmt_num(fused.get('quantize_linear'))} QuantizeLinear / "
+        f"{fmt_num(fused.get('dequantize_linear'))} DequantizeLinear"
+    )
+
+
+def sensitivity_rows(step: dict, n: int = 15) -> list[list[str]]:
+    """The most sensitive nodes (metric lost when only that node is int8) and whether the chosen model keeps them fp32."""
+    search = dig(step, "details", "search")
+    if not isinstance(search, dict) or not isinstance(search.get("sensitivity"), dict):
+        return []
+    fallen = {f.get("node") for f in search.get("fallback_nodes") or [] if isinstance(f, dict)}
+    items = sorted(search["sensitivity"].items(), key=lambda kv: -(kv[1] if finite(kv[1]) else float("-inf")))
+    return [[str(node), fmt_num(drop), "✓" if node in fallen else ""] for node, drop in items[:n]]

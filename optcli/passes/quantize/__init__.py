@@ -66,6 +66,17 @@ def apply(model, config: Config, ctx: Context):
     proto = onnx.load(str(source), load_external_data=False)
     exclude = resolve_exclude(proto, config.exclude, ctx)
     largest = largest_weight(proto)
+    convs = any(n.op_type in ("Conv", "ConvTranspose") for n in proto.graph.node)
+    if (
+        config.target is None
+        and config.mode == "dynamic"
+        and convs
+        and (not config.op_types or "Conv" in config.op_types)
+    ):
+        ctx.warn(
+            "dynamic int8 on Conv emits ConvInteger, which has no fast kernel in ONNX Runtime (issue #12854): expect it "
+            "slower than fp32; use mode: static with data.calibration, or a target to search for int8 that pays"
+        )
     del proto  # an inline model's weights: the quantizer loads its own copy
     if largest <= MIN_WEIGHT_ELEMENTS:
         # Q/DQ pairs and scales around activations alone make such a graph bigger and slower, never smaller.
@@ -123,11 +134,28 @@ def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
     return [feeds for feeds, _ in data.batches(batch_size=batch, limit=samples)]
 
 
+def preflight(config: Config, recipe, model) -> None:
+    """A CNN's search tries static int8 only (dynamic Conv is ConvInteger, slower than fp32): it needs calibration."""
+    if config.target is None or recipe.data.calibration is not None or model.format != "onnx" or model.path is None:
+        return
+    import onnx
+
+    from optcli.errors import BadInput
+
+    graph = onnx.load(str(model.path), load_external_data=False).graph
+    if any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node):
+        raise BadInput(
+            "quantize target on a CNN needs data.calibration (static int8; dynamic int8 on Conv is slower than fp32): "
+            "add data.calibration: {path: samples.npz, samples: 128}"
+        )
+
+
 PASS = PassSpec(
     type="quantize",
     config=Config,
     consumes=frozenset({"onnx"}),
     apply=apply,
     check=check,
+    preflight=preflight,
     summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration",
 )

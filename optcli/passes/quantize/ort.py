@@ -24,6 +24,11 @@ class Settings:
     smooth_alpha: float | None = None
     exclude: frozenset[str] = frozenset()
     op_types: tuple[str, ...] | None = None
+    # Set by the search's CNN candidates; None: the pass config's value.
+    reduce_range: bool | None = None
+    activation_symmetric: bool | None = None
+    source: str = "input"  # which graph the search writes from: input | raw (no pre-processing) | folded (BN folded)
+    tag: str = ""  # how the search made this candidate (latency-fallback, ...)
 
     def name(self) -> str:
         parts = [self.mode, "per-channel" if self.per_channel else "per-tensor"]
@@ -31,8 +36,22 @@ class Settings:
             parts.append(self.calibration)
         if self.smooth_alpha is not None:
             parts.append(f"smooth{self.smooth_alpha:g}")
+        if self.source == "folded":
+            parts.insert(0, "bn-folded")
+        if self.source == "raw":
+            parts.append("no-preprocess")
+        if self.op_types is not None and self.source == "folded":
+            parts.append("+".join(o.lower() for o in self.op_types))
+        elif self.source == "folded":
+            parts.append("all-ops")
+        if self.activation_symmetric:
+            parts.append("sym-act")
+        if self.reduce_range:
+            parts.append("reduce-range")
         if self.exclude:
             parts.append(f"fp32x{len(self.exclude)}")
+        if self.tag:
+            parts.append(self.tag)
         return "/".join(parts)
 
     def summary(self) -> dict:
@@ -44,6 +63,15 @@ class Settings:
         }
         if self.mode == "static":
             out["calibration"] = self.calibration
+        if self.source != "input":
+            out["source"] = self.source
+        if self.op_types is not None:
+            out["op_types"] = list(self.op_types)
+        for key in ("reduce_range", "activation_symmetric"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.tag:
+            out["tag"] = self.tag
         return out
 
 
@@ -195,6 +223,7 @@ def quantize_onnx(
             # ORT writes per-axis DequantizeLinear for opset 11/12 anyway, a model it then refuses to load.
             per_channel = False
             details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
+    reduce_range = config.reduce_range if settings.reduce_range is None else settings.reduce_range
     if settings.mode == "static":
         key = ("inf", str(source))
         inf = cache[key] if cache is not None and key in cache else nonfinite_tensors(Path(source), calib_batches)
@@ -212,7 +241,10 @@ def quantize_onnx(
         }
         if settings.calibration == "percentile":
             extra.setdefault("CalibPercentile", config.calibration.percentile)
-        extra.setdefault("ActivationSymmetric", config.symmetric_activation)
+        symmetric = (
+            config.symmetric_activation if settings.activation_symmetric is None else settings.activation_symmetric
+        )
+        extra.setdefault("ActivationSymmetric", symmetric)
         if inf:
             # Ranges are still collected for every tensor of a quantizable op; keep the inf ones out of the calibrator.
             extra.setdefault("CalibTensorRangeSymmetric", False)
@@ -224,7 +256,7 @@ def quantize_onnx(
                 str(target),
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,
-                reduce_range=config.reduce_range,
+                reduce_range=reduce_range,
                 weight_type=qtype[config.weight_type],
                 nodes_to_exclude=sorted(exclude),
                 use_external_data_format=large,
@@ -238,7 +270,7 @@ def quantize_onnx(
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,
-                reduce_range=config.reduce_range,
+                reduce_range=reduce_range,
                 activation_type=qtype[config.activation_type],
                 weight_type=qtype[config.weight_type],
                 nodes_to_exclude=sorted(exclude),

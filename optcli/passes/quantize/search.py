@@ -5,15 +5,23 @@
 2. If a faster candidate misses the target, nodes fall back to fp32 greedily: nodes are ranked by sensitivity
    (quantize-one-node: the metric drop when only that node is int8, on a subset of data.eval), then the most
    sensitive ones are excluded one more per trial, re-measuring each time, until the target holds.
-3. The fastest candidate meeting the target wins. Int8 slower than fp32 is never kept silently.
+3. Latency fallback: ONNX Runtime's profiler times the fp32 graph and the int8 candidate node by node (profile.py);
+   regions (a Conv/Gemm/MatMul and the ops hanging off it) that cost more in int8 than their fp32 twin, such as
+   Quantize/Dequantize islands around HardSwish or Resize, are written back in fp32 and the result re-measured.
+4. The fastest candidate meeting the target wins. Int8 slower than fp32 is never kept silently.
 Everything is bounded by max_trials and time_budget_s.
+
+CNNs (graphs with Conv) get their own candidates: static QDQ only (dynamic int8 turns Conv into ConvInteger, which
+has no fast kernel in ONNX Runtime: issue #12854), BatchNorm folded into the convs first, op-type subsets
+(Conv / Conv+Gemm / +MatMul / all ops but the post-processing tail), asymmetric vs symmetric uint8 activations
+(U8S8 is what the session fuses into QLinearConv), reduce_range from the CPU's ISA (no VNNI: 7-bit weights).
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +37,7 @@ from optcli.measure import (
     size_on_disk,
 )
 from optcli.model import fixed_batch
+from optcli.passes.quantize import profile as prof
 from optcli.passes.quantize.ort import Settings, quantize_onnx
 
 # Ops ONNX Runtime quantizes that carry weights; sensitivity is ranked over these.
@@ -37,6 +46,13 @@ WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
 NOISE = 0.95
 # Static candidates quantize only compute ops unless op_types is given: QDQ pairs around data-movement ops cost CPU time.
 STATIC_COMPUTE_OPS = ["MatMul", "Gemm", "Conv", "ConvTranspose"]
+# CNN candidates' op-type subsets, narrowest first; None: every op ORT can quantize (its QLinearSigmoid, QLinearMul,
+# QLinearConcat ... keep SiLU-style activations in int8), less the post-processing tail.
+CNN_OP_SUBSETS = (("Conv",), ("Conv", "Gemm"), ("Conv", "Gemm", "MatMul"), None)
+DYNAMIC_CONV_NOTE = (
+    "dynamic candidates skipped for this CNN: dynamic int8 turns Conv into ConvInteger, which has no fast kernel in "
+    "ONNX Runtime (issue #12854; 4.6-6.3x slower than fp32 measured on two CNNs); static QDQ is tried instead"
+)
 
 
 @dataclass
@@ -50,6 +66,7 @@ class Trial:
     meets: bool = False
     path: Path | None = None
     error: str | None = None
+    slower_in_int8: list[str] = field(default_factory=list)  # nodes this trial keeps fp32 because the profile said so
 
     def row(self, chosen: bool) -> dict:
         row = {
@@ -64,6 +81,8 @@ class Trial:
         }
         if self.error:
             row["error"] = self.error
+        if self.slower_in_int8:
+            row["latency_fallback_nodes"] = len(self.slower_in_int8)
         return row
 
 
@@ -113,11 +132,18 @@ class Evaluation:
         batches = self.batches if subset is None else _head(self.batches, subset)
         outputs = predict(runner, batches)
         value = self.score(outputs)
-        lat = None
-        if timed:
-            figures, _ = latency(runner, [self.latency_batch], warmup=2, runs=self.latency_runs)
-            lat = figures[f"batch_{self.latency_batch}"]["p50_ms"] if figures else None
+        lat = time_p50(path, self, runner) if timed else None
         return value, lat
+
+    def profile_feeds(self) -> dict:
+        return self.batches[0]
+
+
+def time_p50(path: Path, ev: Evaluation, runner=None) -> float | None:
+    """p50 latency of the artifact at the search's batch and threads (the figure every trial is judged by)."""
+    runner = runner or onnx_runner(path, ev.inputs, ev.threads)
+    figures, _ = latency(runner, [ev.latency_batch], warmup=2, runs=ev.latency_runs)
+    return figures[f"batch_{ev.latency_batch}"]["p50_ms"] if figures else None
 
 
 def _head(batches: list[dict], n: int) -> list[dict]:
@@ -155,6 +181,98 @@ def base_candidates(config, has_calibration: bool) -> list[Settings]:
     return out
 
 
+def graph_ops(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def is_cnn(ops: dict[str, int]) -> bool:
+    return ops.get("Conv", 0) + ops.get("ConvTranspose", 0) > 0
+
+
+def cnn_candidates(config, ops: dict[str, int], has_calibration: bool, reduce_range: bool, tail: frozenset[str]):
+    """Static QDQ on the BatchNorm-folded graph, one candidate per op-type subset, plus symmetric activations.
+
+    Axes the user set in `search` are kept; the others take CNN defaults (per-channel, no SmoothQuant)."""
+    space = config.search
+    chosen = space.model_fields_set
+    if not has_calibration:
+        return []
+    per_channel = space.per_channel if "per_channel" in chosen else [True]
+    rr = config.reduce_range if "reduce_range" in config.model_fields_set else reduce_range
+    subsets: list[tuple[str, ...] | None] = []
+    if config.op_types:
+        subsets.append(tuple(config.op_types))
+    else:
+        for subset in CNN_OP_SUBSETS:
+            present = None if subset is None else tuple(o for o in subset if ops.get(o))
+            if present != () and present not in subsets:
+                subsets.append(present)
+    out = []
+    for ops_subset in subsets:
+        for pc in per_channel:
+            for method in space.calibration:
+                exclude = tail if ops_subset is None else frozenset()
+                out.append(Settings("static", pc, method, None, exclude, ops_subset, rr, False, source="folded"))
+    # Symmetric uint8 activations (zero point 128) for the widest subset: fuses like asymmetric, ranges differ.
+    if out:
+        out.append(replace(out[-1], activation_symmetric=True))
+    return out
+
+
+def fold_batchnorm(source: Path, target: Path) -> Path:
+    """BatchNorm folded into the convs (and constants folded): ONNX Runtime's offline basic-level optimization,
+    which writes only standard ONNX ops, so any runtime loads it. Unnamed nodes get names (the profile maps the
+    session's nodes back to them). The source is returned unchanged if ORT cannot write the model."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(target)
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
+        proto = onnx.load(str(target))
+    except Exception:  # an optimization, never a reason to fail the search
+        target.unlink(missing_ok=True)
+        return source
+    used = {n.name for n in proto.graph.node if n.name}
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+    onnx.save(proto, str(target))
+    return target
+
+
+def output_tail(path: Path) -> frozenset[str]:
+    """Nodes between the last compute op and a graph output (decode, post-processing).
+
+    Left fp32 in the all-ops candidate: a detector's output concatenates box coordinates (0..320) with class scores
+    (0..1), and one int8 scale for both rounds every score to 0 (seen on YOLOv8n: box F1 0 at cosine 0.9997)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    tail: set[str] = set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in tail or node.op_type in STATIC_COMPUTE_OPS:
+            continue
+        tail.add(node.name)
+        stack.extend(node.input)
+    return frozenset(n for n in tail if n)
+
+
 def quantizable_nodes(path: Path, settings: Settings, excluded: set[str]) -> list[str]:
     """Nodes this configuration would turn into int8: weight ops (and, for static, activation MatMuls)."""
     import onnx
@@ -176,12 +294,26 @@ def quantizable_nodes(path: Path, settings: Settings, excluded: set[str]) -> lis
 
 class Search:
     def __init__(
-        self, config, ctx, source: Path, model, quantize_fn, evaluation: Evaluation, goal: Goal, calib_batches
+        self,
+        config,
+        ctx,
+        source: Path,
+        model,
+        quantize_fn,
+        evaluation: Evaluation,
+        goal: Goal,
+        calib_batches,
+        sources: dict[str, Path] | None = None,
     ):
         self.config = config
         self.space = config.search
         self.ctx = ctx
         self.source = source
+        # The graphs candidates are written from (Settings.source): the pass's input, the BN-folded graph, the raw file.
+        self.sources = {"input": source, **(sources or {})}
+        self.profiles: dict[str, prof.Profile] = {}
+        self.stem_fp32: set[str] = set()  # leading compute nodes the stem fallback kept fp32 (accuracy)
+        self.slow_figures: dict[str, dict] = {}  # node -> its fp32 / int8 region cost when the profile sent it back
         self.model = model
         self.quantize_fn = quantize_fn  # (source, target, settings, calib_batches, smooth_batches) -> details
         self.ev = evaluation
@@ -211,7 +343,7 @@ class Search:
         folder = self.work / tag
         folder.mkdir(exist_ok=True)
         target = folder / "model.onnx"
-        self.quantize_fn(self.source, target, settings, self.calib, self.smooth_batches)
+        self.quantize_fn(self.sources[settings.source], target, settings, self.calib, self.smooth_batches)
         return target
 
     def try_settings(self, settings: Settings) -> Trial:
@@ -283,7 +415,7 @@ class Search:
         return sorted(nodes, key=lambda x: -self.sensitivity.get(x, float("-inf")))
 
     def fallback(self, base: Trial, best_latency: float | None) -> None:
-        nodes = quantizable_nodes(self.source, base.settings, set(base.settings.exclude))
+        nodes = quantizable_nodes(self.sources[base.settings.source], base.settings, set(base.settings.exclude))
         if not nodes:
             return
         limit = int(self.space.max_fallback_fraction * len(nodes))
@@ -297,6 +429,7 @@ class Search:
                 )
                 return
             trial = self.try_settings(replace(base.settings, exclude=base.settings.exclude | frozenset(order[:k])))
+            trial.slower_in_int8 = list(base.slower_in_int8)
             if trial.meets:
                 return
             if best_latency is not None and trial.latency_ms is not None and trial.latency_ms > best_latency:
@@ -307,6 +440,80 @@ class Search:
         self.notes.append(
             f"fallback stopped at the limit of {limit} nodes (max_fallback_fraction {self.space.max_fallback_fraction})"
         )
+
+    # ----------------------------------------------------------------- latency fallback (profile)
+    def profile_of(self, path: Path) -> prof.Profile:
+        key = str(path)
+        if key not in self.profiles:
+            runs = max(self.ev.latency_runs, 5)
+            self.profiles[key] = prof.profile(path, self.ev.profile_feeds(), self.ev.threads, runs=runs)
+        return self.profiles[key]
+
+    def compare(self, trial: Trial) -> prof.Comparison:
+        """fp32 vs int8 cost per region, the fp32 side profiled on the graph the candidate was written from."""
+        source = self.sources[trial.settings.source]
+        return prof.compare(source, self.profile_of(source), trial.path, self.profile_of(trial.path))
+
+    def latency_fallback(self, trial: Trial, rounds: int = 2) -> None:
+        """Write the regions the profile shows slower in int8 back in fp32; re-measure; repeat while it pays."""
+        current = trial
+        for _ in range(rounds):
+            if current.path is None or current.settings is None or not self.can_try():
+                return
+            source = self.sources[current.settings.source]
+            quantized = set(quantizable_nodes(source, current.settings, set(current.settings.exclude)))
+            try:
+                comparison = self.compare(current)
+            except Exception as e:  # the profiler is an aid; a model it cannot profile is still measured end to end
+                self.notes.append(f"latency fallback skipped: profiling failed ({type(e).__name__}: {str(e)[:120]})")
+                return
+            slow = comparison.slower(quantized)
+            if not slow:
+                self.notes.append(
+                    f"latency fallback: no int8 region of {current.name} is slower than fp32 in the profile"
+                )
+                return
+            cost = {r["node"]: r for r in comparison.rows}
+            for n in slow:
+                self.slow_figures[n] = {
+                    "fp32_ms": cost[n]["fp32_ms"],
+                    "int8_ms": cost[n]["int8_ms"],
+                    "from": current.name,
+                }
+            extra = sum(cost[n]["int8_ms"] - cost[n]["fp32_ms"] for n in slow)
+            settings = replace(
+                current.settings, exclude=current.settings.exclude | frozenset(slow), tag="latency-fallback"
+            )
+            fallen = sorted(set(current.slower_in_int8) | set(slow))
+            self.notes.append(
+                f"latency fallback from {current.name}: {len(slow)} of {len(quantized)} int8 regions cost "
+                f"{extra:.3f} ms more than fp32 in the profile; written back in fp32 and re-measured"
+            )
+            new = self.try_settings(settings)
+            new.slower_in_int8 = fallen
+            if new.latency_ms is None or current.latency_ms is None or new.latency_ms >= current.latency_ms:
+                return
+            current = new
+
+    def stem_fallback(self, base: Trial) -> None:
+        """A CNN's first convs (few channels, full resolution) are where int8 loses most accuracy and gains least
+        speed: keep the first 1, 2, 4, 8 ... compute nodes fp32 until the target holds. One trial per step, so it
+        fits a budget that ranking every node by sensitivity (one quantization per node) does not."""
+        source = self.sources[base.settings.source]
+        nodes = quantizable_nodes(source, base.settings, set(base.settings.exclude))
+        limit = int(self.space.max_fallback_fraction * len(nodes))
+        k = 1
+        while k <= limit and self.can_try():
+            trial = self.try_settings(
+                replace(base.settings, exclude=base.settings.exclude | frozenset(nodes[:k]), tag=f"stem-fp32x{k}")
+            )
+            trial.slower_in_int8 = list(base.slower_in_int8)
+            self.stem_fp32 |= set(nodes[:k])
+            if trial.meets:
+                self.notes.append(f"stem fallback: the first {k} compute nodes in fp32 meet the target")
+                return
+            k *= 2
+        self.notes.append("stem fallback: the target was not met with up to " + f"{k // 2} leading nodes in fp32")
 
     # ----------------------------------------------------------------- the search
     def run(self, candidates: list[Settings]) -> tuple[Trial, Trial]:
@@ -320,6 +527,16 @@ class Search:
                 )
                 break
             self.try_settings(settings)
+        # What hand-tuning found on MiniLM: ORT's pre-processing can make the int8 graph slower; try the best without it.
+        best = self.choose()
+        if best is not None and "raw" in self.sources and best.settings.source == "input" and self.can_try():
+            self.try_settings(replace(best.settings, source="raw"))
+        best = self.choose()
+        if best is not None and self.space.fallback and self.can_try():
+            self.latency_fallback(best)
+        best = self.choose()
+        if best is not None and not best.meets and best.settings.source == "folded" and self.space.fallback:
+            self.stem_fallback(best)
         done = [t for t in self.trials if t.settings is not None and t.metric is not None]
         if self.space.fallback and done and not any(t.meets for t in done) and not self.can_try():
             self.notes.append(
@@ -397,20 +614,54 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     """Run the search, write the chosen model to `target`, and record the search block and its gates in ctx.details."""
     ev = evaluation_for(model, config, ctx)
     goal = make_goal(config.target, ev.score(ev.reference))
-    candidates = [replace(c, exclude=frozenset(exclude)) for c in base_candidates(config, calib is not None)]
-    if "static" in config.search.modes and calib is None:
-        ctx.warn("search: static candidates skipped (no data.calibration)")
-
     cache = {"dir": ctx.step_dir / "candidates"}
     cache["dir"].mkdir(exist_ok=True)
+    sources: dict[str, Path] = {}
+    ops = graph_ops(source)
+    notes: list[str] = []
+    explicit_modes = "modes" in config.search.model_fields_set
+    if is_cnn(ops) and (not explicit_modes or "static" in config.search.modes):
+        sources["folded"] = fold_batchnorm(source, cache["dir"] / "bn_folded.onnx")
+        reduce_range = prof.reduce_range_for_cpu()
+        candidates = cnn_candidates(config, ops, calib is not None, reduce_range, output_tail(sources["folded"]))
+        candidates = [replace(c, exclude=c.exclude | frozenset(exclude)) for c in candidates]
+        vnni = prof.cpu_has_vnni()
+        notes.append(
+            f"CNN candidates: static QDQ on the BatchNorm-folded graph ({ops.get('BatchNormalization', 0)} BatchNormalization "
+            f"in the input), reduce_range {candidates[0].reduce_range if candidates else reduce_range} "
+            f"(CPU VNNI: {'unknown' if vnni is None else 'yes' if vnni else 'no'})"
+        )
+        if "dynamic" in config.search.modes:
+            notes.append(DYNAMIC_CONV_NOTE)
+            weights = tuple(o for o in ("MatMul", "Gemm") if ops.get(o))
+            if explicit_modes and weights:  # asked for: dynamic on the MatMul/Gemm part only, never on Conv
+                candidates.append(Settings("dynamic", True, "minmax", None, frozenset(exclude), weights))
+        if calib is None:
+            ctx.warn("search: this CNN needs data.calibration for static int8 candidates")
+    else:
+        candidates = [replace(c, exclude=frozenset(exclude)) for c in base_candidates(config, calib is not None)]
+        if is_cnn(ops):
+            notes.append(
+                DYNAMIC_CONV_NOTE.replace("skipped", "asked for").replace(
+                    "static QDQ is tried instead", "search.modes has no static"
+                )
+            )
+            ctx.warn("search.modes without static on a CNN: " + DYNAMIC_CONV_NOTE.split(": ", 1)[1])
+    if config.preprocess and Path(source) != Path(model.path) and not is_cnn(ops):
+        sources["raw"] = Path(model.path)
+    if "static" in config.search.modes and calib is None:
+        ctx.warn("search: static candidates skipped (no data.calibration)")
 
     def write(src, dst, settings, calib_batches, smooth_batches):
         return quantize_onnx(src, dst, settings, config, calib_batches, smooth_batches, ctx, cache=cache)
 
-    search = Search(config, ctx, source, model, write, ev, goal, calib)
+    search = Search(config, ctx, source, model, write, ev, goal, calib, sources)
+    search.notes.extend(notes)
     fp32, chosen = search.run(candidates)
+    chosen_source = search.sources[chosen.settings.source]
     if search.quantizable_count is None:
-        search.quantizable_count = len(quantizable_nodes(source, chosen.settings, set(exclude)))
+        search.quantizable_count = len(quantizable_nodes(chosen_source, chosen.settings, set(exclude)))
+    profile_block = chosen_profile(search, chosen, exclude, cache)
     shutil.copyfile(chosen.path, target)
     shutil.rmtree(search.work, ignore_errors=True)
     faster = chosen.latency_ms is not None and fp32.latency_ms is not None and chosen.latency_ms < fp32.latency_ms
@@ -435,6 +686,8 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
         "trials": search.trials_used(),
         "seconds": round(search.elapsed(), 3),
         "notes": search.notes,
+        "latency_fallback_nodes": [{"node": n, **search.slow_figures.get(n, {})} for n in chosen.slower_in_int8],
+        "profile": profile_block,
     }
     screened = sorted({t for k, v in cache.items() if k != "dir" and k[0] == "inf" for t in v})
     if screened:
@@ -462,6 +715,12 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
             f"int8 is not faster than fp32 here: {chosen.name} p50 {_fmt(chosen.latency_ms)} ms vs fp32 {_fmt(fp32.latency_ms)} ms "
             f"(batch {ev.latency_batch}, {ev.threads} threads)"
         )
+        if profile_block:
+            note += (
+                f"; profiled kernel time int8 {profile_block['int8_total_ms']:.3f} ms vs fp32 {profile_block['fp32_total_ms']:.3f} ms, "
+                f"{profile_block['fused']['int8_kernels']} int8 kernels and {profile_block['fused']['quantize_linear']} "
+                f"QuantizeLinear / {profile_block['fused']['dequantize_linear']} DequantizeLinear in the session"
+            )
         ctx.warn(
             note
             + ("; kept because allow_slower: true" if config.allow_slower else "; set allow_slower: true to accept it")
@@ -480,6 +739,47 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     ctx.log(
         f"{ctx.step_name}: chose {chosen.name} ({goal.metric} {chosen.metric:.6g}, p50 {_fmt(chosen.latency_ms)} ms, fp32 {_fmt(fp32.latency_ms)} ms)"
     )
+
+
+def chosen_profile(search: Search, chosen: Trial, exclude: set[str], cache: dict) -> dict | None:
+    """The report's view of what the session runs for the chosen model: per-op-type and per-region fp32 vs int8 ms,
+    which compute nodes stayed fp32 and why."""
+    source = search.sources[chosen.settings.source]
+    try:
+        comparison = search.compare(chosen)
+    except Exception as e:
+        search.notes.append(f"profile of the chosen model not taken ({type(e).__name__}: {str(e)[:120]})")
+        return None
+    every = set(quantizable_nodes(source, replace(chosen.settings, exclude=frozenset()), set()))
+    quantized = set(quantizable_nodes(source, chosen.settings, set(chosen.settings.exclude)))
+    nonfinite = {n for k, v in cache.items() if k != "dir" and k[0] == "inf" for n in v}
+    why: dict[str, str] = {}
+    for node in every - quantized:
+        if node in exclude:
+            why[node] = "excluded in the recipe"
+        elif node in chosen.slower_in_int8:
+            why[node] = "slower in int8 here (profile)"
+        elif node in search.sensitivity:
+            why[node] = "accuracy (sensitivity fallback)"
+        elif node in search.stem_fp32:
+            why[node] = "accuracy (first convs kept fp32)"
+        elif node in nonfinite:
+            why[node] = "inf/NaN on calibration data"
+    fp32_nodes = set(why)
+    ordered = sorted(comparison.rows, key=lambda r: -abs(r["int8_ms"] - r["fp32_ms"]))
+    return {
+        "fp32_total_ms": round(comparison.fp32_total_ms, 4),
+        "int8_total_ms": round(comparison.int8_total_ms, 4),
+        "unattributed_ms": {"fp32": round(comparison.fp32_other_ms, 4), "int8": round(comparison.int8_other_ms, 4)},
+        "fused": prof.fused_counts(comparison.session_ops),
+        "session_ops": comparison.session_ops,
+        "op_types": prof.op_type_table(comparison, quantized, why),
+        "regions": [
+            {**r, "int8": r["node"] in quantized, "why_fp32": why.get(r["node"])}
+            for r in ordered[:40]
+            if r["node"] in quantized or r["node"] in fp32_nodes or r["node"] in every
+        ],
+    }
 
 
 def _fmt(value) -> str:
