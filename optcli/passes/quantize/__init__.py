@@ -37,6 +37,8 @@ def apply(model, config: Config, ctx: Context):
 
     from optcli.passes.quantize.ort import Settings, count_quant_ops, preprocess, quantize_onnx, resolve_exclude
 
+    if config.weights is not None:
+        return _weight_only(model, config, ctx)
     work = ctx.step_dir / "work"
     work.mkdir(exist_ok=True)
     source = preprocess(model.path, work / "preprocessed.onnx", ctx) if config.preprocess else model.path
@@ -76,6 +78,18 @@ def apply(model, config: Config, ctx: Context):
     return model.with_(path=target)
 
 
+def _weight_only(model, config: Config, ctx: Context):
+    import onnx
+
+    from optcli.passes.quantize.ort import resolve_exclude
+    from optcli.passes.quantize.weight_only import quantize_weights
+
+    exclude = resolve_exclude(onnx.load(str(model.path), load_external_data=False), config.exclude, ctx)
+    target = ctx.step_dir / "model.onnx"
+    ctx.details["weight_only"] = quantize_weights(model.path, target, config, exclude, ctx)
+    return model.with_(path=target)
+
+
 def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
     """SmoothQuant needs activation ranges; without data.calibration they come from data.eval."""
     data = ctx.data.eval
@@ -93,5 +107,5 @@ PASS = PassSpec(
     consumes=frozenset({"onnx"}),
     apply=apply,
     check=check,
-    summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration",
+    summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration; int4/int8 weight-only (MatMulNBits)",
 )
