@@ -12,6 +12,7 @@ _MODULES = {
     "finetune": "optcli.passes.finetune",
     "prune": "optcli.passes.prune",
     "cluster": "optcli.passes.cluster",
+    "convert": "optcli.passes.convert",
 }
 
 
