@@ -12,8 +12,41 @@ from optcli.model import fixed_batch
 from optcli.passes.base import Context, PassSpec
 from optcli.passes.quantize.config import Config
 
+# int8 settings each hardware target runs well, applied to the keys a recipe leaves unset.
+TARGET_PRESETS = {
+    # TensorRT reads explicit QDQ and wants symmetric int8 on both sides (S8S8), weights per channel.
+    "tensorrt": {
+        "mode": "static",
+        "activation_type": "int8",
+        "weight_type": "int8",
+        "symmetric_activation": True,
+        "per_channel": True,
+    },
+    "openvino": {"mode": "static"},  # OpenVINO takes QDQ graphs and fuses them itself
+}
+
+
+def for_target(config: Config, target: str) -> Config:
+    """The config with the target's preset filled into the keys the recipe did not set."""
+    if config.weights is not None or config.target is not None:
+        return config
+    preset = {k: v for k, v in TARGET_PRESETS.get(target, {}).items() if k not in config.model_fields_set}
+    return config.model_copy(update=preset) if preset else config
+
 
 def check(config: Config, recipe, input_format: str) -> None:
+    target = recipe.report.target
+    if (
+        target == "tensorrt"
+        and config.weights is None
+        and config.mode == "dynamic"
+        and "mode" in config.model_fields_set
+    ):
+        raise ValueError(
+            "report.target tensorrt runs static QDQ int8 only: drop mode: dynamic (the preset is static S8S8)"
+        )
+    preset_mode = target in TARGET_PRESETS and "mode" not in config.model_fields_set
+    config = for_target(config, target)
     if config.target is not None:
         if recipe.data.eval is None:
             raise ValueError("target needs data.eval (the inputs the metric is measured on; cosine needs no labels)")
@@ -23,6 +56,7 @@ def check(config: Config, recipe, input_format: str) -> None:
     if config.mode == "static" and recipe.data.calibration is None:
         raise ValueError(
             "static quantization needs calibration data: add data.calibration (path: ..., samples: 128) or use mode: dynamic"
+            + (f" (report.target {target} presets mode: static)" if preset_mode else "")
         )
 
 
@@ -39,6 +73,19 @@ def apply(model, config: Config, ctx: Context):
 
     if config.weights is not None:
         return _weight_only(model, config, ctx)
+    target = ctx.recipe.report.target
+    preset = for_target(config, target)
+    if preset is not config:
+        ctx.details["target_preset"] = {
+            "target": target,
+            **{k: getattr(preset, k) for k in TARGET_PRESETS[target] if k not in config.model_fields_set},
+        }
+        config = preset
+    if target == "cuda":
+        ctx.warn(
+            "int8 on the plain CUDA execution provider is often slower than fp32 (onnxruntime issue #24807): "
+            "compare the latency rows, or use report.target: tensorrt"
+        )
     work = ctx.step_dir / "work"
     work.mkdir(exist_ok=True)
     source = preprocess(model.path, work / "preprocessed.onnx", ctx) if config.preprocess else model.path
