@@ -100,6 +100,9 @@ def run(
     rdzv_endpoint: str | None = typer.Option(
         None, "--rdzv-endpoint", help="host:port of the rendezvous on node 0 (multi-node)"
     ),
+    target: str | None = typer.Option(
+        None, "--target", help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target"
+    ),
 ):
     """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
 
@@ -111,7 +114,7 @@ def run(
 
         err = console()
         log = (lambda m: None) if quiet else step_log(err)
-        rec = load_recipe(recipe, overrides=set_)
+        rec = load_recipe(recipe, overrides=[*set_, *([f"report.target={target}"] if target else [])])
         launch = cli_overrides(
             rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint
         )
@@ -152,6 +155,9 @@ def validate(
         False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"
     ),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    target: str | None = typer.Option(
+        None, "--target", help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target"
+    ),
 ):
     """Check a recipe (keys, types, files, pass order, model and data files) without running any pass."""
 
@@ -159,7 +165,7 @@ def validate(
         from optcli.recipe import load_recipe
         from optcli.runner import preflight
 
-        rec = load_recipe(recipe, overrides=set_)
+        rec = load_recipe(recipe, overrides=[*set_, *([f"report.target={target}"] if target else [])])
         preflight(rec, trust_pickle)
         resolved = rec.model_dump(mode="json")
         if json_out:

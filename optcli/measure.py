@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from optcli.artifact import artifact_files
+from optcli.environment import providers_for
 from optcli.model import InputSpec, Model, example_inputs, fixed_batch
 from optcli.onnx_check import session_or_upgraded
 
@@ -37,18 +38,22 @@ class Runner:
         return self._fn(feeds)
 
 
-def onnx_runner(path: Path, inputs: list[InputSpec], threads: int) -> Runner:
+def onnx_runner(path: Path, inputs: list[InputSpec], threads: int, providers: list[str] | None = None) -> Runner:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    session, upgraded = session_or_upgraded(path, opts)
+    session, upgraded = session_or_upgraded(path, opts, providers)
     names = {i.name for i in session.get_inputs()}
+    # A graph converted without keep_io_types takes fp16 inputs; the data and the reference stay float32.
+    half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
 
     def run(feeds):
-        return session.run(None, {k: v for k, v in feeds.items() if k in names})
+        return session.run(
+            None, {k: (v.astype(np.float16) if k in half else v) for k, v in feeds.items() if k in names}
+        )
 
     return Runner(run, inputs, f"onnxruntime {ort.__version__}" + (f" ({upgraded})" if upgraded else ""))
 
@@ -93,16 +98,16 @@ def flatten_outputs(out) -> list:
     return flat
 
 
-def runner_for(model: Model, threads: int) -> Runner:
+def runner_for(model: Model, threads: int, providers: list[str] | None = None) -> Runner:
     if model.format == "onnx":
-        return onnx_runner(model.path, model.inputs, threads)
+        return onnx_runner(model.path, model.inputs, threads, providers)
     return torch_runner(model.module, model.inputs, threads)
 
 
-def load_written(path: Path, inputs: list[InputSpec], threads: int) -> Runner:
+def load_written(path: Path, inputs: list[InputSpec], threads: int, providers: list[str] | None = None) -> Runner:
     """A runner on a step artifact read back from disk (ONNX or torch.export)."""
     if path.suffix == ".onnx":
-        return onnx_runner(path, inputs, threads)
+        return onnx_runner(path, inputs, threads, providers)
     import torch
 
     return torch_runner(torch.export.load(str(path)).module(), inputs, threads)
@@ -266,6 +271,7 @@ class Evaluator:
     def __init__(self, recipe, original: Model, data, log):
         self.recipe = recipe
         self.spec = recipe.report.latency
+        self.providers = providers_for(recipe.report.target)
         self.eval = data.eval
         self.log = log
         if self.eval is not None:
@@ -296,7 +302,7 @@ class Evaluator:
         return ({k: v[i : i + size] for k, v in self.generated.items()} for i in range(0, n, size))
 
     def measure(self, path: Path, model: Model, runner=None) -> dict:
-        runner = runner or load_written(path, model.inputs, self.spec.threads)
+        runner = runner or load_written(path, model.inputs, self.spec.threads, self.providers)
         outputs = predict(runner, self._batches(model.inputs))
         if self.reference_outputs is None:
             self.reference_outputs = outputs

@@ -56,7 +56,7 @@ def upgrade(proto, target: int = MIN_OPSET):
         raise ValueError(f"onnx.version_converter: {first}; onnxscript: {reason(e, 200)}") from None
 
 
-def session(model, threads: int = 1, opts=None):
+def session(model, threads: int = 1, opts=None, providers: list[str] | None = None):
     """An ONNX Runtime session on a path or an in-memory ModelProto; Unloadable with ORT's reason."""
     import onnxruntime as ort
 
@@ -66,16 +66,16 @@ def session(model, threads: int = 1, opts=None):
         opts.intra_op_num_threads = threads
     source = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
     try:
-        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own Fail / InvalidGraph / NotImplemented types
         raise Unloadable(reason(e)) from None
 
 
-def session_or_upgraded(path: Path, opts) -> tuple[object, str | None]:
+def session_or_upgraded(path: Path, opts, providers: list[str] | None = None) -> tuple[object, str | None]:
     """A session on the file; for a graph older than ONNX Runtime's kernels (Add-6, Gemm-6), on an in-memory
     copy upgraded to opset 13. Returns (session, note on the upgrade or None); Unloadable when neither loads."""
     try:
-        return session(path, opts=opts), None
+        return session(path, opts=opts, providers=providers), None
     except Unloadable as e:
         import onnx
 
@@ -87,7 +87,9 @@ def session_or_upgraded(path: Path, opts) -> tuple[object, str | None]:
             upgraded = upgrade(proto, MIN_OPSET)
         except ValueError as why:
             raise Unloadable(f"{e}; upgrading opset {opset} -> {MIN_OPSET} failed: {why}") from None
-        return session(upgraded, opts=opts), f"opset {opset} upgraded to {MIN_OPSET} in memory to run it ({e})"
+        return session(
+            upgraded, opts=opts, providers=providers
+        ), f"opset {opset} upgraded to {MIN_OPSET} in memory to run it ({e})"
 
 
 def outputs_of(model, feeds: list[dict]) -> list[list[np.ndarray]]:

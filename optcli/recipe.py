@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import Field, ValidationError, create_model
@@ -29,6 +29,10 @@ class LatencySpec(StrictModel):
 
 class ReportSpec(StrictModel):
     latency: LatencySpec = LatencySpec()
+    target: Literal["cpu", "cuda", "tensorrt", "openvino"] = Field(
+        default="cpu",
+        description="hardware the report measures on (ONNX Runtime execution providers) and the int8 preset quantize uses",
+    )
     fidelity_samples: int = Field(
         default=64, ge=1, le=100_000, description="inputs compared with the original model when there is no eval data"
     )

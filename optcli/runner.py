@@ -15,7 +15,7 @@ from pathlib import Path
 from optcli import __version__, library_warnings
 from optcli.artifact import load_model, save_torch
 from optcli.data import DataCatalog
-from optcli.environment import environment
+from optcli.environment import check_target, environment, providers_for
 from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed, first_line, writing
 from optcli.gates import check_gates, near_gate_warnings
 from optcli.measure import Evaluator, runner_for
@@ -51,6 +51,7 @@ class RunOptions:
 
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
+    check_target(recipe.report.target)  # a provider that is not installed: exit 2 naming the package
     original = load_model(recipe.model, trust_pickle=trust_pickle)
     check_feedable(original.inputs, recipe.model.path)
     check_memory(original.inputs, max(recipe.report.latency.batch_sizes), "report.latency.batch_sizes")
@@ -116,7 +117,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     return {
         "optcli_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
-        "environment": environment(recipe.report.latency.threads),
+        "environment": environment(recipe.report.latency.threads, recipe.report.target),
         "input": {
             "path": str(recipe.model.path),
             "format": original.format,
@@ -138,7 +139,9 @@ def _measure_original(recipe, original: Model, evaluator: Evaluator, log) -> dic
     log(f"measuring the original model ({original.kind}, {recipe.model.path.name})")
     direct = original.format == "torch" or original.path
     try:
-        runner = runner_for(original, recipe.report.latency.threads) if direct else None
+        runner = (
+            runner_for(original, recipe.report.latency.threads, providers_for(recipe.report.target)) if direct else None
+        )
     except Unloadable as e:  # the user's graph, not our bug: say so in their terms
         raise BadInput(f"ONNX Runtime cannot load this model: {e}") from None
     row = evaluator.measure(recipe.model.path, original, runner=runner)

@@ -13,6 +13,8 @@ _MODULES = {
     "prune": "optcli.passes.prune",
     "prepare": "optcli.passes.quantize.prepare",
     "optimize": "optcli.passes.optimize",
+    "cluster": "optcli.passes.cluster",
+    "convert": "optcli.passes.convert",
 }
 
 

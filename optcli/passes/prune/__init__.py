@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from optcli.config import StrictModel
 from optcli.errors import first_line
+from optcli.layers import onnx_layers, torch_layers
 from optcli.passes.base import Context, PassConfig, PassSpec, attach_training_hook
 
 
@@ -121,7 +122,7 @@ def preflight(config: Config, recipe, original) -> None:
     if original.format != "torch" or any(p.type != "prune" for p in recipe.passes[:index]):
         return
     _refuse_scripted(original)
-    make_plan(_torch_layers(original.module, original.inputs), config, _describe(original.module))
+    make_plan(torch_layers(original.module, original.inputs), config, _describe(original.module))
 
 
 def apply(model, config: Config, ctx: Context):
@@ -133,37 +134,6 @@ def apply(model, config: Config, ctx: Context):
 
 
 # --------------------------------------------------------------------------- torch
-
-
-def _torch_layers(module, inputs) -> list:
-    """Every Conv/Linear with its weight, in the order the forward pass reaches it."""
-    import torch
-    from torch import nn
-
-    from optcli.model import example_inputs
-    from optcli.passes.prune.plan import Layer
-
-    kinds = {
-        name: ("conv" if isinstance(m, nn.modules.conv._ConvNd) else "linear", m)
-        for name, m in module.named_modules()
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-    }
-    seen: list[str] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda _m, _a, n=name: seen.append(n) if n not in seen else None)
-        for name, (_, m) in kinds.items()
-    ]
-    was_training = module.training
-    try:
-        feeds = example_inputs(inputs, batch=2)
-        with torch.no_grad():
-            module.eval()(*[torch.from_numpy(feeds[s.name]) for s in inputs])
-    finally:
-        for h in hooks:
-            h.remove()
-        module.train(was_training)
-    order = seen + [n for n in kinds if n not in seen]  # layers the forward never reached go last
-    return [Layer(n, kinds[n][0], kinds[n][1].weight.numel(), kinds[n][1]) for n in order]
 
 
 def _describe(module) -> str:
@@ -203,7 +173,7 @@ def _prune_masks(model, config: Config, ctx: Context):
 
     _refuse_scripted(model)
     module = copy.deepcopy(model.module)  # the original stays untouched: it is the reference / distillation teacher
-    layers = _torch_layers(module, model.inputs)
+    layers = torch_layers(module, model.inputs)
     plan = make_plan(layers, config, _describe(module))
     before, _ = _param_counts(module)
     if config.schedule is not None:
@@ -229,7 +199,7 @@ def _prune_channels(model, config: Config, ctx: Context):
 
     _refuse_scripted(model)
     module = fold_pruning(model.module)  # a copy, earlier masks folded: torch-pruning slices plain weights
-    layers = _torch_layers(module, model.inputs)
+    layers = torch_layers(module, model.inputs)
     plan = make_plan(layers, config, _describe(module))
     # Output features of the last layer are the model's outputs: never remove them, whatever exclude says.
     head = layers[-1]
@@ -306,48 +276,6 @@ def _outputs(out) -> list:
 
 
 # --------------------------------------------------------------------------- ONNX
-
-
-def onnx_layers(proto, with_weights: bool) -> list:
-    """Float weight initializers of Conv / Gemm / MatMul in graph order (ONNX stores nodes topologically sorted).
-
-    A layer is named after its initializer without ".weight" (the torch.export-based exporter keeps module
-    names: "features.0"), else after its node ("/features/features.0/Conv" from the TorchScript exporter).
-    """
-    import math
-
-    from onnx import numpy_helper
-
-    from optcli.passes.prune.plan import Layer
-
-    inits = {t.name: t for t in proto.graph.initializer}
-    layers, seen = [], set()
-    for node in proto.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        candidates = [node.input[1], node.input[0]] if node.op_type == "MatMul" else node.input[1:2]
-        weight = next((i for i in candidates if i in inits), None)
-        if (
-            weight is None
-            or weight in seen
-            or inits[weight].data_type not in (1, 10, 11)
-            or len(inits[weight].dims) < 2
-        ):
-            continue  # float32/16/64 matrices and kernels only: int8 weights of a quantized graph stay as they are
-        seen.add(weight)
-        name = weight.removesuffix(".weight") if weight.endswith(".weight") or not node.name else node.name
-        holder = None
-        if with_weights:
-            import torch
-
-            arr = numpy_helper.to_array(inits[weight])
-            holder = torch.nn.Module()
-            holder.weight = torch.nn.Parameter(torch.from_numpy(arr.astype("float32", copy=True)), requires_grad=False)
-            holder.onnx_name, holder.dtype = weight, arr.dtype
-        layers.append(
-            Layer(name, "conv" if node.op_type == "Conv" else "linear", math.prod(inits[weight].dims), holder)
-        )
-    return layers
 
 
 def _prune_onnx(model, config: Config, ctx: Context):

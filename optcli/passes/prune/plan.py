@@ -28,11 +28,7 @@ Masks only ever grow: a weight pruned once stays pruned (Zhu & Gupta 2017,
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass, field
-from typing import Any
-
-from optcli.errors import BadInput
+from optcli.layers import Layer, Plan, default_exclusions, make_plan  # noqa: F401 (the selection prune shares)
 
 
 def cubic_sparsity(step: int, steps: int, final: float, initial: float = 0.0) -> float:
@@ -44,98 +40,6 @@ def cubic_sparsity(step: int, steps: int, final: float, initial: float = 0.0) ->
 
 
 # --------------------------------------------------------------------------- choosing layers
-
-
-@dataclass
-class Layer:
-    name: str
-    kind: str  # "conv" | "linear"
-    numel: int
-    handle: Any = None  # the nn.Module (torch) or the holder of an ONNX initializer
-
-
-@dataclass
-class Plan:
-    """Which layers get which sparsity; each group is pruned to its sparsity as one pool of weights."""
-
-    groups: list[tuple[list[Layer], float]] = field(default_factory=list)
-    excluded: dict[str, str] = field(default_factory=dict)  # layer -> why it is left alone
-
-    @property
-    def layers(self) -> list[Layer]:
-        return [layer for members, _ in self.groups for layer in members]
-
-
-def default_exclusions(ordered: list[Layer]) -> set[str]:
-    """The first conv (few weights, every later layer depends on it) and the last layer (the classifier head)."""
-    names = set()
-    first_conv = next((layer for layer in ordered if layer.kind == "conv"), None)
-    if first_conv is not None:
-        names.add(first_conv.name)
-    if ordered:
-        names.add(ordered[-1].name)
-    return names
-
-
-def make_plan(ordered: list[Layer], config, what: str) -> Plan:
-    """Resolve exclude / layers globs / min_params / scope into groups. Raises BadInput on an impossible request.
-
-    `ordered` is every prunable layer in execution order; `what` names the model in messages.
-    """
-    if not ordered:
-        raise BadInput(f"prune: {what} has no prunable layers (Conv or Linear weights); nothing to prune")
-    names = [layer.name for layer in ordered]
-    overrides: dict[str, float] = {}
-    for pattern, sparsity in config.layers.items():
-        hits = fnmatch.filter(names, pattern)
-        if not hits:
-            raise BadInput(
-                f"prune: layers glob {pattern!r} matches no prunable layer of {what} (layers: {_few(names)})"
-            )
-        for name in hits:
-            overrides.setdefault(name, sparsity)  # the first glob that names a layer wins
-    plan = Plan()
-    if config.exclude is None:
-        for name in default_exclusions(ordered):
-            if name not in overrides:
-                plan.excluded[name] = "excluded by default (first conv / classifier head); set exclude: [] to prune it"
-    else:
-        for pattern in config.exclude:
-            hits = fnmatch.filter(names, pattern)
-            if not hits:
-                raise BadInput(
-                    f"prune: exclude glob {pattern!r} matches no prunable layer of {what} (layers: {_few(names)})"
-                )
-            for name in hits:
-                plan.excluded[name] = f"exclude: {pattern}"
-    shared: list[Layer] = []
-    for layer in ordered:
-        if layer.name in plan.excluded:
-            continue
-        if layer.name in overrides:
-            if overrides[layer.name] > 0:
-                plan.groups.append(([layer], overrides[layer.name]))
-            else:
-                plan.excluded[layer.name] = "layers: sparsity 0"
-        elif layer.numel < config.min_params:
-            plan.excluded[layer.name] = f"{layer.numel} weights < min_params {config.min_params}"
-        elif config.sparsity > 0:
-            shared.append(layer)
-    if shared:
-        if config.scope == "global":
-            plan.groups.append((shared, config.sparsity))
-        else:
-            plan.groups.extend(([layer], config.sparsity) for layer in shared)
-    if not plan.groups and (config.sparsity > 0 or overrides):
-        raise BadInput(
-            f"prune: no layer of {what} is left to prune after exclude/min_params ({len(plan.excluded)} of {len(names)} "
-            f"left alone: {_few(sorted(plan.excluded))}); loosen exclude or min_params"
-        )
-    return plan
-
-
-def _few(names: list[str], n: int = 8) -> str:
-    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 # --------------------------------------------------------------------------- masks

@@ -35,7 +35,41 @@ def _kept_input(ctx: Context, path):
     return path
 
 
+# int8 settings each hardware target runs well, applied to the keys a recipe leaves unset.
+TARGET_PRESETS = {
+    # TensorRT reads explicit QDQ and wants symmetric int8 on both sides (S8S8), weights per channel.
+    "tensorrt": {
+        "mode": "static",
+        "activation_type": "int8",
+        "weight_type": "int8",
+        "symmetric_activation": True,
+        "per_channel": True,
+    },
+    "openvino": {"mode": "static"},  # OpenVINO takes QDQ graphs and fuses them itself
+}
+
+
+def for_target(config: Config, target: str) -> Config:
+    """The config with the target's preset filled into the keys the recipe did not set."""
+    if config.weights is not None or config.target is not None:
+        return config
+    preset = {k: v for k, v in TARGET_PRESETS.get(target, {}).items() if k not in config.model_fields_set}
+    return config.model_copy(update=preset) if preset else config
+
+
 def check(config: Config, recipe, input_format: str) -> None:
+    target = recipe.report.target
+    if (
+        target == "tensorrt"
+        and config.weights is None
+        and config.mode == "dynamic"
+        and "mode" in config.model_fields_set
+    ):
+        raise ValueError(
+            "report.target tensorrt runs static QDQ int8 only: drop mode: dynamic (the preset is static S8S8)"
+        )
+    preset_mode = target in TARGET_PRESETS and "mode" not in config.model_fields_set
+    config = for_target(config, target)
     if config.target is not None:
         if recipe.data.eval is None:
             raise ValueError("target needs data.eval (the inputs the metric is measured on; cosine needs no labels)")
@@ -45,6 +79,7 @@ def check(config: Config, recipe, input_format: str) -> None:
     if config.mode == "static" and recipe.data.calibration is None:
         raise ValueError(
             "static quantization needs calibration data: add data.calibration (path: ..., samples: 128) or use mode: dynamic"
+            + (f" (report.target {target} presets mode: static)" if preset_mode else "")
         )
 
 
@@ -60,6 +95,21 @@ def apply(model, config: Config, ctx: Context):
     from optcli.onnx_check import place
     from optcli.passes.quantize.ort import Settings, count_quant_ops, preprocess, quantize_onnx, resolve_exclude
 
+    if config.weights is not None:
+        return _weight_only(model, config, ctx)
+    target = ctx.recipe.report.target
+    preset = for_target(config, target)
+    if preset is not config:
+        ctx.details["target_preset"] = {
+            "target": target,
+            **{k: getattr(preset, k) for k in TARGET_PRESETS[target] if k not in config.model_fields_set},
+        }
+        config = preset
+    if target == "cuda":
+        ctx.warn(
+            "int8 on the plain CUDA execution provider is often slower than fp32 (onnxruntime issue #24807): "
+            "compare the latency rows, or use report.target: tensorrt"
+        )
     work = ctx.step_dir / "work"
     work.mkdir(exist_ok=True)
     source = preprocess(model.path, work, ctx) if config.preprocess else model.path
@@ -123,6 +173,18 @@ def apply(model, config: Config, ctx: Context):
     return model.with_(path=target)
 
 
+def _weight_only(model, config: Config, ctx: Context):
+    import onnx
+
+    from optcli.passes.quantize.ort import resolve_exclude
+    from optcli.passes.quantize.weight_only import quantize_weights
+
+    exclude = resolve_exclude(onnx.load(str(model.path), load_external_data=False), config.exclude, ctx)
+    target = ctx.step_dir / "model.onnx"
+    ctx.details["weight_only"] = quantize_weights(model.path, target, config, exclude, ctx)
+    return model.with_(path=target)
+
+
 def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
     """SmoothQuant needs activation ranges; without data.calibration they come from data.eval."""
     data = ctx.data.eval
@@ -157,5 +219,5 @@ PASS = PassSpec(
     apply=apply,
     check=check,
     preflight=preflight,
-    summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration",
+    summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration; int4/int8 weight-only (MatMulNBits)",
 )

@@ -113,3 +113,62 @@ class Config(PassConfig):
     allow_slower: bool = Field(
         default=False, description="with a target: keep an int8 model slower than fp32 (else the run fails its gate)"
     )
+    # Weight-only (passes/quantize/weight_only.py): MatMul / Gather weights in blocks, activations stay float.
+    weights: Literal["int4", "int8"] | None = Field(
+        default=None,
+        description="weight-only blockwise quantization of MatMul/Gather weights (MatMulNBits); null: the int8 modes above",
+    )
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        default=128, description="weights: weights per scale (a block along the reduction axis)"
+    )
+    symmetric: bool = Field(default=False, description="weights: no zero points (symmetric blocks)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
+        default=None,
+        description="weights: MatMulNBits compute type (4: int8 activations, the fastest on CPU; null: ORT's default)",
+    )
+    algorithm: Literal["rtn", "hqq"] = Field(
+        default="rtn", description="weights: rtn (round to nearest) | hqq (half-quadratic; MatMul only, int4 only)"
+    )
+
+    @model_validator(mode="after")
+    def _weight_only_fits(self) -> Config:
+        weight_keys = {"block_size", "symmetric", "accuracy_level", "algorithm"} & self.model_fields_set
+        if self.weights is None:
+            if weight_keys:
+                raise ValueError(
+                    f"{', '.join(sorted(weight_keys))} apply to weight-only quantization: add weights: int4 (or int8)"
+                )
+            return self
+        clash = {
+            "mode",
+            "per_channel",
+            "reduce_range",
+            "weight_type",
+            "activation_type",
+            "symmetric_activation",
+            "calibration",
+            "smoothquant",
+            "preprocess",
+            "extra_options",
+            "target",
+            "search",
+            "allow_slower",
+        } & self.model_fields_set
+        if clash:
+            raise ValueError(
+                f"weights: {self.weights} is weight-only (activations stay float, no calibration); "
+                f"{', '.join(sorted(clash))} belong to the int8 activation modes: drop them or drop weights"
+            )
+        ops = set(self.op_types or [])
+        if ops - {"MatMul", "Gather"}:
+            raise ValueError(
+                f"weights: op_types can be MatMul and Gather only (got {', '.join(sorted(ops - {'MatMul', 'Gather'}))})"
+            )
+        if self.algorithm == "hqq":
+            if self.weights != "int4":
+                raise ValueError("algorithm: hqq writes int4 only; use weights: int4 or algorithm: rtn")
+            if "Gather" in ops:
+                raise ValueError(
+                    "algorithm: hqq quantizes MatMul only in ONNX Runtime; drop Gather from op_types or use rtn"
+                )
+        return self

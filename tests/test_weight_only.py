@@ -1,0 +1,87 @@
+"""int4 / int8 weight-only quantization (MatMulNBits, GatherBlockQuantized) on a small transformer encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import run_cli, write_recipe
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    from models import build_encoder
+
+    folder = tmp_path_factory.mktemp("encoder_w4")
+    torch.save(build_encoder(dim=64).state_dict(), folder / "encoder.pt")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, size=(32, 16)).astype(np.int64)
+    np.savez(folder / "tokens.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    return folder
+
+
+def _recipe(folder, quantize: dict) -> dict:
+    return {
+        "model": {
+            "path": str(folder / "encoder.pt"),
+            "factory": "models:build_encoder",
+            "factory_kwargs": {"dim": 64},
+            "inputs": [
+                {"name": "input_ids", "shape": [1, 16], "dtype": "int64"},
+                {"name": "attention_mask", "shape": [1, 16], "dtype": "int64"},
+            ],
+        },
+        "data": {"eval": {"path": str(folder / "tokens.npz")}},
+        "passes": [{"type": "export"}, {"type": "quantize", **quantize}],
+        "report": {"latency": {"batch_sizes": [4], "warmup": 1, "runs": 3, "threads": 1}},
+    }
+
+
+def _ops(path) -> dict:
+    counts: dict = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_int4_weight_only_quantizes_matmul_and_gather_and_shrinks_the_file(encoder, tmp_path):
+    recipe = _recipe(encoder, {"weights": "int4", "block_size": 32, "symmetric": True})
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    export, final = report["steps"][-2], report["steps"][-1]
+    ops = _ops(tmp_path / "out" / "model.onnx")  # counted on the written file, not taken from the report
+    assert ops.get("MatMulNBits", 0) >= 8 and ops.get("GatherBlockQuantized") == 1
+    assert "MatMul" not in ops or ops["MatMul"] < _ops(tmp_path / "out" / "steps" / "1-export" / "model.onnx")["MatMul"]
+    assert final["size_bytes"] < 0.5 * export["size_bytes"]
+    assert final["fidelity"]["cosine_mean"] > 0.97
+    details = final["details"]["weight_only"]
+    assert details["quantized_ops"]["MatMulNBits"] == ops["MatMulNBits"]
+    assert details["weight_bytes_after"]["scales"] > 0 and details["weight_bytes_after"]["zero_points"] == 0
+
+
+def test_int8_weight_only_is_closer_than_int4(encoder, tmp_path):
+    cos = {}
+    for weights in ("int4", "int8"):
+        recipe = _recipe(encoder, {"weights": weights, "block_size": 32})
+        result = run_cli("run", write_recipe(tmp_path, recipe, f"{weights}.yaml"), "-o", tmp_path / weights, "--json")
+        assert result.exit_code == 0, result.stderr
+        cos[weights] = result.json()["steps"][-1]["fidelity"]["cosine_mean"]
+        assert _ops(tmp_path / weights / "model.onnx").get("MatMulNBits", 0) > 0
+    assert cos["int8"] > cos["int4"] and cos["int8"] > 0.999
+
+
+@pytest.mark.parametrize(
+    "quantize, words",
+    [
+        ({"weights": "int4", "mode": "static"}, "weight-only"),
+        ({"block_size": 32}, "add weights: int4"),
+        ({"weights": "int8", "algorithm": "hqq"}, "int4 only"),
+        ({"weights": "int4", "op_types": ["Conv"]}, "MatMul and Gather only"),
+    ],
+)
+def test_weight_only_refuses_incompatible_options_at_load(encoder, tmp_path, quantize, words):
+    result = run_cli("validate", write_recipe(tmp_path, _recipe(encoder, quantize)))
+    assert result.exit_code == 2
+    assert words in result.stderr and "Traceback" not in result.stderr
