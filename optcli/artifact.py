@@ -16,7 +16,7 @@ from pathlib import Path
 
 from optcli.errors import BadInput, first_line
 from optcli.library_warnings import quiet_loggers
-from optcli.model import InputSpec, Model, example_inputs, fold_pruning
+from optcli.model import InputSpec, Model, example_inputs, fold_pruning, torch_dynamic_shapes
 
 ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message limit
 
@@ -24,9 +24,11 @@ ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(spec, trust_pickle: bool = False) -> Model:
-    """Load the model a recipe's `model:` section names (a ModelSpec)."""
+def load_model(spec, trust_pickle: bool = False, sequence_length: int | None = None) -> Model:
+    """Load the model a recipe's `model:` section names (a ModelSpec); sequence_length: a text model's example length."""
     path = Path(spec.path)
+    if path.is_dir():
+        return _load_folder(spec, path, trust_pickle, sequence_length)
     if not path.is_file():
         raise BadInput(f"model {path} not found")
     if path.stat().st_size == 0:
@@ -42,6 +44,19 @@ def load_model(spec, trust_pickle: bool = False) -> Model:
         model = load_torch_file(path, spec, trust_pickle or spec.trust_pickle)
     inputs = resolve_inputs(model.inputs, spec.inputs, path)
     return model.with_(inputs=inputs, output_names=spec.output_names or model.output_names)
+
+
+def _load_folder(spec, path: Path, trust_pickle: bool, sequence_length: int | None) -> Model:
+    from optcli.hf import is_folder
+
+    if not is_folder(path):
+        raise BadInput(
+            f"model {path} is a folder without config.json; give a model file or a Hugging Face model folder"
+        )
+    from optcli.hf.load import load_folder
+
+    model = load_folder(spec, trust_pickle=trust_pickle, sequence_length=sequence_length)
+    return model.with_(output_names=spec.output_names or model.output_names)
 
 
 def check_onnx_external_data(proto, folder: Path, path: Path) -> None:
@@ -322,8 +337,7 @@ def save_torch(module, inputs: list[InputSpec], folder: Path) -> Path:
     module = fold_pruning(module)
     feeds = example_inputs(inputs, batch=2)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in inputs)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic = tuple({0: batch} if s.batch_dynamic else None for s in inputs)
+    dynamic = tuple(torch_dynamic_shapes(inputs).values())
     target = folder / "model.pt2"
     if isinstance(module, torch.jit.ScriptModule):
         raise BadInput(
@@ -356,6 +370,10 @@ def _has_inline_data(proto) -> bool:
 
 def artifact_files(path: Path) -> list[Path]:
     """The model file plus any external data files it references."""
+    if path.is_dir():
+        from optcli.hf.folder import folder_files
+
+        return folder_files(path)
     files = [path]
     if path.suffix == ".onnx":
         import onnx

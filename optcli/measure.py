@@ -226,17 +226,39 @@ def metric_value(metric: str, outputs: list[np.ndarray], labels: np.ndarray) -> 
         return float((top == labels[:, None]).any(-1).mean())
     if metric == "mse":
         return float(((logits.reshape(labels.shape) - labels) ** 2).mean())
+    if metric == "perplexity":
+        from optcli.textdata import perplexity
+
+        return perplexity(logits, labels)
     from optcli.artifact import import_ref
 
     return float(import_ref(metric, "data.eval.metric")(outputs, labels))
 
 
 def higher_is_better(metric: str) -> bool:
-    return metric != "mse"
+    return metric not in ("mse", "perplexity")
 
 
-def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
-    """How far the first output drifted from the original model's on the same inputs."""
+def neighbour_agreement(reference: np.ndarray, output: np.ndarray) -> float | None:
+    """Embeddings: for each example, is its nearest other example (cosine) the same under both models?"""
+    if len(reference) < 3:
+        return None
+
+    def nearest(e):
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    return round(float((nearest(reference) == nearest(output)).mean()), 6)
+
+
+def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray], task: str = "") -> dict:
+    """How far the first output drifted from the original model's on the same inputs.
+
+    task (Hugging Face folders): embeddings get nearest-neighbour agreement instead of an argmax over
+    dimensions; per-token logits (token classification, causal LM) get top-1 agreement per position.
+    """
     ref, out = reference[0].astype(np.float64), outputs[0].astype(np.float64)
     if ref.shape != out.shape:
         return {
@@ -254,8 +276,12 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
         "max_abs_error": float(np.abs(a - b).max()),
         "top1_agreement": None,
     }
-    if ref.ndim == 2 and ref.shape[1] > 1:
+    if task == "feature-extraction":
+        result["neighbour_top1_agreement"] = neighbour_agreement(a, b)
+    elif ref.ndim == 2 and ref.shape[1] > 1:
         result["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
+    elif ref.ndim == 3 and task in ("token-classification", "causal-lm"):
+        result["top1_agreement"] = round(float((ref.argmax(-1) == out.argmax(-1)).mean()), 6)
     return result
 
 
@@ -280,6 +306,7 @@ class Evaluator:
             else None
         )
         self.reference_outputs: list[np.ndarray] | None = None
+        self.task = original.task
 
     def description(self) -> str:
         if self.labels is not None:
@@ -309,5 +336,5 @@ class Evaluator:
             if self.labels is not None
             else None
         )
-        row["fidelity"] = fidelity(self.reference_outputs, outputs)
+        row["fidelity"] = fidelity(self.reference_outputs, outputs, self.task)
         return row

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from optcli import __version__, library_warnings
 from optcli.artifact import load_model, save_torch
-from optcli.data import DataCatalog
+from optcli.data import DataCatalog, text_length
 from optcli.environment import environment
 from optcli.errors import DISK_FULL, DiskFull, OptcliError, PassFailed, first_line, writing
 from optcli.gates import check_gates, near_gate_warnings
@@ -50,11 +50,11 @@ class RunOptions:
 
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
-    original = load_model(recipe.model, trust_pickle=trust_pickle)
+    original = load_model(recipe.model, trust_pickle=trust_pickle, sequence_length=text_length(recipe.data))
     check_memory(original.inputs, max(recipe.report.latency.batch_sizes), "report.latency.batch_sizes")
     if recipe.data.eval is None:
         check_memory(original.inputs, recipe.report.fidelity_samples, "report.fidelity_samples")
-    data = DataCatalog(recipe.data, original.inputs)
+    data = DataCatalog(recipe.data, original.inputs, original)
     for name in ("calibration", "eval", "train"):
         data.get(name)
     for config in recipe.passes:

@@ -24,7 +24,7 @@ LOCK = ".optcli.lock"
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    for f in artifact_files(path) if path.suffix == ".onnx" else [path]:
+    for f in artifact_files(path) if path.suffix == ".onnx" or path.is_dir() else [path]:
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)
