@@ -145,7 +145,11 @@ def reload_step(step_dir: Path, record: dict, model: Model) -> Model:
 def write_final(model: Model, root: Path) -> dict:
     src = model.path
     files = artifact_files(src)
-    for f in files[1:] + files[:1]:  # external data first: the model file never points at data not yet there
+    if src.is_dir():  # a Hugging Face folder keeps its layout (sentence-transformers modules in subfolders)
+        for f in files:
+            (root / src.name / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            atomic_copy(f, root / src.name / f.relative_to(src))
+    for f in [] if src.is_dir() else files[1:] + files[:1]:  # external data first: never a model pointing at nothing
         atomic_copy(f, root / f.name)
     final = root / src.name
     return {"path": str(final), "format": model.format, "sha256": sha256_file(final)}

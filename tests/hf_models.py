@@ -9,10 +9,42 @@ import json
 import shutil
 from pathlib import Path
 
-WORDS = (
-    "the a dog cat bird sat ran sang on under near mat tree house car road red blue big small fast slow "
-    "old new happy sad morning night river city garden and but while"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "dog",
+    "cat",
+    "bird",
+    "sat",
+    "ran",
+    "sang",
+    "on",
+    "under",
+    "near",
+    "mat",
+    "tree",
+    "house",
+    "car",
+    "road",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "fast",
+    "slow",
+    "old",
+    "new",
+    "happy",
+    "sad",
+    "morning",
+    "night",
+    "river",
+    "city",
+    "garden",
+    "and",
+    "but",
+    "while",
+]
 SENTENCES = [
     "the dog sat on the mat",
     "a cat ran under the tree",
@@ -99,7 +131,9 @@ def tiny_gpt2(folder: Path) -> Path:
 
     torch.manual_seed(0)
     tokenizer, vocab = bpe_tokenizer()
-    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -51,10 +51,10 @@ def load_folder(spec, trust_pickle: bool = False, sequence_length: int | None = 
     task = spec.task or infer_task(raw, folder)
     if modules is not None and task != "feature-extraction":
         raise BadInput(f"{folder}: a sentence-transformers folder gives embeddings; set model.task: feature-extraction")
+    config = load_config(source, raw, trust_remote_code, transformers)
     weights = weights_file(source)
     check_weights(weights)
     pooling = sentence_pooling(folder, modules) if modules is not None else None
-    config = load_config(source, raw, trust_remote_code, transformers)
     auto = getattr(transformers, AUTO_CLASSES[task])
     kwargs = {
         "config": config,
