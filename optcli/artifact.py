@@ -42,7 +42,7 @@ def load_model(spec, trust_pickle: bool = False, sequence_length: int | None = N
         model = _from_state_dict(load_safetensors(path), spec, path)
     else:
         model = load_torch_file(path, spec, trust_pickle or spec.trust_pickle)
-    inputs = resolve_inputs(model.inputs, spec.inputs, path)
+    inputs = resolve_inputs(model.inputs, spec.inputs, path, sequence_length)
     return model.with_(inputs=inputs, output_names=spec.output_names or model.output_names)
 
 
@@ -286,8 +286,13 @@ def build_from_factory(ref: str, kwargs: dict, what: str):
         raise BadInput(f"{what} {ref}: {e}; check the *_kwargs given to it") from None
 
 
-def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[InputSpec]:
-    """Input specs from the file where it fixes them, else from model.inputs; batch is dim 0."""
+def resolve_inputs(
+    file_inputs: list[dict], recipe_inputs, path: Path, sequence_length: int | None = None
+) -> list[InputSpec]:
+    """Input specs from the file where it fixes them, else from model.inputs; batch is dim 0.
+
+    With text data (sequence_length), a free dimension 1 is the sequence: measured at that length, left free.
+    """
     given = {t.name: t for t in recipe_inputs or []}
     if not file_inputs:
         if not given:
@@ -312,6 +317,9 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
                 InputSpec(name, tuple(t.shape), t.dtype, batch_dynamic=bool(dims) and not isinstance(dims[0], int))
             )
             continue
+        free = ()
+        if sequence_length and len(dims) == 2 and not (isinstance(dims[1], int) and dims[1] > 0):
+            dims[1], free = sequence_length, (1,)
         for axis, d in enumerate(dims[1:], start=1):
             if not isinstance(d, int) or d <= 0:
                 raise BadInput(
@@ -320,7 +328,7 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
                 )
         batch_dynamic = bool(dims) and not (isinstance(dims[0], int) and dims[0] > 0)
         shape = tuple([1 if batch_dynamic else dims[0], *dims[1:]]) if dims else ()
-        specs.append(InputSpec(name, shape, item["dtype"], batch_dynamic=batch_dynamic))
+        specs.append(InputSpec(name, shape, item["dtype"], batch_dynamic=batch_dynamic, dynamic_axes=free))
     for spec in specs:
         if math.prod(spec.shape) > 2**31:
             raise BadInput(f"input {spec.name!r}: shape {spec.shape} is too large to allocate")
