@@ -98,10 +98,20 @@ def runner_for(model: Model, threads: int) -> Runner:
     return torch_runner(model.module, model.inputs, threads)
 
 
-def load_written(path: Path, inputs: list[InputSpec], threads: int) -> Runner:
-    """A runner on a step artifact read back from disk (ONNX or torch.export)."""
+def reload_folder(path: Path, task: str):
+    """A Hugging Face folder a step wrote, read back as any folder is (its task as the original's)."""
+    from optcli.config import ModelSpec
+    from optcli.hf.load import load_folder
+
+    return load_folder(ModelSpec(path=path, task=task or None))
+
+
+def load_written(path: Path, inputs: list[InputSpec], threads: int, task: str = "") -> Runner:
+    """A runner on a step artifact read back from disk (ONNX, torch.export, or a Hugging Face folder)."""
     if path.suffix == ".onnx":
         return onnx_runner(path, inputs, threads)
+    if path.is_dir():
+        return torch_runner(reload_folder(path, task).module, inputs, threads)
     import torch
 
     return torch_runner(torch.export.load(str(path)).module(), inputs, threads)
@@ -322,7 +332,7 @@ class Evaluator:
         return ({k: v[i : i + size] for k, v in self.generated.items()} for i in range(0, n, size))
 
     def measure(self, path: Path, model: Model, runner=None) -> dict:
-        runner = runner or load_written(path, model.inputs, self.spec.threads)
+        runner = runner or load_written(path, model.inputs, self.spec.threads, self.task)
         outputs = predict(runner, self._batches(model.inputs))
         if self.reference_outputs is None:
             self.reference_outputs = outputs

@@ -27,6 +27,7 @@ from optcli.steps import (
     OutputFolder,
     finished_step,
     input_key,
+    inside,
     reload_step,
     sha256_file,
     step_key,
@@ -176,8 +177,8 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
         with library_warnings.captured() as said:
             model = spec.apply(model, config, ctx)
         ctx.warnings.extend(f"{name}: {message}" for message in said)
-        if model.format == "torch":
-            model = model.with_(path=save_torch(model.module, model.inputs, tmp))
+        if model.format == "torch" and not (model.path is not None and model.path.is_dir() and inside(model.path, tmp)):
+            model = model.with_(path=save_torch(model.module, model.inputs, tmp))  # a pass that wrote a folder keeps it
     except (OptcliError, KeyboardInterrupt):
         raise
     except Exception as e:

@@ -137,6 +137,10 @@ def reload_step(step_dir: Path, record: dict, model: Model) -> Model:
     path = step_dir / record["artifact"]
     if path.suffix == ".onnx":
         return model.with_(format="onnx", module=None, path=path)
+    if path.is_dir():
+        from optcli.measure import reload_folder
+
+        return model.with_(format="torch", module=reload_folder(path, model.task).module, path=path)
     import torch
 
     return model.with_(format="torch", module=torch.export.load(str(path)).module(), path=path)

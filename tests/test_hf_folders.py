@@ -294,3 +294,30 @@ def test_a_folder_run_opens_no_socket(folders, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["steps"][0]["fidelity"]["cosine_mean"] == 1.0
     assert not log.exists(), log.read_text()
+
+
+def test_pruned_model_is_written_back_as_a_folder_transformers_loads(folders, tmp_path):
+    recipe = {
+        "model": {"path": str(folders / "minilm-like")},
+        "data": {"eval": {"text": str(folders / "sentences.txt"), "max_length": 16}},
+        "passes": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}, {"type": "save", "format": "hf"}],
+        "report": LATENCY,
+    }
+    result = _run(tmp_path, recipe)
+    assert result.exit_code == 0, result.stderr
+    written = tmp_path / "out" / "minilm-like"
+    assert result.json()["output"]["path"] == str(written)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modules.json"} <= {p.name for p in written.iterdir()}
+    assert (written / "1_Pooling" / "config.json").is_file()
+
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(str(written), local_files_only=True)
+    dense = bert.encoder.layer[0].intermediate.dense.weight
+    assert 0.3 < float((dense == 0).float().mean()) < 0.7  # the masks are folded into plain zeros
+    # optcli reads its own output like any folder, sentence-transformers layout included.
+    again = tmp_path / "again"
+    again.mkdir()
+    result = _run(again, {**recipe, "model": {"path": str(written)}, "passes": []})
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["input"]["kind"] == "hf BertModel + sentence pooling"

@@ -11,6 +11,7 @@ _MODULES = {
     "quantize": "optcli.passes.quantize",
     "finetune": "optcli.passes.finetune",
     "prune": "optcli.passes.prune",
+    "save": "optcli.passes.save",
 }
 
 
