@@ -67,9 +67,8 @@ def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
 
 def run_recipe(recipe, options: RunOptions) -> dict:
     original, data = preflight(recipe, options.trust_pickle)
-    inputs = [recipe.model.path] + [
-        s.path for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None and s.path
-    ]
+    sources = [s for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None]
+    inputs = [recipe.model.path] + [p for s in sources for p in (s.path, s.text) if p is not None]
     folder = OutputFolder(options.out, options.overwrite, options.resume, inputs)
     try:
         report = _run(recipe, options, folder, original, data)

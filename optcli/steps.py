@@ -130,6 +130,8 @@ def input_key(recipe) -> str:
         source = getattr(recipe.data, name)
         if source is not None and source.path is not None:
             parts.append(sha256_file(source.path))
+        if source is not None and source.text is not None:  # text: its bytes and the tokenizer that reads them
+            parts += [sha256_file(source.text)] + ([sha256_file(source.tokenizer)] if source.tokenizer else [])
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
