@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import warnings
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -24,6 +25,11 @@ class Config(PassConfig):
         default="auto", description="auto: torch.export-based exporter, TorchScript exporter if that fails"
     )
     dynamic_batch: bool = Field(default=True, description="leave the batch dimension free in the ONNX graph")
+    dynamic_sequence: bool = Field(
+        default=True,
+        description="text models: leave the sequence axis free; false fixes it at the data's max_length "
+        "(ONNX Runtime's symbolic shape inference, used by quantize pre-processing, needs that for torch.export graphs)",
+    )
     atol: float = Field(default=1e-4, ge=0, description="ONNX vs torch: allowed absolute error ...")
     rtol: float = Field(default=1e-3, ge=0, description="... plus this fraction of the largest torch output")
     check_samples: int = Field(default=8, ge=1, le=4096, description="inputs used for the numeric check")
@@ -98,6 +104,7 @@ def apply(model, config: Config, ctx: Context):
     feeds = example_inputs(model.inputs, batch=2, seed=ctx.seed)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in model.inputs)
     target = ctx.step_dir / "model.onnx"
+    export_inputs = model.inputs if config.dynamic_sequence else [replace(i, dynamic_axes=()) for i in model.inputs]
     is_script = isinstance(module, torch.jit.ScriptModule)
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[config.exporter]
     if is_script and "torchscript" in order:
@@ -106,7 +113,7 @@ def apply(model, config: Config, ctx: Context):
     for exporter in order:
         try:
             with _quiet_exporter():
-                _export(module, args, model.inputs, model.output_names, config, target, exporter)
+                _export(module, args, export_inputs, model.output_names, config, target, exporter)
             break
         except Exception as e:  # exporters raise many types; the message is what the user needs
             errors.append(f"{exporter}: {type(e).__name__}: {first_line(e)}")
