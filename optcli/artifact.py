@@ -16,7 +16,7 @@ from pathlib import Path
 
 from optcli.errors import BadInput, first_line
 from optcli.library_warnings import quiet_loggers
-from optcli.model import InputSpec, Model, example_inputs, fold_pruning
+from optcli.model import InputSpec, Model, example_inputs, fold_pruning, torch_dynamic_shapes
 
 ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message limit
 
@@ -24,9 +24,11 @@ ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(spec, trust_pickle: bool = False) -> Model:
-    """Load the model a recipe's `model:` section names (a ModelSpec)."""
+def load_model(spec, trust_pickle: bool = False, sequence_length: int | None = None) -> Model:
+    """Load the model a recipe's `model:` section names (a ModelSpec); sequence_length: a text model's example length."""
     path = Path(spec.path)
+    if path.is_dir():
+        return _load_folder(spec, path, trust_pickle, sequence_length)
     if not path.is_file():
         raise BadInput(f"model {path} not found")
     if path.stat().st_size == 0:
@@ -40,8 +42,21 @@ def load_model(spec, trust_pickle: bool = False) -> Model:
         model = _from_state_dict(load_safetensors(path), spec, path)
     else:
         model = load_torch_file(path, spec, trust_pickle or spec.trust_pickle)
-    inputs = resolve_inputs(model.inputs, spec.inputs, path)
+    inputs = resolve_inputs(model.inputs, spec.inputs, path, sequence_length)
     return model.with_(inputs=inputs, output_names=spec.output_names or model.output_names)
+
+
+def _load_folder(spec, path: Path, trust_pickle: bool, sequence_length: int | None) -> Model:
+    from optcli.hf import is_folder
+
+    if not is_folder(path):
+        raise BadInput(
+            f"model {path} is a folder without config.json; give a model file or a Hugging Face model folder"
+        )
+    from optcli.hf.load import load_folder
+
+    model = load_folder(spec, trust_pickle=trust_pickle, sequence_length=sequence_length)
+    return model.with_(output_names=spec.output_names or model.output_names)
 
 
 def check_onnx_external_data(proto, folder: Path, path: Path) -> None:
@@ -271,8 +286,13 @@ def build_from_factory(ref: str, kwargs: dict, what: str):
         raise BadInput(f"{what} {ref}: {e}; check the *_kwargs given to it") from None
 
 
-def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[InputSpec]:
-    """Input specs from the file where it fixes them, else from model.inputs; batch is dim 0."""
+def resolve_inputs(
+    file_inputs: list[dict], recipe_inputs, path: Path, sequence_length: int | None = None
+) -> list[InputSpec]:
+    """Input specs from the file where it fixes them, else from model.inputs; batch is dim 0.
+
+    With text data (sequence_length), a free dimension 1 is the sequence: measured at that length, left free.
+    """
     given = {t.name: t for t in recipe_inputs or []}
     if not file_inputs:
         if not given:
@@ -297,6 +317,9 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
                 InputSpec(name, tuple(t.shape), t.dtype, batch_dynamic=bool(dims) and not isinstance(dims[0], int))
             )
             continue
+        free = ()
+        if sequence_length and len(dims) == 2 and not (isinstance(dims[1], int) and dims[1] > 0):
+            dims[1], free = sequence_length, (1,)
         for axis, d in enumerate(dims[1:], start=1):
             if not isinstance(d, int) or d <= 0:
                 raise BadInput(
@@ -305,7 +328,7 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
                 )
         batch_dynamic = bool(dims) and not (isinstance(dims[0], int) and dims[0] > 0)
         shape = tuple([1 if batch_dynamic else dims[0], *dims[1:]]) if dims else ()
-        specs.append(InputSpec(name, shape, item["dtype"], batch_dynamic=batch_dynamic))
+        specs.append(InputSpec(name, shape, item["dtype"], batch_dynamic=batch_dynamic, dynamic_axes=free))
     for spec in specs:
         if math.prod(spec.shape) > 2**31:
             raise BadInput(f"input {spec.name!r}: shape {spec.shape} is too large to allocate")
@@ -322,8 +345,7 @@ def save_torch(module, inputs: list[InputSpec], folder: Path) -> Path:
     module = fold_pruning(module)
     feeds = example_inputs(inputs, batch=2)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in inputs)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic = tuple({0: batch} if s.batch_dynamic else None for s in inputs)
+    dynamic = tuple(torch_dynamic_shapes(inputs).values())
     target = folder / "model.pt2"
     if isinstance(module, torch.jit.ScriptModule):
         raise BadInput(
@@ -356,6 +378,10 @@ def _has_inline_data(proto) -> bool:
 
 def artifact_files(path: Path) -> list[Path]:
     """The model file plus any external data files it references."""
+    if path.is_dir():
+        from optcli.hf.folder import folder_files
+
+        return folder_files(path)
     files = [path]
     if path.suffix == ".onnx":
         import onnx

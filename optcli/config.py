@@ -63,18 +63,34 @@ class DataSource(StrictModel):
     batch_size: int = Field(default=32, ge=1, le=65536)
     labels: str | None = Field(default=None, description="key of the labels array, if any")
     metric: str = Field(
-        default="accuracy", description="accuracy | top5 | mse | module:callable(outputs, labels) -> float"
+        default="accuracy",
+        description="accuracy | top5 | mse | perplexity (causal LM text) | module:callable(outputs, labels) -> float",
     )
     shuffle: bool = False
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    # Text, tokenized by the model folder's own tokenizer (optcli.textdata).
+    text: RecipePath | None = Field(
+        default=None, description="text file: .txt (one example per line) or .jsonl (text field + optional label field)"
+    )
+    max_length: int = Field(default=128, ge=2, le=65536, description="text: tokens per example (padded / truncated)")
+    text_field: str = Field(default="text", min_length=1, description="text: the .jsonl field holding the text")
+    tokenizer: RecipePath | None = Field(
+        default=None, description="text: folder of the tokenizer; default: model.path (a Hugging Face folder)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
-        if (self.path is None) == (self.factory is None):
-            raise ValueError("give exactly one of 'path' (a .npz/.pt/.safetensors file) or 'factory' (module:callable)")
-        if self.metric not in ("accuracy", "top5", "mse") and ":" not in self.metric:
-            raise ValueError(f"metric '{self.metric}' is not accuracy, top5, mse or module:callable")
+        if sum(x is not None for x in (self.path, self.factory, self.text)) != 1:
+            raise ValueError(
+                "give exactly one of 'path' (a .npz/.pt/.safetensors file), 'factory' (module:callable) or 'text' (.txt/.jsonl)"
+            )
+        if self.metric not in METRICS and ":" not in self.metric:
+            raise ValueError(f"metric '{self.metric}' is not {', '.join(METRICS)} or module:callable")
         return self
+
+
+METRICS = ("accuracy", "top5", "mse", "perplexity")
+HF_TASKS = ("feature-extraction", "text-classification", "token-classification", "causal-lm")
 
 
 ONNX_SUFFIXES = (".onnx",)
@@ -94,7 +110,13 @@ class ModelSpec(StrictModel):
     trust_pickle: bool = Field(
         default=False, description="allow torch.load to unpickle arbitrary objects (runs code from the file)"
     )
+    task: Literal[HF_TASKS] | None = Field(  # type: ignore[valid-type]
+        default=None, description="Hugging Face folder: what the model does; default: read from config.json"
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Hugging Face folder: run model code shipped inside the folder (auto_map)"
+    )
 
     @property
     def format(self) -> str:
-        return "onnx" if self.path.suffix.lower() in ONNX_SUFFIXES else "torch"
+        return "onnx" if self.path.suffix.lower() in ONNX_SUFFIXES and not self.path.is_dir() else "torch"

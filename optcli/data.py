@@ -101,16 +101,29 @@ def _from_factory(source) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
-    where = f"data.{name} ({source.path or source.factory})"
+def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Dataset:
+    """`model` (the loaded original) gives text sources their tokenizer folder and task."""
+    where = f"data.{name} ({source.path or source.factory or source.text})"
+    metric = source.metric
     try:
-        arrays = read_arrays(Path(source.path)) if source.path is not None else _from_factory(source)
+        if source.text is not None:
+            from optcli.textdata import load_text
+
+            arrays, text_labels = load_text(source, inputs, model, where)
+            if getattr(model, "task", "") == "causal-lm" and "metric" not in source.model_fields_set:
+                metric = "perplexity"
+        else:
+            arrays = read_arrays(Path(source.path)) if source.path is not None else _from_factory(source)
     except BadInput as e:
         raise BadInput(f"data.{name}: {e}") from None
-    label_key = source.labels or next(
-        (k for k in LABEL_KEYS if k in arrays and k not in {i.name for i in inputs}), None
-    )
-    if source.labels and source.labels not in arrays:
+    if source.text is not None:
+        label_key = "labels" if text_labels is not None else None
+        arrays = {**arrays, **({"labels": text_labels} if text_labels is not None else {})}
+    else:
+        label_key = source.labels or next(
+            (k for k in LABEL_KEYS if k in arrays and k not in {i.name for i in inputs}), None
+        )
+    if source.labels and source.text is None and source.labels not in arrays:
         raise BadInput(f"{where}: no labels key {source.labels!r} (keys: {', '.join(arrays)})")
     missing = [i.name for i in inputs if i.name not in arrays]
     if missing:
@@ -122,6 +135,11 @@ def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
     unbatched = set()
     for spec in inputs:
         arr = arrays[spec.name]
+        fixed = [
+            (a, s)
+            for axis, (a, s) in enumerate(zip(arr.shape[1:], spec.shape[1:], strict=False), start=1)
+            if axis not in spec.dynamic_axes
+        ]
         if spec.shape and not spec.batch_dynamic and arr.shape[1:] == tuple(spec.shape):
             unbatched.add(spec.name)  # samples of a batch-less input, stacked: fed one at a time
         elif (
@@ -135,9 +153,7 @@ def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
                 f"{where}: {spec.name!r} has shape {arr.shape}, but the model takes exactly ({dims}) (no free batch axis): "
                 f"store one sample as ({dims}), or many stacked on a new first axis as (n, {dims})"
             )
-        elif spec.shape and (
-            arr.ndim != len(spec.shape) or any(a != s for a, s in zip(arr.shape[1:], spec.shape[1:], strict=False))
-        ):
+        elif spec.shape and (arr.ndim != len(spec.shape) or any(a != s for a, s in fixed)):
             raise BadInput(
                 f"{where}: {spec.name!r} has shape {arr.shape}, the model takes (N, {', '.join(map(str, spec.shape[1:]))})"
             )
@@ -153,9 +169,7 @@ def load_dataset(name: str, source, inputs: list[InputSpec]) -> Dataset:
     if source.samples:
         feeds = {k: v[: source.samples] if v.ndim else v for k, v in feeds.items()}
         labels = labels[: source.samples] if labels is not None else None
-    return Dataset(
-        name, feeds, labels, source.batch_size, source.metric, source.shuffle, source.seed, frozenset(unbatched)
-    )
+    return Dataset(name, feeds, labels, source.batch_size, metric, source.shuffle, source.seed, frozenset(unbatched))
 
 
 def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
@@ -170,18 +184,28 @@ def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
     return arr.astype(want)
 
 
+def text_length(spec) -> int | None:
+    """The token length of the recipe's text data (eval first): the example shape a text model is measured at."""
+    for name in ("eval", "calibration", "train"):
+        source = getattr(spec, name)
+        if source is not None and source.text is not None:
+            return source.max_length
+    return None
+
+
 class DataCatalog:
     """The recipe's data sections, each read once on first use."""
 
-    def __init__(self, spec, inputs: list[InputSpec]):
+    def __init__(self, spec, inputs: list[InputSpec], model=None):
         self._spec = spec
         self._inputs = inputs
+        self._model = model  # the loaded original: text sources read its folder's tokenizer
         self._cache: dict[str, Dataset | None] = {}
 
     def get(self, name: str) -> Dataset | None:
         if name not in self._cache:
             source = getattr(self._spec, name)
-            self._cache[name] = load_dataset(name, source, self._inputs) if source is not None else None
+            self._cache[name] = load_dataset(name, source, self._inputs, self._model) if source is not None else None
         return self._cache[name]
 
     @property

@@ -65,11 +65,23 @@ def check_gates(gates, steps: list[dict]) -> list[dict]:
                 "note": "slowest batch size, p50",
             }
         )
+    if gates.max_perplexity_increase is not None:
+        results.append(_perplexity_gate(gates.max_perplexity_increase, first, last))
     # A pass can hold its own promise to the user (a quantize target): it lists gates in details["gates"].
     for step in steps[1:]:
         for gate in (step.get("details") or {}).get("gates") or []:
             results.append({**gate, "name": f"{step['name']}: {gate['name']}"})
     return results
+
+
+def _perplexity_gate(limit: float, first: dict, last: dict) -> dict:
+    """Relative rise of the eval perplexity over the original's: (last - first) / first."""
+    gate = {"name": "max_perplexity_increase", "limit": limit, "value": None, "passed": False}
+    before, after = first.get("accuracy") or {}, last.get("accuracy") or {}
+    if before.get("metric") != "perplexity" or after.get("metric") != "perplexity":
+        return {**gate, "note": "no perplexity measured (data.eval text with a causal-lm model, metric: perplexity)"}
+    value = (after["value"] - before["value"]) / before["value"]
+    return {**gate, "value": round(value, 6), "passed": value <= limit + 1e-12, "note": "fraction of fp32 perplexity"}
 
 
 def near_gate_warnings(gates: list[dict]) -> list[str]:

@@ -12,6 +12,8 @@ def inspect_model(path: Path, trust_pickle: bool = False) -> dict:
     from optcli.artifact import load_onnx
     from optcli.measure import parameter_counts, size_on_disk
 
+    if path.is_dir():
+        return _inspect_folder(path, trust_pickle)
     if not path.is_file():
         raise BadInput(f"model {path} not found")
     if path.stat().st_size == 0:
@@ -28,6 +30,31 @@ def inspect_model(path: Path, trust_pickle: bool = False) -> dict:
         info["inputs"] = _described(model.inputs)
         return info
     return _inspect_torch(path, trust_pickle)
+
+
+def _inspect_folder(path: Path, trust_pickle: bool) -> dict:
+    """A Hugging Face folder: architecture, task, parameters, tokenizer, and the inputs optcli will feed it."""
+    from optcli.artifact import load_any
+    from optcli.hf.load import tokenizer_summary
+    from optcli.measure import parameter_counts, size_on_disk
+
+    model = load_any(path, trust_pickle=trust_pickle)
+    params = list(model.module.parameters())
+    return {
+        "path": str(path),
+        "format": "hugging face folder",
+        **size_on_disk(path),
+        **parameter_counts(path, model.module),
+        "architecture": model.kind.removeprefix("hf "),
+        "task": model.task,
+        "tokenizer": tokenizer_summary(path),
+        "parameter_dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in params)),
+        "outputs": model.output_names,
+        "inputs": [
+            {"name": s.name, "shape": ["batch", "sequence"], "dtype": s.dtype, "batch_dynamic": True}
+            for s in model.inputs
+        ],
+    }
 
 
 def _described(file_inputs: list[dict]) -> list[dict]:

@@ -104,10 +104,22 @@ def runner_for(model: Model, threads: int, providers: list[str] | None = None) -
     return torch_runner(model.module, model.inputs, threads)
 
 
-def load_written(path: Path, inputs: list[InputSpec], threads: int, providers: list[str] | None = None) -> Runner:
-    """A runner on a step artifact read back from disk (ONNX or torch.export)."""
+def reload_folder(path: Path, task: str):
+    """A Hugging Face folder a step wrote, read back as any folder is (its task as the original's)."""
+    from optcli.config import ModelSpec
+    from optcli.hf.load import load_folder
+
+    return load_folder(ModelSpec(path=path, task=task or None))
+
+
+def load_written(
+    path: Path, inputs: list[InputSpec], threads: int, providers: list[str] | None = None, task: str = ""
+) -> Runner:
+    """A runner on a step artifact read back from disk (ONNX, torch.export, or a Hugging Face folder)."""
     if path.suffix == ".onnx":
         return onnx_runner(path, inputs, threads, providers)
+    if path.is_dir():
+        return torch_runner(reload_folder(path, task).module, inputs, threads)
     import torch
 
     return torch_runner(torch.export.load(str(path)).module(), inputs, threads)
@@ -232,17 +244,39 @@ def metric_value(metric: str, outputs: list[np.ndarray], labels: np.ndarray) -> 
         return float((top == labels[:, None]).any(-1).mean())
     if metric == "mse":
         return float(((logits.reshape(labels.shape) - labels) ** 2).mean())
+    if metric == "perplexity":
+        from optcli.textdata import perplexity
+
+        return perplexity(logits, labels)
     from optcli.artifact import import_ref
 
     return float(import_ref(metric, "data.eval.metric")(outputs, labels))
 
 
 def higher_is_better(metric: str) -> bool:
-    return metric != "mse"
+    return metric not in ("mse", "perplexity")
 
 
-def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
-    """How far the first output drifted from the original model's on the same inputs."""
+def neighbour_agreement(reference: np.ndarray, output: np.ndarray) -> float | None:
+    """Embeddings: for each example, is its nearest other example (cosine) the same under both models?"""
+    if len(reference) < 3:
+        return None
+
+    def nearest(e):
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    return round(float((nearest(reference) == nearest(output)).mean()), 6)
+
+
+def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray], task: str = "") -> dict:
+    """How far the first output drifted from the original model's on the same inputs.
+
+    task (Hugging Face folders): embeddings get nearest-neighbour agreement instead of an argmax over
+    dimensions; per-token logits (token classification, causal LM) get top-1 agreement per position.
+    """
     ref, out = reference[0].astype(np.float64), outputs[0].astype(np.float64)
     if ref.shape != out.shape:
         return {
@@ -260,8 +294,12 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
         "max_abs_error": float(np.abs(a - b).max()),
         "top1_agreement": None,
     }
-    if ref.ndim == 2 and ref.shape[1] > 1:
+    if task == "feature-extraction":
+        result["neighbour_top1_agreement"] = neighbour_agreement(a, b)
+    elif ref.ndim == 2 and ref.shape[1] > 1:
         result["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
+    elif ref.ndim == 3 and task in ("token-classification", "causal-lm"):
+        result["top1_agreement"] = round(float((ref.argmax(-1) == out.argmax(-1)).mean()), 6)
     return result
 
 
@@ -287,6 +325,7 @@ class Evaluator:
             else None
         )
         self.reference_outputs: list[np.ndarray] | None = None
+        self.task = original.task
 
     def description(self) -> str:
         if self.labels is not None:
@@ -302,7 +341,7 @@ class Evaluator:
         return ({k: v[i : i + size] for k, v in self.generated.items()} for i in range(0, n, size))
 
     def measure(self, path: Path, model: Model, runner=None) -> dict:
-        runner = runner or load_written(path, model.inputs, self.spec.threads, self.providers)
+        runner = runner or load_written(path, model.inputs, self.spec.threads, self.providers, self.task)
         outputs = predict(runner, self._batches(model.inputs))
         if self.reference_outputs is None:
             self.reference_outputs = outputs
@@ -316,5 +355,5 @@ class Evaluator:
             if self.labels is not None
             else None
         )
-        row["fidelity"] = fidelity(self.reference_outputs, outputs)
+        row["fidelity"] = fidelity(self.reference_outputs, outputs, self.task)
         return row

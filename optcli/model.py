@@ -22,6 +22,8 @@ class InputSpec:
     shape: tuple[int, ...]  # concrete example shape; shape[0] is the batch when batch_dynamic
     dtype: str
     batch_dynamic: bool = True
+    dynamic_axes: tuple[int, ...] = ()  # axes besides the batch the model leaves free (a text model's sequence)
+    high: int | None = None  # exclusive bound of generated integer inputs (token ids inside the vocabulary)
 
     def shape_for(self, batch: int) -> tuple[int, ...]:
         if self.batch_dynamic and self.shape:
@@ -38,10 +40,27 @@ class Model:
     module: Any = None
     path: Path | None = None
     output_names: list[str] = field(default_factory=list)
-    kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle
+    kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle, hf ...
+    task: str = ""  # Hugging Face folders: feature-extraction, text-classification, token-classification, causal-lm
 
     def with_(self, **changes) -> Model:
         return replace(self, **changes)
+
+
+def torch_dynamic_shapes(inputs: list[InputSpec], batch_free: bool = True) -> dict:
+    """torch.export dynamic_shapes by input name: one shared batch Dim; other free axes left for torch to bound.
+
+    A text model's sequence is bounded by its position table (64, 512 ...), which torch.export derives itself.
+    """
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    shapes = {}
+    for s in inputs:
+        axes = {0: batch} if s.batch_dynamic and batch_free and s.shape else {}
+        axes.update({axis: torch.export.Dim.DYNAMIC for axis in s.dynamic_axes})
+        shapes[s.name] = axes or None
+    return shapes
 
 
 def fixed_batch(inputs: list[InputSpec]) -> int | None:
@@ -160,6 +179,6 @@ def example_inputs(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> di
         elif "type" in lname or "segment" in lname:
             arr = np.zeros(shape, dtype=spec.dtype)
         else:
-            arr = rng.integers(0, 100, size=shape).astype(spec.dtype)
+            arr = rng.integers(0, spec.high or 100, size=shape).astype(spec.dtype)
         feeds[spec.name] = arr
     return feeds

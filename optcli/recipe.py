@@ -43,6 +43,9 @@ class Gates(StrictModel):
     min_fidelity_cosine: float | None = Field(default=None, ge=-1, le=1)
     max_size_bytes: int | None = Field(default=None, ge=1)
     min_speedup: float | None = Field(default=None, gt=0)
+    max_perplexity_increase: float | None = Field(
+        default=None, ge=0, description="causal LM: perplexity may rise by at most this fraction of fp32's (0.02 = 2%)"
+    )
 
 
 @functools.cache
@@ -242,12 +245,19 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> 
                 raise BadInput(
                     f"{_where(path, root, ['data', name, 'path'])}: data.{name}.path: {source.path} not found"
                 )
+            if source is not None and source.text is not None and not source.text.is_file():
+                raise BadInput(
+                    f"{_where(path, root, ['data', name, 'text'])}: data.{name}.text: {source.text} not found"
+                )
+    _check_text_sources(recipe, path, root)
     suffix = spec.path.suffix.lower()
-    if suffix not in ONNX_SUFFIXES + TORCH_SUFFIXES:
+    if spec.path.is_dir():
+        pass  # a Hugging Face folder: what it holds is checked when it loads (optcli.hf)
+    elif suffix not in ONNX_SUFFIXES + TORCH_SUFFIXES:
         raise BadInput(
             f"model.path: {spec.path.name} has an unknown extension; use .onnx, .pt/.pth (state_dict or TorchScript), .pt2 (torch.export) or .safetensors"
         )
-    if suffix in (".safetensors", ".bin") and spec.factory is None:
+    if suffix in (".safetensors", ".bin") and spec.factory is None and not spec.path.is_dir():
         raise BadInput(
             f"model.factory: {spec.path.name} holds only weights; set model.factory: module:callable that builds the nn.Module"
         )
@@ -275,6 +285,19 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> 
             except ValueError as e:
                 raise BadInput(f"{where}: passes[{i}] ({cfg.type}): {e}") from None
         fmt = p.output_format(fmt)
+
+
+def _check_text_sources(recipe: Recipe, path: Path, root) -> None:
+    """Text data needs a tokenizer: the model folder's own, or one named by data.<name>.tokenizer."""
+    for name in ("calibration", "eval", "train"):
+        source = getattr(recipe.data, name)
+        if source is None or source.text is None or source.tokenizer is not None:
+            continue
+        if not recipe.model.path.is_dir():
+            raise BadInput(
+                f"{_where(path, root, ['data', name, 'text'])}: data.{name}.text needs a tokenizer: make model.path the "
+                f"Hugging Face folder, or set data.{name}.tokenizer: the folder holding tokenizer.json"
+            )
 
 
 def with_implicit_exports(recipe: Recipe) -> Recipe:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from optcli import __version__, library_warnings
 from optcli.artifact import load_model, save_torch
-from optcli.data import DataCatalog
+from optcli.data import DataCatalog, text_length
 from optcli.environment import check_target, environment, providers_for
 from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed, first_line, writing
 from optcli.gates import check_gates, near_gate_warnings
@@ -28,6 +28,7 @@ from optcli.steps import (
     OutputFolder,
     finished_step,
     input_key,
+    inside,
     reload_step,
     sha256_file,
     step_key,
@@ -52,12 +53,12 @@ class RunOptions:
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
     check_target(recipe.report.target)  # a provider that is not installed: exit 2 naming the package
-    original = load_model(recipe.model, trust_pickle=trust_pickle)
+    original = load_model(recipe.model, trust_pickle=trust_pickle, sequence_length=text_length(recipe.data))
     check_feedable(original.inputs, recipe.model.path)
     check_memory(original.inputs, max(recipe.report.latency.batch_sizes), "report.latency.batch_sizes")
     if recipe.data.eval is None:
         check_memory(original.inputs, recipe.report.fidelity_samples, "report.fidelity_samples")
-    data = DataCatalog(recipe.data, original.inputs)
+    data = DataCatalog(recipe.data, original.inputs, original)
     for name in ("calibration", "eval", "train"):
         data.get(name)
     for config in recipe.passes:
@@ -69,9 +70,8 @@ def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
 
 def run_recipe(recipe, options: RunOptions) -> dict:
     original, data = preflight(recipe, options.trust_pickle)
-    inputs = [recipe.model.path] + [
-        s.path for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None and s.path
-    ]
+    sources = [s for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None]
+    inputs = [recipe.model.path] + [p for s in sources for p in (s.path, s.text) if p is not None]
     folder = OutputFolder(options.out, options.overwrite, options.resume, inputs)
     try:
         report = _run(recipe, options, folder, original, data)
@@ -183,8 +183,8 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
         with library_warnings.captured() as said:
             model = spec.apply(model, config, ctx)
         ctx.warnings.extend(f"{name}: {message}" for message in said)
-        if model.format == "torch":
-            model = model.with_(path=save_torch(model.module, model.inputs, tmp))
+        if model.format == "torch" and not (model.path is not None and model.path.is_dir() and inside(model.path, tmp)):
+            model = model.with_(path=save_torch(model.module, model.inputs, tmp))  # a pass that wrote a folder keeps it
     except (OptcliError, KeyboardInterrupt):
         raise
     except Exception as e:

@@ -13,6 +13,8 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
     from optcli.artifact import load_any
     from optcli.model import check_feedable
 
+    if path.is_dir():
+        return _folder_recipe(path, load_any(path))
     suffix = path.suffix.lower()
     needs_factory = suffix == ".safetensors" or (suffix in (".pt", ".pth") and not _is_module_file(path))
     if needs_factory and factory is None:
@@ -85,3 +87,46 @@ def _is_module_file(path: Path) -> bool:
     from optcli.artifact import is_torchscript
 
     return is_torchscript(path)
+
+
+GATES_BY_TASK = {
+    "feature-extraction": {"min_fidelity_cosine": 0.99},
+    "text-classification": {"max_accuracy_drop": 0.01},
+    "token-classification": {"min_fidelity_cosine": 0.99},
+    "causal-lm": {"max_perplexity_increase": 0.05},
+}
+
+
+def _folder_recipe(path: Path, model) -> str:
+    """A Hugging Face folder: its task, text data read by its own tokenizer, export + dynamic per-channel int8."""
+    labelled = model.task == "text-classification"
+    recipe = {
+        "model": {"path": str(path), "task": model.task},
+        "data": {
+            "calibration": {"text": "calibration.txt", "samples": 256, "max_length": 128},
+            "eval": {"text": "eval.jsonl" if labelled else "eval.txt", "max_length": 128},
+        },
+        "passes": [
+            {"type": "export", "opset": 18},
+            {"type": "quantize", "mode": "dynamic", "per_channel": True},
+        ],
+        "report": {"latency": {"batch_sizes": [1, 32], "warmup": 5, "runs": 30, "threads": 2}},
+        "gates": GATES_BY_TASK[model.task],
+    }
+    data_note = (
+        '# eval.jsonl: one {"text": ..., "label": ...} per line (labels: class index or a name in config.json label2id).\n'
+        if labelled
+        else "# eval.txt: one example per line"
+        + (
+            " (perplexity is measured on it).\n"
+            if model.task == "causal-lm"
+            else " (fidelity to fp32 is measured on it).\n"
+        )
+    )
+    header = (
+        f"# optcli recipe for the Hugging Face folder {path.name} ({model.kind.removeprefix('hf ')}, written by optcli init)\n"
+        "# Put your text beside this file: calibration.txt holds one example per line, tokenized by the folder's tokenizer.\n"
+        + data_note
+        + "# `optcli passes` lists every option; `optcli validate` checks this file.\n"
+    )
+    return header + yaml.safe_dump(recipe, sort_keys=False)

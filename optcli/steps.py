@@ -24,7 +24,7 @@ LOCK = ".optcli.lock"
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    for f in artifact_files(path) if path.suffix == ".onnx" else [path]:
+    for f in artifact_files(path) if path.suffix == ".onnx" or path.is_dir() else [path]:
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)
@@ -130,6 +130,8 @@ def input_key(recipe) -> str:
         source = getattr(recipe.data, name)
         if source is not None and source.path is not None:
             parts.append(sha256_file(source.path))
+        if source is not None and source.text is not None:  # text: its bytes and the tokenizer that reads them
+            parts += [sha256_file(source.text)] + ([sha256_file(source.tokenizer)] if source.tokenizer else [])
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -137,6 +139,10 @@ def reload_step(step_dir: Path, record: dict, model: Model) -> Model:
     path = step_dir / record["artifact"]
     if path.suffix == ".onnx":
         return model.with_(format="onnx", module=None, path=path)
+    if path.is_dir():
+        from optcli.measure import reload_folder
+
+        return model.with_(format="torch", module=reload_folder(path, model.task).module, path=path)
     import torch
 
     return model.with_(format="torch", module=torch.export.load(str(path)).module(), path=path)
@@ -145,7 +151,11 @@ def reload_step(step_dir: Path, record: dict, model: Model) -> Model:
 def write_final(model: Model, root: Path) -> dict:
     src = model.path
     files = artifact_files(src)
-    for f in files[1:] + files[:1]:  # external data first: the model file never points at data not yet there
+    if src.is_dir():  # a Hugging Face folder keeps its layout (sentence-transformers modules in subfolders)
+        for f in files:
+            (root / src.name / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            atomic_copy(f, root / src.name / f.relative_to(src))
+    for f in [] if src.is_dir() else files[1:] + files[:1]:  # external data first: never a model pointing at nothing
         atomic_copy(f, root / f.name)
     final = root / src.name
     return {"path": str(final), "format": model.format, "sha256": sha256_file(final)}

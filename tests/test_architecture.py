@@ -11,7 +11,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "optcli"
 LAYERS = [
     ["optcli", "optcli.config", "optcli.errors"],
     ["optcli.model", "optcli.library_warnings", "optcli.environment", "optcli.report"],
-    ["optcli.artifact", "optcli.data", "optcli.measure", "optcli.onnx_check", "optcli.layers"],
+    [
+        "optcli.artifact",
+        "optcli.data",
+        "optcli.measure",
+        "optcli.onnx_check",
+        "optcli.layers",
+        "optcli.hf",
+        "optcli.textdata",
+    ],
     ["optcli.passes.base"],
     ["optcli.passes.*"],  # the pass families
     ["optcli.passes"],  # the registry

@@ -15,6 +15,7 @@ _MODULES = {
     "optimize": "optcli.passes.optimize",
     "cluster": "optcli.passes.cluster",
     "convert": "optcli.passes.convert",
+    "save": "optcli.passes.save",
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -23,6 +25,11 @@ class Config(PassConfig):
         default="auto", description="auto: torch.export-based exporter, TorchScript exporter if that fails"
     )
     dynamic_batch: bool = Field(default=True, description="leave the batch dimension free in the ONNX graph")
+    dynamic_sequence: bool = Field(
+        default=True,
+        description="text models: leave the sequence axis free; false fixes it at the data's max_length "
+        "(ONNX Runtime's symbolic shape inference, used by quantize pre-processing, needs that for torch.export graphs)",
+    )
     atol: float = Field(default=1e-4, ge=0, description="ONNX vs torch: allowed absolute error ...")
     rtol: float = Field(default=1e-3, ge=0, description="... plus this fraction of the largest torch output")
     check_samples: int = Field(default=8, ge=1, le=4096, description="inputs used for the numeric check")
@@ -37,25 +44,35 @@ def _quiet_exporter():
         yield buf
 
 
-def _export(module, args, names, output_names, config: Config, target, exporter: str) -> None:
+def _export(module, args, inputs, output_names, config: Config, target, exporter: str) -> None:
     import torch
 
+    from optcli.model import torch_dynamic_shapes
+
+    names = [s.name for s in inputs]
     if exporter == "dynamo":
-        batch = torch.export.Dim("batch", min=1, max=65536)
-        dynamic = {n: ({0: batch} if config.dynamic_batch and spec_batch else None) for n, spec_batch in names.items()}
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            opset_version=config.opset,
-            dynamic_shapes=dynamic,
-            input_names=list(names),
-            output_names=output_names or None,
-            external_data=False,
-        )
-        program.save(str(target), external_data=_needs_external(module))
+        dynamic = torch_dynamic_shapes(inputs, batch_free=config.dynamic_batch)
+        with warnings.catch_warnings():
+            # Inputs sharing one batch/sequence Dim get one axis name; torch says so once per input.
+            warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=config.opset,
+                dynamic_shapes=dynamic,
+                input_names=list(names),
+                output_names=output_names or None,
+                external_data=False,
+            )
+            program.save(str(target), external_data=_needs_external(module))
     else:
-        axes = {n: {0: "batch"} for n, b in names.items() if b and config.dynamic_batch}
+        axes = {s.name: {0: "batch"} for s in inputs if s.batch_dynamic and config.dynamic_batch}
+        for s in inputs:  # a text model's sequence axis (and any other free axis) stays free too
+            axes.setdefault(s.name, {}).update(
+                {axis: "sequence" if axis == 1 else f"axis{axis}" for axis in s.dynamic_axes}
+            )
+        axes = {n: a for n, a in axes.items() if a}
         if output_names and config.dynamic_batch:
             axes.update({n: {0: "batch"} for n in output_names})
         torch.onnx.export(
@@ -86,8 +103,8 @@ def apply(model, config: Config, ctx: Context):
     module = fold_pruning(model.module) if not isinstance(model.module, torch.jit.ScriptModule) else model.module
     feeds = example_inputs(model.inputs, batch=2, seed=ctx.seed)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in model.inputs)
-    names = {s.name: s.batch_dynamic for s in model.inputs}
     target = ctx.step_dir / "model.onnx"
+    export_inputs = model.inputs if config.dynamic_sequence else [replace(i, dynamic_axes=()) for i in model.inputs]
     is_script = isinstance(module, torch.jit.ScriptModule)
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}[config.exporter]
     if is_script and "torchscript" in order:
@@ -96,7 +113,7 @@ def apply(model, config: Config, ctx: Context):
     for exporter in order:
         try:
             with _quiet_exporter():
-                _export(module, args, names, model.output_names, config, target, exporter)
+                _export(module, args, export_inputs, model.output_names, config, target, exporter)
             break
         except Exception as e:  # exporters raise many types; the message is what the user needs
             errors.append(f"{exporter}: {type(e).__name__}: {first_line(e)}")

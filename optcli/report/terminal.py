@@ -157,7 +157,7 @@ def render_inspection(info: dict) -> Group:
     head.add_row("format", info["format"])
     head.add_row("size", f"{format_bytes(info['size_bytes'])} ({format_bytes(info['compressed_bytes'])} deflated)")
     head.add_row("parameters", f"{info['parameters']:,} ({info['sparsity']:.1%} zero)")
-    for key in ("opset", "initializer_dtypes", "parameter_dtypes", "outputs"):
+    for key in ("architecture", "task", "tokenizer", "opset", "initializer_dtypes", "parameter_dtypes", "outputs"):
         if info.get(key):
             head.add_row(key.replace("_", " "), str(info[key]))
     parts: list[Any] = [head]

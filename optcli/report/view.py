@@ -208,6 +208,10 @@ def _accuracy_cell(step: dict, original: dict, is_original: bool) -> str:
     base = accuracy(original)
     if is_original or not finite(base):
         return f"{value:.4f}"
+    if (step.get("accuracy") or {}).get("metric") == "perplexity" and base:
+        return (
+            f"{value:.4f} ({(value - base) / base * 100:+.2f}%)"  # a perplexity is no fraction: its change is relative
+        )
     return f"{value:.4f} ({(value - base) * 100:+.2f} pt)"
 
 
@@ -243,7 +247,7 @@ def step_table(report: dict) -> tuple[list[str], list[list[str]]]:
         row += [
             _accuracy_cell(step, original, i == 0),
             fmt_num(dig(step, "fidelity", "cosine_mean"), 6),
-            fmt_pct(dig(step, "fidelity", "top1_agreement")),
+            fmt_pct(_agreement(step)),
             fmt_seconds(step.get("seconds")),
         ]
         rows.append(row)
@@ -440,3 +444,9 @@ def sensitivity_rows(step: dict, n: int = 15) -> list[list[str]]:
     fallen = {f.get("node") for f in search.get("fallback_nodes") or [] if isinstance(f, dict)}
     items = sorted(search["sensitivity"].items(), key=lambda kv: -(kv[1] if finite(kv[1]) else float("-inf")))
     return [[str(node), fmt_num(drop), "✓" if node in fallen else ""] for node, drop in items[:n]]
+
+
+def _agreement(step: dict):
+    """Top-1 agreement; for embeddings, nearest-neighbour top-1 agreement (an argmax over dimensions means nothing)."""
+    value = dig(step, "fidelity", "top1_agreement")
+    return value if value is not None else dig(step, "fidelity", "neighbour_top1_agreement")

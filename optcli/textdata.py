@@ -1,0 +1,131 @@
+"""Text files -> token arrays keyed by model input name, through the model folder's own tokenizer.
+
+A .txt file holds one example per line; a .jsonl file one JSON object per line with a text field and,
+optionally, a label field. Batches are padded to max_length (the shape every measured batch shares).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from optcli.errors import BadInput
+
+IGNORE_INDEX = -100  # label of positions a causal-LM loss / perplexity skips (padding), as in transformers
+
+
+def read_texts(path: Path, text_field: str, label_field: str | None) -> tuple[list[str], list | None]:
+    """Lines of a .txt, or objects of a .jsonl; blank lines are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    if path.suffix.lower() != ".jsonl":
+        texts = [line for line in lines if line.strip()]
+        if not texts:
+            raise BadInput(f"{path}: holds no text (one example per line)")
+        return texts, None
+    texts, labels = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}:{number}: not a JSON object ({e.msg}); write one object per line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            raise BadInput(
+                f"{path}:{number}: no string field {text_field!r} (set text_field: to the field holding the text)"
+            )
+        texts.append(obj[text_field])
+        if label_field is not None:
+            if label_field not in obj:
+                raise BadInput(f"{path}:{number}: no label field {label_field!r}")
+            labels.append(obj[label_field])
+    if not texts:
+        raise BadInput(f"{path}: holds no examples")
+    return texts, (labels if label_field is not None else None)
+
+
+def jsonl_label_field(path: Path, given: str | None) -> str | None:
+    """The label field: the one named, else `label`/`labels` when the first object has it."""
+    if given is not None or path.suffix.lower() != ".jsonl":
+        return given
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return next((k for k in ("label", "labels") if isinstance(obj, dict) and k in obj), None)
+    return None
+
+
+def tokenize(tokenizer, texts: list[str], names: list[str], max_length: int) -> dict[str, np.ndarray]:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    missing = [n for n in names if n not in enc]
+    if missing:
+        raise BadInput(f"the tokenizer gives no {', '.join(missing)} (it gives {', '.join(enc.keys())})")
+    return {n: np.asarray(enc[n], dtype=np.int64) for n in names}
+
+
+def label_ids(labels: list, label2id: dict | None, where: str) -> np.ndarray:
+    """Integer labels as given; string labels through the model config's label2id."""
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        return np.asarray(labels, dtype=np.int64)
+    if all(isinstance(v, str) for v in labels):
+        if not label2id:
+            raise BadInput(f"{where}: string labels but the model config has no label2id; give class indices")
+        unknown = sorted({v for v in labels if v not in label2id})
+        if unknown:
+            raise BadInput(
+                f"{where}: labels {unknown[:3]} are not among the model's classes ({', '.join(list(label2id)[:8])})"
+            )
+        return np.asarray([label2id[v] for v in labels], dtype=np.int64)
+    raise BadInput(f"{where}: labels must be class indices (integers) or class names (strings)")
+
+
+def next_token_labels(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Causal-LM labels: the ids themselves, padding masked out (the model shifts them inside its loss)."""
+    labels = arrays["input_ids"].copy()
+    if "attention_mask" in arrays:
+        labels[arrays["attention_mask"] == 0] = IGNORE_INDEX
+    return labels
+
+
+def perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
+    """exp of the mean next-token cross-entropy over the positions whose label is kept."""
+    logits = logits[:, :-1].astype(np.float64)
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    if not keep.any():
+        raise BadInput("perplexity: every label position is padding; give longer texts")
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, np.where(keep, target, 0)[..., None], axis=-1)[..., 0]
+    return float(np.exp(-(picked * keep).sum() / keep.sum()))
+
+
+def load_text(source, inputs, model, where: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """(arrays keyed by input name, labels or None) from a data source with `text:`; `model` is the loaded original."""
+    from optcli.hf.folder import encoder_folder, raw_config
+    from optcli.hf.load import load_tokenizer
+
+    folder = Path(source.tokenizer) if source.tokenizer is not None else encoder_folder(Path(model.path))
+    task = getattr(model, "task", "") or ""
+    path = Path(source.text)
+    label_field = jsonl_label_field(path, source.labels)
+    texts, labels = read_texts(path, source.text_field, label_field)
+    if source.samples:
+        texts = texts[: source.samples]
+        labels = labels[: source.samples] if labels is not None else None
+    names = [s.name for s in inputs]
+    arrays = tokenize(load_tokenizer(folder), texts, names, source.max_length)
+    if task == "causal-lm":
+        return arrays, next_token_labels(arrays)
+    if labels is None:
+        return arrays, None
+    label2id = raw_config(folder).get("label2id") if (folder / "config.json").is_file() else None
+    return arrays, label_ids(labels, label2id, where)
