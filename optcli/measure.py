@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -176,6 +177,15 @@ def _torch_weights(path: Path, module=None) -> tuple[int, int]:
 # --------------------------------------------------------------------------- latency
 
 
+def load_average() -> float | None:
+    """The 1-minute load average when a latency loop ends (None where the OS has none): above the core count,
+    other work was competing for the CPU while timing, and the report says so."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def latency(runner: Runner, batch_sizes: list[int], warmup: int, runs: int) -> tuple[dict, list[str]]:
     """p50/p90/p99 and throughput per batch size; batch sizes the model cannot take are skipped with a note."""
     results, notes = {}, []
@@ -198,6 +208,7 @@ def latency(runner: Runner, batch_sizes: list[int], warmup: int, runs: int) -> t
             "p99_ms": round(float(p99), 6),
             "throughput_per_s": round(batch * 1000 / float(p50), 2),
             "runs": runs,
+            "load_average": load_average(),
         }
     return results, notes
 

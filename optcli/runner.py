@@ -23,6 +23,7 @@ from optcli.model import Model, check_memory
 from optcli.passes import get_pass
 from optcli.passes.base import Context
 from optcli.report import write_reports
+from optcli.report.summary import baseline_index, step_comparisons, summary
 from optcli.steps import (
     OutputFolder,
     finished_step,
@@ -110,8 +111,10 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         warnings.extend(record.get("warnings", []))
         input_sha = record["sha256"]
     output = write_final(model, folder.root)
-    gates = check_gates(recipe.gates, steps)
-    return {
+    gates = check_gates(
+        recipe.gates, steps, defaults="gates" not in recipe.model_fields_set, baseline=baseline_index({"steps": steps})
+    )
+    report = {
         "optcli_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
         "environment": environment(recipe.report.latency.threads),
@@ -129,6 +132,10 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         "warnings": warnings + near_gate_warnings(gates),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    report["summary"] = summary(report)
+    for step, versus in zip(steps, step_comparisons(report), strict=True):
+        step.update(versus)
+    return report
 
 
 def _measure_original(recipe, original: Model, evaluator: Evaluator, log) -> dict:
@@ -175,7 +182,10 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     try:
         with library_warnings.captured() as said:
             model = spec.apply(model, config, ctx)
-        ctx.warnings.extend(f"{name}: {message}" for message in said)
+        words, originals = library_warnings.in_words(said, already=ctx.warnings)
+        ctx.warnings.extend(f"{name}: {message}" for message in words)
+        if originals:
+            ctx.details["library_messages"] = originals
         if model.format == "torch":
             model = model.with_(path=save_torch(model.module, model.inputs, tmp))
     except (OptcliError, KeyboardInterrupt):

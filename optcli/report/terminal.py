@@ -7,6 +7,7 @@ Views only: each renderer takes the plain dict its command's library function re
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from optcli.report.summary import summary
 from optcli.report.view import (
     clean,
     compact_step_table,
@@ -22,7 +24,7 @@ from optcli.report.view import (
     gate_lines,
     latency_notes,
     pruned_rows,
-    step_table,
+    ratio_legend,
     steps,
     verdict,
     warning_lines,
@@ -31,14 +33,27 @@ from optcli.report.view import (
 # --------------------------------------------------------------------------- consoles
 
 
+PIPED_WIDTH = 100  # columns when the output is not a terminal (logs, CI, a pipe) and COLUMNS is not set
+
+
 def console(stderr: bool = True) -> Console:
-    """A console without syntax highlighting; 160 columns when stderr is not a terminal (logs, CI)."""
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stderr.isatty() else 160)
+    """A console without syntax highlighting; COLUMNS or the terminal's width, else 100 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    width = None if tty or os.environ.get("COLUMNS", "").isdigit() else PIPED_WIDTH
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def show(renderable: RenderableType) -> None:
-    """Print to stdout (a command's human-readable result)."""
-    console(stderr=False).print(renderable)
+    """Print to stdout (a command's human-readable result); piped, without Rich's trailing padding."""
+    out = console(stderr=False)
+    if sys.stdout.isatty():
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    sys.stdout.flush()
 
 
 def step_log(out: Console) -> Callable[[str], None]:
@@ -50,19 +65,32 @@ def step_log(out: Console) -> Callable[[str], None]:
 
 
 def render_table(report: dict) -> Group:
-    """A rich renderable: the steps table, then gates, warnings, notes and per-layer sparsity."""
+    """A rich renderable: verdict, the steps table (fits 100 columns), what each ratio means, the verdict
+    sentence and its caveats, then gates, warnings, notes and per-layer sparsity."""
+    from rich import box
+
     report = clean(report)
-    headers, rows = compact_step_table(*step_table(report))
-    table = Table(title=f"optcli report: {verdict(report)}", title_justify="left")
+    headers, rows = compact_step_table(report)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
         table.add_row(*(Text(c) for c in row))  # Text: no rich markup parsing of names
-    parts: list[Any] = [table]
+    passed = report.get("passed")
+    style = "bold green" if passed is True else "bold red" if passed is False else "bold"
+    parts: list[Any] = [Text(f"optcli report: {verdict(report)}", style=style), table]
+    parts.append(Text(ratio_legend(report), style="dim"))
+    facts = summary(report)
+    if facts["verdict"]:
+        parts.append(Text(facts["verdict"], style="bold"))
+    if facts["slower"]:
+        parts.append(Text(f"⚠ {facts['slower']}", style="bold yellow"))
+    if facts["busy"]:
+        parts.append(Text(f"⚠ {facts['busy']}", style="yellow"))
     if report.get("evaluation"):
         parts.append(Text(f"evaluation: {report['evaluation']}", style="dim"))
-    for passed, line in gate_lines(report):
-        parts.append(Text(line, style="green" if passed else "bold red"))
+    for passed_gate, line in gate_lines(report):
+        parts.append(Text(line, style="green" if passed_gate else "bold red"))
     for w in warning_lines(report):
         parts.append(Text(f"⚠ {w}", style="yellow"))
     for name, note in latency_notes(report):

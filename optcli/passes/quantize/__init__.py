@@ -26,10 +26,33 @@ def check(config: Config, recipe, input_format: str) -> None:
         )
 
 
+def calibration_samples(config: Config, recipe, available: int, where: str) -> tuple[int, int, str]:
+    """Calibration samples (requested, used), and a warning when fewer than the recipe asked for are used.
+
+    One knob governs: the pass's calibration.samples when written, else data.calibration.samples, else 128.
+    """
+    data_ask = recipe.data.calibration.samples if recipe.data.calibration is not None else None
+    pass_set = "samples" in config.calibration.model_fields_set
+    wanted = config.calibration.samples if pass_set or data_ask is None else data_ask
+    used = min(wanted, available)
+    note = ""
+    if pass_set and data_ask is not None and config.calibration.samples < data_ask:
+        note = f"calibration: {data_ask} samples requested (data.calibration.samples), {used} used ({where}.calibration.samples)"
+    elif used < wanted:
+        asked = f"{where}.calibration.samples" if pass_set or data_ask is None else "data.calibration.samples"
+        note = f"calibration: {wanted} samples requested ({asked}), {used} used (all that data.calibration holds)"
+    return wanted, used, note
+
+
 def _calibration_batches(model, config: Config, ctx: Context) -> list[dict]:
     data = ctx.data.calibration
     batch = fixed_batch(model.inputs) or min(data.batch_size, 32)
-    return [feeds for feeds, _ in data.batches(batch_size=batch, limit=config.calibration.samples)]
+    index = int(ctx.step_name.split("-", 1)[0]) - 1 if ctx.step_name[:1].isdigit() else 0
+    wanted, used, note = calibration_samples(config, ctx.recipe, len(data), f"passes[{index}]")
+    if note:
+        ctx.warn(note)
+    ctx.details["calibration_samples_requested"] = wanted
+    return [feeds for feeds, _ in data.batches(batch_size=batch, limit=used)]
 
 
 def apply(model, config: Config, ctx: Context):
