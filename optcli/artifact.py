@@ -10,6 +10,7 @@ import importlib
 import math
 import os
 import pickle
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -271,6 +272,49 @@ def build_from_factory(ref: str, kwargs: dict, what: str):
         raise BadInput(f"{what} {ref}: {e}; check the *_kwargs given to it") from None
 
 
+_MACHINE_DIM = re.compile(r"^(DynamicDimension|unk_*|dim|Dim|input_dim|s)[._]?\d*$")
+
+
+def readable_dim(d) -> int | str:
+    """A dimension as a person reads it: its size, its name where an exporter gave it a meaningful one ("batch",
+    "height"), else "?" (never a generated name such as 'DynamicDimension.0' or a shape formula)."""
+    if isinstance(d, int) and d > 0:
+        return d
+    if isinstance(d, str) and d.isidentifier() and len(d) <= 24 and not _MACHINE_DIM.match(d):
+        return d
+    return "?"
+
+
+def suggested_shape(dims: list, path: Path) -> tuple[int, ...]:
+    """A concrete shape for an input with free dimensions: batch 1, the sizes the file knows, and for free
+    height/width the image size an exporter recorded in the metadata (Ultralytics' imgsz), else 224."""
+    side = _metadata_image_size(path)
+    spatial = [i for i in range(1, len(dims)) if not (isinstance(dims[i], int) and dims[i] > 0)]
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif i == 0:
+            out.append(1)
+        else:
+            k = spatial.index(i) - (len(spatial) - len(side)) if len(side) >= 1 else -1
+            out.append(side[k] if 0 <= k < len(side) else 224)
+    return tuple(out)
+
+
+def _metadata_image_size(path: Path) -> list[int]:
+    if path.suffix.lower() != ".onnx":
+        return []
+    try:
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:
+        return []
+    sizes = [int(n) for n in re.findall(r"\d+", props.get("imgsz", ""))][:2]
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
 def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[InputSpec]:
     """Input specs from the file where it fixes them, else from model.inputs; batch is dim 0."""
     given = {t.name: t for t in recipe_inputs or []}
@@ -299,9 +343,12 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
             continue
         for axis, d in enumerate(dims[1:], start=1):
             if not isinstance(d, int) or d <= 0:
+                concrete = suggested_shape(dims, path)
+                label = readable_dim(d)
                 raise BadInput(
-                    f"input {name!r} has a dynamic dimension {axis} ({d or '?'}) with no size: give it in model.inputs "
-                    f"(- {{name: {name}, shape: [...], dtype: {item['dtype']}}}) or with --shape {name}=1x..."
+                    f"input {name!r} has a free dimension {axis}{f' ({label})' if label != '?' else ''} with no size: "
+                    f"give one with --shape {name}={'x'.join(map(str, concrete))} (optcli init) or in model.inputs "
+                    f"(- {{name: {name}, shape: {list(concrete)}, dtype: {item['dtype']}}})"
                 )
         batch_dynamic = bool(dims) and not (isinstance(dims[0], int) and dims[0] > 0)
         shape = tuple([1 if batch_dynamic else dims[0], *dims[1:]]) if dims else ()

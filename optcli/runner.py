@@ -6,6 +6,7 @@ the gates are gates.py. This module is the loop that ties them together.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -188,10 +189,12 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
             ctx.details["library_messages"] = originals
         if model.format == "torch":
             model = model.with_(path=save_torch(model.module, model.inputs, tmp))
-    except (OptcliError, KeyboardInterrupt):
+    except KeyboardInterrupt:
         raise
+    except OptcliError as e:
+        raise _in_user_terms(e, name, model, run) from e
     except Exception as e:
-        raise _failure(name, e, tmp, folder.root) from e
+        raise _in_user_terms(_failure(name, e, tmp, folder.root), name, model, run) from e
     seconds = time.perf_counter() - started
     options.log(f"{name}: measuring {model.path.name}")
     row = run.evaluator.measure(model.path, model)
@@ -215,6 +218,28 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     write_record(tmp, record)
     final_dir = folder.finish_step(tmp, name)
     return model.with_(path=final_dir / model.path.name), step, record
+
+
+def _in_user_terms(error: OptcliError, name: str, model: Model, run: _Run) -> OptcliError:
+    """A pass's error about the user's model and step, never about optcli's own intermediate files."""
+    source = run.recipe.model.path
+    text = str(error)
+    said = (
+        f"{source}"
+        if model.path is not None and Path(model.path) == Path(source)
+        else f"the model the step before {name} wrote"
+    )
+    paths = [str(run.folder.root / "steps"), str(model.path) if model.path is not None else None]
+    for p in filter(None, paths):
+        text = re.sub(re.escape(p) + r"[^\s,;:()]*", said, text)
+    if model.path is not None and Path(model.path) != Path(source):
+        text = re.sub(rf"(?<![\w/.-]){re.escape(Path(model.path).name)}(?![\w.-])", said, text)
+    if text == str(error):
+        return error
+    changed = type(error).__new__(type(error))
+    changed.__dict__.update(error.__dict__)
+    changed.args = (text,)
+    return changed
 
 
 def _failure(name: str, e: Exception, tmp: Path, root: Path) -> OptcliError:

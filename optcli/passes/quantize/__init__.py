@@ -116,5 +116,6 @@ PASS = PassSpec(
     consumes=frozenset({"onnx"}),
     apply=apply,
     check=check,
+    makes_int8=True,
     summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration",
 )
