@@ -155,27 +155,49 @@ def render_comparison(result: dict) -> Table:
     return t
 
 
+def _shape_text(shape) -> str:
+    from optcli.artifact import readable_dim
+
+    return "[" + ", ".join(str(readable_dim(d)) for d in shape) + "]" if shape is not None else "?"
+
+
+def _counts_text(counts: dict) -> str:
+    return ", ".join(f"{k} ×{v}" if v != 1 else str(k) for k, v in counts.items())
+
+
 def render_inspection(info: dict) -> Group:
-    """`optcli inspect`: the file's summary, then its inputs and its 20 most used ops."""
-    head = Table(show_header=False, box=None)
-    head.add_row("file", info["path"])
+    """`optcli inspect`: what the model is in one line, its summary, inputs and outputs, its 20 most used ops."""
+    from optcli.inspect import describe
+
+    head = Table(show_header=False, box=None, pad_edge=False)
+    head.add_row("model", Text(describe(info), style="bold"))
+    head.add_row("file", Text(info["path"]))
     head.add_row("format", info["format"])
     head.add_row("size", f"{format_bytes(info['size_bytes'])} ({format_bytes(info['compressed_bytes'])} deflated)")
     head.add_row("parameters", f"{info['parameters']:,} ({info['sparsity']:.1%} zero)")
-    for key in ("opset", "initializer_dtypes", "parameter_dtypes", "outputs"):
+    if info.get("opset"):
+        head.add_row("opset", ", ".join(f"{domain} {version}" for domain, version in info["opset"].items()))
+    for key, label in (("initializer_dtypes", "weight dtypes"), ("parameter_dtypes", "parameter dtypes")):
         if info.get(key):
-            head.add_row(key.replace("_", " "), str(info[key]))
+            head.add_row(label, _counts_text(info[key]))
     parts: list[Any] = [head]
-    if info.get("inputs"):
-        t = Table(title="inputs")
-        for col in ("name", "shape", "dtype", "batch"):
+    for title, rows in (("inputs", info.get("inputs")), ("outputs", info.get("output_specs"))):
+        if not rows:
+            continue
+        t = Table(title=title, title_justify="left")
+        for col in ("name", "shape", "dtype") + (("batch",) if title == "inputs" else ()):
             t.add_column(col)
-        for i in info["inputs"]:
+        for i in rows:
             i = i if isinstance(i, dict) else i.__dict__
-            t.add_row(i["name"], str(list(i["shape"])), i["dtype"], "dynamic" if i.get("batch_dynamic") else "fixed")
+            cells = [Text(i["name"]), Text(_shape_text(i.get("shape"))), i["dtype"]]
+            if title == "inputs":
+                cells.append("dynamic" if i.get("batch_dynamic") else "fixed")
+            t.add_row(*cells)
         parts.append(t)
+    if info.get("outputs") and not info.get("output_specs"):
+        head.add_row("outputs", ", ".join(map(str, info["outputs"])))
     if info.get("ops"):
-        t = Table(title="ops")
+        t = Table(title="ops", title_justify="left")
         t.add_column("op")
         t.add_column("count", justify="right")
         for op, n in list(info["ops"].items())[:20]:
