@@ -17,7 +17,7 @@ from pathlib import Path
 
 from optcli.errors import BadInput, first_line
 from optcli.library_warnings import quiet_loggers
-from optcli.model import InputSpec, Model, example_inputs, fold_pruning
+from optcli.model import InputSpec, Model, example_inputs, fold_pruning, readable_dim
 
 ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message limit
 
@@ -270,19 +270,6 @@ def build_from_factory(ref: str, kwargs: dict, what: str):
         return factory(**kwargs)
     except TypeError as e:
         raise BadInput(f"{what} {ref}: {e}; check the *_kwargs given to it") from None
-
-
-_MACHINE_DIM = re.compile(r"^(DynamicDimension|unk_*|dim|Dim|input_dim|s)[._]?\d*$")
-
-
-def readable_dim(d) -> int | str:
-    """A dimension as a person reads it: its size, its name where an exporter gave it a meaningful one ("batch",
-    "height"), else "?" (never a generated name such as 'DynamicDimension.0' or a shape formula)."""
-    if isinstance(d, int) and d > 0:
-        return d
-    if isinstance(d, str) and d.isidentifier() and len(d) <= 24 and not _MACHINE_DIM.match(d):
-        return d
-    return "?"
 
 
 def suggested_shape(dims: list, path: Path) -> tuple[int, ...]:

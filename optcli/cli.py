@@ -369,11 +369,11 @@ def compare(
     """What changed between two runs' final artifacts (size, latency, accuracy, fidelity)."""
 
     def body():
-        from optcli.compare import compare_reports
+        from optcli.compare import compare_reports, explain
         from optcli.report.terminal import render_comparison, show
 
         result = compare_reports(report, baseline)
-        _print_json(result) if json_out else show(render_comparison(result))
+        _print_json(result) if json_out else show(render_comparison(result, explain(report, baseline)))
 
     guarded(body, debug)
 

@@ -56,7 +56,7 @@ def _onnx_details(path: Path) -> dict:
         "outputs": [o.name for o in proto.graph.output],
         "output_specs": onnx_inputs(_outputs_as_inputs(proto)),
         "layer_sparsity": layers,
-        "kind": model_kind(ops, dtypes),
+        "summary": describe(model_kind(ops, dtypes), weights),
     }
 
 
@@ -90,15 +90,15 @@ def model_kind(ops: dict, dtypes: Counter) -> str:
     return "fp32 weights" if total else "no weights"
 
 
-def describe(info: dict) -> str:
-    """The one line `optcli inspect` opens with: the kind, and zeros where there are many (pruned)."""
-    dtypes = info.get("parameter_dtypes") or {}
-    torch_kind = model_kind({}, Counter({k.replace("half", "float16"): v for k, v in dtypes.items()}))
-    line = info.get("kind") or f"{info.get('format', '')}, {torch_kind}"
-    sparsity = info.get("sparsity") or 0
-    if sparsity >= 0.05:
-        line += f"; {sparsity * 100:.0f} % zero weights"
-    return line
+def describe(kind: str, weights: list) -> str:
+    """The one line `optcli inspect` opens with: the kind, and the share of zero weights where it is large."""
+    import numpy as np
+
+    total = sum(arr.size for _, arr in weights)
+    zeros = total - sum(int(np.count_nonzero(arr)) for _, arr in weights)
+    if total and zeros / total >= 0.05:
+        kind += f"; {zeros / total * 100:.0f} % zero weights"
+    return kind
 
 
 def _inspect_torch(path: Path, trust_pickle: bool) -> dict:

@@ -113,9 +113,9 @@ def verdict_sentence(report: dict) -> str:
         if abs(t - 1) < 0.005:
             same.append(_batch(key))
         elif t < 1:
-            faster.append(f"{_times(1 / t)} faster at {_batch(key)}")
+            faster.append(f"{_times(1 / t)}{'' if faster else ' faster'} at {_batch(key)}")
         else:
-            slower.append(f"{_times(t)} slower at {_batch(key)}")
+            slower.append(f"{_times(t)}{'' if slower else ' slower'} at {_batch(key)}")
     speed = " and ".join(p for p in (", ".join(faster), ", ".join(slower)) if p)
     if same:
         speed = " and ".join(p for p in (speed, f"as fast at {', '.join(same)}") if p)

@@ -79,7 +79,7 @@ def render_table(report: dict) -> Group:
     passed = report.get("passed")
     style = "bold green" if passed is True else "bold red" if passed is False else "bold"
     parts: list[Any] = [Text(f"optcli report: {verdict(report)}", style=style), table]
-    parts.append(Text(ratio_legend(report), style="dim"))
+    parts.append(Text(ratio_legend(report, terminal=True), style="dim"))
     facts = summary(report)
     if facts["verdict"]:
         parts.append(Text(facts["verdict"], style="bold"))
@@ -145,18 +145,76 @@ class EpochProgress:
 # --------------------------------------------------------------------------- the other commands
 
 
-def render_comparison(result: dict) -> Table:
-    """`optcli compare`: one row per metric of the two final artifacts, with new/baseline."""
-    t = Table(title=f"{result['new']} vs {result['baseline']}")
-    for col in ("metric", "new", "baseline", "new/baseline"):
-        t.add_column(col, justify="right")
+_COMPARE_ROWS = {
+    # metric: (label, formatter, which way is better: "lower" | "higher" | None)
+    "size_bytes": ("size", "bytes", "lower"),
+    "compressed_bytes": ("compressed", "bytes", "lower"),
+    "sparsity": ("sparsity", "pct", None),
+    "accuracy": ("accuracy", "acc", "higher"),
+    "cosine_mean": ("fidelity cosine", "cos", "higher"),
+}
+
+
+def _compare_cell(kind: str, value: Any) -> str:
+    from optcli.report.view import DASH, finite, fmt_pct
+
+    if not finite(value):
+        return DASH
+    if kind == "bytes":
+        return format_bytes(value)
+    if kind == "pct":
+        return fmt_pct(value)
+    if kind == "acc":
+        return f"{value:.4f}"
+    if kind == "cos":
+        return f"{value:.6g}"
+    return f"{value:.3g} ms"
+
+
+def render_comparison(result: dict, notes: dict | None = None) -> Group:
+    """`optcli compare`: one row per metric of the two final artifacts in human units, new/baseline with a
+    better/worse mark, then what changed in the recipe and why the figures may not be comparable."""
+    from optcli.report.view import DASH, finite
+
+    notes = notes or {}
+    t = Table(title=Text(f"{result['new']} (new) vs {result['baseline']} (baseline)"), title_justify="left")
+    for col in ("metric", "baseline", "new", "new/baseline", ""):
+        t.add_column(col, justify="left" if col in ("metric", "") else "right", no_wrap=True)
     for r in result["rows"]:
-        t.add_row(r["metric"], str(r["new"]), str(r["baseline"]), f"{r['ratio']}x" if r["ratio"] is not None else "-")
-    return t
+        metric = str(r["metric"])
+        label, kind, better = _COMPARE_ROWS.get(metric, (metric, "ms", "lower"))
+        if metric.startswith("p50_ms@batch_"):
+            label, kind, better = f"p50 b{metric.removeprefix('p50_ms@batch_')}", "ms", "lower"
+        if metric == "accuracy":
+            better = notes.get("accuracy_better", "higher")
+        ratio_value = r.get("ratio")
+        mark, style = "", ""
+        if better and finite(r.get("new")) and finite(r.get("baseline")) and r["new"] != r["baseline"]:
+            improved = (r["new"] < r["baseline"]) == (better == "lower")
+            mark, style = ("▲ better", "green") if improved else ("▼ worse", "red")
+        elif better and finite(r.get("new")) and r.get("new") == r.get("baseline"):
+            mark = "= same"
+        t.add_row(
+            label,
+            _compare_cell(kind, r.get("baseline")),
+            _compare_cell(kind, r.get("new")),
+            f"{ratio_value:.3g}×" if finite(ratio_value) else DASH,
+            Text(mark, style=style),
+        )
+    parts: list[Any] = [t]
+    changes = notes.get("recipe_changes") or []
+    if changes:
+        parts.append(Text("recipe changes (baseline → new):", style="bold"))
+        parts += [Text(f"  {line}") for line in changes]
+    elif "recipe_changes" in notes:
+        parts.append(Text("recipes: identical", style="dim"))
+    for caveat in notes.get("caveats") or []:
+        parts.append(Text(f"⚠ {caveat}", style="yellow"))
+    return Group(*parts)
 
 
 def _shape_text(shape) -> str:
-    from optcli.artifact import readable_dim
+    from optcli.model import readable_dim
 
     return "[" + ", ".join(str(readable_dim(d)) for d in shape) + "]" if shape is not None else "?"
 
@@ -167,10 +225,9 @@ def _counts_text(counts: dict) -> str:
 
 def render_inspection(info: dict) -> Group:
     """`optcli inspect`: what the model is in one line, its summary, inputs and outputs, its 20 most used ops."""
-    from optcli.inspect import describe
-
     head = Table(show_header=False, box=None, pad_edge=False)
-    head.add_row("model", Text(describe(info), style="bold"))
+    if info.get("summary"):
+        head.add_row("model", Text(info["summary"], style="bold"))
     head.add_row("file", Text(info["path"]))
     head.add_row("format", info["format"])
     head.add_row("size", f"{format_bytes(info['size_bytes'])} ({format_bytes(info['compressed_bytes'])} deflated)")

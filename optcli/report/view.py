@@ -236,9 +236,14 @@ def baseline_name(report: dict) -> str:
     return str(all_steps[baseline_index(report)].get("name")) if all_steps else "original"
 
 
-def ratio_legend(report: dict) -> str:
+def ratio_legend(report: dict, terminal: bool = False) -> str:
     """Which reference each × column uses, in words (every view prints it under the steps table)."""
     base = baseline_name(report)
+    if terminal:
+        return (
+            f"× prev: size or p50 time over the step before (< 1× is smaller / faster); {metric_name(report)} with "
+            f"its change in points; the sentence below compares with {base}, the first ONNX step"
+        )
     return (
         f"× prev: this step's size or p50 time over the step before it; × {base}: over {base}, the first ONNX step "
         "(the baseline of the verdict). Size and time read alike: < 1× is smaller / faster."

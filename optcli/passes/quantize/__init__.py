@@ -37,9 +37,9 @@ def calibration_samples(config: Config, recipe, available: int, where: str) -> t
     used = min(wanted, available)
     note = ""
     if pass_set and data_ask is not None and config.calibration.samples < data_ask:
-        note = f"calibration: {data_ask} samples requested (data.calibration.samples), {used} used ({where}.calibration.samples)"
+        note = f"calibration: {data_ask} samples requested (data.calibration.samples), {used} used (calibration.samples of {where})"
     elif used < wanted:
-        asked = f"{where}.calibration.samples" if pass_set or data_ask is None else "data.calibration.samples"
+        asked = f"calibration.samples of {where}" if pass_set or data_ask is None else "data.calibration.samples"
         note = f"calibration: {wanted} samples requested ({asked}), {used} used (all that data.calibration holds)"
     return wanted, used, note
 
@@ -47,8 +47,7 @@ def calibration_samples(config: Config, recipe, available: int, where: str) -> t
 def _calibration_batches(model, config: Config, ctx: Context) -> list[dict]:
     data = ctx.data.calibration
     batch = fixed_batch(model.inputs) or min(data.batch_size, 32)
-    index = int(ctx.step_name.split("-", 1)[0]) - 1 if ctx.step_name[:1].isdigit() else 0
-    wanted, used, note = calibration_samples(config, ctx.recipe, len(data), f"passes[{index}]")
+    wanted, used, note = calibration_samples(config, ctx.recipe, len(data), ctx.step_name)
     if note:
         ctx.warn(note)
     ctx.details["calibration_samples_requested"] = wanted
