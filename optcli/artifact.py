@@ -272,9 +272,10 @@ def build_from_factory(ref: str, kwargs: dict, what: str):
         raise BadInput(f"{what} {ref}: {e}; check the *_kwargs given to it") from None
 
 
-def suggested_shape(dims: list, path: Path) -> tuple[int, ...]:
+def suggested_shape(dims: list, path: Path, dtype: str = "float32") -> tuple[int, ...]:
     """A concrete shape for an input with free dimensions: batch 1, the sizes the file knows, and for free
-    height/width the image size an exporter recorded in the metadata (Ultralytics' imgsz), else 224."""
+    height/width the image size an exporter recorded in the metadata (Ultralytics' imgsz), else 224; a free
+    sequence length of token ids 128."""
     side = _metadata_image_size(path)
     spatial = [i for i in range(1, len(dims)) if not (isinstance(dims[i], int) and dims[i] > 0)]
     out = []
@@ -285,7 +286,7 @@ def suggested_shape(dims: list, path: Path) -> tuple[int, ...]:
             out.append(1)
         else:
             k = spatial.index(i) - (len(spatial) - len(side)) if len(side) >= 1 else -1
-            out.append(side[k] if 0 <= k < len(side) else 224)
+            out.append(side[k] if 0 <= k < len(side) else 128 if dtype.startswith("int") else 224)
     return tuple(out)
 
 
@@ -330,10 +331,10 @@ def resolve_inputs(file_inputs: list[dict], recipe_inputs, path: Path) -> list[I
             continue
         for axis, d in enumerate(dims[1:], start=1):
             if not isinstance(d, int) or d <= 0:
-                concrete = suggested_shape(dims, path)
+                concrete = suggested_shape(dims, path, item["dtype"])
                 label = readable_dim(d)
                 raise BadInput(
-                    f"input {name!r} has a free dimension {axis}{f' ({label})' if label != '?' else ''} with no size: "
+                    f"input {name!r} has a dynamic dimension {axis}{f' ({label})' if label != '?' else ''} with no size: "
                     f"give one with --shape {name}={'x'.join(map(str, concrete))} (optcli init) or in model.inputs "
                     f"(- {{name: {name}, shape: {list(concrete)}, dtype: {item['dtype']}}})"
                 )

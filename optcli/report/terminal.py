@@ -189,10 +189,15 @@ def render_comparison(result: dict, notes: dict | None = None) -> Group:
             better = notes.get("accuracy_better", "higher")
         ratio_value = r.get("ratio")
         mark, style = "", ""
-        if better and finite(r.get("new")) and finite(r.get("baseline")) and r["new"] != r["baseline"]:
+        same = (
+            finite(r.get("new"))
+            and finite(r.get("baseline"))
+            and abs(r["new"] - r["baseline"]) <= 1e-4 * abs(r["baseline"])
+        )
+        if better and finite(r.get("new")) and finite(r.get("baseline")) and not same:
             improved = (r["new"] < r["baseline"]) == (better == "lower")
             mark, style = ("▲ better", "green") if improved else ("▼ worse", "red")
-        elif better and finite(r.get("new")) and r.get("new") == r.get("baseline"):
+        elif better and same:
             mark = "= same"
         t.add_row(
             label,
