@@ -10,13 +10,14 @@ import importlib
 import math
 import os
 import pickle
+import re
 import sys
 import zipfile
 from pathlib import Path
 
 from optcli.errors import BadInput, first_line
 from optcli.library_warnings import quiet_loggers
-from optcli.model import InputSpec, Model, example_inputs, fold_pruning, torch_dynamic_shapes
+from optcli.model import InputSpec, Model, example_inputs, fold_pruning, readable_dim, torch_dynamic_shapes
 
 ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message limit
 
@@ -286,6 +287,37 @@ def build_from_factory(ref: str, kwargs: dict, what: str):
         raise BadInput(f"{what} {ref}: {e}; check the *_kwargs given to it") from None
 
 
+def suggested_shape(dims: list, path: Path, dtype: str = "float32") -> tuple[int, ...]:
+    """A concrete shape for an input with free dimensions: batch 1, the sizes the file knows, and for free
+    height/width the image size an exporter recorded in the metadata (Ultralytics' imgsz), else 224; a free
+    sequence length of token ids 128."""
+    side = _metadata_image_size(path)
+    spatial = [i for i in range(1, len(dims)) if not (isinstance(dims[i], int) and dims[i] > 0)]
+    out = []
+    for i, d in enumerate(dims):
+        if isinstance(d, int) and d > 0:
+            out.append(d)
+        elif i == 0:
+            out.append(1)
+        else:
+            k = spatial.index(i) - (len(spatial) - len(side)) if len(side) >= 1 else -1
+            out.append(side[k] if 0 <= k < len(side) else 128 if dtype.startswith("int") else 224)
+    return tuple(out)
+
+
+def _metadata_image_size(path: Path) -> list[int]:
+    if path.suffix.lower() != ".onnx":
+        return []
+    try:
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:
+        return []
+    sizes = [int(n) for n in re.findall(r"\d+", props.get("imgsz", ""))][:2]
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
 def resolve_inputs(
     file_inputs: list[dict], recipe_inputs, path: Path, sequence_length: int | None = None
 ) -> list[InputSpec]:
@@ -322,9 +354,12 @@ def resolve_inputs(
             dims[1], free = sequence_length, (1,)
         for axis, d in enumerate(dims[1:], start=1):
             if not isinstance(d, int) or d <= 0:
+                concrete = suggested_shape(dims, path, item["dtype"])
+                label = readable_dim(d)
                 raise BadInput(
-                    f"input {name!r} has a dynamic dimension {axis} ({d or '?'}) with no size: give it in model.inputs "
-                    f"(- {{name: {name}, shape: [...], dtype: {item['dtype']}}}) or with --shape {name}=1x..."
+                    f"input {name!r} has a dynamic dimension {axis}{f' ({label})' if label != '?' else ''} with no size: "
+                    f"give one with --shape {name}={'x'.join(map(str, concrete))} (optcli init) or in model.inputs "
+                    f"(- {{name: {name}, shape: {list(concrete)}, dtype: {item['dtype']}}})"
                 )
         batch_dynamic = bool(dims) and not (isinstance(dims[0], int) and dims[0] > 0)
         shape = tuple([1 if batch_dynamic else dims[0], *dims[1:]]) if dims else ()

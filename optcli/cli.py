@@ -14,10 +14,71 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from optcli import __version__
 from optcli.errors import EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, EXIT_PASS_FAILED
 
+
+class _FlagHelp:
+    def get_help_option(self, ctx):
+        # --help is a flag: no "<bool>" type beside it on the help page
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class PlainCommand(_FlagHelp, TyperCommand):
+    """A command whose help page shows --help as a flag."""
+
+
+class PlainErrorsGroup(_FlagHelp, TyperGroup):
+    """Usage errors (unknown option or command, bad value) as one `error:` line, like optcli's own errors.
+
+    Typer draws them in a boxed Rich panel beside the plain lines optcli prints; a user (and a log grep) should
+    meet one style. Help pages keep their Rich panels.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        except Exception as e:
+            # click's ClickException family (vendored inside typer): duck-typed, not imported from a private module
+            if not (standalone_mode and hasattr(e, "format_message") and hasattr(e, "exit_code")):
+                raise
+            message = usage_message(e.format_message(), getattr(e, "ctx", None))
+            if message:
+                _err(f"error: {message}")
+            sys.exit(e.exit_code)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+        return rv
+
+
+def usage_message(text: str, ctx) -> str:
+    """click's usage text in optcli's voice: lower case, a did-you-mean, and where the options are listed."""
+    text = " ".join(text.split())
+    if not text:
+        return ""  # no arguments: the help page was printed already
+    command = (ctx.command_path if ctx is not None else "optcli") or "optcli"
+    hit = re.match(r"No such option: (\S+) \(Possible options: ([^)]*)\)", text)
+    if hit:
+        return f"no such option {hit[1]}: did you mean {hit[2]}? (`{command} --help` lists the options)"
+    hit = re.match(r"No such option: (\S+)", text)
+    if hit:
+        return f"no such option {hit[1]} (`{command} --help` lists the options)"
+    hit = re.match(r"No such command '([^']*)'\. Did you mean '([^']*)'\?", text)
+    if hit:
+        return f"no such command {hit[1]!r}: did you mean {hit[2]!r}? (`optcli --help` lists the commands)"
+    hit = re.match(r"No such command '([^']*)'", text)
+    if hit:
+        return f"no such command {hit[1]!r} (`optcli --help` lists the commands)"
+    return f"{text[0].lower()}{text[1:]} (`{command} --help` for the usage)"
+
+
 app = typer.Typer(
+    cls=PlainErrorsGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -25,6 +86,24 @@ app = typer.Typer(
 )
 
 DEBUG_HELP = "show the full traceback on errors"
+MULTI_NODE = "Multi-node fine-tuning (torchrun's options)"
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"optcli {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, metavar="", help="print optcli's version and exit"
+    ),
+) -> None:
+    """Optimize saved models (int8, pruning, distillation, export) and report size, latency and accuracy honestly."""
+
+
 JSON_HELP = "print only JSON on stdout (human text goes to stderr)"
 
 
@@ -77,28 +156,52 @@ def _print_json(data) -> None:
     sys.stdout.flush()
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def run(
-    recipe: Path = typer.Argument(..., help="YAML recipe"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder"),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or table; errors still go to stderr"),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
-    set_: list[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
-    resume: bool = typer.Option(False, "--resume", help="reuse finished steps whose input and config are unchanged"),
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe"),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="output folder"),
+    json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", metavar="", help="no progress or table; errors still go to stderr"
+    ),
+    debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="override a recipe key: --set passes.1.per_channel=true"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="replace a non-empty output folder"),
+    resume: bool = typer.Option(
+        False, "--resume", metavar="", help="reuse finished steps whose input and config are unchanged"
+    ),
     trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"
+        False, "--trust-pickle", metavar="", help="allow unpickling a full torch module (runs code from the file)"
     ),
     nproc_per_node: str | None = typer.Option(
-        None, "--nproc-per-node", help="finetune workers on this machine: N or auto (one per GPU); overrides the recipe"
+        None,
+        "--nproc-per-node",
+        metavar="N|auto",
+        rich_help_panel=MULTI_NODE,
+        help="finetune workers on this machine: N or auto (one per GPU); overrides the recipe",
     ),
     nnodes: int | None = typer.Option(
-        None, "--nnodes", help="machines of a multi-node finetune; run the same command on each"
+        None,
+        "--nnodes",
+        metavar="N",
+        rich_help_panel=MULTI_NODE,
+        help="machines of a multi-node finetune; run the same command on each",
     ),
-    node_rank: int | None = typer.Option(None, "--node-rank", help="this machine's index in a multi-node finetune"),
+    node_rank: int | None = typer.Option(
+        None,
+        "--node-rank",
+        metavar="I",
+        rich_help_panel=MULTI_NODE,
+        help="this machine's index in a multi-node finetune",
+    ),
     rdzv_endpoint: str | None = typer.Option(
-        None, "--rdzv-endpoint", help="host:port of the rendezvous on node 0 (multi-node)"
+        None,
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        rich_help_panel=MULTI_NODE,
+        help="host:port of the rendezvous on node 0 (multi-node)",
     ),
     target: str | None = typer.Option(
         None, "--target", help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target"
@@ -146,17 +249,22 @@ def run(
     guarded(body, debug)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def validate(
-    recipe: Path = typer.Argument(..., help="YAML recipe"),
-    set_: list[str] = typer.Option([], "--set", help="override a recipe key: --set passes.1.per_channel=true"),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="YAML recipe"),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="override a recipe key: --set passes.1.per_channel=true"
     ),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", metavar="", help="allow unpickling a full torch module (runs code from the file)"
+    ),
+    debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
     target: str | None = typer.Option(
-        None, "--target", help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target"
+        None,
+        "--target",
+        metavar="NAME",
+        help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target",
     ),
 ):
     """Check a recipe (keys, types, files, pass order, model and data files) without running any pass."""
@@ -177,12 +285,12 @@ def validate(
     guarded(body, debug)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def inspect(
-    model: Path = typer.Argument(..., help="model file (.onnx, .pt/.pth, .pt2, .safetensors)"),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow unpickling a full torch module"),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    model: Path = typer.Argument(..., metavar="MODEL", help="model file (.onnx, .pt/.pth, .pt2, .safetensors)"),
+    json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", metavar="", help="allow unpickling a full torch module"),
+    debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
 ):
     """Parameters, sparsity, dtypes, ops, inputs and outputs of a model file."""
 
@@ -196,16 +304,18 @@ def inspect(
     guarded(body, debug)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def bench(
-    model: Path = typer.Argument(..., help="model file (.onnx or .pt2)"),
-    shape: list[str] = typer.Option([], "--shape", help="input shape, name=1x3x32x32 (repeatable)"),
-    batch: list[int] = typer.Option([1], "--batch", help="batch size (repeatable)"),
-    threads: int = typer.Option(2, "--threads", min=1),
-    warmup: int = typer.Option(10, "--warmup", min=0),
-    runs: int = typer.Option(100, "--runs", min=1),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    model: Path = typer.Argument(..., metavar="MODEL", help="model file (.onnx or .pt2)"),
+    shape: list[str] = typer.Option([], "--shape", metavar="NAME=1x3x32x32", help="input shape (repeatable)"),
+    batch: list[int] = typer.Option([1], "--batch", metavar="N", help="batch size (repeatable)"),
+    threads: int = typer.Option(
+        2, "--threads", min=1, metavar="N", help="intra-op threads of the runtime (match your deployment)"
+    ),
+    warmup: int = typer.Option(10, "--warmup", min=0, metavar="N", help="untimed runs first (caches, lazy init)"),
+    runs: int = typer.Option(100, "--runs", min=1, metavar="N", help="timed runs per batch size (percentiles)"),
+    json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
 ):
     """Latency percentiles and throughput of a model file (ONNX Runtime or torch)."""
 
@@ -219,8 +329,8 @@ def bench(
     guarded(body, debug)
 
 
-@app.command()
-def passes(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
+@app.command(cls=PlainCommand)
+def passes(json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP)):
     """Every pass with its options, types and defaults."""
     from optcli.catalog import pass_catalog
     from optcli.report.terminal import render_pass_catalog, show
@@ -229,7 +339,7 @@ def passes(json_out: bool = typer.Option(False, "--json", help=JSON_HELP)):
     _print_json(catalog) if json_out else show(render_pass_catalog(catalog))
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def schema():
     """JSON Schema of recipes, for editor completion (yaml-language-server)."""
     from optcli.recipe import recipe_model
@@ -237,19 +347,22 @@ def schema():
     _print_json(recipe_model().model_json_schema())
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def init(
-    model: Path = typer.Argument(..., help="model file the recipe starts from"),
+    model: Path = typer.Argument(..., metavar="MODEL", help="model file the recipe starts from"),
     factory: str | None = typer.Option(
-        None, "--factory", help="module:callable that builds the module (state_dict files)"
+        None, "--factory", metavar="MODULE:FN", help="module:callable that builds the module (state_dict files)"
     ),
     shape: list[str] = typer.Option(
-        [], "--shape", help="input shape where the file does not fix it: name=1x1x8x8[:dtype]"
+        [], "--shape", metavar="NAME=1x1x8x8", help="input shape where the file does not fix it: name=1x1x8x8[:dtype]"
     ),
     data: Path | None = typer.Option(
-        None, "--data", help="a .npz of real inputs keyed by input name: calibration and eval for int8 (CNNs)"
+        None,
+        "--data",
+        metavar="FILE.npz",
+        help="a .npz of real inputs keyed by input name: calibration and eval for int8 (CNNs)",
     ),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
 ):
     """Print a starter recipe for MODEL (inputs filled in from the file) to stdout."""
 
@@ -261,21 +374,21 @@ def init(
     guarded(body, debug)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def compare(
-    report: Path = typer.Argument(..., help="report.json of the new run"),
-    baseline: Path = typer.Argument(..., help="report.json to compare against"),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
-    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    report: Path = typer.Argument(..., metavar="NEW", help="report.json of the new run"),
+    baseline: Path = typer.Argument(..., metavar="OLD", help="report.json to compare against"),
+    json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP),
+    debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
 ):
     """What changed between two runs' final artifacts (size, latency, accuracy, fidelity)."""
 
     def body():
-        from optcli.compare import compare_reports
+        from optcli.compare import compare_reports, explain
         from optcli.report.terminal import render_comparison, show
 
         result = compare_reports(report, baseline)
-        _print_json(result) if json_out else show(render_comparison(result))
+        _print_json(result) if json_out else show(render_comparison(result, explain(report, baseline)))
 
     guarded(body, debug)
 

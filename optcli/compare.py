@@ -41,3 +41,79 @@ def compare_reports(new: Path, old: Path) -> dict:
         ratio = round(va / vb, 4) if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and vb else None
         rows.append({"metric": key, "new": va, "baseline": vb, "ratio": ratio})
     return {"new": str(new), "baseline": str(old), "rows": rows}
+
+
+# --------------------------------------------------------------------------- what a person needs besides the rows
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """{"passes[0].mode": "static", ...}: a recipe as dotted keys, for a line-by-line difference."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flat(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def recipe_changes(new: dict, old: dict, limit: int = 12) -> list[str]:
+    """ "passes[0].mode: dynamic → static" for every recipe key whose value differs (old → new)."""
+    a, b = _flat(new.get("recipe") or {}), _flat(old.get("recipe") or {})
+    lines = []
+    for key in dict.fromkeys([*b, *a]):
+        if a.get(key) != b.get(key):
+            lines.append(f"{key}: {_shown(b.get(key), key in b)} → {_shown(a.get(key), key in a)}")
+    return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+def _shown(value, present: bool) -> str:
+    if not present:
+        return "(absent)"
+    return "—" if value is None else str(value)
+
+
+def comparison_caveats(new: dict, old: dict) -> list[str]:
+    """Why the two runs' figures may not be comparable: other evaluation inputs, another machine, a busy one."""
+    from optcli.report.summary import busy_note
+
+    out = []
+    if (new.get("evaluation") or "") != (old.get("evaluation") or ""):
+        out.append(
+            f"accuracy/fidelity were measured on different inputs: new {new.get('evaluation')!r}, "
+            f"baseline {old.get('evaluation')!r}"
+        )
+    env_new, env_old = new.get("environment") or {}, old.get("environment") or {}
+    differ = [k for k in ("cpu", "cpu_count", "threads", "onnxruntime", "torch") if env_new.get(k) != env_old.get(k)]
+    if differ:
+        out.append(
+            "timed on different machines or settings ("
+            + ", ".join(f"{k}: {env_old.get(k)} → {env_new.get(k)}" for k in differ)
+            + "): latency ratios compare the machines too"
+        )
+    for label, report in (("new", new), ("baseline", old)):
+        note = busy_note(report)
+        if note:
+            out.append(f"{label} run: {note}")
+    return out
+
+
+def metric_direction(report: dict) -> str:
+    """ "higher" or "lower": which way the accuracy metric of this report improves."""
+    step = (report.get("steps") or [{}])[-1]
+    metric = ((step.get("accuracy") or {}).get("metric") or "accuracy") if isinstance(step, dict) else "accuracy"
+    return "lower" if metric == "mse" else "higher"
+
+
+def explain(new_path: Path, old_path: Path) -> dict:
+    """What `optcli compare` prints besides the rows: recipe changes and caveats (not part of --json)."""
+    new, old = _load(new_path), _load(old_path)
+    return {
+        "recipe_changes": recipe_changes(new, old),
+        "caveats": comparison_caveats(new, old),
+        "accuracy_better": metric_direction(new),
+    }

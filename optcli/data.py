@@ -156,6 +156,7 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
         elif spec.shape and (arr.ndim != len(spec.shape) or any(a != s for a, s in fixed)):
             raise BadInput(
                 f"{where}: {spec.name!r} has shape {arr.shape}, the model takes (N, {', '.join(map(str, spec.shape[1:]))})"
+                + layout_hint(arr.shape, spec.shape)
             )
         feeds[spec.name] = _cast(arr, spec, where)
         if n is not None and len(arr) != n:
@@ -170,6 +171,17 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
         feeds = {k: v[: source.samples] if v.ndim else v for k, v in feeds.items()}
         labels = labels[: source.samples] if labels is not None else None
     return Dataset(name, feeds, labels, source.batch_size, metric, source.shuffle, source.seed, frozenset(unbatched))
+
+
+def layout_hint(have: tuple, want: tuple) -> str:
+    """ "; looks like NHWC: transpose(0, 3, 1, 2)" when the array holds the model's axes in another order."""
+    if len(have) != len(want) or len(have) < 3 or sorted(have[1:]) != sorted(d for d in want[1:] if isinstance(d, int)):
+        return ""
+    if len(have) == 4 and tuple(have[1:]) == (want[2], want[3], want[1]):
+        return "; looks like NHWC (channels last): convert with arr.transpose(0, 3, 1, 2)"
+    if len(have) == 4 and tuple(have[1:]) == (want[3], want[1], want[2]):
+        return "; looks like NCHW for an NHWC model: convert with arr.transpose(0, 2, 3, 1)"
+    return "; the same sizes in another order: transpose the array to the model's axis order"
 
 
 def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:

@@ -4,9 +4,54 @@ from __future__ import annotations
 
 from optcli.measure import higher_is_better
 
+DEFAULT_MIN_COSINE = 0.99
 
-def check_gates(gates, steps: list[dict]) -> list[dict]:
+
+SHRINKING_PASSES = ("quantize", "prune", "cluster", "convert")
+
+
+def default_gates(steps: list[dict], baseline: int) -> list[dict]:
+    """The promises kept when a recipe names no gates, both deterministic (no timing): the final artifact is no
+    bigger than the baseline (the first ONNX step, or the original), and keeps cosine >= 0.99 when quantized."""
+    # The baseline even when it is the final step: an export alone changes the format, and a torch checkpoint's
+    # size says nothing about the ONNX graph's.
+    last, base = steps[-1], steps[min(baseline, len(steps) - 1)]
+    results = []
+    # Only where a pass is meant to shrink the model: an fp32 rewrite (prepare, optimize) may add shape annotations.
+    shrinks = any(s.get("type") in SHRINKING_PASSES for s in steps)
+    # Zeroed or shared weights (prune, cluster) pay off in the compressed file, not in the dense one on disk.
+    key = "compressed_bytes" if any(s.get("type") in ("prune", "cluster") for s in steps) else "size_bytes"
+    if shrinks and last.get(key) and base.get(key):
+        value = round(last[key] / base[key], 4)
+        results.append(
+            {
+                "name": "max_size_ratio (default)",
+                "limit": 1.0,
+                "value": value,
+                "passed": last[key] <= base[key],
+                "note": f"final {key.replace('_', ' ')} over {base['name']}'s; the recipe names no gates "
+                "(gates: {} turns this off)",
+            }
+        )
+    if any(s.get("type") == "quantize" for s in steps):
+        cos = (last.get("fidelity") or {}).get("cosine_mean")
+        results.append(
+            {
+                "name": "min_fidelity_cosine (default)",
+                "limit": DEFAULT_MIN_COSINE,
+                "value": cos,
+                "passed": cos is not None and cos >= DEFAULT_MIN_COSINE,
+                "note": "a quantized artifact must keep the original's outputs; the recipe names no gates",
+            }
+        )
+    return results
+
+
+def check_gates(gates, steps: list[dict], defaults: bool = False, baseline: int = 0) -> list[dict]:
+    """The recipe's gates; with defaults (the recipe has no `gates:` at all) the default ones instead."""
     first, last = steps[0], steps[-1]
+    if defaults:
+        return default_gates(steps, baseline) + _pass_gates(steps)
     results = []
     if gates.max_accuracy_drop is not None:
         if first["accuracy"] is None or last["accuracy"] is None:
@@ -67,11 +112,16 @@ def check_gates(gates, steps: list[dict]) -> list[dict]:
         )
     if gates.max_perplexity_increase is not None:
         results.append(_perplexity_gate(gates.max_perplexity_increase, first, last))
+    return results + _pass_gates(steps)
+
+
+def _pass_gates(steps: list[dict]) -> list[dict]:
     # A pass can hold its own promise to the user (a quantize target): it lists gates in details["gates"].
-    for step in steps[1:]:
-        for gate in (step.get("details") or {}).get("gates") or []:
-            results.append({**gate, "name": f"{step['name']}: {gate['name']}"})
-    return results
+    return [
+        {**gate, "name": f"{step['name']}: {gate['name']}"}
+        for step in steps[1:]
+        for gate in (step.get("details") or {}).get("gates") or []
+    ]
 
 
 def _perplexity_gate(limit: float, first: dict, last: dict) -> dict:

@@ -64,23 +64,68 @@ def _described(file_inputs: list[dict]) -> list[dict]:
 def _onnx_details(path: Path) -> dict:
     import numpy as np
     import onnx
-    from onnx import numpy_helper
+
+    from optcli.artifact import onnx_inputs
+    from optcli.measure import onnx_weight_tensors
 
     proto = onnx.load(str(path))
-    dtypes = Counter(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in proto.graph.initializer)
-    layers = {}
-    for t in proto.graph.initializer:
-        arr = numpy_helper.to_array(t)
-        if arr.ndim >= 2:
-            layers[t.name] = round(1 - np.count_nonzero(arr) / arr.size, 4)
+    weights = onnx_weight_tensors(proto)
+    dtypes = Counter(arr.dtype.name for _, arr in weights)
+    layers = {name: round(1 - np.count_nonzero(arr) / arr.size, 4) for name, arr in weights if arr.ndim >= 2}
+    ops = dict(Counter(n.op_type for n in proto.graph.node).most_common())
+    used = {n.domain or "ai.onnx" for n in proto.graph.node}
     return {
-        "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        # Only the domains the graph uses: exporters declare a dozen they never call (empty version 1 entries).
+        "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import if (o.domain or "ai.onnx") in used},
         "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
-        "ops": dict(Counter(n.op_type for n in proto.graph.node).most_common()),
+        "ops": ops,
         "initializer_dtypes": dict(dtypes),
         "outputs": [o.name for o in proto.graph.output],
+        "output_specs": onnx_inputs(_outputs_as_inputs(proto)),
         "layer_sparsity": layers,
+        "summary": describe(model_kind(ops, dtypes), weights),
     }
+
+
+def _outputs_as_inputs(proto):
+    # onnx_inputs reads graph.input; the outputs carry the same ValueInfo (name, dtype, dims).
+    import onnx
+
+    graph = onnx.helper.make_graph([], "outputs", list(proto.graph.output), [])
+    return onnx.helper.make_model(graph)
+
+
+def model_kind(ops: dict, dtypes: Counter) -> str:
+    """What the model is, in one line: "static QDQ int8: 21 DequantizeLinear / 9 QuantizeLinear", "fp16 weights"."""
+
+    def counted(*names: str) -> str:
+        return " / ".join(f"{ops[n]} {n}" for n in names if ops.get(n))
+
+    if ops.get("QuantizeLinear") and ops.get("DequantizeLinear"):
+        return f"static QDQ int8: {counted('DequantizeLinear', 'QuantizeLinear')}"
+    if ops.get("DynamicQuantizeLinear") or ops.get("MatMulInteger") or ops.get("ConvInteger"):
+        return f"dynamic int8: {counted('DynamicQuantizeLinear', 'MatMulInteger', 'ConvInteger')}"
+    if ops.get("QLinearConv") or ops.get("QLinearMatMul"):
+        return f"int8 QOperator: {counted('QLinearConv', 'QLinearMatMul')}"
+    if ops.get("DequantizeLinear"):
+        return f"weight-only int8: {counted('DequantizeLinear')}"
+    total = sum(dtypes.values())
+    if total and dtypes.get("float16", 0) * 2 > total:
+        return "fp16 weights"
+    if total and dtypes.get("bfloat16", 0) * 2 > total:
+        return "bf16 weights"
+    return "fp32 weights" if total else "no weights"
+
+
+def describe(kind: str, weights: list) -> str:
+    """The one line `optcli inspect` opens with: the kind, and the share of zero weights where it is large."""
+    import numpy as np
+
+    total = sum(arr.size for _, arr in weights)
+    zeros = total - sum(int(np.count_nonzero(arr)) for _, arr in weights)
+    if total and zeros / total >= 0.05:
+        kind += f"; {zeros / total * 100:.0f} % zero weights"
+    return kind
 
 
 def _inspect_torch(path: Path, trust_pickle: bool) -> dict:

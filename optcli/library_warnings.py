@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 
 from optcli.errors import first_line
@@ -40,7 +41,7 @@ def quiet_loggers(*names: str, level: int = logging.CRITICAL):
 
 
 @contextlib.contextmanager
-def captured(limit: int = 10):
+def captured(limit: int = 200):
     """Yields a list that receives, once each, the library warnings raised inside the block."""
     collected: list[str] = []
     handler = _Collector()
@@ -61,3 +62,50 @@ def captured(limit: int = 10):
         for message in dict.fromkeys(first_line(m) for m in messages if m.strip()):
             if len(collected) < limit:
                 collected.append(message)
+
+
+# What a library's message means for the user, and what to do: (pattern, key, words(count, captured names)).
+_KNOWN = (
+    (
+        re.compile(r"Please consider to run pre-processing before quantization"),
+        "preprocess",
+        lambda n, names: (
+            "quantized without ONNX Runtime's pre-processing (shape inference, graph optimization), which can leave "
+            "ops unquantized or slower; keep `preprocess: true` (the default) unless it fails on this model"
+        ),
+    ),
+    (
+        re.compile(r"Axis (\d+) is out-of-range for weight '([^']*)' with rank (\d+)"),
+        "per_channel_rank",
+        lambda n, names: (
+            f"per_channel: {n} weight(s) with no channel axis (rank 1, e.g. {names[0]}) were quantized per-tensor; "
+            "nothing to fix (they are BatchNorm-like scales: folding them into the convs first removes them)"
+        ),
+    ),
+)
+# A logger's or warning class's name in front of a message tells the user nothing ("root: ...").
+_SPEAKER = re.compile(r"^(root|onnxruntime[\w.]*|onnx[\w.]*|torch[\w.]*|py\.warnings|[A-Z]\w*Warning): ")
+
+
+def in_words(messages: list[str], already: list[str] = ()) -> tuple[list[str], list[str]]:
+    """(what the user reads, the original texts for the report's details).
+
+    Each kind of known message once, in optcli's words with its cause and fix (repeats counted, not listed);
+    others without the logger's name. A message optcli already said in its own words (pre-processing skipped)
+    is not said again.
+    """
+    found: dict[str, list[str]] = {}
+    plain: list[str] = []
+    for message in messages:
+        text = _SPEAKER.sub("", message, count=1)
+        for pattern, key, _ in _KNOWN:
+            hit = pattern.search(text)
+            if hit:
+                found.setdefault(key, []).append(hit.group(2) if hit.re.groups >= 2 else text)
+                break
+        else:
+            plain.append(text)
+    if any("pre-processing skipped" in w for w in already):
+        found.pop("preprocess", None)
+    words = [describe(len(found[key]), found[key]) for _, key, describe in _KNOWN if key in found]
+    return words + plain[:10], list(messages)

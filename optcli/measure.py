@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -154,23 +155,52 @@ def parameter_counts(path: Path, module=None) -> dict:
     }
 
 
-def _onnx_weights(path: Path) -> tuple[int, int]:
-    import onnx
+_WEIGHT_DTYPES = (1, 10, 11, 16, 3, 2, 5)  # float types and int8/uint8/int16
+
+
+def onnx_weight_tensors(proto) -> list[tuple[str, np.ndarray]]:
+    """(name, array) of every weight a graph holds: initializers, and tensors built by nodes (`Constant`,
+    `ConstantOfShape` with a constant shape), as some exporters write them. Scales and zero points of
+    quantize ops, shape vectors and scalars are left out."""
     from onnx import numpy_helper
 
-    proto = onnx.load(str(path), load_external_data=True)
     skip = set()
     for node in proto.graph.node:
         for idx in _QUANT_PARAM_INPUTS.get(node.op_type, ()):
             if idx < len(node.input):
                 skip.add(node.input[idx])
-    total = nonzero = 0
+    found: list[tuple[str, np.ndarray]] = []
+    known: dict[str, np.ndarray] = {}
     for init in proto.graph.initializer:
-        if init.name in skip or init.data_type not in (1, 10, 11, 16, 3, 2, 5):  # float types and int8/uint8/int16
-            continue
         arr = numpy_helper.to_array(init)
-        if arr.size <= 1:
-            continue
+        known[init.name] = arr
+        if init.name not in skip and init.data_type in _WEIGHT_DTYPES and arr.size > 1:
+            found.append((init.name, arr))
+    for node in proto.graph.node:  # topological order: a ConstantOfShape's shape is known before it
+        if node.op_type == "Constant" and node.output:
+            attr = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if attr is None:
+                continue
+            arr = numpy_helper.to_array(attr.t)
+            known[node.output[0]] = arr
+            if node.output[0] not in skip and attr.t.data_type in _WEIGHT_DTYPES and arr.size > 1:
+                found.append((node.output[0], arr))
+        elif node.op_type == "ConstantOfShape" and node.input and node.input[0] in known:
+            shape = [int(d) for d in np.asarray(known[node.input[0]]).reshape(-1)]
+            attr = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            fill = numpy_helper.to_array(attr.t).reshape(-1)[:1] if attr is not None else np.zeros(1, np.float32)
+            size = int(np.prod(shape)) if shape else 1
+            if size > 1 and node.output[0] not in skip and 0 < size <= 1 << 31:
+                found.append((node.output[0], np.broadcast_to(fill.astype(fill.dtype), (size,))))
+    return found
+
+
+def _onnx_weights(path: Path) -> tuple[int, int]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=True)
+    total = nonzero = 0
+    for _, arr in onnx_weight_tensors(proto):
         total += arr.size
         nonzero += int(np.count_nonzero(arr))
     return total, nonzero
@@ -192,6 +222,15 @@ def _torch_weights(path: Path, module=None) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- latency
+
+
+def load_average() -> float | None:
+    """The 1-minute load average when a latency loop ends (None where the OS has none): above the core count,
+    other work was competing for the CPU while timing, and the report says so."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def latency(runner: Runner, batch_sizes: list[int], warmup: int, runs: int) -> tuple[dict, list[str]]:
@@ -216,6 +255,7 @@ def latency(runner: Runner, batch_sizes: list[int], warmup: int, runs: int) -> t
             "p99_ms": round(float(p99), 6),
             "throughput_per_s": round(batch * 1000 / float(p50), 2),
             "runs": runs,
+            "load_average": load_average(),
         }
     return results, notes
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,16 @@ def example_inputs(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> di
             arr = rng.integers(0, spec.high or 100, size=shape).astype(spec.dtype)
         feeds[spec.name] = arr
     return feeds
+
+
+_MACHINE_DIM = re.compile(r"^(DynamicDimension|unk_*|dim|Dim|input_dim|s)[._]?\d*$")
+
+
+def readable_dim(d) -> int | str:
+    """A dimension as a person reads it: its size, its name where an exporter gave it a meaningful one ("batch",
+    "height"), else "?" (never a generated name such as 'DynamicDimension.0' or a shape formula)."""
+    if isinstance(d, int) and d > 0:
+        return d
+    if isinstance(d, str) and d.isidentifier() and len(d) <= 24 and not _MACHINE_DIM.match(d):
+        return d
+    return "?"

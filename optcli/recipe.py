@@ -89,8 +89,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
         raise BadInput(f"{path}: a recipe is a mapping with at least 'model:' (optcli init MODEL writes one)")
     for item in overrides:
         _apply_override(raw, item)
-    recipe = _validate(raw, root, path)
-    check_recipe(recipe, path, root, check_files=check_files)
+    recipe = _validate(raw, root, path, overrides)
+    check_recipe(recipe, path, root, check_files=check_files, overrides=overrides)
     return with_implicit_exports(recipe)
 
 
@@ -134,13 +134,83 @@ def recipe_from_dict(raw: dict, base_dir: Path, check_files: bool = True) -> Rec
     return with_implicit_exports(recipe)
 
 
-def _validate(raw: dict, root, path: Path) -> Recipe:
+def _validate(raw: dict, root, path: Path, overrides=()) -> Recipe:
     try:
         return recipe_model().model_validate(raw, context={"base_dir": path.parent.resolve()})
     except ValidationError as e:
         err = _most_useful(e.errors(include_url=False), raw)
         loc = [p for p in err["loc"] if not _is_union_tag(p, raw, err["loc"])]
-        raise BadInput(f"{_where(path, root, loc)}: {_dotted(loc) or 'recipe'}: {_message(err)}") from None
+        message = _message(err)
+        if err["type"] == "extra_forbidden":
+            where = "each pass's keys" if loc[:1] == ["passes"] else "the passes; `optcli schema` every recipe key"
+            message = (
+                f"unknown key{_did_you_mean(str(loc[-1]), _keys_at(loc[:-1], raw))} (`optcli passes` lists {where})"
+            )
+        raise BadInput(f"{_origin(path, root, loc, overrides)}: {_dotted(loc) or 'recipe'}: {message}") from None
+
+
+def _override_loc(item: str) -> list:
+    key = item.split("=", 1)[0].strip()
+    return [int(p) if p.isdigit() else p for p in key.split(".")]
+
+
+def _origin(path: Path, root, loc, overrides=()) -> str:
+    """Where the user wrote the value at loc: a --set flag that touched it, else the recipe's file and line."""
+    for item in reversed(list(overrides)):  # the last --set of a key wins
+        set_loc = _override_loc(item)
+        n = min(len(set_loc), len(loc))
+        if n and set_loc[:n] == list(loc[:n]):
+            return f"--set {item}"
+    return _where(path, root, loc)
+
+
+def _keys_at(loc, raw: dict) -> list[str]:
+    """The keys the recipe accepts at loc (a mapping), for a did-you-mean; [] when unknown."""
+    from pydantic import BaseModel
+
+    cls: Any = recipe_model()
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if cls == "passes":
+                kind = node.get("type") if isinstance(node, dict) else None
+                try:
+                    cls = get_pass(kind).config
+                except KeyError:
+                    return []
+            continue
+        node = node.get(part) if isinstance(node, dict) else None
+        if part == "passes" and cls is recipe_model():
+            cls = "passes"
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        cls = _model_in(field.annotation) if field is not None else None
+        if cls is None:
+            return []
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def _model_in(annotation) -> Any:
+    """The pydantic model inside an annotation (Model, Model | None, list[Model]), or None."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f": did you mean `{close[0]}`?" if close else ""
 
 
 def _most_useful(errors: list[dict], raw: dict) -> dict:
@@ -153,7 +223,7 @@ def _most_useful(errors: list[dict], raw: dict) -> dict:
 
 def _message(err: dict) -> str:
     if err["type"] == "extra_forbidden":
-        return "unknown key (check the spelling; `optcli schema` lists the keys)"
+        return "unknown key (`optcli passes` lists every pass's keys)"
     if err["type"] == "union_tag_invalid":
         return f"unknown pass type {err['input'].get('type')!r} (known: {', '.join(p.type for p in all_passes())})"
     if err["type"] == "union_tag_not_found":
@@ -233,7 +303,7 @@ def pass_step_names(recipe: Recipe) -> list[str]:
     return [f"{i + 1}-{p.type}" for i, p in enumerate(recipe.passes)]
 
 
-def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> None:
+def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True, overrides=()) -> None:
     """Checks that need the whole recipe: files present, each pass able to follow the one before."""
     spec = recipe.model
     if check_files:
@@ -262,9 +332,14 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True) -> 
             f"model.factory: {spec.path.name} holds only weights; set model.factory: module:callable that builds the nn.Module"
         )
     fmt = spec.format
+    int8_by = "model.path" if check_files and suffix in ONNX_SUFFIXES and _holds_int8(spec.path) else None
     for i, cfg in enumerate(recipe.passes):
         p = get_pass(cfg.type)
-        where = _where(path, root, ["passes", i])
+        where = _origin(path, root, ["passes", i], overrides)
+        if int8_by is not None and not p.takes_int8:
+            raise BadInput(f"{where}: passes[{i}] ({cfg.type}) {_INT8_REFUSAL.get(cfg.type, _INT8_OTHER)(int8_by)}")
+        if p.makes_int8:
+            int8_by = f"passes[{i}] ({cfg.type})"
         if fmt == "torch" and p.consumes == {"onnx"}:
             fmt = "onnx"  # an export with defaults is inserted before it (with_implicit_exports)
         if fmt not in p.consumes:
@@ -298,6 +373,44 @@ def _check_text_sources(recipe: Recipe, path: Path, root) -> None:
                 f"{_where(path, root, ['data', name, 'text'])}: data.{name}.text needs a tokenizer: make model.path the "
                 f"Hugging Face folder, or set data.{name}.tokenizer: the folder holding tokenizer.json"
             )
+
+
+_INT8_OTHER = lambda by: f"cannot take the int8 graph {by} holds; put it before the quantize step"  # noqa: E731
+_INT8_REFUSAL = {
+    "prune": lambda by: (
+        f"would prune the int8 graph {by} holds (its weights are int8 codes with scales, not floats to zero): "
+        "put prune before quantize"
+    ),
+    "quantize": lambda by: (
+        f"would quantize the int8 graph {by} holds a second time: keep one quantize step, last"
+        + ("" if by.startswith("passes") else ", and give the fp32 model as model.path")
+    ),
+    "finetune": lambda by: (
+        f"cannot train the int8 graph {by} holds (no float weights or autograd): put finetune (and prune) before "
+        "quantize"
+    ),
+}
+
+_INT8_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+}
+
+
+def _holds_int8(path: Path) -> bool:
+    """An ONNX model that is already quantized (Q/DQ or integer ops); False where it cannot be read here."""
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a broken file is refused, in its own words, when the model is loaded
+        return False
+    return any(n.op_type in _INT8_OPS for n in proto.graph.node)
 
 
 def with_implicit_exports(recipe: Recipe) -> Recipe:

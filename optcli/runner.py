@@ -6,6 +6,7 @@ the gates are gates.py. This module is the loop that ties them together.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from optcli.onnx_check import Unloadable
 from optcli.passes import get_pass
 from optcli.passes.base import Context
 from optcli.report import write_reports
+from optcli.report.summary import baseline_index, step_comparisons, summary
 from optcli.steps import (
     OutputFolder,
     finished_step,
@@ -113,8 +115,10 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         warnings.extend(record.get("warnings", []))
         input_sha = record["sha256"]
     output = write_final(model, folder.root)
-    gates = check_gates(recipe.gates, steps)
-    return {
+    gates = check_gates(
+        recipe.gates, steps, defaults="gates" not in recipe.model_fields_set, baseline=baseline_index({"steps": steps})
+    )
+    report = {
         "optcli_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
         "environment": environment(recipe.report.latency.threads, recipe.report.target),
@@ -132,6 +136,10 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         "warnings": warnings + near_gate_warnings(gates),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    report["summary"] = summary(report)
+    for step, versus in zip(steps, step_comparisons(report), strict=True):
+        step.update(versus)
+    return report
 
 
 def _measure_original(recipe, original: Model, evaluator: Evaluator, log) -> dict:
@@ -182,13 +190,18 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     try:
         with library_warnings.captured() as said:
             model = spec.apply(model, config, ctx)
-        ctx.warnings.extend(f"{name}: {message}" for message in said)
+        words, originals = library_warnings.in_words(said, already=ctx.warnings)
+        ctx.warnings.extend(f"{name}: {message}" for message in words)
+        if originals:
+            ctx.details["library_messages"] = originals
         if model.format == "torch" and not (model.path is not None and model.path.is_dir() and inside(model.path, tmp)):
             model = model.with_(path=save_torch(model.module, model.inputs, tmp))  # a pass that wrote a folder keeps it
-    except (OptcliError, KeyboardInterrupt):
+    except KeyboardInterrupt:
         raise
+    except OptcliError as e:
+        raise _in_user_terms(e, name, model, run) from e
     except Exception as e:
-        raise _failure(name, e, tmp, folder.root) from e
+        raise _in_user_terms(_failure(name, e, tmp, folder.root), name, model, run) from e
     seconds = time.perf_counter() - started
     options.log(f"{name}: measuring {model.path.name}")
     row = run.evaluator.measure(model.path, model)
@@ -212,6 +225,28 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     write_record(tmp, record)
     final_dir = folder.finish_step(tmp, name)
     return model.with_(path=final_dir / model.path.name), step, record
+
+
+def _in_user_terms(error: OptcliError, name: str, model: Model, run: _Run) -> OptcliError:
+    """A pass's error about the user's model and step, never about optcli's own intermediate files."""
+    source = run.recipe.model.path
+    text = str(error)
+    said = (
+        f"{source}"
+        if model.path is not None and Path(model.path) == Path(source)
+        else f"the model the step before {name} wrote"
+    )
+    paths = [str(run.folder.root / "steps"), str(model.path) if model.path is not None else None]
+    for p in filter(None, paths):
+        text = re.sub(re.escape(p) + r"[^\s,;:()]*", said, text)
+    if model.path is not None and Path(model.path) != Path(source):
+        text = re.sub(rf"(?<![\w/.-]){re.escape(Path(model.path).name)}(?![\w.-])", said, text)
+    if text == str(error):
+        return error
+    changed = type(error).__new__(type(error))
+    changed.__dict__.update(error.__dict__)
+    changed.args = (text,)
+    return changed
 
 
 def _failure(name: str, e: Exception, tmp: Path, root: Path) -> OptcliError:

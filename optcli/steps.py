@@ -55,8 +55,10 @@ class OutputFolder:
         if self.lock.exists():
             self._in_use()
         if root.exists() and any(p.name != LOCK for p in root.iterdir()) and not (overwrite or resume):
+            earlier = "holds an earlier optcli run" if (root / "report.json").is_file() else "is not empty"
             raise BadInput(
-                f"output folder {root} is not empty; pass --overwrite to replace it or --resume to continue it"
+                f"output folder {root} {earlier}; pass --overwrite to replace it, --resume to reuse its finished "
+                "steps, or choose another -o"
             )
         with writing(self.lock):
             root.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,9 @@ class PassSpec:
     preflight: Callable[[Any, Recipe, Model], None] | None = None
     # Cheap passes whose in-memory result (mask hooks, a prune schedule) the written artifact cannot carry: --resume re-runs them.
     rerun_on_resume: bool = False
+    # Writes an int8 graph (quantize); a pass that cannot edit one (takes_int8 False) is refused after it at load.
+    makes_int8: bool = False
+    takes_int8: bool = False
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format

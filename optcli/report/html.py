@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from html import escape
 
+from optcli.report.summary import summary
 from optcli.report.svg import svg_bar_chart, svg_loss_curve, svg_scatter
 from optcli.report.view import (
     ENV_HEADERS,
@@ -33,9 +34,11 @@ from optcli.report.view import (
     metric_name,
     p50,
     pruned_rows,
+    ratio_legend,
     search_candidates,
     search_rows,
     sensitivity_rows,
+    step_actions,
     step_table,
     steps,
     training_epochs,
@@ -56,6 +59,7 @@ th{background:#f3f4f6} td:first-child,th:first-child{text-align:left}
 .verdict.pass{background:#15803d;color:#fff} .verdict.fail{background:#b91c1c;color:#fff}
 .scroll{overflow-x:auto} .charts{display:flex;align-items:flex-start;flex-wrap:wrap;gap:16px} svg.chart{border:1px solid #eee;background:#fff}
 code{font-size:12px;word-break:break-all} .note{color:#555;font-style:italic}
+.caveat{color:#92400e;background:#fef3c7;border-left:4px solid #d97706;padding:6px 10px;font-weight:600}
 """
 
 
@@ -160,7 +164,19 @@ def render_html(report: dict) -> str:
     body = [f'<h1>optcli report <span class="verdict {vclass}">{escape(title)}</span></h1>']
     if report.get("evaluation"):
         body.append(f"<p>Evaluation: {escape(str(report['evaluation']))}</p>")
+    facts = summary(report)
+    if facts["verdict"]:
+        body.append(f'<p class="sentence"><strong>{escape(facts["verdict"])}</strong></p>')
+    for caveat in (facts["slower"], facts["busy"]):
+        if caveat:
+            body.append(f'<p class="caveat">⚠ {escape(caveat)}</p>')
     body += ["<h2>Steps</h2>", f'<div class="scroll">{html_table(headers, rows)}</div>']
+    body.append(f'<p class="note">{escape(ratio_legend(report))}</p>')
+    actions = step_actions(report)
+    if actions:
+        body += ["<h2>What each step did</h2>", "<ul>"]
+        body += [f"<li><strong>{escape(n)}</strong>: {escape(a)}</li>" for n, a in actions]
+        body.append("</ul>")
     body += ["<h2>Gates</h2>"]
     gates = gate_lines(report)
     body += [f'<div class="{"pass" if ok else "fail"}">{escape(line)}</div>' for ok, line in gates] or [

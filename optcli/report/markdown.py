@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from optcli.report.summary import summary
 from optcli.report.view import (
     ENV_HEADERS,
     INT8_OP_HEADERS,
@@ -24,9 +25,11 @@ from optcli.report.view import (
     latency_notes,
     latency_rows,
     pruned_rows,
+    ratio_legend,
     search_candidates,
     search_rows,
     sensitivity_rows,
+    step_actions,
     step_table,
     steps,
     training_epochs,
@@ -54,8 +57,17 @@ def render_markdown(report: dict) -> str:
     out = [f"# optcli report: {verdict(report)}", ""]
     if report.get("evaluation"):
         out += [f"Evaluation: {md_cell(report['evaluation'])}", ""]
+    facts = summary(report)
+    if facts["verdict"]:
+        out += [f"**{md_cell(facts['verdict'])}**", ""]
+    for caveat in (facts["slower"], facts["busy"]):
+        if caveat:
+            out += [f"> **⚠ {md_cell(caveat)}**", ""]
     headers, rows = step_table(report)
-    out += ["## Steps", "", md_table(headers, rows), ""]
+    out += ["## Steps", "", md_table(headers, rows), "", md_cell(ratio_legend(report)), ""]
+    actions = step_actions(report)
+    if actions:
+        out += ["## What each step did", ""] + [f"- **{md_cell(n)}**: {md_cell(a)}" for n, a in actions] + [""]
     out += ["## Gates", ""]
     gates = gate_lines(report)
     out += [md_table(["gate"], [[g] for _, g in gates]) if gates else "No gates.", ""]

@@ -7,6 +7,7 @@ Views only: each renderer takes the plain dict its command's library function re
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from optcli.report.summary import summary
 from optcli.report.view import (
     INT8_OP_HEADERS,
     clean,
@@ -26,7 +28,7 @@ from optcli.report.view import (
     int8_profile_summary,
     latency_notes,
     pruned_rows,
-    step_table,
+    ratio_legend,
     steps,
     verdict,
     warning_lines,
@@ -35,14 +37,27 @@ from optcli.report.view import (
 # --------------------------------------------------------------------------- consoles
 
 
+PIPED_WIDTH = 100  # columns when the output is not a terminal (logs, CI, a pipe) and COLUMNS is not set
+
+
 def console(stderr: bool = True) -> Console:
-    """A console without syntax highlighting; 160 columns when stderr is not a terminal (logs, CI)."""
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=None if sys.stderr.isatty() else 160)
+    """A console without syntax highlighting; COLUMNS or the terminal's width, else 100 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    tty = stream.isatty()
+    width = None if tty or os.environ.get("COLUMNS", "").isdigit() else PIPED_WIDTH
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def show(renderable: RenderableType) -> None:
-    """Print to stdout (a command's human-readable result)."""
-    console(stderr=False).print(renderable)
+    """Print to stdout (a command's human-readable result); piped, without Rich's trailing padding."""
+    out = console(stderr=False)
+    if sys.stdout.isatty():
+        out.print(renderable)
+        return
+    with out.capture() as captured:
+        out.print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+    sys.stdout.flush()
 
 
 def step_log(out: Console) -> Callable[[str], None]:
@@ -54,19 +69,32 @@ def step_log(out: Console) -> Callable[[str], None]:
 
 
 def render_table(report: dict) -> Group:
-    """A rich renderable: the steps table, then gates, warnings, notes and per-layer sparsity."""
+    """A rich renderable: verdict, the steps table (fits 100 columns), what each ratio means, the verdict
+    sentence and its caveats, then gates, warnings, notes and per-layer sparsity."""
+    from rich import box
+
     report = clean(report)
-    headers, rows = compact_step_table(*step_table(report))
-    table = Table(title=f"optcli report: {verdict(report)}", title_justify="left")
+    headers, rows = compact_step_table(report)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
         table.add_row(*(Text(c) for c in row))  # Text: no rich markup parsing of names
-    parts: list[Any] = [table]
+    passed = report.get("passed")
+    style = "bold green" if passed is True else "bold red" if passed is False else "bold"
+    parts: list[Any] = [Text(f"optcli report: {verdict(report)}", style=style), table]
+    parts.append(Text(ratio_legend(report, terminal=True), style="dim"))
+    facts = summary(report)
+    if facts["verdict"]:
+        parts.append(Text(facts["verdict"], style="bold"))
+    if facts["slower"]:
+        parts.append(Text(f"⚠ {facts['slower']}", style="bold yellow"))
+    if facts["busy"]:
+        parts.append(Text(f"⚠ {facts['busy']}", style="yellow"))
     if report.get("evaluation"):
         parts.append(Text(f"evaluation: {report['evaluation']}", style="dim"))
-    for passed, line in gate_lines(report):
-        parts.append(Text(line, style="green" if passed else "bold red"))
+    for passed_gate, line in gate_lines(report):
+        parts.append(Text(line, style="green" if passed_gate else "bold red"))
     for w in warning_lines(report):
         parts.append(Text(f"⚠ {w}", style="yellow"))
     for name, note in latency_notes(report):
@@ -140,37 +168,124 @@ class EpochProgress:
 # --------------------------------------------------------------------------- the other commands
 
 
-def render_comparison(result: dict) -> Table:
-    """`optcli compare`: one row per metric of the two final artifacts, with new/baseline."""
-    t = Table(title=f"{result['new']} vs {result['baseline']}")
-    for col in ("metric", "new", "baseline", "new/baseline"):
-        t.add_column(col, justify="right")
+_COMPARE_ROWS = {
+    # metric: (label, formatter, which way is better: "lower" | "higher" | None)
+    "size_bytes": ("size", "bytes", "lower"),
+    "compressed_bytes": ("compressed", "bytes", "lower"),
+    "sparsity": ("sparsity", "pct", None),
+    "accuracy": ("accuracy", "acc", "higher"),
+    "cosine_mean": ("fidelity cosine", "cos", "higher"),
+}
+
+
+def _compare_cell(kind: str, value: Any) -> str:
+    from optcli.report.view import DASH, finite, fmt_pct
+
+    if not finite(value):
+        return DASH
+    if kind == "bytes":
+        return format_bytes(value)
+    if kind == "pct":
+        return fmt_pct(value)
+    if kind == "acc":
+        return f"{value:.4f}"
+    if kind == "cos":
+        return f"{value:.6g}"
+    return f"{value:.3g} ms"
+
+
+def render_comparison(result: dict, notes: dict | None = None) -> Group:
+    """`optcli compare`: one row per metric of the two final artifacts in human units, new/baseline with a
+    better/worse mark, then what changed in the recipe and why the figures may not be comparable."""
+    from optcli.report.view import DASH, finite
+
+    notes = notes or {}
+    t = Table(title=Text(f"{result['new']} (new) vs {result['baseline']} (baseline)"), title_justify="left")
+    for col in ("metric", "baseline", "new", "new/baseline", ""):
+        t.add_column(col, justify="left" if col in ("metric", "") else "right", no_wrap=True)
     for r in result["rows"]:
-        t.add_row(r["metric"], str(r["new"]), str(r["baseline"]), f"{r['ratio']}x" if r["ratio"] is not None else "-")
-    return t
+        metric = str(r["metric"])
+        label, kind, better = _COMPARE_ROWS.get(metric, (metric, "ms", "lower"))
+        if metric.startswith("p50_ms@batch_"):
+            label, kind, better = f"p50 b{metric.removeprefix('p50_ms@batch_')}", "ms", "lower"
+        if metric == "accuracy":
+            better = notes.get("accuracy_better", "higher")
+        ratio_value = r.get("ratio")
+        mark, style = "", ""
+        same = (
+            finite(r.get("new"))
+            and finite(r.get("baseline"))
+            and abs(r["new"] - r["baseline"]) <= 1e-4 * abs(r["baseline"])
+        )
+        if better and finite(r.get("new")) and finite(r.get("baseline")) and not same:
+            improved = (r["new"] < r["baseline"]) == (better == "lower")
+            mark, style = ("▲ better", "green") if improved else ("▼ worse", "red")
+        elif better and same:
+            mark = "= same"
+        t.add_row(
+            label,
+            _compare_cell(kind, r.get("baseline")),
+            _compare_cell(kind, r.get("new")),
+            f"{ratio_value:.3g}×" if finite(ratio_value) else DASH,
+            Text(mark, style=style),
+        )
+    parts: list[Any] = [t]
+    changes = notes.get("recipe_changes") or []
+    if changes:
+        parts.append(Text("recipe changes (baseline → new):", style="bold"))
+        parts += [Text(f"  {line}") for line in changes]
+    elif "recipe_changes" in notes:
+        parts.append(Text("recipes: identical", style="dim"))
+    for caveat in notes.get("caveats") or []:
+        parts.append(Text(f"⚠ {caveat}", style="yellow"))
+    return Group(*parts)
+
+
+def _shape_text(shape) -> str:
+    from optcli.model import readable_dim
+
+    return "[" + ", ".join(str(readable_dim(d)) for d in shape) + "]" if shape is not None else "?"
+
+
+def _counts_text(counts: dict) -> str:
+    return ", ".join(f"{k} ×{v}" if v != 1 else str(k) for k, v in counts.items())
 
 
 def render_inspection(info: dict) -> Group:
-    """`optcli inspect`: the file's summary, then its inputs and its 20 most used ops."""
-    head = Table(show_header=False, box=None)
-    head.add_row("file", info["path"])
+    """`optcli inspect`: what the model is in one line, its summary, inputs and outputs, its 20 most used ops."""
+    head = Table(show_header=False, box=None, pad_edge=False)
+    if info.get("summary"):
+        head.add_row("model", Text(info["summary"], style="bold"))
+    head.add_row("file", Text(info["path"]))
     head.add_row("format", info["format"])
     head.add_row("size", f"{format_bytes(info['size_bytes'])} ({format_bytes(info['compressed_bytes'])} deflated)")
     head.add_row("parameters", f"{info['parameters']:,} ({info['sparsity']:.1%} zero)")
-    for key in ("architecture", "task", "tokenizer", "opset", "initializer_dtypes", "parameter_dtypes", "outputs"):
+    for key in ("architecture", "task", "tokenizer"):  # a Hugging Face folder
         if info.get(key):
-            head.add_row(key.replace("_", " "), str(info[key]))
+            head.add_row(key, str(info[key]))
+    if info.get("opset"):
+        head.add_row("opset", ", ".join(f"{domain} {version}" for domain, version in info["opset"].items()))
+    for key, label in (("initializer_dtypes", "weight dtypes"), ("parameter_dtypes", "parameter dtypes")):
+        if info.get(key):
+            head.add_row(label, _counts_text(info[key]))
     parts: list[Any] = [head]
-    if info.get("inputs"):
-        t = Table(title="inputs")
-        for col in ("name", "shape", "dtype", "batch"):
+    for title, rows in (("inputs", info.get("inputs")), ("outputs", info.get("output_specs"))):
+        if not rows:
+            continue
+        t = Table(title=title, title_justify="left")
+        for col in ("name", "shape", "dtype") + (("batch",) if title == "inputs" else ()):
             t.add_column(col)
-        for i in info["inputs"]:
+        for i in rows:
             i = i if isinstance(i, dict) else i.__dict__
-            t.add_row(i["name"], str(list(i["shape"])), i["dtype"], "dynamic" if i.get("batch_dynamic") else "fixed")
+            cells = [Text(i["name"]), Text(_shape_text(i.get("shape"))), i["dtype"]]
+            if title == "inputs":
+                cells.append("dynamic" if i.get("batch_dynamic") else "fixed")
+            t.add_row(*cells)
         parts.append(t)
+    if info.get("outputs") and not info.get("output_specs"):
+        head.add_row("outputs", ", ".join(map(str, info["outputs"])))
     if info.get("ops"):
-        t = Table(title="ops")
+        t = Table(title="ops", title_justify="left")
         t.add_column("op")
         t.add_column("count", justify="right")
         for op, n in list(info["ops"].items())[:20]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
+
+from optcli.report.summary import baseline_index, step_comparisons
 
 DASH = "—"
 
@@ -76,6 +79,13 @@ def fmt_ms(ms: Any) -> str:
     if ms < 100:
         return f"{ms:.2f}"
     return f"{ms:.0f}"
+
+
+def fmt_rate(x: Any) -> str:
+    """Items per second as a plain number: 31,640 (never 3.164e+04)."""
+    if not finite(x):
+        return DASH
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def fmt_pct(x: Any) -> str:
@@ -201,51 +211,77 @@ def top_pruned(step: dict, n: int = 10) -> list[tuple[str, float]]:
 # --------------------------------------------------------------------------- tables
 
 
-def _accuracy_cell(step: dict, original: dict, is_original: bool) -> str:
-    value = accuracy(step)
-    if not finite(value):
+def _ratio_of(x: Any) -> str:
+    """A stored new/reference ratio as a cell, two decimals below 10: "0.35×", "1.03×", "12×"."""
+    if not finite(x):
         return DASH
-    base = accuracy(original)
-    if is_original or not finite(base):
-        return f"{value:.4f}"
-    if (step.get("accuracy") or {}).get("metric") == "perplexity" and base:
+    return f"{x:.2f}×" if abs(x) < 9.95 else f"{x:.0f}×"
+
+
+def _delta_pt(x: Any) -> str:
+    return f"{x:+.2f}".replace("-", "−") if finite(x) else DASH
+
+
+def shown_sparsity(all_steps: list[dict], i: int) -> Any:
+    """The sparsity worth showing: an int8 step's zeros beyond its source's are rounding (tiny weights to 0),
+    not pruning, so it shows the sparsity of the weights it quantized (report.json keeps the raw count)."""
+    step = all_steps[i]
+    if step.get("type") == "quantize" and i > 0 and finite(all_steps[i - 1].get("sparsity")):
+        return all_steps[i - 1].get("sparsity")
+    return step.get("sparsity")
+
+
+def baseline_name(report: dict) -> str:
+    all_steps = steps(report)
+    return str(all_steps[baseline_index(report)].get("name")) if all_steps else "original"
+
+
+def ratio_legend(report: dict, terminal: bool = False) -> str:
+    """Which reference each × column uses, in words (every view prints it under the steps table)."""
+    base = baseline_name(report)
+    if terminal:
         return (
-            f"{value:.4f} ({(value - base) / base * 100:+.2f}%)"  # a perplexity is no fraction: its change is relative
+            f"× prev: size or p50 time over the step before (< 1× is smaller / faster); {metric_name(report)} with "
+            f"its change in points; the sentence below compares with {base}, the first ONNX step"
         )
-    return f"{value:.4f} ({(value - base) * 100:+.2f} pt)"
-
-
-def _latency_cell(step: dict, original: dict, batch: int) -> str:
-    ms = p50(step, batch)
-    if not finite(ms):
-        return DASH
-    return f"{fmt_ms(ms)} ({ratio(p50(original, batch), ms)})"
+    return (
+        f"× prev: this step's size or p50 time over the step before it; × {base}: over {base}, the first ONNX step "
+        "(the baseline of the verdict). Size and time read alike: < 1× is smaller / faster."
+    )
 
 
 def step_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Headers and string rows of the steps table; shared by every renderer."""
+    """Headers and string rows of the full steps table (report.md, report.html)."""
     all_steps = steps(report)
     batches = batch_sizes(report)
-    headers = ["step", "format", "size", "size ratio", "compressed", "params", "sparsity"]
-    headers += [f"p50 b{b} ms (speed-up)" for b in batches]
-    headers += [f"{metric_name(report)} (Δ)", "fidelity cos", "top-1 agree", "seconds"]
-    if not all_steps:
-        return headers, []
-    original = all_steps[0]
+    base = baseline_name(report)
+    headers = ["step", "format", "size", "size × prev", f"size × {base}", "compressed", "params", "sparsity"]
+    for b in batches:
+        headers += [f"p50 b{b} ms", f"b{b} × prev", f"b{b} × {base}"]
+    headers += [metric_name(report), "Δ pt vs prev", "fidelity cos", "top-1 agree", "seconds"]
     rows = []
-    for i, step in enumerate(all_steps):
+    for i, (step, cmp) in enumerate(zip(all_steps, step_comparisons(report), strict=True)):
+        prev, vs_base = cmp["vs_previous"] or {}, cmp["vs_baseline"] or {}
         row = [
             str(step.get("name", DASH)),
             str(step.get("format") or DASH),
             format_bytes(step.get("size_bytes")),
-            ratio(step.get("size_bytes"), original.get("size_bytes")),
+            _ratio_of(prev.get("size")),
+            _ratio_of(vs_base.get("size")),
             format_bytes(step.get("compressed_bytes")),
             fmt_count(step.get("parameters")),
-            fmt_pct(step.get("sparsity")),
+            fmt_pct(shown_sparsity(all_steps, i)),
         ]
-        row += [_latency_cell(step, original, b) for b in batches]
+        for b in batches:
+            row += [
+                fmt_ms(p50(step, b)),
+                _ratio_of(prev.get(f"p50_batch_{b}")),
+                _ratio_of(vs_base.get(f"p50_batch_{b}")),
+            ]
+        acc = accuracy(step)
         row += [
-            _accuracy_cell(step, original, i == 0),
+            f"{acc:.4f}" if finite(acc) else DASH,
+            _delta_pt(prev.get("accuracy_pt")),
             fmt_num(dig(step, "fidelity", "cosine_mean"), 6),
             fmt_pct(_agreement(step)),
             fmt_seconds(step.get("seconds")),
@@ -254,17 +290,35 @@ def step_table(report: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def compact_step_table(headers: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-    """The terminal's narrower view of the steps table: size and its ratio in one cell, no params/seconds."""
-    idx = {h: i for i, h in enumerate(headers)}
-    keep = [h for h in headers if h not in ("size ratio", "params", "seconds")]
-    out_headers = ["size (×)" if h == "size" else h.replace(" (speed-up)", " (×)") for h in keep]
-    out_rows = []
-    for row in rows:
-        cells = {h: row[i] for h, i in idx.items()}
-        cells["size"] = f"{cells['size']} ({cells['size ratio']})"
-        out_rows.append([cells[h] for h in keep])
-    return out_headers, out_rows
+def compact_step_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The terminal's view of the steps table, made to fit 100 columns: each size and time with its ratio to
+    the step before it, the accuracy with its change, the step's seconds. Sparsity only where a step prunes."""
+    all_steps = steps(report)
+    batches = batch_sizes(report)
+    pruning = any(s.get("type") == "prune" for s in all_steps) or (
+        bool(all_steps) and finite(all_steps[0].get("sparsity")) and all_steps[0]["sparsity"] >= 0.01
+    )
+    headers = ["step", "size  × prev"]
+    headers += ["sparsity"] if pruning else []
+    headers += [f"b{b} ms  × prev" for b in batches]
+    headers += [metric_name(report), "fidelity", "secs"]
+    rows = []
+    for i, (step, cmp) in enumerate(zip(all_steps, step_comparisons(report), strict=True)):
+        prev = cmp["vs_previous"] or {}
+
+        def with_ratio(value: str, r: Any) -> str:
+            return f"{value} {_ratio_of(r)}" if finite(r) else value
+
+        row = [str(step.get("name", DASH)), with_ratio(format_bytes(step.get("size_bytes")), prev.get("size"))]
+        row += [fmt_pct(shown_sparsity(all_steps, i))] if pruning else []
+        row += [with_ratio(fmt_ms(p50(step, b)), prev.get(f"p50_batch_{b}")) for b in batches]
+        acc = accuracy(step)
+        acc_cell = f"{acc:.4f}" if finite(acc) else DASH
+        if finite(prev.get("accuracy_pt")):
+            acc_cell += f" {_delta_pt(prev['accuracy_pt'])}"
+        row += [acc_cell, fmt_num(dig(step, "fidelity", "cosine_mean"), 6), fmt_seconds(step.get("seconds"))]
+        rows.append(row)
+    return headers, rows
 
 
 def gate_lines(report: dict) -> list[tuple[bool, str]]:
@@ -293,7 +347,7 @@ def latency_rows(report: dict) -> list[list[str]]:
                     fmt_ms(lat.get("p50_ms")),
                     fmt_ms(lat.get("p90_ms")),
                     fmt_ms(lat.get("p99_ms")),
-                    fmt_num(lat.get("throughput_per_s")),
+                    fmt_rate(lat.get("throughput_per_s")),
                     fmt_count(lat.get("runs")),
                 ]
             )
@@ -340,12 +394,21 @@ def search_rows(step: dict) -> list[list[str]]:
     ]
 
 
+def shown_path(path: Any) -> str:
+    """Input and output paths the same way: relative to the working directory when under it, else absolute."""
+    if not path:
+        return DASH
+    full = os.path.abspath(str(path))
+    rel = os.path.relpath(full)
+    return full if rel.startswith("..") else rel
+
+
 def io_rows(report: dict) -> list[list[str]]:
     """Input and output files: path, format, sha256 (IO_HEADERS)."""
     return [
         [
             label,
-            str(dig(report, key, "path") or DASH),
+            shown_path(dig(report, key, "path")),
             str(dig(report, key, "format") or DASH),
             str(dig(report, key, "sha256") or DASH),
         ]
@@ -450,3 +513,66 @@ def _agreement(step: dict):
     """Top-1 agreement; for embeddings, nearest-neighbour top-1 agreement (an argmax over dimensions means nothing)."""
     value = dig(step, "fidelity", "top1_agreement")
     return value if value is not None else dig(step, "fidelity", "neighbour_top1_agreement")
+
+
+def _on_off(flag: Any, yes: str, no: str) -> str:
+    return yes if flag else no
+
+
+def step_action(step: dict, config: dict) -> str:
+    """What one pass did, in a sentence: its settings as they ran and what it measured on the way."""
+    kind, details = step.get("type"), step.get("details") or {}
+    if kind == "quantize":
+        search = details.get("search")
+        if isinstance(search, dict):
+            chosen = next((c for c in search.get("candidates") or [] if c.get("chosen")), {})
+            return (
+                f"accuracy-aware int8 search over {len(search.get('candidates') or [])} candidates; kept "
+                f"{candidate_label(chosen, 0) if chosen else 'none'}"
+            )
+        mode = config.get("mode")
+        calibration = config.get("calibration") or {}
+        text = (
+            f"{'static QDQ' if mode == 'static' else 'dynamic'} int8, {config.get('weight_type', 'int8')} weights "
+            f"{_on_off(config.get('per_channel'), 'per-channel', 'per-tensor')}"
+        )
+        if mode == "static":
+            used, asked = details.get("calibration_samples"), details.get("calibration_samples_requested")
+            text += f", calibration {calibration.get('method', 'minmax')} on {fmt_count(used)} samples"
+            if finite(asked) and finite(used) and asked != used:
+                text += f" ({fmt_count(asked)} requested)"
+        ops = details.get("quantized_ops") or {}
+        if ops:
+            text += "; " + " / ".join(f"{n} {op}" for op, n in ops.items())
+        excluded = details.get("excluded_nodes") or []
+        if excluded:
+            text += f"; {len(excluded)} nodes kept in float"
+        text += _on_off(config.get("preprocess", True), "", "; ONNX Runtime pre-processing off")
+        return text
+    if kind == "export":
+        return (
+            f"torch → ONNX opset {details.get('opset', config.get('opset'))} with the {details.get('exporter', '?')} "
+            f"exporter; max error vs torch {fmt_num(details.get('max_abs_error_vs_torch'), 3)} "
+            f"(limit {fmt_num(details.get('error_limit'), 3)})"
+        )
+    if kind == "prune":
+        return (
+            f"{config.get('structured', 'none')} magnitude pruning to sparsity {fmt_num(config.get('sparsity'))} "
+            f"({config.get('scope', 'global')})"
+        )
+    if kind == "finetune":
+        training = details.get("training") or {}
+        epochs = training.get("epochs") if isinstance(training.get("epochs"), list) else []
+        distill = " with distillation" if config.get("distill") else ""
+        return (
+            f"{len(epochs)} epochs of {config.get('optimizer', 'sgd')} at lr {fmt_num(config.get('lr'))}{distill}"
+            f"; best epoch {fmt_num(training.get('best_epoch'))}"
+        )
+    shown = {k: v for k, v in config.items() if k != "type" and v not in (None, [], {})}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def step_actions(report: dict) -> list[tuple[str, str]]:
+    """(step name, what it did) for every step after the original, from the resolved recipe and its details."""
+    configs = [c for c in dig(report, "recipe", "passes") or [] if isinstance(c, dict)]
+    return [(str(s.get("name")), step_action(s, c)) for s, c in zip(steps(report)[1:], configs, strict=False)]

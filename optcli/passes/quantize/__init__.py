@@ -83,10 +83,32 @@ def check(config: Config, recipe, input_format: str) -> None:
         )
 
 
+def calibration_samples(config: Config, recipe, available: int, where: str) -> tuple[int, int, str]:
+    """Calibration samples (requested, used), and a warning when fewer than the recipe asked for are used.
+
+    One knob governs: the pass's calibration.samples when written, else data.calibration.samples, else 128.
+    """
+    data_ask = recipe.data.calibration.samples if recipe.data.calibration is not None else None
+    pass_set = "samples" in config.calibration.model_fields_set
+    wanted = config.calibration.samples if pass_set or data_ask is None else data_ask
+    used = min(wanted, available)
+    note = ""
+    if pass_set and data_ask is not None and config.calibration.samples < data_ask:
+        note = f"calibration: {data_ask} samples requested (data.calibration.samples), {used} used (calibration.samples of {where})"
+    elif used < wanted:
+        asked = f"calibration.samples of {where}" if pass_set or data_ask is None else "data.calibration.samples"
+        note = f"calibration: {wanted} samples requested ({asked}), {used} used (all that data.calibration holds)"
+    return wanted, used, note
+
+
 def _calibration_batches(model, config: Config, ctx: Context) -> list[dict]:
     data = ctx.data.calibration
     batch = fixed_batch(model.inputs) or min(data.batch_size, 32)
-    return [feeds for feeds, _ in data.batches(batch_size=batch, limit=config.calibration.samples)]
+    wanted, used, note = calibration_samples(config, ctx.recipe, len(data), ctx.step_name)
+    if note:
+        ctx.warn(note)
+    ctx.details["calibration_samples_requested"] = wanted
+    return [feeds for feeds, _ in data.batches(batch_size=batch, limit=used)]
 
 
 def apply(model, config: Config, ctx: Context):
@@ -219,5 +241,6 @@ PASS = PassSpec(
     apply=apply,
     check=check,
     preflight=preflight,
+    makes_int8=True,
     summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration; int4/int8 weight-only (MatMulNBits)",
 )

@@ -1,0 +1,202 @@
+"""What a run amounts to, in the terms a user compares with: each step against the step before it and against
+the first ONNX step (the baseline), one verdict sentence, and the caveats that decide whether to trust it
+(a slower final artifact, a busy machine while timing).
+
+Pure functions over the report dict (standard library only), shared by report.json and every view.
+Every ratio here is new / reference: time and size alike, so < 1× is better for both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# A final artifact at least this much slower than its reference is called slower (timing noise stays below it).
+SLOWER = 1.05
+# p99 / p50 above this in one latency loop: other work kept interrupting the measurement.
+JITTER = 3.0
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _steps(report: dict) -> list[dict]:
+    return [s for s in (report.get("steps") or []) if isinstance(s, dict)]
+
+
+def _latency(step: dict) -> dict:
+    lat = step.get("latency")
+    return lat if isinstance(lat, dict) else {}
+
+
+def _p50(step: dict, key: str) -> Any:
+    entry = _latency(step).get(key)
+    return entry.get("p50_ms") if isinstance(entry, dict) else None
+
+
+def _accuracy(step: dict) -> Any:
+    acc = step.get("accuracy")
+    return acc.get("value") if isinstance(acc, dict) else None
+
+
+def _div(a: Any, b: Any) -> float | None:
+    return round(float(a) / float(b), 4) if _finite(a) and _finite(b) and b else None
+
+
+def baseline_index(report: dict) -> int:
+    """The step the user compares with: the first ONNX step (the fp32 export of a torch model, or an ONNX
+    original); the original when no step is ONNX."""
+    for i, step in enumerate(_steps(report)):
+        if step.get("format") == "onnx":
+            return i
+    return 0
+
+
+def versus(step: dict, ref: dict) -> dict:
+    """step / ref: size and p50 time ratios per batch size (< 1 is better), accuracy difference in points."""
+    out: dict[str, Any] = {"step": ref.get("name"), "size": _div(step.get("size_bytes"), ref.get("size_bytes"))}
+    for key in _latency(step):
+        out[f"p50_{key}"] = _div(_p50(step, key), _p50(ref, key))
+    a, b = _accuracy(step), _accuracy(ref)
+    out["accuracy_pt"] = round((a - b) * 100, 4) if _finite(a) and _finite(b) else None
+    return out
+
+
+def step_comparisons(report: dict) -> list[dict]:
+    """Per step: {"vs_previous": ..., "vs_baseline": ...} (None for the step itself / the original)."""
+    all_steps = _steps(report)
+    base = baseline_index(report)
+    out = []
+    for i, step in enumerate(all_steps):
+        out.append(
+            {
+                "vs_previous": versus(step, all_steps[i - 1]) if i else None,
+                "vs_baseline": versus(step, all_steps[base]) if i > base else None,
+            }
+        )
+    return out
+
+
+def _times(x: float) -> str:
+    return f"{x:.2f}×" if x < 9.95 else f"{x:.0f}×"
+
+
+def _batch(key: str) -> str:
+    return "b" + key.removeprefix("batch_")
+
+
+def verdict_sentence(report: dict) -> str:
+    """ "2-quantize: 2.8× smaller, 1.78× faster at b32 and 1.03× slower at b1 than 1-export, accuracy −0.0 pt"."""
+    all_steps = _steps(report)
+    if len(all_steps) < 2:
+        return ""
+    final = all_steps[-1]
+    base = baseline_index(report)
+    ref = all_steps[base] if base < len(all_steps) - 1 else all_steps[0]
+    v = versus(final, ref)
+    parts = []
+    size = v["size"]
+    if size is not None:
+        parts.append(
+            "the same size"
+            if abs(size - 1) < 0.005
+            else f"{_times(1 / size)} smaller"
+            if size < 1
+            else f"{_times(size)} bigger"
+        )
+    faster, slower, same = [], [], []
+    for key in sorted(_latency(final), key=lambda k: int(k.removeprefix("batch_")) if k[6:].isdigit() else 0):
+        t = v.get(f"p50_{key}")
+        if t is None:
+            continue
+        if abs(t - 1) < 0.005:
+            same.append(_batch(key))
+        elif t < 1:
+            faster.append(f"{_times(1 / t)}{'' if faster else ' faster'} at {_batch(key)}")
+        else:
+            slower.append(f"{_times(t)}{'' if slower else ' slower'} at {_batch(key)}")
+    speed = " and ".join(p for p in (", ".join(faster), ", ".join(slower)) if p)
+    if same:
+        speed = " and ".join(p for p in (speed, f"as fast at {', '.join(same)}") if p)
+    if speed:
+        parts.append(speed)
+    sentence = f"{final.get('name')}: {', '.join(parts) or 'measured'} than {ref.get('name')}"
+    if v["accuracy_pt"] is not None:
+        sentence += f", {_metric(final)} {_signed(v['accuracy_pt'], 1)} pt"
+    else:
+        cos = (final.get("fidelity") or {}).get("cosine_mean")
+        if _finite(cos):
+            sentence += f", fidelity cosine {cos:.4g} against the original"
+    return sentence
+
+
+def _metric(step: dict) -> str:
+    acc = step.get("accuracy")
+    return str(acc.get("metric") or "accuracy") if isinstance(acc, dict) else "accuracy"
+
+
+def _signed(x: float, digits: int) -> str:
+    text = f"{x:+.{digits}f}"
+    return text.replace("-", "−")  # a real minus sign, as in "−0.0 pt"
+
+
+def slower_warning(report: dict) -> str:
+    """A loud line when the final artifact takes longer than its baseline (or than the original) at any batch."""
+    all_steps = _steps(report)
+    if len(all_steps) < 2:
+        return ""
+    final, base = all_steps[-1], all_steps[baseline_index(report)]
+    for ref in [base] if base is all_steps[0] else [base, all_steps[0]]:
+        if ref is final:
+            continue
+        v = versus(final, ref)
+        slow = [
+            f"{v[k]:.2f}× the time at {_batch(k.removeprefix('p50_'))}"
+            for k in sorted(v)
+            if k.startswith("p50_") and v[k] is not None and v[k] >= SLOWER
+        ]
+        if slow:
+            return (
+                f"{final.get('name')} is SLOWER than {ref.get('name')} ({', '.join(slow)}): it did not pay on "
+                "this machine; set gates.min_speedup to fail the run on it"
+            )
+    return ""
+
+
+def busy_note(report: dict) -> str:
+    """Why the timings may not be trusted: the machine was busy (load above the cores) or a loop was jittery."""
+    cores = (report.get("environment") or {}).get("cpu_count")
+    load, jitter, where = None, None, ""
+    for step in _steps(report):
+        for key, entry in _latency(step).items():
+            if not isinstance(entry, dict):
+                continue
+            la = entry.get("load_average")
+            if _finite(la) and (load is None or la > load):
+                load = la
+            p50, p99 = entry.get("p50_ms"), entry.get("p99_ms")
+            if _finite(p50) and _finite(p99) and p50 > 0 and (jitter is None or p99 / p50 > jitter):
+                jitter, where = p99 / p50, f"{step.get('name')} {_batch(key)}"
+    reasons = []
+    if _finite(load) and _finite(cores) and load > cores:
+        reasons.append(f"load average {load:.1f} on {cores} cores")
+    if jitter is not None and jitter > JITTER:
+        reasons.append(f"p99 was {jitter:.0f}× p50 in {where}")
+    if not reasons:
+        return ""
+    return (
+        f"timings not trustworthy: the machine was busy while measuring ({'; '.join(reasons)}); "
+        "rerun on a quiet machine before acting on latency figures"
+    )
+
+
+def summary(report: dict) -> dict:
+    """report.json's "summary": the verdict sentence, the baseline step, and the caveats (empty when none)."""
+    all_steps = _steps(report)
+    return {
+        "verdict": verdict_sentence(report),
+        "baseline": all_steps[baseline_index(report)].get("name") if all_steps else None,
+        "slower": slower_warning(report),
+        "busy": busy_note(report),
+    }
