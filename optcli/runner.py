@@ -25,6 +25,7 @@ from optcli.passes.base import Context
 from optcli.report import write_reports
 from optcli.steps import (
     OutputFolder,
+    StepCache,
     finished_step,
     input_key,
     reload_step,
@@ -46,6 +47,7 @@ class RunOptions:
     trust_pickle: bool = False
     log: Callable[[str], None] = lambda msg: None
     extra: dict = field(default_factory=dict)  # per-pass runtime options (distributed flags ...)
+    step_cache: StepCache | None = None  # finished steps shared with other runs (a sweep's variants)
 
 
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
@@ -77,6 +79,8 @@ def run_recipe(recipe, options: RunOptions) -> dict:
             write_reports(report, options.out)
         return report
     finally:
+        if options.step_cache is not None:
+            options.step_cache.release()  # a step that failed never stored: the next run computes it
         folder.close()
 
 
@@ -90,6 +94,7 @@ class _Run:
     original: Model
     data: DataCatalog
     evaluator: Evaluator
+    reused: dict = field(default_factory=dict)  # step name -> "resume" | "step cache"
 
 
 def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, data: DataCatalog) -> dict:
@@ -128,6 +133,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         "passed": all(g["passed"] for g in gates),
         "warnings": warnings + near_gate_warnings(gates),
         "seconds": round(time.perf_counter() - t0, 3),
+        "reused_steps": run.reused,
     }
 
 
@@ -157,6 +163,12 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     record = finished_step(done, key) if options.resume and not spec.rerun_on_resume else None
     if record is not None:
         options.log(f"{name}: unchanged since the last run, reusing it (--resume)")
+        run.reused[name] = "resume"
+        return reload_step(done.parent, record, model), record["step"], record
+    cache = None if spec.rerun_on_resume else options.step_cache
+    if cache is not None and (record := cache.claim(name, key, done.parent)) is not None:
+        options.log(f"{name}: computed by another run from the same input and config, reusing it (step cache)")
+        run.reused[name] = "step cache"
         return reload_step(done.parent, record, model), record["step"], record
     options.log(f"{name}: running")
     tmp = folder.step_tmp(name)
@@ -204,6 +216,8 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     }
     write_record(tmp, record)
     final_dir = folder.finish_step(tmp, name)
+    if cache is not None:
+        cache.store(name, key, final_dir)
     return model.with_(path=final_dir / model.path.name), step, record
 
 

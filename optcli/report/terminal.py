@@ -190,3 +190,25 @@ def render_pass_catalog(catalog: list[dict]) -> Group:
             t.add_row(*(Text(c) for c in (opt["name"], opt["type"], default, opt["help"])))
         tables.append(t)
     return Group(*tables)
+
+
+# --------------------------------------------------------------------------- optcli sweep
+
+
+def render_sweep(sweep: dict) -> Group:
+    """`optcli sweep`: one row per variant (◆ on the Pareto front, ★ the best under the gates), then the verdict."""
+    from optcli.report.sweep import sweep_table
+    from optcli.report.sweep import verdict as sweep_verdict
+
+    sweep = clean(sweep)
+    headers, rows = sweep_table(sweep)
+    table = Table(title=Text(f"optcli sweep: {sweep.get('recipe', '')}"), title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows:
+        style = "bold green" if "★" in row[-1] else None
+        table.add_row(*(Text(c) for c in row), style=style)
+    parts: list[Any] = [table, Text(sweep_verdict(sweep), style="green" if sweep.get("passed") else "bold red")]
+    for e in sweep.get("errors") or []:
+        parts.append(Text(f"✗ {e['variant']}: {e['error']}", style="bold red"))
+    return Group(*parts)
