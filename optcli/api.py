@@ -194,9 +194,7 @@ def sweep(
     """Run every combination of the grid (merged over the recipe's sweep: block) as its own run under OUT."""
     from optcli.sweeper import SweepOptions, sweep_recipe
 
-    items = (
-        [f"{k}={json.dumps(list(v))}" for k, v in grid.items()] if isinstance(grid, Mapping) else list(grid or [])
-    )
+    items = [f"{k}={json.dumps(list(v))}" for k, v in grid.items()] if isinstance(grid, Mapping) else list(grid or [])
     options = SweepOptions(
         out=Path(out),
         grid=items,

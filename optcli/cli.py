@@ -269,15 +269,43 @@ def compare(
     baseline: Path = typer.Argument(..., help="report.json to compare against"),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    max_latency_regression: float | None = typer.Option(
+        None, "--max-latency-regression", min=0, help="exit 1 if p50 latency grew by more than this fraction (0.05)"
+    ),
+    max_accuracy_drop: float | None = typer.Option(
+        None, "--max-accuracy-drop", min=0, help="exit 1 if the metric dropped by more than this (0.005)"
+    ),
+    max_size_growth: float | None = typer.Option(
+        None, "--max-size-growth", min=0, help="exit 1 if the size on disk grew by more than this fraction (0.02)"
+    ),
+    junit: Path | None = typer.Option(None, "--junit", help="also write the regression checks as JUnit XML"),
 ):
-    """What changed between two runs' final artifacts (size, latency, accuracy, fidelity)."""
+    """What changed between two runs' final artifacts (size, latency, accuracy, fidelity); with --max-* limits,
+    exit 1 when the new run regressed against the baseline."""
 
     def body():
-        from optcli.compare import compare_reports
-        from optcli.report.terminal import render_comparison, show
+        from optcli.compare import compare_reports, regression_checks
+        from optcli.report.terminal import render_checks, render_comparison, show
 
         result = compare_reports(report, baseline)
+        limits = (max_latency_regression, max_accuracy_drop, max_size_growth)
+        checks = regression_checks(report, baseline, *limits) if any(v is not None for v in limits) else []
+        if checks:
+            result = {**result, "checks": checks, "passed": all(c["passed"] for c in checks)}
         _print_json(result) if json_out else show(render_comparison(result))
+        if checks and not json_out:
+            show(render_checks(checks))
+        if junit is not None:
+            from optcli.errors import writing
+            from optcli.report.ci import write_junit
+
+            with writing(junit):
+                write_junit(junit, [("compare", checks, None)])
+        failed = [c["name"] for c in checks if not c["passed"]]
+        if failed:
+            _err(f"regression: {', '.join(failed)} ({report} vs {baseline})")
+            return EXIT_GATE
+        return EXIT_OK
 
     guarded(body, debug)
 
@@ -331,7 +359,9 @@ def sweep(
                 err.print(render_sweep(result))
         elif not quiet:
             show(render_sweep(result))
-            show(f"wrote {out}/sweep.{{json,md,html}}" + (f"; {out}/best -> {result['best']}" if result["best"] else ""))
+            show(
+                f"wrote {out}/sweep.{{json,md,html}}" + (f"; {out}/best -> {result['best']}" if result["best"] else "")
+            )
         code = exit_code(result)
         for e in result["errors"]:
             _err(f"error: variant {e['variant']}: {e['error']}")

@@ -385,12 +385,20 @@ def sweep_recipe(path: Path, options: SweepOptions) -> dict:
     try:
         jobs = [
             VariantJob(
-                path, [*options.overrides, *v.overrides], out / v.name, out / "cache", options.resume,
-                options.trust_pickle, options.quiet, v.name,
+                path,
+                [*options.overrides, *v.overrides],
+                out / v.name,
+                out / "cache",
+                options.resume,
+                options.trust_pickle,
+                options.quiet,
+                v.name,
             )
             for v in variants
         ]
-        options.log(f"{len(variants)} variants of {path.name} ({' x '.join(f'{k}: {len(vs)}' for k, vs in grid.items())})")
+        options.log(
+            f"{len(variants)} variants of {path.name} ({' x '.join(f'{k}: {len(vs)}' for k, vs in grid.items())})"
+        )
         if options.jobs > 1 and len(jobs) > 1:
             results = _run_parallel(jobs, min(options.jobs, len(jobs)), options.log)
         else:

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,9 +67,7 @@ def test_two_by_two_sweep_shares_the_export_and_picks_the_best_under_the_gates(s
     result = run_cli("sweep", sweep_recipe, "-o", out, *GRID, "--jobs", "2")
     assert result.exit_code == 0, result.stderr
     rows = sweep_rows(out)
-    assert sorted(rows) == sorted(
-        f"mode-{m}_per_channel-{p}" for m in ("dynamic", "static") for p in ("off", "on")
-    )
+    assert sorted(rows) == sorted(f"mode-{m}_per_channel-{p}" for m in ("dynamic", "static") for p in ("off", "on"))
     # the export is the same step for all four: computed by exactly one variant, reused by the three others
     ran_export = [n for n, r in rows.items() if "1-export" in r["ran_steps"]]
     assert len(ran_export) == 1, rows
@@ -80,13 +77,23 @@ def test_two_by_two_sweep_shares_the_export_and_picks_the_best_under_the_gates(s
     for name, row in rows.items():  # each variant is a complete run of its own, with the grid values applied
         report = json.loads((out / name / "report.json").read_text())
         quant = report["recipe"]["passes"][1]
-        assert (quant["mode"], quant["per_channel"]) == (row["values"]["passes.1.mode"], row["values"]["passes.1.per_channel"])
+        assert (quant["mode"], quant["per_channel"]) == (
+            row["values"]["passes.1.mode"],
+            row["values"]["passes.1.per_channel"],
+        )
         assert row["size_bytes"] == report["steps"][-1]["size_bytes"] == (out / name / "model.onnx").stat().st_size
         assert row["passed"] == report["passed"]
     # Pareto front and best, re-derived from the rows independently
-    front = {n for n, r in rows.items() if not any(
-        o["size_bytes"] <= r["size_bytes"] and o["metric"] >= r["metric"]
-        and (o["size_bytes"] < r["size_bytes"] or o["metric"] > r["metric"]) for o in rows.values())}
+    front = {
+        n
+        for n, r in rows.items()
+        if not any(
+            o["size_bytes"] <= r["size_bytes"]
+            and o["metric"] >= r["metric"]
+            and (o["size_bytes"] < r["size_bytes"] or o["metric"] > r["metric"])
+            for o in rows.values()
+        )
+    }
     assert {n for n, r in rows.items() if r["pareto"]} == front
     passing = [r for r in rows.values() if r["passed"]]
     best = min(passing, key=lambda r: (r["size_bytes"], -r["metric"]))
@@ -107,8 +114,10 @@ def test_two_by_two_sweep_shares_the_export_and_picks_the_best_under_the_gates(s
     under = [r for r in rows2.values() if r["size_bytes"] <= limit and r["metric"] is not None]
     if under:
         assert again.exit_code == 0
-        assert json.loads((out / "sweep.json").read_text())["best"] == min(
-            under, key=lambda r: (r["size_bytes"], -r["metric"]))["name"]
+        assert (
+            json.loads((out / "sweep.json").read_text())["best"]
+            == min(under, key=lambda r: (r["size_bytes"], -r["metric"]))["name"]
+        )
     # A gate nobody can pass: exit 1, no best link
     none = run_cli("sweep", sweep_recipe, "-o", out, *GRID, "--resume", "--set", "gates.max_size_bytes=1")
     assert none.exit_code == 1, none.stderr

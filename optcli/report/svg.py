@@ -195,7 +195,9 @@ def svg_pareto(points: list[dict], xlabel: str, ylabel: str, fmt_x: Callable[[An
         label = str(p["label"])
         tip = f"<title>{escape(label + ': ' + fmt_x(p['x']) + ', ' + fmt_num(p['y']))}</title>"
         if p.get("original"):
-            out.append(f'<rect x="{x - 5:.1f}" y="{y - 5:.1f}" width="10" height="10" fill="{BAR_ORIGINAL}">{tip}</rect>')
+            out.append(
+                f'<rect x="{x - 5:.1f}" y="{y - 5:.1f}" width="10" height="10" fill="{BAR_ORIGINAL}">{tip}</rect>'
+            )
             out.append(f'<text x="{x + 8:.1f}" y="{y + 4:.1f}" font-size="11" fill="#555">original</text>')
             continue
         color = "#15803d" if p.get("front") else BAR

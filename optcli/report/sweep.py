@@ -64,9 +64,16 @@ def sweep_table(sweep: dict) -> tuple[list[str], list[list[str]]]:
     original = sweep.get("original")
     if original:
         out.append(
-            ["original", *[DASH for _ in keys], format_bytes(original.get("size_bytes")),
-             format_bytes(original.get("compressed_bytes")), _ms(original.get("latency_ms")),
-             _metric(original.get("metric")), DASH, ""]
+            [
+                "original",
+                *[DASH for _ in keys],
+                format_bytes(original.get("size_bytes")),
+                format_bytes(original.get("compressed_bytes")),
+                _ms(original.get("latency_ms")),
+                _metric(original.get("metric")),
+                DASH,
+                "",
+            ]
         )
     for r in rows:
         mark = ("★ best" if r.get("best") else "") + (" ◆" if r.get("pareto") else "")
@@ -88,7 +95,9 @@ def sweep_table(sweep: dict) -> tuple[list[str], list[list[str]]]:
 def verdict(sweep: dict) -> str:
     n = len(sweep.get("variants") or [])
     if sweep.get("best"):
-        return f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(sweep.get('minimize'), '')}) of {n} variants"
+        return (
+            f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(sweep.get('minimize'), '')}) of {n} variants"
+        )
     return f"no variant of {n} passes every gate"
 
 
@@ -168,7 +177,12 @@ def render_sweep_html(sweep: dict) -> str:
     ]
     errors = sweep.get("errors") or []
     if errors:
-        body += ["<h2>Errors</h2>", "<ul>", *(f'<li class="fail">{escape(e["variant"])}: {escape(e["error"])}</li>' for e in errors), "</ul>"]
+        body += [
+            "<h2>Errors</h2>",
+            "<ul>",
+            *(f'<li class="fail">{escape(e["variant"])}: {escape(e["error"])}</li>' for e in errors),
+            "</ul>",
+        ]
     body.append("<p>Each variant's own report: <code>&lt;variant&gt;/report.html</code>.</p>")
     return html_page(f"optcli sweep: {verdict(sweep)}", body)
 

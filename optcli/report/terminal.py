@@ -212,3 +212,15 @@ def render_sweep(sweep: dict) -> Group:
     for e in sweep.get("errors") or []:
         parts.append(Text(f"✗ {e['variant']}: {e['error']}", style="bold red"))
     return Group(*parts)
+
+
+def render_checks(checks: list[dict]) -> Group:
+    """`optcli compare --max-...`: one line per regression limit, green when held."""
+    from optcli.report.ci import gate_message
+
+    return Group(
+        *(
+            Text(("✓ " if c["passed"] else "✗ ") + gate_message(c), style="green" if c["passed"] else "bold red")
+            for c in checks
+        )
+    )
