@@ -156,10 +156,13 @@ def run(
     quiet: bool = True,
     trust_pickle: bool = False,
     log: Callable[[str], None] | None = None,
+    progress=None,
     distributed: dict | None = None,
     debug: bool = False,
 ) -> Report:
-    """Apply the recipe's passes; write the artifact and report.json|md|html to OUT; return the report."""
+    """Apply the recipe's passes; write the artifact and report.json|md|html to OUT; return the report.
+
+    log: called with each progress line; progress: a report.terminal.Feedback (default: silent)."""
     from optcli.passes.finetune.launch import cli_overrides
     from optcli.recipe import load_recipe
     from optcli.runner import RunOptions, run_recipe
@@ -174,6 +177,7 @@ def run(
         trust_pickle=trust_pickle,
         log=log or (lambda m: None),
         extra={"distributed": launch, "debug": debug},
+        progress=progress,
     )
     return Report.from_dict(run_recipe(rec, options), Path(out))
 
@@ -190,6 +194,7 @@ def sweep(
     quiet: bool = True,
     trust_pickle: bool = False,
     log: Callable[[str], None] | None = None,
+    progress=None,
 ) -> SweepReport:
     """Run every combination of the grid (merged over the recipe's sweep: block) as its own run under OUT."""
     from optcli.sweeper import SweepOptions, sweep_recipe
@@ -205,5 +210,6 @@ def sweep(
         quiet=quiet,
         trust_pickle=trust_pickle,
         log=log or (lambda m: None),
+        progress=progress,
     )
     return SweepReport.from_dict(sweep_recipe(Path(recipe), options), Path(out))

@@ -119,24 +119,28 @@ def run(
 
     def body():
         from optcli import api
-        from optcli.report.terminal import console, render_table, show, step_log
+        from optcli.report.terminal import console, feedback, render_table, show
 
         err = console()
-        log = (lambda m: None) if quiet else step_log(err)
+        progress = feedback(quiet)
         launch = {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "node_rank": node_rank}
         launch["rdzv_endpoint"] = rdzv_endpoint
-        report = api.run(
-            recipe,
-            out,
-            set_,
-            overwrite=overwrite,
-            resume=resume,
-            quiet=quiet,
-            trust_pickle=trust_pickle,
-            log=log,
-            distributed=launch,
-            debug=debug,
-        ).data
+        try:
+            report = api.run(
+                recipe,
+                out,
+                set_,
+                overwrite=overwrite,
+                resume=resume,
+                quiet=quiet,
+                trust_pickle=trust_pickle,
+                log=progress.log,
+                progress=progress,
+                distributed=launch,
+                debug=debug,
+            ).data
+        finally:
+            progress.close()  # the live display ends before anything else is printed
         _ci_results(junit, [("run", report["gates"], report.get("seconds"))], out / "report.md")
         if json_out:
             _print_json(report)
@@ -334,23 +338,27 @@ def sweep(
 
     def body():
         from optcli import api
-        from optcli.report.terminal import console, render_sweep, show, step_log
+        from optcli.report.terminal import console, feedback, render_sweep, show
         from optcli.sweeper import exit_code
 
         err = console()
-        log = (lambda m: None) if quiet else step_log(err)
-        result = api.sweep(
-            recipe,
-            out,
-            grid,
-            set_,
-            jobs=jobs,
-            overwrite=overwrite,
-            resume=resume,
-            quiet=quiet,
-            trust_pickle=trust_pickle,
-            log=log,
-        ).data
+        progress = feedback(quiet)
+        try:
+            result = api.sweep(
+                recipe,
+                out,
+                grid,
+                set_,
+                jobs=jobs,
+                overwrite=overwrite,
+                resume=resume,
+                quiet=quiet,
+                trust_pickle=trust_pickle,
+                log=progress.log,
+                progress=progress,
+            ).data
+        finally:
+            progress.close()  # the live display ends before anything else is printed
         suites = [(r["name"], r.get("gates") or [], r.get("seconds")) for r in result["variants"]]
         _ci_results(junit, suites, out / "sweep.md")
         if json_out:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from optcli import __version__, library_warnings
 from optcli.artifact import load_model, save_torch
@@ -48,6 +49,7 @@ class RunOptions:
     log: Callable[[str], None] = lambda msg: None
     extra: dict = field(default_factory=dict)  # per-pass runtime options (distributed flags ...)
     step_cache: StepCache | None = None  # finished steps shared with other runs (a sweep's variants)
+    progress: Any = None  # a report.terminal.Feedback (bars on a terminal, lines in CI); None: silent
 
 
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
@@ -99,7 +101,7 @@ class _Run:
 
 def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, data: DataCatalog) -> dict:
     t0 = time.perf_counter()
-    evaluator = Evaluator(recipe, original, data, options.log)
+    evaluator = Evaluator(recipe, original, data, options.log, progress=options.progress)
     run = _Run(recipe, options, folder, original, data, evaluator)
     first = _measure_original(recipe, original, evaluator, options.log)
     steps, warnings = [first], [f"original: {n}" for n in first.pop("latency_notes")]
@@ -182,6 +184,7 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
         quiet=options.quiet,
         log=options.log,
         options=dict(options.extra, resume_dir=str(folder.root / "steps" / name)),
+        **({"progress": options.progress} if options.progress is not None else {}),
     )
     started = time.perf_counter()
     try:

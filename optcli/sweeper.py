@@ -228,6 +228,7 @@ class SweepOptions:
     quiet: bool = False
     trust_pickle: bool = False
     log: Callable[[str], None] = lambda msg: None
+    progress: Any = None  # a report.terminal.Feedback for variants run in this process
 
 
 @dataclass
@@ -244,32 +245,34 @@ class VariantJob:
     name: str
 
 
-def run_variant(job: VariantJob, log: Callable[[str], None] | None = None) -> dict:
+def run_variant(job: VariantJob, log: Callable[[str], None] | None = None, progress=None) -> dict:
     """One variant's run; errors come back as values ({error, exit_code}): a worker's exception may not unpickle."""
     from optcli.recipe import load_recipe
     from optcli.runner import RunOptions, run_recipe
     from optcli.steps import StepCache
 
-    if log is None:
-        log = (lambda m: None) if job.quiet else (lambda m: _stderr_line(f"optcli {job.name}: {m}"))
+    if log is None:  # a worker process: plain lines (bars from parallel processes would overwrite each other)
+        from optcli.report.terminal import LineFeedback, feedback
+
+        progress = feedback(quiet=True) if job.quiet else LineFeedback()
+        log = (lambda m: None) if job.quiet else (lambda m: progress.log(f"{job.name}: {m}"))
     cache = StepCache(job.cache)
     try:
         recipe = load_recipe(job.recipe, overrides=job.overrides)
         options = RunOptions(
-            out=job.out, resume=job.resume, quiet=job.quiet, trust_pickle=job.trust_pickle, log=log, step_cache=cache
+            out=job.out,
+            resume=job.resume,
+            quiet=job.quiet,
+            trust_pickle=job.trust_pickle,
+            log=log,
+            step_cache=cache,
+            progress=progress,
         )
         return {"report": run_recipe(recipe, options)}
     except OptcliError as e:
         return {"error": str(e), "exit_code": e.exit_code}
     finally:
         cache.release()
-
-
-def _stderr_line(text: str) -> None:
-    import sys
-
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 def _worker_init() -> None:
@@ -405,7 +408,8 @@ def sweep_recipe(path: Path, options: SweepOptions) -> dict:
             results = []
             for i, job in enumerate(jobs, start=1):
                 options.log(f"variant {i}/{len(jobs)}: {job.name}")
-                results.append(run_variant(job, log=lambda m, n=job.name: options.log(f"{n}: {m}")))
+                log = lambda m, n=job.name: options.log(f"{n}: {m}")  # noqa: E731
+                results.append(run_variant(job, log=log, progress=options.progress))
         rows = [
             variant_row(v, r["report"], minimize) if "report" in r else failed_row(v, r["error"], r["exit_code"])
             for v, r in zip(variants, results, strict=True)

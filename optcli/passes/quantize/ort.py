@@ -51,12 +51,16 @@ class Settings:
 class CalibrationReader:
     """Feeds calibration batches to onnxruntime's calibrator (a CalibrationDataReader)."""
 
-    def __init__(self, batches: list[dict]):
+    def __init__(self, batches: list[dict], on_batch=lambda: None):
         self._batches = batches
         self._it = iter(batches)
+        self._on_batch = on_batch  # progress: one tick per batch handed over
 
     def get_next(self):
-        return next(self._it, None)
+        batch = next(self._it, None)
+        if batch is not None:
+            self._on_batch()
+        return batch
 
     def rewind(self):
         self._it = iter(self._batches)
@@ -229,21 +233,22 @@ def quantize_onnx(
         if inf:
             # Ranges are still collected for every tensor of a quantizable op; keep the inf ones out of the calibrator.
             extra.setdefault("CalibTensorRangeSymmetric", False)
-        quantize_static(
-            str(source),
-            str(target),
-            CalibrationReader(calib_batches),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=op_types,
-            per_channel=settings.per_channel,
-            reduce_range=config.reduce_range,
-            activation_type=qtype[config.activation_type],
-            weight_type=qtype[config.weight_type],
-            nodes_to_exclude=sorted(exclude),
-            use_external_data_format=large,
-            calibrate_method=method[settings.calibration],
-            extra_options=extra,
-        )
+        with ctx.progress.task(f"{ctx.step_name}: calibration", total=len(calib_batches or [])) as task:
+            quantize_static(
+                str(source),
+                str(target),
+                CalibrationReader(calib_batches, task.advance),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=op_types,
+                per_channel=settings.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=qtype[config.activation_type],
+                weight_type=qtype[config.weight_type],
+                nodes_to_exclude=sorted(exclude),
+                use_external_data_format=large,
+                calibrate_method=method[settings.calibration],
+                extra_options=extra,
+            )
     if settings.smooth_alpha is not None and cache is None:
         for f in artifact_files(Path(source)):
             f.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from optcli.measure import (
 )
 from optcli.model import fixed_batch
 from optcli.passes.quantize.ort import Settings, quantize_onnx
+from optcli.report.terminal import ProgressTask
 
 # Ops ONNX Runtime quantizes that carry weights; sensitivity is ranked over these.
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
@@ -181,6 +182,7 @@ class Search:
         self.config = config
         self.space = config.search
         self.ctx = ctx
+        self.progress = ProgressTask()  # run_search's "trial k of n, best so far" task while it runs
         self.source = source
         self.model = model
         self.quantize_fn = quantize_fn  # (source, target, settings, calib_batches, smooth_batches) -> details
@@ -231,6 +233,8 @@ class Search:
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
         self._drop_losers()
+        best = self.choose()
+        self.progress.advance(best=f"{best.name} {_fmt(best.metric)}" if best is not None else None)
         self.ctx.log(
             f"{self.ctx.step_name}: {trial.name}: {self.goal.metric} {_fmt(trial.metric)}, p50 {_fmt(trial.latency_ms)} ms"
             f"{' (meets target)' if trial.meets else ''}"
@@ -408,7 +412,8 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
         return quantize_onnx(src, dst, settings, config, calib_batches, smooth_batches, ctx, cache=cache)
 
     search = Search(config, ctx, source, model, write, ev, goal, calib)
-    fp32, chosen = search.run(candidates)
+    with ctx.progress.task(f"{ctx.step_name}: search trials", total=config.search.max_trials) as search.progress:
+        fp32, chosen = search.run(candidates)
     if search.quantizable_count is None:
         search.quantizable_count = len(quantizable_nodes(source, chosen.settings, set(exclude)))
     shutil.copyfile(chosen.path, target)
