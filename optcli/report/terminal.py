@@ -85,7 +85,7 @@ class EpochProgress:
 
     enabled: a Feedback (the run's, in-process) or a bool (a worker process makes its own)."""
 
-    def __init__(self, enabled, epochs: int, out: Console | None = None):
+    def __init__(self, enabled, epochs: int):
         self.feedback = enabled if isinstance(enabled, Feedback) else feedback(quiet=not enabled)
         self.epochs, self.current = epochs, None
 
