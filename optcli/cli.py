@@ -359,7 +359,15 @@ def sweep(
             ).data
         finally:
             progress.close()  # the live display ends before anything else is printed
-        suites = [(r["name"], r.get("gates") or [], r.get("seconds")) for r in result["variants"]]
+        crashed = {"name": "run", "limit": None, "value": None, "passed": False}  # a variant whose pass failed
+        suites = [
+            (
+                r["name"],
+                r.get("gates") or ([{**crashed, "note": r["error"]}] if r.get("error") else []),
+                r.get("seconds"),
+            )
+            for r in result["variants"]
+        ]
         _ci_results(junit, suites, out / "sweep.md")
         if json_out:
             _print_json(result)

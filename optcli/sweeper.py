@@ -370,6 +370,7 @@ def sweep_recipe(path: Path, options: SweepOptions) -> dict:
     from optcli.passes import get_pass
     from optcli.report.sweep import write_sweep_reports
     from optcli.runner import preflight
+    from optcli.steps import inside
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -384,6 +385,10 @@ def sweep_recipe(path: Path, options: SweepOptions) -> dict:
                 except BadInput as e:
                     raise BadInput(f"sweep variant {v.name}: {e}") from None
     out = Path(options.out)
+    sources = (base.data.calibration, base.data.eval, base.data.train)
+    for given in [base.model.path, *(s.path for s in sources if s is not None and s.path)]:
+        if inside(given, out):  # --overwrite would delete it
+            raise BadInput(f"output folder {out} holds the input {given}; choose an output folder of its own")
     folder = SweepFolder(out, options.overwrite, options.resume)
     try:
         jobs = [
