@@ -2,7 +2,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint fmt example quickstart bench clean
+.PHONY: install test lint fmt example quickstart bench clean ci-gate
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,3 +32,14 @@ bench: install
 
 clean:
 	rm -rf build out .pytest_cache
+
+# CI: optimize, publish the gates as JUnit XML, fail on a regression against a baseline report (a main-branch run).
+#   make ci-gate RECIPE=configs/digits_static_int8.yaml OUT=out/ci BASELINE=baseline/report.json
+RECIPE ?= configs/digits_static_int8.yaml
+OUT ?= out/ci
+BASELINE ?=
+LIMITS ?= --max-latency-regression 0.05 --max-accuracy-drop 0.005 --max-size-growth 0.02
+
+ci-gate:
+	$(BIN)/optcli run $(RECIPE) -o $(OUT) --overwrite --quiet --junit $(OUT)/junit.xml
+	$(if $(BASELINE),$(BIN)/optcli compare $(OUT)/report.json $(BASELINE) $(LIMITS) --junit $(OUT)/compare-junit.xml)

@@ -105,6 +105,7 @@ def _root(
 
 
 JSON_HELP = "print only JSON on stdout (human text goes to stderr)"
+JUNIT_HELP = "also write the gates as JUnit XML test cases to this file (CI test reporters read it)"
 
 
 def _err(message: str) -> None:
@@ -149,6 +150,18 @@ def guarded(fn: Callable[[], int | None], debug: bool) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
+
+
+def _ci_results(junit: Path | None, suites: list, markdown: Path) -> None:
+    """--junit PATH gets the gates as JUnit XML; a GitHub Actions job summary gets the Markdown report."""
+    from optcli.errors import writing
+    from optcli.report.ci import append_step_summary, write_junit
+
+    if junit is not None:
+        with writing(junit):
+            write_junit(junit, suites)
+    with writing(os.environ.get("GITHUB_STEP_SUMMARY") or "$GITHUB_STEP_SUMMARY"):
+        append_step_summary(markdown.read_text(encoding="utf-8"))
 
 
 def _print_json(data) -> None:
@@ -206,33 +219,35 @@ def run(
     target: str | None = typer.Option(
         None, "--target", help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target"
     ),
+    junit: Path | None = typer.Option(None, "--junit", help=JUNIT_HELP),
 ):
     """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
 
     def body():
-        from optcli.passes.finetune.launch import cli_overrides
-        from optcli.recipe import load_recipe
-        from optcli.report.terminal import console, render_table, show, step_log
-        from optcli.runner import RunOptions, run_recipe
+        from optcli import api
+        from optcli.report.terminal import console, feedback, render_table, show
 
         err = console()
-        log = (lambda m: None) if quiet else step_log(err)
-        rec = load_recipe(recipe, overrides=[*set_, *([f"report.target={target}"] if target else [])])
-        launch = cli_overrides(
-            rec, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint
-        )
-        report = run_recipe(
-            rec,
-            RunOptions(
-                out=out,
+        progress = feedback(quiet)
+        launch = {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "node_rank": node_rank}
+        launch["rdzv_endpoint"] = rdzv_endpoint
+        try:
+            report = api.run(
+                recipe,
+                out,
+                [*set_, *([f"report.target={target}"] if target else [])],
                 overwrite=overwrite,
                 resume=resume,
                 quiet=quiet,
                 trust_pickle=trust_pickle,
-                log=log,
-                extra={"distributed": launch, "debug": debug},
-            ),
-        )
+                log=progress.log,
+                progress=progress,
+                distributed=launch,
+                debug=debug,
+            ).data
+        finally:
+            progress.close()  # the live display ends before anything else is printed
+        _ci_results(junit, [("run", report["gates"], report.get("seconds"))], out / "report.md")
         if json_out:
             _print_json(report)
             if not quiet:
@@ -380,15 +395,117 @@ def compare(
     baseline: Path = typer.Argument(..., metavar="OLD", help="report.json to compare against"),
     json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP),
     debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
+    max_latency_regression: float | None = typer.Option(
+        None, "--max-latency-regression", min=0, help="exit 1 if p50 latency grew by more than this fraction (0.05)"
+    ),
+    max_accuracy_drop: float | None = typer.Option(
+        None, "--max-accuracy-drop", min=0, help="exit 1 if the metric dropped by more than this (0.005)"
+    ),
+    max_size_growth: float | None = typer.Option(
+        None, "--max-size-growth", min=0, help="exit 1 if the size on disk grew by more than this fraction (0.02)"
+    ),
+    junit: Path | None = typer.Option(None, "--junit", help="also write the regression checks as JUnit XML"),
 ):
-    """What changed between two runs' final artifacts (size, latency, accuracy, fidelity)."""
+    """What changed between two runs' final artifacts (size, latency, accuracy, fidelity); with --max-* limits,
+    exit 1 when the new run regressed against the baseline."""
 
     def body():
-        from optcli.compare import compare_reports, explain
-        from optcli.report.terminal import render_comparison, show
+        from optcli.compare import compare_reports, explain, regression_checks
+        from optcli.report.terminal import render_checks, render_comparison, show
 
         result = compare_reports(report, baseline)
+        limits = (max_latency_regression, max_accuracy_drop, max_size_growth)
+        checks = regression_checks(report, baseline, *limits) if any(v is not None for v in limits) else []
+        if checks:
+            result = {**result, "checks": checks, "passed": all(c["passed"] for c in checks)}
         _print_json(result) if json_out else show(render_comparison(result, explain(report, baseline)))
+        if checks and not json_out:
+            show(render_checks(checks))
+        if junit is not None:
+            from optcli.errors import writing
+            from optcli.report.ci import write_junit
+
+            with writing(junit):
+                write_junit(junit, [("compare", checks, None)])
+        failed = [c["name"] for c in checks if not c["passed"]]
+        if failed:
+            _err(f"regression: {', '.join(failed)} ({report} vs {baseline})")
+            return EXIT_GATE
+        return EXIT_OK
+
+    guarded(body, debug)
+
+
+@app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., help="YAML recipe (its sweep: grid: block, if any, is merged with --grid)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: one run per variant inside, sweep.json/md/html"),
+    grid: list[str] = typer.Option(
+        [], "--grid", help="a recipe key and its values: --grid passes.1.sparsity=0.3,0.5 (repeatable; passes.N=on,off)"
+    ),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe key in every variant"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="variants run in parallel (worker processes)"),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or table; errors still go to stderr"),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue a sweep: finished steps and variants are reused"),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"
+    ),
+    junit: Path | None = typer.Option(None, "--junit", help=JUNIT_HELP + " (one test suite per variant)"),
+):
+    """Run every combination of a grid of recipe values as its own run; print the table, the Pareto front and
+    the best variant under the recipe's gates (OUT/best links to it). Exit 0 when a variant passes every gate."""
+
+    def body():
+        from optcli import api
+        from optcli.report.terminal import console, feedback, render_sweep, show
+        from optcli.sweeper import exit_code
+
+        err = console()
+        progress = feedback(quiet)
+        try:
+            result = api.sweep(
+                recipe,
+                out,
+                grid,
+                set_,
+                jobs=jobs,
+                overwrite=overwrite,
+                resume=resume,
+                quiet=quiet,
+                trust_pickle=trust_pickle,
+                log=progress.log,
+                progress=progress,
+            ).data
+        finally:
+            progress.close()  # the live display ends before anything else is printed
+        crashed = {"name": "run", "limit": None, "value": None, "passed": False}  # a variant whose pass failed
+        suites = [
+            (
+                r["name"],
+                r.get("gates") or ([{**crashed, "note": r["error"]}] if r.get("error") else []),
+                r.get("seconds"),
+            )
+            for r in result["variants"]
+        ]
+        _ci_results(junit, suites, out / "sweep.md")
+        if json_out:
+            _print_json(result)
+            if not quiet:
+                err.print(render_sweep(result))
+        elif not quiet:
+            show(render_sweep(result))
+            show(
+                f"wrote {out}/sweep.{{json,md,html}}" + (f"; {out}/best -> {result['best']}" if result["best"] else "")
+            )
+        code = exit_code(result)
+        for e in result["errors"]:
+            _err(f"error: variant {e['variant']}: {e['error']}")
+        if code == EXIT_GATE:
+            _err(f"no variant passes every gate (see {out}/sweep.json)")
+        return code
 
     guarded(body, debug)
 

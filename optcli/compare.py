@@ -1,4 +1,4 @@
-"""`optcli compare NEW OLD`: what changed between two runs' final artifacts."""
+"""`optcli compare NEW OLD`: what changed between two runs' final artifacts, and whether it regressed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from optcli.errors import BadInput
+from optcli.measure import higher_is_better
 
 
 def _load(path: Path) -> dict:
@@ -117,3 +118,69 @@ def explain(new_path: Path, old_path: Path) -> dict:
         "caveats": comparison_caveats(new, old),
         "accuracy_better": metric_direction(new),
     }
+
+
+def regression_checks(
+    new: Path,
+    base: Path,
+    max_latency_regression: float | None = None,
+    max_accuracy_drop: float | None = None,
+    max_size_growth: float | None = None,
+) -> list[dict]:
+    """Regression limits of `optcli compare NEW BASE` (BASE: a main-branch run in CI), each a check shaped like a
+    gate {name, limit, value, passed, note}. Latency and size as fractions of the baseline (0.05 = 5% slower/larger allowed); accuracy in metric units."""
+    a, b = _load(new)["steps"][-1], _load(base)["steps"][-1]
+    checks = []
+    if max_latency_regression is not None:
+        shared = [k for k in (b.get("latency") or {}) if k in (a.get("latency") or {})]
+        growth = {
+            k: a["latency"][k]["p50_ms"] / b["latency"][k]["p50_ms"] - 1 for k in shared if b["latency"][k]["p50_ms"]
+        }
+        worst = max(growth, key=growth.get) if growth else None
+        checks.append(
+            {
+                "name": "max_latency_regression",
+                "limit": max_latency_regression,
+                "value": round(growth[worst], 6) if worst else None,
+                "passed": worst is not None and growth[worst] <= max_latency_regression,
+                "note": f"p50, slowest batch size ({worst.replace('batch_', 'batch ')})"
+                if worst
+                else "no batch size measured in both reports",
+            }
+        )
+    if max_accuracy_drop is not None:
+        acc_a, acc_b = a.get("accuracy") or {}, b.get("accuracy") or {}
+        if acc_a.get("value") is None or acc_b.get("value") is None:
+            checks.append(
+                {
+                    "name": "max_accuracy_drop",
+                    "limit": max_accuracy_drop,
+                    "value": None,
+                    "passed": False,
+                    "note": "accuracy not measured in both reports (data.eval with labels)",
+                }
+            )
+        else:
+            sign = 1 if higher_is_better(acc_b.get("metric", "accuracy")) else -1
+            drop = sign * (acc_b["value"] - acc_a["value"])
+            checks.append(
+                {
+                    "name": "max_accuracy_drop",
+                    "limit": max_accuracy_drop,
+                    "value": round(drop, 6),
+                    "passed": drop <= max_accuracy_drop + 1e-12,
+                    "note": f"{acc_b.get('metric', 'accuracy')}: {acc_b['value']} -> {acc_a['value']}",
+                }
+            )
+    if max_size_growth is not None:
+        growth = a["size_bytes"] / b["size_bytes"] - 1 if b.get("size_bytes") else None
+        checks.append(
+            {
+                "name": "max_size_growth",
+                "limit": max_size_growth,
+                "value": round(growth, 6) if growth is not None else None,
+                "passed": growth is not None and growth <= max_size_growth + 1e-12,
+                "note": f"size on disk: {b.get('size_bytes')} -> {a.get('size_bytes')} bytes",
+            }
+        )
+    return checks

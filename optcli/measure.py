@@ -233,21 +233,29 @@ def load_average() -> float | None:
         return None
 
 
-def latency(runner: Runner, batch_sizes: list[int], warmup: int, runs: int) -> tuple[dict, list[str]]:
-    """p50/p90/p99 and throughput per batch size; batch sizes the model cannot take are skipped with a note."""
+def latency(
+    runner: Runner, batch_sizes: list[int], warmup: int, runs: int, progress=None, label: str = "latency"
+) -> tuple[dict, list[str]]:
+    """p50/p90/p99 and throughput per batch size; batch sizes the model cannot take are skipped with a note.
+    progress: a report.terminal.Feedback, shown one task per batch size."""
+    from optcli.report.terminal import SILENT
+
     results, notes = {}, []
     for batch in batch_sizes:
         if any(not s.batch_dynamic and s.shape and s.shape[0] != batch for s in runner.inputs):
             notes.append(f"batch {batch} skipped: the model's batch dimension is fixed")
             continue
         feeds = example_inputs(runner.inputs, batch=batch, seed=batch)
-        for _ in range(warmup):
-            runner(feeds)
         times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            runner(feeds)
-            times.append((time.perf_counter() - t0) * 1000)
+        with (progress or SILENT).task(f"{label} batch {batch}", total=warmup + runs) as task:
+            for _ in range(warmup):
+                runner(feeds)
+                task.advance()
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                runner(feeds)
+                times.append((time.perf_counter() - t0) * 1000)
+                task.advance()
         p50, p90, p99 = np.percentile(times, [50, 90, 99])
         results[f"batch_{batch}"] = {
             "p50_ms": round(float(p50), 6),
@@ -346,8 +354,9 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray], task: str =
 class Evaluator:
     """Measures artifacts the same way every step: same inputs, same threads, same reference outputs."""
 
-    def __init__(self, recipe, original: Model, data, log):
+    def __init__(self, recipe, original: Model, data, log, progress=None):
         self.recipe = recipe
+        self.progress = progress
         self.spec = recipe.report.latency
         self.providers = providers_for(recipe.report.target)
         self.eval = data.eval
@@ -386,7 +395,9 @@ class Evaluator:
         if self.reference_outputs is None:
             self.reference_outputs = outputs
         row = {**size_on_disk(path), **parameter_counts(path, model.module)}
-        lat, notes = latency(runner, self.spec.batch_sizes, self.spec.warmup, self.spec.runs)
+        lat, notes = latency(
+            runner, self.spec.batch_sizes, self.spec.warmup, self.spec.runs, self.progress, f"{path.name}: latency"
+        )
         row["latency"] = lat
         row["latency_notes"] = notes
         row["engine"] = runner.engine

@@ -48,6 +48,18 @@ class Gates(StrictModel):
     )
 
 
+class SweepSpec(StrictModel):
+    """`optcli sweep`: the grid of recipe keys to vary (every combination is a run); ignored by `optcli run`."""
+
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="recipe key (as for --set) -> values; passes.N: [true, false] keeps or drops pass N",
+    )
+    minimize: Literal["size", "compressed", "latency"] = Field(
+        default="size", description="what the Pareto front trades against the metric; the best variant has least of it"
+    )
+
+
 @functools.cache
 def recipe_model() -> type[StrictModel]:
     """The Recipe class, built from the registered passes so each `type:` picks its own config class."""
@@ -61,6 +73,7 @@ def recipe_model() -> type[StrictModel]:
         passes=(list[PassUnion], Field(default_factory=list)),
         report=(ReportSpec, ReportSpec()),
         gates=(Gates, Gates()),
+        sweep=(SweepSpec | None, None),
         seed=(Annotated[int, Field(ge=0, le=2**32 - 1)], 0),
     )
 
@@ -89,6 +102,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
         raise BadInput(f"{path}: a recipe is a mapping with at least 'model:' (optcli init MODEL writes one)")
     for item in overrides:
         _apply_override(raw, item)
+    if overrides and isinstance(raw.get("passes"), list):  # --set passes.N=null drops pass N (a sweep's on/off)
+        raw["passes"] = [p for p in raw["passes"] if p is not None]
     recipe = _validate(raw, root, path, overrides)
     check_recipe(recipe, path, root, check_files=check_files, overrides=overrides)
     return with_implicit_exports(recipe)

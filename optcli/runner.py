@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from optcli import __version__, library_warnings
 from optcli.artifact import load_model, save_torch
@@ -28,6 +29,7 @@ from optcli.report import write_reports
 from optcli.report.summary import baseline_index, step_comparisons, summary
 from optcli.steps import (
     OutputFolder,
+    StepCache,
     finished_step,
     input_key,
     inside,
@@ -50,6 +52,8 @@ class RunOptions:
     trust_pickle: bool = False
     log: Callable[[str], None] = lambda msg: None
     extra: dict = field(default_factory=dict)  # per-pass runtime options (distributed flags ...)
+    step_cache: StepCache | None = None  # finished steps shared with other runs (a sweep's variants)
+    progress: Any = None  # a report.terminal.Feedback (bars on a terminal, lines in CI); None: silent
 
 
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
@@ -82,6 +86,8 @@ def run_recipe(recipe, options: RunOptions) -> dict:
             write_reports(report, options.out)
         return report
     finally:
+        if options.step_cache is not None:
+            options.step_cache.release()  # a step that failed never stored: the next run computes it
         folder.close()
 
 
@@ -95,11 +101,12 @@ class _Run:
     original: Model
     data: DataCatalog
     evaluator: Evaluator
+    reused: dict = field(default_factory=dict)  # step name -> "resume" | "step cache"
 
 
 def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, data: DataCatalog) -> dict:
     t0 = time.perf_counter()
-    evaluator = Evaluator(recipe, original, data, options.log)
+    evaluator = Evaluator(recipe, original, data, options.log, progress=options.progress)
     run = _Run(recipe, options, folder, original, data, evaluator)
     first = _measure_original(recipe, original, evaluator, options.log)
     steps, warnings = [first], [f"original: {n}" for n in first.pop("latency_notes")]
@@ -135,6 +142,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         "passed": all(g["passed"] for g in gates),
         "warnings": warnings + near_gate_warnings(gates),
         "seconds": round(time.perf_counter() - t0, 3),
+        "reused_steps": run.reused,
     }
     report["summary"] = summary(report)
     for step, versus in zip(steps, step_comparisons(report), strict=True):
@@ -172,6 +180,12 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     record = finished_step(done, key) if options.resume and not spec.rerun_on_resume else None
     if record is not None:
         options.log(f"{name}: unchanged since the last run, reusing it (--resume)")
+        run.reused[name] = "resume"
+        return reload_step(done.parent, record, model), record["step"], record
+    cache = None if spec.rerun_on_resume else options.step_cache
+    if cache is not None and (record := cache.claim(name, key, done.parent)) is not None:
+        options.log(f"{name}: computed by another run from the same input and config, reusing it (step cache)")
+        run.reused[name] = "step cache"
         return reload_step(done.parent, record, model), record["step"], record
     options.log(f"{name}: running")
     tmp = folder.step_tmp(name)
@@ -185,6 +199,7 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
         quiet=options.quiet,
         log=options.log,
         options=dict(options.extra, resume_dir=str(folder.root / "steps" / name)),
+        **({"progress": options.progress} if options.progress is not None else {}),
     )
     started = time.perf_counter()
     try:
@@ -224,6 +239,8 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     }
     write_record(tmp, record)
     final_dir = folder.finish_step(tmp, name)
+    if cache is not None:
+        cache.store(name, key, final_dir)
     return model.with_(path=final_dir / model.path.name), step, record
 
 

@@ -167,3 +167,68 @@ def write_record(step_dir: Path, record: dict) -> None:
     """step.json goes in before the step folder is renamed into place, so a finished step always has it, whole."""
     with writing(step_dir / "step.json"):
         atomic_write_text(step_dir / "step.json", json.dumps(record, indent=2, default=str))
+
+
+class StepCache:
+    """Finished steps shared between runs (a sweep's variants), keyed like --resume: input bytes + config + data.
+
+    cache/<name>-<key>/ holds a copy of the step folder. A run claims a key before computing the step (an flock,
+    so parallel variants wait for the one computing it instead of computing it again) and stores it after.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.held: dict[str, int] = {}
+
+    def _entry(self, name: str, key: str) -> Path:
+        return self.root / f"{name}-{key[:32]}"
+
+    def claim(self, name: str, key: str, dest: Path) -> dict | None:
+        """Wait while another run computes this step; return its record (copied to dest) if finished, else hold
+        the claim until store() or release()."""
+        import fcntl
+
+        with writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._entry(name, key).with_suffix(".lock"), os.O_CREAT | os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.held[key] = fd
+        entry = self._entry(name, key)
+        record = finished_step(entry / "step.json", key)
+        if record is None:
+            return None
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with writing(dest):
+            shutil.copytree(entry, tmp, copy_function=_link_or_copy)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        self.release(key)
+        return record
+
+    def store(self, name: str, key: str, step_dir: Path) -> None:
+        entry = self._entry(name, key)
+        tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with writing(entry):
+                shutil.copytree(step_dir, tmp, copy_function=_link_or_copy)
+                shutil.rmtree(entry, ignore_errors=True)
+                os.replace(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.release(key)
+
+    def release(self, key: str | None = None) -> None:
+        for k in [key] if key is not None else list(self.held):
+            fd = self.held.pop(k, None)
+            if fd is not None:
+                os.close(fd)  # closing the descriptor drops the flock
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # Hard links: a shared export costs its bytes once however many variants hold it; steps never edit files in place.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from optcli import report as rep
-from optcli.report.terminal import EpochProgress, render_pass_catalog, render_table
+from optcli.report.terminal import EpochProgress, LineFeedback, render_pass_catalog, render_table
 
 EVIL = "2-prune<script>alert(1)</script>"
 
@@ -334,17 +334,16 @@ def test_pass_catalog_shows_what_a_pass_consumes_and_produces_and_bracketed_help
 
 
 def test_epoch_progress_shows_epoch_loss_metric_and_rate_and_is_silent_when_disabled():
-    out = Console(file=io.StringIO(), record=True, width=160)
-    bar = EpochProgress(True, epochs=3, out=out)
+    out = io.StringIO()
+    bar = EpochProgress(LineFeedback(out), epochs=3)  # the run's Feedback (here: plain lines, as in a CI log)
     task = bar.epoch(2, steps=4)
     bar.update(task, advance=4, loss=0.5, metric="accuracy 0.91", rate=123.0)
     bar.close()
-    text = out.export_text()
+    text = out.getvalue()
     assert "epoch 2/3" in text and "4/4" in text
-    assert "loss 0.5000" in text and "accuracy 0.91" in text and "123 samples/s" in text
+    assert "loss 0.5000" in text and "accuracy 0.91" in text and "samples/s 123" in text
     quiet = EpochProgress(False, epochs=3)
-    assert quiet.bar is None and quiet.epoch(1, steps=4) is None
-    quiet.update(None, loss=1.0)  # no bar: updates and close are no-ops, nothing printed
+    quiet.update(quiet.epoch(1, steps=4), loss=1.0)  # silent: updates and close are no-ops, nothing printed
     quiet.close()
 
 

@@ -45,6 +45,8 @@ class Context:
     warnings: list[str] = field(default_factory=list)
     # Filled by the runner for passes that resume (fine-tune epochs); empty otherwise.
     options: dict = field(default_factory=dict)
+    # A report.terminal.Feedback: `with ctx.progress.task("calibration", total=n) as t: ... t.advance()`.
+    progress: Any = field(default_factory=lambda: silent_feedback())
 
     def warn(self, message: str) -> None:
         self.warnings.append(f"{self.step_name}: {message}")
@@ -112,3 +114,10 @@ def training_hooks(module: Any) -> TrainingHooks | None:
     """The hooks a fine-tune must drive for this module, or None."""
     hooks = getattr(module, TRAINING_HOOKS, None)
     return hooks if hooks is not None and hooks.hooks else None
+
+
+def silent_feedback():
+    """Progress that shows nothing (a Context built outside a run: tests, scripts)."""
+    from optcli.report.terminal import SILENT
+
+    return SILENT

@@ -202,3 +202,11 @@ def render_html(report: dict) -> str:
         + "\n".join(body)
         + "\n</body></html>\n"
     )
+
+
+def html_page(title: str, body: list[str]) -> str:
+    """A self-contained page in report.html's style (the sweep's page uses it)."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

@@ -171,3 +171,46 @@ def svg_loss_curve(step: dict) -> str:
         )
     out.append("</svg>")
     return "".join(out)
+
+
+def svg_pareto(points: list[dict], xlabel: str, ylabel: str, fmt_x: Callable[[Any], str]) -> str:
+    """A sweep's variants: x (size or latency) vs the metric; the Pareto front joined as a staircase, the best
+    variant ringed, variants failing a gate hollow, the original as a grey square.
+
+    points: {label, x, y, front, best, passed, original?} each."""
+    pts = [p for p in points if finite(p.get("x")) and finite(p.get("y"))]
+    if not pts:
+        return ""
+    plot = _Plot([p["x"] for p in pts], [p["y"] for p in pts], width=560, height=340)
+    out = plot.frame("pareto", f"{ylabel} vs {xlabel}", xlabel, ylabel)
+    front = sorted((p for p in pts if p.get("front")), key=lambda p: p["x"])
+    if len(front) > 1:
+        stairs = [(front[0]["x"], front[0]["y"])]
+        for p in front[1:]:
+            stairs += [(p["x"], stairs[-1][1]), (p["x"], p["y"])]
+        line = " ".join(f"{plot.px(x):.1f},{plot.py(y):.1f}" for x, y in stairs)
+        out.append(f'<polyline class="front" points="{line}" fill="none" stroke="#15803d" stroke-width="2"/>')
+    for p in pts:
+        x, y = plot.px(p["x"]), plot.py(p["y"])
+        label = str(p["label"])
+        tip = f"<title>{escape(label + ': ' + fmt_x(p['x']) + ', ' + fmt_num(p['y']))}</title>"
+        if p.get("original"):
+            out.append(
+                f'<rect x="{x - 5:.1f}" y="{y - 5:.1f}" width="10" height="10" fill="{BAR_ORIGINAL}">{tip}</rect>'
+            )
+            out.append(f'<text x="{x + 8:.1f}" y="{y + 4:.1f}" font-size="11" fill="#555">original</text>')
+            continue
+        color = "#15803d" if p.get("front") else BAR
+        fill = color if p.get("passed") else "#fff"
+        out.append(
+            f'<circle class="variant{" front" if p.get("front") else ""}" cx="{x:.1f}" cy="{y:.1f}" r="5" '
+            f'fill="{fill}" stroke="{color}" stroke-width="2">{tip}</circle>'
+        )
+        if p.get("best"):
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="10" fill="none" stroke="#b45309" stroke-width="2"/>')
+            out.append(
+                f'<text x="{x + 12:.1f}" y="{y - 8:.1f}" font-size="11" fill="#b45309">'
+                f"{escape('best: ' + _short(label, 40))}</text>"
+            )
+    out.append("</svg>")
+    return "".join(out)

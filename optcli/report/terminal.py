@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -131,38 +132,33 @@ def _int8_tables(step: dict) -> list[Any]:
 
 
 class EpochProgress:
-    """A rich progress bar per epoch (loss, metric, samples/s) on stderr; silent when not enabled."""
+    """The training progress (loss, metric, samples/s per epoch) through a Feedback; silent when not enabled.
 
-    def __init__(self, enabled: bool, epochs: int, out: Console | None = None):
-        self.bar = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    enabled: a Feedback (the run's, in-process) or a bool (a worker process makes its own)."""
 
-            self.bar = Progress(
-                TextColumn("epoch {task.fields[epoch]}/" + str(epochs)),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  {task.fields[metric]}  {task.fields[rate]:.0f} samples/s"),
-                TimeElapsedColumn(),
-                console=out or Console(stderr=True),
-                transient=False,
-            )
-            self.bar.start()
+    def __init__(self, enabled, epochs: int):
+        self.feedback = enabled if isinstance(enabled, Feedback) else feedback(quiet=not enabled)
+        self.epochs, self.current = epochs, None
 
     def epoch(self, epoch: int, steps: int):
-        return (
-            self.bar.add_task("train", total=steps, epoch=epoch, loss=float("nan"), metric="", rate=0.0)
-            if self.bar
-            else None
-        )
+        self.close()
+        self.current = self.feedback.task(f"train epoch {epoch}/{self.epochs}", total=steps)
+        return self.current
 
-    def update(self, task, **fields):
-        if self.bar is not None:
-            self.bar.update(task, **fields)
+    def update(self, task, advance: int = 0, **fields):
+        shown = {}
+        if "loss" in fields:
+            shown["loss"] = f"{fields['loss']:.4f}"
+        if fields.get("metric"):
+            shown[""] = fields["metric"]  # already "accuracy 0.9712"
+        if "rate" in fields:
+            shown["samples/s"] = f"{fields['rate']:.0f}"
+        task.advance(advance, **shown)
 
     def close(self):
-        if self.bar is not None:
-            self.bar.stop()
+        if self.current is not None:
+            self.current.close()
+            self.current = None
 
 
 # --------------------------------------------------------------------------- the other commands
@@ -328,3 +324,184 @@ def render_pass_catalog(catalog: list[dict]) -> Group:
             t.add_row(*(Text(c) for c in (opt["name"], opt["type"], default, opt["help"])))
         tables.append(t)
     return Group(*tables)
+
+
+# --------------------------------------------------------------------------- optcli sweep
+
+
+def render_sweep(sweep: dict) -> Group:
+    """`optcli sweep`: one row per variant (◆ on the Pareto front, ★ the best under the gates), then the verdict."""
+    from optcli.report.sweep import sweep_table
+    from optcli.report.sweep import verdict as sweep_verdict
+
+    sweep = clean(sweep)
+    headers, rows = sweep_table(sweep)
+    table = Table(title=Text(f"optcli sweep: {sweep.get('recipe', '')}"), title_justify="left")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows:
+        style = "bold green" if "★" in row[-1] else None
+        table.add_row(*(Text(c) for c in row), style=style)
+    parts: list[Any] = [table, Text(sweep_verdict(sweep), style="green" if sweep.get("passed") else "bold red")]
+    for e in sweep.get("errors") or []:
+        parts.append(Text(f"✗ {e['variant']}: {e['error']}", style="bold red"))
+    return Group(*parts)
+
+
+def render_checks(checks: list[dict]) -> Group:
+    """`optcli compare --max-...`: one line per regression limit, green when held."""
+    from optcli.report.ci import gate_message
+
+    return Group(
+        *(
+            Text(("✓ " if c["passed"] else "✗ ") + gate_message(c), style="green" if c["passed"] else "bold red")
+            for c in checks
+        )
+    )
+
+
+# --------------------------------------------------------------------------- progress on long work
+
+
+class ProgressTask:
+    """One piece of long work (calibration, search trials, an epoch, benchmarking): advance() it, set() its fields."""
+
+    def advance(self, n: int = 1, **fields) -> None: ...
+
+    def set(self, **fields) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Feedback:
+    """What a run tells the person waiting for it, all on stderr: log lines and progress. Silent with --quiet;
+    a Rich live bar on a terminal; elsewhere (CI logs, pipes) one plain line per task at most every few seconds
+    and when it ends. Passes get it through their Context (ctx.progress) and never print themselves."""
+
+    def log(self, message: str) -> None: ...
+
+    def task(self, description: str, total: int | None = None, **fields) -> ProgressTask:
+        return ProgressTask()
+
+    def close(self) -> None: ...
+
+
+SILENT = Feedback()
+
+
+def _fields_text(fields: dict) -> str:
+    shown = (f"{v:.4g}" if isinstance(v, float) else str(v) for v in fields.values())
+    return "  ".join(f"{k} {v}".strip() for k, v in zip(fields, shown, strict=True) if v not in ("None", ""))
+
+
+class _LineTask(ProgressTask):
+    def __init__(self, out, description: str, total: int | None, every: float, fields: dict):
+        self.out, self.description, self.total, self.every = out, description, total, every
+        self.done, self.fields = 0, dict(fields)
+        self.started = self.last = time.monotonic()
+        self.closed = False
+
+    def _line(self, final: bool) -> None:
+        count = f"{self.done}/{self.total}" if self.total else str(self.done)
+        took = f" ({time.monotonic() - self.started:.1f} s)" if final else ""
+        extra = _fields_text(self.fields)
+        self.out.write(f"optcli {self.description}: {count}{'  ' + extra if extra else ''}{took}\n")
+        self.out.flush()
+        self.last = time.monotonic()
+
+    def advance(self, n: int = 1, **fields) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if time.monotonic() - self.last >= self.every:
+            self._line(final=False)
+
+    def set(self, **fields) -> None:
+        self.fields.update(fields)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._line(final=True)
+
+
+class LineFeedback(Feedback):
+    def __init__(self, out=None, every: float = 5.0):
+        self.out, self.every = out or sys.stderr, every
+
+    def log(self, message: str) -> None:
+        self.out.write(f"optcli {message}\n")
+        self.out.flush()
+
+    def task(self, description: str, total: int | None = None, **fields) -> ProgressTask:
+        return _LineTask(self.out, description, total, self.every, fields)
+
+
+class _RichTask(ProgressTask):
+    def __init__(self, owner: RichFeedback, description: str, total: int | None, fields: dict):
+        self.owner, self.bar, self.fields = owner, owner.bar, dict(fields)
+        self.id = self.bar.add_task(description, total=total, info=_fields_text(self.fields))
+
+    def advance(self, n: int = 1, **fields) -> None:
+        self.fields.update(fields)
+        self.bar.update(self.id, advance=n, info=_fields_text(self.fields))
+
+    def set(self, **fields) -> None:  # drawn at once (advance() waits for Rich's next refresh, 10 per second)
+        self.fields.update(fields)
+        self.bar.update(self.id, info=_fields_text(self.fields), refresh=True)
+
+    def close(self) -> None:
+        if self.id in self.bar.task_ids:
+            self.bar.remove_task(self.id)
+            self.owner.idle()
+
+
+class RichFeedback(Feedback):
+    def __init__(self, console: Console | None = None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console or Console(stderr=True, highlight=False)
+        self.bar = Progress(
+            TextColumn("[dim]optcli[/dim] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.live = False
+
+    def log(self, message: str) -> None:
+        self.console.print(f"[dim]optcli[/dim] {message}", highlight=False)  # printed above the live bars
+
+    def task(self, description: str, total: int | None = None, **fields) -> ProgressTask:
+        if not self.live:  # the live display only while a task runs: one at a time (Rich allows one)
+            self.bar.start()
+            self.live = True
+        return _RichTask(self, description, total, fields)
+
+    def idle(self) -> None:
+        if self.live and not self.bar.task_ids:
+            self.bar.stop()
+            self.live = False
+
+    def close(self) -> None:
+        if self.live:
+            self.bar.stop()
+            self.live = False
+
+
+def feedback(quiet: bool, stream=None) -> Feedback:
+    """The Feedback for a command: none when quiet, Rich on a terminal, plain lines elsewhere."""
+    stream = stream or sys.stderr
+    if quiet:
+        return SILENT
+    if stream.isatty():
+        return RichFeedback(Console(file=stream, highlight=False))
+    return LineFeedback(stream)

@@ -212,7 +212,7 @@ def run_training(job, config, ctx) -> tuple[Any, dict]:
         dev = device_for(device, 0, cuda_count, 1)
         if dev.startswith("cuda"):
             torch.cuda.set_device(dev)
-        result = train(job, Env(device=dev), progress=not ctx.quiet, log=ctx.log)
+        result = train(job, Env(device=dev), progress=False if ctx.quiet else ctx.progress, log=ctx.log)
         return result, _world_figures(result, 1, 1, None, [_device_name(dev)], config, job)
     if has_batchnorm(job.student) and device == "cpu":
         ctx.warn(

@@ -527,7 +527,7 @@ class State:
 
 
 def train(
-    job: TrainJob, env: Env = Env(), progress: bool = True, log: Callable[[str], None] = lambda m: None
+    job: TrainJob, env: Env = Env(), progress: object = True, log: Callable[[str], None] = lambda m: None
 ) -> TrainResult:
     cfg = job.config
     with deterministic():
@@ -535,7 +535,7 @@ def train(
         ckpt_dir = Path(job.checkpoint_dir) if job.checkpoint_dir else None
         key = fingerprint(job) if ckpt_dir else ""
         state = resume(run, ckpt_dir, key, log)
-        bar = EpochProgress(progress and env.is_main, run.epochs)
+        bar = EpochProgress(progress if env.is_main else False, run.epochs)  # a Feedback, or a bool in workers
         stopped_early = False
         try:
             for epoch in range(state.epoch, run.epochs):

@@ -78,12 +78,16 @@ class Settings:
 class CalibrationReader:
     """Feeds calibration batches to onnxruntime's calibrator (a CalibrationDataReader)."""
 
-    def __init__(self, batches: list[dict]):
+    def __init__(self, batches: list[dict], on_batch=lambda: None):
         self._batches = batches
         self._it = iter(batches)
+        self._on_batch = on_batch  # progress: one tick per batch handed over
 
     def get_next(self):
-        return next(self._it, None)
+        batch = next(self._it, None)
+        if batch is not None:
+            self._on_batch()
+        return batch
 
     def rewind(self):
         self._it = iter(self._batches)
@@ -262,11 +266,12 @@ def quantize_onnx(
                 use_external_data_format=large,
                 extra_options=extra,
             )
-        else:
+            return
+        with ctx.progress.task(f"{ctx.step_name}: calibration", total=len(calib_batches or [])) as task:
             quantize_static(
                 str(source),
                 str(target),
-                CalibrationReader(calib_batches),
+                CalibrationReader(calib_batches, task.advance),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,

@@ -39,6 +39,7 @@ from optcli.measure import (
 from optcli.model import fixed_batch
 from optcli.passes.quantize import profile as prof
 from optcli.passes.quantize.ort import Settings, quantize_onnx
+from optcli.report.terminal import ProgressTask
 
 # Ops ONNX Runtime quantizes that carry weights; sensitivity is ranked over these.
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather")
@@ -308,6 +309,7 @@ class Search:
         self.config = config
         self.space = config.search
         self.ctx = ctx
+        self.progress = ProgressTask()  # run_search's "trial k of n, best so far" task while it runs
         self.source = source
         # The graphs candidates are written from (Settings.source): the pass's input, the BN-folded graph, the raw file.
         self.sources = {"input": source, **(sources or {})}
@@ -363,6 +365,8 @@ class Search:
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
         self._drop_losers()
+        best = self.choose()
+        self.progress.advance(best=f"{best.name} {_fmt(best.metric)}" if best is not None else None)
         self.ctx.log(
             f"{self.ctx.step_name}: {trial.name}: {self.goal.metric} {_fmt(trial.metric)}, p50 {_fmt(trial.latency_ms)} ms"
             f"{' (meets target)' if trial.meets else ''}"
@@ -657,7 +661,8 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
 
     search = Search(config, ctx, source, model, write, ev, goal, calib, sources)
     search.notes.extend(notes)
-    fp32, chosen = search.run(candidates)
+    with ctx.progress.task(f"{ctx.step_name}: search trials", total=config.search.max_trials) as search.progress:
+        fp32, chosen = search.run(candidates)
     chosen_source = search.sources[chosen.settings.source]
     if search.quantizable_count is None:
         search.quantizable_count = len(quantizable_nodes(chosen_source, chosen.settings, set(exclude)))

@@ -1,0 +1,68 @@
+"""Results where CI shows them: gates as JUnit XML (GitLab, Jenkins and GitHub test reporters read it without glue),
+and the Markdown report appended to GitHub's job summary ($GITHUB_STEP_SUMMARY).
+
+Standard library only (ElementTree builds the XML).
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from optcli.report.write import atomic_write_text
+
+
+def gate_message(gate: dict) -> str:
+    text = f"{gate['name']}: value {gate.get('value')}, limit {gate.get('limit')}"
+    return text + (f" ({gate['note']})" if gate.get("note") else "")
+
+
+def junit_xml(suites: list[tuple[str, list[dict], float | None]]) -> str:
+    """One <testsuite> per run (a sweep: per variant), one <testcase> per gate; a failed gate is a <failure>.
+
+    suites: (name, gates as in report.json {name, limit, value, passed, note?}, seconds) each."""
+    root = ET.Element("testsuites", name="optcli")
+    total = failed = 0
+    for name, gates, seconds in suites:
+        failures = sum(not g.get("passed") for g in gates)
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=name,
+            tests=str(len(gates)),
+            failures=str(failures),
+            errors="0",
+            skipped="0",
+            time=f"{seconds or 0:.3f}",
+        )
+        for gate in gates:
+            case = ET.SubElement(suite, "testcase", classname=f"optcli.{name}", name=str(gate["name"]), time="0")
+            props = ET.SubElement(case, "properties")
+            for key in ("limit", "value"):
+                ET.SubElement(props, "property", name=key, value=str(gate.get(key)))
+            if gate.get("passed"):
+                ET.SubElement(case, "system-out").text = gate_message(gate)
+            else:
+                ET.SubElement(case, "failure", message=gate_message(gate), type="GateFailed").text = gate_message(gate)
+        total, failed = total + len(gates), failed + failures
+    root.set("tests", str(total))
+    root.set("failures", str(failed))
+    root.set("errors", "0")
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_junit(path: Path, suites: list[tuple[str, list[dict], float | None]]) -> Path:
+    """Written whole or not at all (the atomic write of every report)."""
+    return atomic_write_text(Path(path), junit_xml(suites))
+
+
+def append_step_summary(markdown: str) -> Path | None:
+    """Append markdown to $GITHUB_STEP_SUMMARY when it is set (a GitHub Actions job); return its path."""
+    target = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not target:
+        return None
+    with open(target, "a", encoding="utf-8") as f:
+        f.write(markdown.rstrip("\n") + "\n\n")
+    return Path(target)

@@ -1,0 +1,193 @@
+"""A sweep's report for people: the variants table (shared by the terminal, Markdown and HTML), the Pareto scatter.
+
+sweep.json is the data; sweep.md and sweep.html render the same rows. Standard library only (the terminal's Rich
+table is in terminal.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from html import escape
+from pathlib import Path
+
+from optcli.report.html import html_page, html_table
+from optcli.report.svg import svg_pareto
+from optcli.report.view import DASH, clean, fmt_ms, format_bytes, render_json
+from optcli.report.write import atomic_write_texts
+
+SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.html")
+AXIS = {"size": "size on disk", "compressed": "compressed size", "latency": "p50 latency"}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _value(v) -> str:
+    if v is True:
+        return "on"
+    if v is False:
+        return "off"
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
+    return str(v)
+
+
+def _ms(x) -> str:
+    return f"{x:.3f}" if _finite(x) else DASH
+
+
+def _metric(x) -> str:
+    return f"{x:.4f}" if _finite(x) else DASH
+
+
+def gates_cell(row: dict) -> str:
+    if row.get("error"):
+        return "error"
+    gates = row.get("gates") or []
+    if not gates:
+        return "no gates"
+    held = sum(bool(g.get("passed")) for g in gates)
+    failed = [g["name"] for g in gates if not g.get("passed")]
+    return f"{held}/{len(gates)}" + (f" (failed: {', '.join(failed)})" if failed else "")
+
+
+def sweep_table(sweep: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and string rows: one row per variant, the original first; ◆ on the Pareto front, ★ the best."""
+    keys = list(sweep.get("grid") or {})
+    rows = sweep.get("variants") or []
+    batch = next((r.get("latency_batch") for r in rows if r.get("latency_batch")), None)
+    b = f" b{batch.split('_')[-1]}" if batch else ""
+    headers = ["variant", *keys, "size", "compressed", f"p50{b} ms", sweep.get("metric") or "metric", "gates", "front"]
+    out = []
+    original = sweep.get("original")
+    if original:
+        out.append(
+            [
+                "original",
+                *[DASH for _ in keys],
+                format_bytes(original.get("size_bytes")),
+                format_bytes(original.get("compressed_bytes")),
+                _ms(original.get("latency_ms")),
+                _metric(original.get("metric")),
+                DASH,
+                "",
+            ]
+        )
+    for r in rows:
+        mark = ("★ best" if r.get("best") else "") + (" ◆" if r.get("pareto") else "")
+        out.append(
+            [
+                r["name"],
+                *[_value((r.get("values") or {}).get(k)) for k in keys],
+                format_bytes(r.get("size_bytes")),
+                format_bytes(r.get("compressed_bytes")),
+                _ms(r.get("latency_ms")),
+                _metric(r.get("metric")),
+                gates_cell(r),
+                mark.strip(),
+            ]
+        )
+    return headers, out
+
+
+def verdict(sweep: dict) -> str:
+    n = len(sweep.get("variants") or [])
+    if sweep.get("best"):
+        return (
+            f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(sweep.get('minimize'), '')}) of {n} variants"
+        )
+    return f"no variant of {n} passes every gate"
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _md(x: str) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def render_sweep_markdown(sweep: dict) -> str:
+    sweep = clean(sweep)
+    headers, rows = sweep_table(sweep)
+    lines = [
+        f"# optcli sweep: {_md(sweep.get('recipe', ''))}",
+        "",
+        f"**{_md(verdict(sweep))}**",
+        "",
+        "| " + " | ".join(_md(h) for h in headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+        *("| " + " | ".join(_md(c) for c in row) + " |" for row in rows),
+        "",
+        f"◆ Pareto front ({AXIS.get(sweep.get('minimize'), '')} vs {_md(sweep.get('metric') or 'metric')}): "
+        + (", ".join(sweep.get("pareto") or []) or DASH),
+    ]
+    for e in sweep.get("errors") or []:
+        lines.append(f"- {_md(e['variant'])}: {_md(e['error'])}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def _x_text(minimize: str):
+    return (lambda v: f"{fmt_ms(v)} ms") if minimize == "latency" else format_bytes
+
+
+def render_sweep_html(sweep: dict) -> str:
+    sweep = clean(sweep)
+    minimize = sweep.get("minimize") or "size"
+    headers, rows = sweep_table(sweep)
+    offset = 1 if sweep.get("original") else 0
+    variants = sweep.get("variants") or []
+
+    def row_class(i: int) -> str:
+        if i < offset:
+            return ""
+        r = variants[i - offset]
+        return " ".join(c for c, on in (("best", r.get("best")), ("front", r.get("pareto"))) if on)
+
+    points = [
+        {
+            "label": r["name"],
+            "x": r.get("x"),
+            "y": r.get("metric"),
+            "front": r.get("pareto"),
+            "best": r.get("best"),
+            "passed": r.get("passed"),
+        }
+        for r in variants
+    ]
+    original = sweep.get("original")
+    if original:
+        points.append({"label": "original", "x": original.get("x"), "y": original.get("metric"), "original": True})
+    xlabel = AXIS.get(minimize, minimize) + (" (ms)" if minimize == "latency" else "")
+    chart = svg_pareto(points, xlabel, sweep.get("metric") or "metric", _x_text(minimize))
+    vclass = "pass" if sweep.get("passed") else "fail"
+    body = [
+        f'<h1>optcli sweep <span class="verdict {vclass}">{escape(verdict(sweep))}</span></h1>',
+        f"<p>Recipe: <code>{escape(str(sweep.get('recipe', '')))}</code>; "
+        f"{len(variants)} variants; filled points pass every gate, green ones are on the Pareto front.</p>",
+        '<div class="charts">',
+        chart,
+        "</div>",
+        "<h2>Variants</h2>",
+        f'<div class="scroll">{html_table(headers, rows, row_class)}</div>',
+    ]
+    errors = sweep.get("errors") or []
+    if errors:
+        body += [
+            "<h2>Errors</h2>",
+            "<ul>",
+            *(f'<li class="fail">{escape(e["variant"])}: {escape(e["error"])}</li>' for e in errors),
+            "</ul>",
+        ]
+    body.append("<p>Each variant's own report: <code>&lt;variant&gt;/report.html</code>.</p>")
+    return html_page(f"optcli sweep: {verdict(sweep)}", body)
+
+
+def write_sweep_reports(sweep: dict, out: Path) -> list[Path]:
+    """sweep.json, sweep.md and sweep.html, rendered first and written together (none half-written)."""
+    texts = (render_json(sweep), render_sweep_markdown(sweep), render_sweep_html(sweep))
+    return atomic_write_texts(Path(out), dict(zip(SWEEP_FILES, texts, strict=True)))
