@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="digits timing repeats (interleaved)")
     parser.add_argument("--epochs", type=int, default=3, help="digits fine-tune epochs after cluster / prune")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
     import onnxruntime
 
@@ -178,7 +179,8 @@ def main() -> None:
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     result = {"onnxruntime": onnxruntime.__version__, "threads": THREADS}
-    result["digits"] = digits(work, args.repeats, args.epochs)
+    if not args.skip_digits:
+        result["digits"] = digits(work, args.repeats, args.epochs)
     if not args.skip_minilm:
         result["minilm"] = minilm(work, args.sentences, args.rounds)
     load_after = os.getloadavg()
@@ -187,23 +189,25 @@ def main() -> None:
         f"\nONNX Runtime {onnxruntime.__version__}, CPU provider, {THREADS} threads; x = ratio to the first row; "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (timings under that load)\n"
     )
-    print("digits CNN: p50 at batch 1 / 32, accuracy on the held-out split")
-    show(result["digits"], "accuracy")
+    if "digits" in result:
+        print("digits CNN: p50 at batch 1 / 32, accuracy on the held-out split")
+        show(result["digits"], "accuracy")
     if "minilm" in result:
         print("all-MiniLM-L6-v2: p50 at batch 32 x seq 128, cosine = mean cosine of embeddings vs fp32")
         show(result["minilm"], "cosine")
         w4 = next(r for r in result["minilm"] if "int4" in r["model"])
         ok = w4["size_ratio"] <= 0.18 and w4["cosine_mean"] >= 0.99
         print(f"MiniLM int4 target (size <= 0.18x fp32 at cosine >= 0.99): {'met' if ok else 'MISSED'}")
-    rows = {r["model"].removeprefix("digits "): r for r in result["digits"]}
-    dense, shared = rows["dense fp32"], rows["clustered 16"]
-    ok = shared["compressed_ratio"] <= 0.3 and dense["accuracy"] - shared["accuracy"] <= 0.01
-    print(f"digits cluster target (deflate <= 0.3x dense, accuracy within 1 pt): {'met' if ok else 'MISSED'}")
-    combo = rows["pruned 50% + clustered 16 + int8"]["compressed_bytes"]
-    alone = {k: rows[k]["compressed_bytes"] for k in ("clustered 16", "pruned 50%", "int8 static")}
-    print(
-        f"digits combined smaller (deflate) than each alone: {'yes' if all(combo < v for v in alone.values()) else 'NO'}"
-    )
+    if "digits" in result:
+        rows = {r["model"].removeprefix("digits "): r for r in result["digits"]}
+        dense, shared = rows["dense fp32"], rows["clustered 16"]
+        ok = shared["compressed_ratio"] <= 0.3 and dense["accuracy"] - shared["accuracy"] <= 0.01
+        print(f"digits cluster target (deflate <= 0.3x dense, accuracy within 1 pt): {'met' if ok else 'MISSED'}")
+        combo = rows["pruned 50% + clustered 16 + int8"]["compressed_bytes"]
+        alone = {k: rows[k]["compressed_bytes"] for k in ("clustered 16", "pruned 50%", "int8 static")}
+        print(
+            f"digits combined smaller (deflate) than each alone: {'yes' if all(combo < v for v in alone.values()) else 'NO'}"
+        )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ def default_gates(steps: list[dict], baseline: int) -> list[dict]:
     # The baseline even when it is the final step: an export alone changes the format, and a torch checkpoint's
     # size says nothing about the ONNX graph's.
     last, base = steps[-1], steps[min(baseline, len(steps) - 1)]
+    # Sizes compare only within one file format (a .pt state_dict and a .pt2 program differ by their containers).
+    suffix = str(last.get("path") or "").rsplit(".", 1)[-1]
+    if str(base.get("path") or "").rsplit(".", 1)[-1] != suffix:
+        base = next((s for s in steps if str(s.get("path") or "").rsplit(".", 1)[-1] == suffix), last)
     results = []
     # Only where a pass is meant to shrink the model: an fp32 rewrite (prepare, optimize) may add shape annotations.
     shrinks = any(s.get("type") in SHRINKING_PASSES for s in steps)

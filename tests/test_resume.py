@@ -81,7 +81,7 @@ def test_changed_inputs_rerun_every_step(digits, tmp_path, change):
     for f in ("digits_cnn.pt", "digits_calib.npz", "digits_test.npz"):
         (work / f).write_bytes((digits / f).read_bytes())
     passes = [{"type": "export"}, {"type": "quantize", "mode": "static"}]
-    recipe = write_recipe(tmp_path, digits_recipe(work, passes, report=FAST))
+    recipe = write_recipe(tmp_path, digits_recipe(work, passes, report=FAST, gates={}))
     out = tmp_path / "out"
     run(recipe, out)
     extra = ()

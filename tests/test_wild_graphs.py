@@ -312,3 +312,12 @@ def test_prepare_runs_alone_and_writes_only_inside_out(tmp_path):
     assert any("Constant nodes lifted" in c for c in details["changes"])
     assert {p.name for p in run.out.iterdir()} >= {"model.onnx", "report.json", "report.md", "report.html"}
     assert _fidelity(run) > 0.9999
+
+
+def test_optimize_with_onnxscript_first_still_matches(tmp_path):
+    run = Run(tmp_path, matmul_constants(), [{"type": "optimize", "onnxscript": True}])
+    assert run().exit_code == 0
+    details = run.step("optimize")["details"]
+    assert details["applied"] == ["onnxscript optimizer", "ONNX Runtime basic"]
+    assert details["nodes"]["after"] < details["nodes"]["before"]  # the Cast/Transpose of the weight folded
+    assert _fidelity(run) > 0.9999

@@ -252,8 +252,9 @@ def prepare(source: Path, step_dir: Path, feeds: list[dict], config: Config) -> 
                         f"failed: {details['not_applied'][-1]}"
                     )
                 if default_opset(proto) < MIN_OPSET:
+                    why = details["not_applied"][-1] if details["not_applied"] else f"upgrade_opset: {target}"
                     details["per_tensor_reason"] = (
-                        f"opset {opset} kept ({details['not_applied'][-1]}): per-channel int8 needs opset >= {MIN_OPSET}"
+                        f"opset {default_opset(proto)} kept ({why}): per-channel int8 needs opset >= {MIN_OPSET}"
                     )
             if init_inputs:
                 # Only now: onnx's converter resolves the names of IR < 4 graphs through these input entries.
