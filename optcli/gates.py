@@ -19,10 +19,13 @@ def default_gates(steps: list[dict], baseline: int) -> list[dict]:
     # Sizes compare only within one file format (a .pt state_dict and a .pt2 program differ by their containers).
     suffix = str(last.get("path") or "").rsplit(".", 1)[-1]
     if str(base.get("path") or "").rsplit(".", 1)[-1] != suffix:
-        base = next((s for s in steps if str(s.get("path") or "").rsplit(".", 1)[-1] == suffix), last)
+        # The first same-format step before anything shrank; none (a .pt checkpoint pruned into .pt2): no size gate.
+        first_shrink = next((i for i, s in enumerate(steps) if s.get("type") in SHRINKING_PASSES), len(steps))
+        same = [s for s in steps[:first_shrink] if str(s.get("path") or "").rsplit(".", 1)[-1] == suffix]
+        base = same[0] if same else last
     results = []
     # Only where a pass is meant to shrink the model: an fp32 rewrite (prepare, optimize) may add shape annotations.
-    shrinks = any(s.get("type") in SHRINKING_PASSES for s in steps)
+    shrinks = any(s.get("type") in SHRINKING_PASSES for s in steps) and base is not last
     # Zeroed or shared weights (prune, cluster) pay off in the compressed file, not in the dense one on disk.
     key = "compressed_bytes" if any(s.get("type") in ("prune", "cluster") for s in steps) else "size_bytes"
     if shrinks and last.get(key) and base.get(key):

@@ -29,6 +29,7 @@ def static_run(digits, tmp_path_factory):
     recipe = write_recipe(folder, _static(digits, gates={"max_accuracy_drop": 0.05}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # a simulated load: 64 on any core count
+        mp.delenv("COLUMNS", raising=False)  # the test that first asks for this run may have set a width
         result = run_cli("run", recipe, "-o", folder / "out")
     assert result.exit_code == 0, result.stderr
     return folder, result

