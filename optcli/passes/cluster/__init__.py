@@ -123,14 +123,13 @@ def apply(model, config: Config, ctx: Context):
 
 
 def _cluster_torch(model, config: Config, ctx: Context):
-    import numpy as np
     import torch
     from torch.nn.utils import prune
 
     from optcli.errors import BadInput
     from optcli.layers import make_plan, torch_layers
     from optcli.model import copy_module
-    from optcli.passes.cluster.kmeans import assign, kmeans_1d
+    from optcli.passes.cluster.kmeans import cluster_values
     from optcli.passes.cluster.share import share
 
     if isinstance(model.module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
@@ -150,14 +149,7 @@ def _cluster_torch(model, config: Config, ctx: Context):
             prune.remove(sub, "weight")  # fold the mask: the zeros it made become the pinned zero centroid
         weight = sub.weight.detach()
         values = weight.cpu().double().numpy().ravel()
-        keep_zero = float((values == 0).mean()) >= SPARSE
-        rest = values[values != 0] if keep_zero else values
-        centroids = kmeans_1d(rest, k - 1 if keep_zero else k)
-        index = assign(rest, centroids)
-        if keep_zero:
-            full = np.zeros(values.shape, dtype=np.int64)
-            full[values != 0] = index + 1
-            centroids, index = np.concatenate([[0.0], centroids]), full
+        centroids, index, keep_zero = cluster_values(values, k, SPARSE)
         share(sub, centroids, index.reshape(weight.shape), keep_zero)
         per_layer[layer.name] = {"clusters": int(len(centroids)), "weights": layer.numel, "zero_pinned": keep_zero}
     _record(ctx, plan, per_layer)
@@ -175,7 +167,7 @@ def _cluster_onnx(model, config: Config, ctx: Context):
     from optcli.artifact import save_onnx
     from optcli.errors import PassFailed
     from optcli.layers import make_plan, onnx_layers
-    from optcli.passes.cluster.kmeans import assign, kmeans_1d
+    from optcli.passes.cluster.kmeans import cluster_values
     from optcli.passes.cluster.share import store_as_indices
 
     proto = onnx.load(str(model.path), load_external_data=True)
@@ -189,14 +181,7 @@ def _cluster_onnx(model, config: Config, ctx: Context):
         init = inits[layer.handle.onnx_name]
         arr = numpy_helper.to_array(init)
         values = arr.astype(np.float64).ravel()
-        keep_zero = float((values == 0).mean()) >= SPARSE
-        rest = values[values != 0] if keep_zero else values
-        centroids = kmeans_1d(rest, k - 1 if keep_zero else k)
-        index = assign(rest, centroids)
-        if keep_zero:
-            full = np.zeros(values.shape, dtype=np.int64)
-            full[values != 0] = index + 1
-            centroids, index = np.concatenate([[0.0], centroids]), full
+        centroids, index, keep_zero = cluster_values(values, k, SPARSE)
         if config.storage == "indices":
             store_as_indices(proto, init.name, centroids, index.reshape(arr.shape))
         else:

@@ -82,3 +82,18 @@ def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 def squared_error(values: np.ndarray, centroids: np.ndarray) -> float:
     v = np.asarray(values, dtype=np.float64).ravel()
     return float(((v - centroids[assign(v, centroids)]) ** 2).sum())
+
+
+def cluster_values(values: np.ndarray, k: int, sparse: float) -> tuple[np.ndarray, np.ndarray, bool]:
+    """k shared values for a flat weight array: (centroids, index per value, zero pinned). A layer at least `sparse`
+    zero (pruned before) keeps its zeros as a centroid fixed at 0, so clustering never undoes the pruning."""
+    keep_zero = float((values == 0).mean()) >= sparse
+    rest = values[values != 0] if keep_zero else values
+    centroids = kmeans_1d(rest, k - 1 if keep_zero else k)
+    index = assign(rest, centroids)
+    if keep_zero:
+        full = np.zeros(values.shape, dtype=np.int64)
+        full[values != 0] = index + 1
+        centroids, index = np.concatenate([[0.0], centroids]), full
+    return centroids, index, keep_zero
+
