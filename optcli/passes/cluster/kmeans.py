@@ -96,4 +96,3 @@ def cluster_values(values: np.ndarray, k: int, sparse: float) -> tuple[np.ndarra
         full[values != 0] = index + 1
         centroids, index = np.concatenate([[0.0], centroids]), full
     return centroids, index, keep_zero
-
