@@ -122,6 +122,14 @@ class Regions:
                         break
         self.by_tensor = {o: self.owner[n.name] for n in nodes for o in n.output if o}
 
+    def members(self, names: frozenset[str]) -> frozenset[str]:
+        """`names` plus every node the compute ops among them own: a Conv kept fp32 keeps its activation (HardSigmoid,
+        Mul, ...) fp32 too, or the quantizer still wraps those in Q/DQ islands that cost more than they save."""
+        owners = {n for n in names if self.op_type.get(n) in COMPUTE_OPS}
+        if not owners:
+            return names
+        return names | frozenset(n for n, owner in self.owner.items() if owner in owners)
+
     def resolve(self, session_name: str) -> str | None:
         """The region of a profiled session node, from the name ORT derived from one of ours."""
         current = session_name.rstrip("/")

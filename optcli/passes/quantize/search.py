@@ -314,6 +314,7 @@ class Search:
         # The graphs candidates are written from (Settings.source): the pass's input, the BN-folded graph, the raw file.
         self.sources = {"input": source, **(sources or {})}
         self.profiles: dict[str, prof.Profile] = {}
+        self.regions: dict[Path, prof.Regions] = {}  # per source graph: which nodes each compute op owns
         self.stem_fp32: set[str] = set()  # leading compute nodes the stem fallback kept fp32 (accuracy)
         self.slow_figures: dict[str, dict] = {}  # node -> its fp32 / int8 region cost when the profile sent it back
         self.model = model
@@ -345,7 +346,11 @@ class Search:
         folder = self.work / tag
         folder.mkdir(exist_ok=True)
         target = folder / "model.onnx"
-        self.quantize_fn(self.sources[settings.source], target, settings, self.calib, self.smooth_batches)
+        source = self.sources[settings.source]
+        if source not in self.regions:
+            self.regions[source] = prof.Regions(source)
+        written = replace(settings, exclude=self.regions[source].members(settings.exclude))
+        self.quantize_fn(source, target, written, self.calib, self.smooth_batches)
         return target
 
     def try_settings(self, settings: Settings) -> Trial:
@@ -478,6 +483,13 @@ class Search:
                 )
                 return
             cost = {r["node"]: r for r in comparison.rows}
+            if set(slow) >= quantized:
+                # Nothing int8 would be left: that candidate is the input with extra Q/DQ, not an int8 model.
+                self.notes.append(
+                    f"latency fallback: every int8 region of {current.name} ({len(quantized)}) is slower than fp32 in "
+                    "the profile; int8 does not pay for this model on this CPU"
+                )
+                return
             for n in slow:
                 self.slow_figures[n] = {
                     "fp32_ms": cost[n]["fp32_ms"],
