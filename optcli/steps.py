@@ -45,8 +45,10 @@ class OutputFolder:
     """The run's output folder: refuses to clobber, locks against a concurrent run, cleans up temp files."""
 
     def __init__(self, root: Path, overwrite: bool, resume: bool, inputs: list[Path] = ()):
-        self.root = root
-        self.lock = root / LOCK
+        # Absolute: libraries run in a temp working directory (ORT's quantizer writes relative to it), and the
+        # paths steps hand them must still point here.
+        self.root = root.absolute()
+        self.lock = self.root / LOCK
         if root.exists() and not root.is_dir():
             raise BadInput(f"output {root} is a file; give a folder")
         for path in inputs:  # --overwrite would delete it, the final copy could land on it

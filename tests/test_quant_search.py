@@ -150,12 +150,14 @@ def test_search_with_smoothquant_meets_target_and_reports_every_candidate(encode
         "allow_slower": True,
         "search": {"modes": ["dynamic"], "per_channel": [True], "smoothquant": [None, 0.8], "fallback": False},
     }
-    result = run_cli(
-        "run", write_recipe(tmp_path, _recipe(encoder, quantize)), "-o", tmp_path / "out", "--json", "--quiet"
-    )
+    # `-o out` relative to the working directory, as a user types it: the quantizer runs in a temp working
+    # directory, and the smoothed candidates must still be found.
+    recipe = write_recipe(tmp_path, _recipe(encoder, quantize))
+    result = run_cli("run", recipe, "-o", "out", "--json", "--quiet", cwd=tmp_path)
     assert result.exit_code == 0, result.stderr
     search = result.json()["steps"][-1]["details"]["search"]
     rows = {c["name"]: c for c in search["candidates"]}
+    assert "error" not in rows["dynamic/per-channel/smooth0.8"]
     assert rows["dynamic/per-channel/smooth0.8"]["metric"] > rows["dynamic/per-channel"]["metric"]
     # chosen: the smoothed model, or the same settings without ORT's pre-processing if that ran faster here
     assert search["chosen"].startswith("dynamic/per-channel/smooth0.8") and search["fallback_nodes"] == []
