@@ -1,0 +1,56 @@
+"""Issue 15, the rest of the first contact: run-time errors in user terms, readable dims, torch `inspect`, help
+metavars, eval labels that do not fit, sweep's --junit/--json and Ctrl-C — each on what a user sees."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import onnx
+import pytest
+from conftest import digits_recipe, run_cli, write_recipe
+from onnx import TensorProto, helper
+
+# --------------------------------------------------------------------------- 1. run-time errors in user terms
+
+
+def _fail_naming_intermediates(src, dst, *args, **kwargs):
+    # What ONNX Runtime's quantizer says when it breaks: the file it read, its augmented model in the cwd it was
+    # given (a scratch folder of the step) and a temp folder of its own.
+    own = tempfile.mkdtemp(prefix="ort.quant.")
+    raise RuntimeError(
+        f"[ONNXRuntimeError] : 1 : FAIL : Load model from {os.getcwd()}/augmented_model.onnx failed: "
+        f"Node (Conv_0) has input size 4 not in range; source {src}; see {own}/model-inferred.onnx"
+    )
+
+
+def _write_unrunnable(src, dst, *args, **kwargs):
+    # A quantizer that writes a graph ONNX Runtime then refuses (an op no kernel implements).
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchKernel", ["x"], ["y"], domain="com.nowhere")],
+        "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), dst)
+
+
+@pytest.mark.parametrize("quantizer", [_fail_naming_intermediates, _write_unrunnable])
+def test_a_pass_failing_on_an_intermediate_names_the_user_model_and_step(digits, tmp_path, monkeypatch, quantizer):
+    import onnxruntime.quantization as ort_quantization
+
+    monkeypatch.setattr(ort_quantization, "quantize_static", quantizer)
+    recipe = digits_recipe(digits, [{"type": "quantize", "mode": "static", "preprocess": False}])
+    out = tmp_path / "out"
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", out, "-q")
+    assert result.exit_code == 3, result.stderr
+    line = result.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("error: pass 2-quantize failed on "), line
+    if quantizer is _write_unrunnable:
+        assert "ONNX Runtime cannot load the model this step wrote" in line
+    assert str(digits / "digits_cnn.pt") in line  # the user's model, as model.path names it
+    assert str(out) not in line and tempfile.gettempdir() + "/ort" not in line
+    assert ".tmp-" not in line and "steps/" not in line and "model-inferred" not in line
+    if quantizer is _fail_naming_intermediates:
+        assert "source the model 1-export wrote" in line and "a temp file of 2-quantize" in line
+    assert not list((out / "steps").glob(".*"))  # no work in progress left behind
