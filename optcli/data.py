@@ -11,7 +11,7 @@ import numpy as np
 
 from optcli.artifact import build_from_factory
 from optcli.errors import BadInput
-from optcli.model import InputSpec
+from optcli.model import InputSpec, readable_shape, spec_shape
 
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 
@@ -148,14 +148,14 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
             and arr.shape != tuple(spec.shape)
             and (arr.ndim != len(spec.shape) or arr.shape[1:] != tuple(spec.shape[1:]))
         ):
-            dims = ", ".join(map(str, spec.shape))
+            dims, have = readable_shape(spec.shape), readable_shape(arr.shape)
             raise BadInput(
-                f"{where}: {spec.name!r} has shape {arr.shape}, but the model takes exactly ({dims}) (no free batch axis): "
-                f"store one sample as ({dims}), or many stacked on a new first axis as (n, {dims})"
+                f"{where}: {spec.name!r} has shape {have}, but the model takes exactly {dims} (no free batch axis): "
+                f"store one sample as {dims}, or many stacked on a new first axis as n x {dims}"
             )
         elif spec.shape and (arr.ndim != len(spec.shape) or any(a != s for a, s in fixed)):
             raise BadInput(
-                f"{where}: {spec.name!r} has shape {arr.shape}, the model takes (N, {', '.join(map(str, spec.shape[1:]))})"
+                f"{where}: {spec.name!r} has shape {readable_shape(arr.shape)}, the model takes {spec_shape(spec)}"
                 + layout_hint(arr.shape, spec.shape)
             )
         feeds[spec.name] = _cast(arr, spec, where)

@@ -54,3 +54,53 @@ def test_a_pass_failing_on_an_intermediate_names_the_user_model_and_step(digits,
     if quantizer is _fail_naming_intermediates:
         assert "source the model 1-export wrote" in line and "a temp file of 2-quantize" in line
     assert not list((out / "steps").glob(".*"))  # no work in progress left behind
+
+
+# --------------------------------------------------------------------------- 2. readable dims in every message
+
+MACHINE_DIMS = ("DynamicDimension", "unk__", "''", "None")
+
+
+def _machine_named_model(path):
+    # What converters write for free sizes: generated names and an empty dim_param.
+    dims = ["unk__12", 3, "DynamicDimension.1", ""]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["images"], ["y"])],
+        "free",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _no_machine_dims(text):
+    assert not [name for name in MACHINE_DIMS if name in text], text
+
+
+def test_shapes_in_init_validate_and_data_messages_never_show_raw_dim_names(tmp_path):
+    import numpy as np
+
+    model = _machine_named_model(tmp_path / "m.onnx")
+    init = run_cli("init", model)
+    assert init.exit_code == 2 and "--shape images=1x3x224x224" in init.stderr
+    _no_machine_dims(init.stderr)
+    # model.inputs of the wrong rank: the file's shape said with ? for what it leaves free
+    recipe = {"model": {"path": str(model), "inputs": [{"name": "images", "shape": [1, 3, 16], "dtype": "float32"}]}}
+    recipe["passes"] = [{"type": "quantize", "mode": "dynamic"}]
+    wrong_rank = run_cli("validate", write_recipe(tmp_path, recipe))
+    assert wrong_rank.exit_code == 2
+    assert "has shape 1 x 3 x 16 but the file says ? x 3 x ? x ?" in wrong_rank.stderr, wrong_rank.stderr
+    _no_machine_dims(wrong_rank.stderr)
+    # data of the wrong shape for the sizes the recipe gave
+    np.savez(tmp_path / "calib.npz", images=np.zeros((4, 3, 8), np.float32))
+    recipe["model"]["inputs"][0]["shape"] = [1, 3, 16, 16]
+    recipe["data"] = {"calibration": {"path": str(tmp_path / "calib.npz")}}
+    recipe["passes"] = [{"type": "quantize", "mode": "static"}]
+    bad_data = run_cli("validate", write_recipe(tmp_path, recipe, "data.yaml"))
+    assert bad_data.exit_code == 2
+    assert "'images' has shape 4 x 3 x 8, the model takes N x 3 x 16 x 16" in bad_data.stderr, bad_data.stderr
+    _no_machine_dims(bad_data.stderr)
+    shown = run_cli("inspect", model).stdout
+    assert "[?, 3, ?, ?]" in shown
+    _no_machine_dims(shown)

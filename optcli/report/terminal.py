@@ -238,9 +238,9 @@ def render_comparison(result: dict, notes: dict | None = None) -> Group:
 
 
 def _shape_text(shape) -> str:
-    from optcli.model import readable_dim
+    from optcli.model import readable_shape
 
-    return "[" + ", ".join(str(readable_dim(d)) for d in shape) + "]" if shape is not None else "?"
+    return "[" + readable_shape(shape, sep=", ") + "]" if shape is not None else "?"
 
 
 def _counts_text(counts: dict) -> str:
