@@ -104,3 +104,50 @@ def test_shapes_in_init_validate_and_data_messages_never_show_raw_dim_names(tmp_
     shown = run_cli("inspect", model).stdout
     assert "[?, 3, ?, ?]" in shown
     _no_machine_dims(shown)
+
+
+# --------------------------------------------------------------------------- 3. inspect on torch files
+
+
+def _said(result):
+    return " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("digits_cnn.ts.pt", "TorchScript"),
+        ("digits_cnn.pt2", "torch.export program"),
+        ("digits_cnn.pt", "state_dict weights"),
+    ],
+)
+def test_inspect_says_what_a_torch_file_is_in_one_line(digits, name, what):
+    info = run_cli("inspect", digits / name, "--json").json()
+    line = f"fp32 torch module ({what}): {info['parameters']:,} parameters, {info['sparsity'] * 100:.0f} % zero weights"
+    assert info["parameters"] > 0 and info["summary"] == line
+    assert f"model {line}" in _said(run_cli("inspect", digits / name))
+
+
+def test_inspect_says_a_pruned_and_an_int8_torch_model_are_so(tmp_path):
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.weight[:, ::2] = 0  # half of every weight matrix pruned
+    torch.save(net.state_dict(), tmp_path / "pruned.pt")
+    info = run_cli("inspect", tmp_path / "pruned.pt", "--json").json()
+    zero = info["sparsity"] * 100
+    assert zero > 40 and info["summary"].endswith(f"parameters, {zero:.0f} % zero weights")
+    with pytest.warns(Warning):  # torch.ao's eager int8 is deprecated, and still what many checkpoints hold
+        int8 = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
+    torch.save(int8.state_dict(), tmp_path / "int8.pt")
+    torch.jit.script(int8).save(str(tmp_path / "int8.ts.pt"))
+    weights = run_cli("inspect", tmp_path / "int8.pt", "--json").json()
+    assert weights["summary"].startswith(
+        f"int8 torch module (state_dict weights): {weights['parameters']:,} parameters"
+    )
+    assert weights["parameters"] >= 16 * 32 + 32 * 4
+    script = _said(run_cli("inspect", tmp_path / "int8.ts.pt"))
+    assert "model int8 torch module (TorchScript)" in script and "quantized::linear_dynamic" in script
