@@ -4,7 +4,11 @@ metavars, eval labels that do not fit, sweep's --junit/--json and Ctrl-C — eac
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import onnx
 import pytest
@@ -151,3 +155,38 @@ def test_inspect_says_a_pruned_and_an_int8_torch_model_are_so(tmp_path):
     assert weights["parameters"] >= 16 * 32 + 32 * 4
     script = _said(run_cli("inspect", tmp_path / "int8.ts.pt"))
     assert "model int8 torch module (TorchScript)" in script and "quantized::linear_dynamic" in script
+
+
+# --------------------------------------------------------------------------- 4. help pages that read like a CLI
+
+COMMANDS = ("", "run", "validate", "init", "inspect", "compare", "sweep", "bench", "passes", "schema")
+PYTHONISH = re.compile(r"<(?:path|bool|str|int|float|list\[[^\]]*\]|[a-z]+ range)>|\{[A-Z_]+\}")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_pages_use_cli_metavars_and_fit_100_columns(command):
+    args = [command, "--help"] if command else ["--help"]
+    env = {**os.environ, "COLUMNS": "100"}
+    optcli = Path(sys.executable).with_name("optcli")  # the console script a user types
+    proc = subprocess.run([optcli, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    page = proc.stdout
+    assert f"Usage: optcli {command}".rstrip() in page
+    assert not PYTHONISH.findall(page), PYTHONISH.findall(page)
+    assert max(len(line) for line in page.splitlines()) <= 100
+
+
+def test_every_option_of_every_command_has_help_text():
+    import typer
+
+    from optcli.cli import app
+
+    group = typer.main.get_command(app)
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name, command in group.commands.items()
+        for param in command.params
+        if param.param_type_name == "option" and not param.hidden and not (param.help or "").strip()
+    ]
+    assert not missing
+    assert all((command.help or "").strip() for command in group.commands.values())
