@@ -16,7 +16,7 @@ from typing import Any
 
 from optcli import __version__, library_warnings
 from optcli.artifact import load_model, save_torch
-from optcli.data import DataCatalog, text_length
+from optcli.data import DataCatalog, check_labels_fit, text_length
 from optcli.environment import check_target, environment, providers_for
 from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed, first_line, writing
 from optcli.gates import check_gates, near_gate_warnings
@@ -67,11 +67,27 @@ def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     data = DataCatalog(recipe.data, original.inputs, original)
     for name in ("calibration", "eval", "train"):
         data.get(name)
+    evaluation = data.get("eval")
+    if evaluation is not None and evaluation.labels is not None and original.format == "onnx" and original.path:
+        output = first_output_shape(original.path)
+        if output is not None:  # a torch model's outputs are checked on its first evaluation
+            check_labels_fit(evaluation.labels, output, evaluation.metric, f"{evaluation.where}: labels")
     for config in recipe.passes:
         spec = get_pass(config.type)
         if spec.preflight is not None:
             spec.preflight(config, recipe, original)
     return original, data
+
+
+def first_output_shape(path: Path) -> tuple | None:
+    """The first output's shape without the batch axis as the ONNX file records it (None for a free size)."""
+    import onnx
+
+    outputs = onnx.load(str(path), load_external_data=False).graph.output
+    if not outputs or not outputs[0].type.HasField("tensor_type") or not outputs[0].type.tensor_type.HasField("shape"):
+        return None
+    dims = outputs[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:])
 
 
 def run_recipe(recipe, options: RunOptions) -> dict:

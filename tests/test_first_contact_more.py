@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from conftest import digits_recipe, run_cli, write_recipe
@@ -83,8 +84,6 @@ def _no_machine_dims(text):
 
 
 def test_shapes_in_init_validate_and_data_messages_never_show_raw_dim_names(tmp_path):
-    import numpy as np
-
     model = _machine_named_model(tmp_path / "m.onnx")
     init = run_cli("init", model)
     assert init.exit_code == 2 and "--shape images=1x3x224x224" in init.stderr
@@ -190,3 +189,46 @@ def test_every_option_of_every_command_has_help_text():
     ]
     assert not missing
     assert all((command.help or "").strip() for command in group.commands.values())
+
+
+# --------------------------------------------------------------------------- 5. eval labels that do not fit the model
+
+
+def _eval_with(digits, tmp_path, name, make_labels):
+    z = np.load(digits / "digits_test.npz")
+    path = tmp_path / name
+    np.savez(path, x=z["x"], y=make_labels(z["y"]))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("labels", "fix"),
+    [
+        (
+            lambda y: np.eye(10, dtype=np.int64)[y],
+            "look one-hot; accuracy needs one class index per sample: store labels.argmax(-1)",
+        ),
+        (lambda y: y[:, None], "accuracy needs one class index per sample: store labels.reshape(-1)"),
+        (lambda y: y + 5, "but the model's first output has 10 classes (0..9)"),
+        (lambda y: np.eye(10, dtype=np.float32)[y] * 0.9, "not class indices"),
+    ],
+)
+def test_eval_labels_that_do_not_fit_the_outputs_are_bad_input_at_validate_and_run(digits, tmp_path, labels, fix):
+    data = _eval_with(digits, tmp_path, "eval.npz", labels)
+    onnx_recipe = {
+        "model": {"path": str(digits / "digits_cnn.onnx")},
+        "data": {"eval": {"path": str(data), "labels": "y"}},
+        "passes": [{"type": "quantize", "mode": "dynamic"}],
+    }
+    checked = run_cli("validate", write_recipe(tmp_path, onnx_recipe, "onnx.yaml"))  # the file records 10 classes
+    assert checked.exit_code == 2 and checked.stderr.count("\n") == 1, checked.stderr
+    assert checked.stderr.startswith(f"error: data.eval ({data}): labels") and fix in checked.stderr
+    torch_recipe = digits_recipe(digits, [{"type": "export"}])  # a state_dict: outputs known once it runs
+    torch_recipe["data"] = {"eval": {"path": str(data), "labels": "y"}}
+    out = tmp_path / "out"
+    ran = run_cli("run", write_recipe(tmp_path, torch_recipe, "torch.yaml"), "-o", out, "-q")
+    assert ran.exit_code == 2, ran.stderr
+    line = ran.stderr.strip()
+    assert "\n" not in line and line.startswith(f"error: data.eval ({data}): labels") and fix in line
+    assert "internal error" not in line
+    assert not (out / "report.json").exists() and not (out / "model.onnx").exists()
