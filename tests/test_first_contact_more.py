@@ -3,6 +3,7 @@ metavars, eval labels that do not fit, sweep's --junit/--json and Ctrl-C — eac
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -232,3 +233,95 @@ def test_eval_labels_that_do_not_fit_the_outputs_are_bad_input_at_validate_and_r
     assert "\n" not in line and line.startswith(f"error: data.eval ({data}): labels") and fix in line
     assert "internal error" not in line
     assert not (out / "report.json").exists() and not (out / "model.onnx").exists()
+
+
+# --------------------------------------------------------------------------- 6. sweep: --junit, --json, Ctrl-C
+
+SWEEP_PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
+SWEEP_REPORT = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
+SWEEP_GRID = ["--grid", "passes.1.per_channel=false,true"]
+
+
+@pytest.fixture
+def small_sweep(digits, tmp_path):
+    recipe = digits_recipe(digits, SWEEP_PASSES, report=SWEEP_REPORT, gates={"max_accuracy_drop": 0.05})
+    return write_recipe(tmp_path, recipe)
+
+
+def test_sweep_json_on_stdout_and_junit_file_say_what_sweep_json_and_the_variant_reports_say(small_sweep, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    out, junit = tmp_path / "sweep", tmp_path / "ci" / "gates.xml"
+    (tmp_path / "ci").mkdir()
+    result = run_cli("sweep", small_sweep, "-o", out, *SWEEP_GRID, "--json", "--junit", junit)
+    assert result.exit_code in (0, 1), result.stderr
+    printed = result.json()  # stdout is the JSON alone; the table went to stderr
+    assert printed == json.loads((out / "sweep.json").read_text())
+    assert "per_channel" in result.stderr  # the human table, on stderr
+    names = [v["name"] for v in printed["variants"]]
+    assert sorted(names) == ["per_channel-off", "per_channel-on"]
+    assert result.exit_code == (0 if printed["best"] else 1)
+    root = ET.parse(junit).getroot()
+    suites = {s.get("name"): s for s in root.iter("testsuite")}
+    assert sorted(suites) == sorted(names)
+    total = failed = 0
+    for name in names:
+        gates = json.loads((out / name / "report.json").read_text())["gates"]
+        cases = suites[name].findall("testcase")
+        assert [c.get("name") for c in cases] == [g["name"] for g in gates]
+        for case, gate in zip(cases, gates, strict=True):
+            assert (case.find("failure") is None) == gate["passed"]
+            assert {p.get("name"): p.get("value") for p in case.iter("property")}["value"] == str(gate["value"])
+        assert suites[name].get("failures") == str(sum(not g["passed"] for g in gates))
+        total, failed = total + len(gates), failed + sum(not g["passed"] for g in gates)
+    assert (root.get("tests"), root.get("failures")) == (str(total), str(failed))
+    quiet = run_cli("sweep", small_sweep, "-o", out, *SWEEP_GRID, "--json", "--quiet", "--resume")
+    assert quiet.stderr == "" and quiet.json()["best"] == printed["best"]  # --quiet: JSON only, nothing on stderr
+
+
+def _descendants(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_ctrl_c_on_a_parallel_sweep_exits_130_with_no_orphan_workers_and_nothing_half_written(small_sweep, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "optcli", "sweep", str(small_sweep), "-o", str(out), *SWEEP_GRID, "--jobs", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        # Interrupt once both workers are inside a variant's run (its folder exists), before either finishes.
+        while time.monotonic() < deadline and proc.poll() is None:
+            started = [p for p in out.glob("per_channel-*") if p.is_dir()] if out.exists() else []
+            workers = _descendants(proc.pid)
+            if len(started) == 2 and len(workers) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to optcli (its workers ignore SIGINT themselves)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().endswith("interrupted: nothing half-written was left at the output paths"), stderr
+    assert stdout == ""
+    assert workers, "no worker process was seen"
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline() for p in alive]
+    assert not (out / "sweep.json").exists() and not (out / ".optcli.lock").exists()
+    leftovers = [p for p in out.rglob("*") if ".tmp" in p.name or p.name == ".optcli.lock"]
+    assert not leftovers, leftovers
+    for report in out.rglob("report.json"):  # a variant that finished wrote its report whole
+        json.loads(report.read_text())
