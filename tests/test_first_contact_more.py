@@ -325,3 +325,22 @@ def test_ctrl_c_on_a_parallel_sweep_exits_130_with_no_orphan_workers_and_nothing
     assert not leftovers, leftovers
     for report in out.rglob("report.json"):  # a variant that finished wrote its report whole
         json.loads(report.read_text())
+
+
+# --------------------------------------------------------------------------- 7. report.html as a user reads it
+
+
+def test_report_html_tables_read_as_text_not_python_and_align_figures(digits, tmp_path):
+    recipe = digits_recipe(digits, [{"type": "export"}])
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.stderr
+    html = (tmp_path / "out" / "report.html").read_text()
+    env = json.loads((tmp_path / "out" / "report.json").read_text())["environment"]
+    listed = next(k for k, v in env.items() if isinstance(v, list) and v)  # e.g. the providers available
+    assert f'<td class="text">{", ".join(env[listed])}</td>' in html  # a list as words, not ['a', 'b']
+    assert "['" not in html and "{'" not in html
+    assert '<table class="wide">' in html  # the many-column steps table in the compact type
+    assert "1\u2011export" in html.split("<h2>Steps</h2>")[1].split("</thead>")[0]  # headers never break at "1-"
+    files = html.split("<h2>Files</h2>")[1].split("</table>")[0]
+    sha = json.loads((tmp_path / "out" / "report.json").read_text())["input"]["sha256"]
+    assert '<th class="text">path</th>' in files and f'<td class="text">{sha}</td>' in files  # text left-aligned

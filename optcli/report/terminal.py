@@ -72,15 +72,9 @@ def step_log(out: Console) -> Callable[[str], None]:
 def render_table(report: dict) -> Group:
     """A rich renderable: verdict, the steps table (fits 100 columns), what each ratio means, the verdict
     sentence and its caveats, then gates, warnings, notes and per-layer sparsity."""
-    from rich import box
 
     report = clean(report)
-    headers, rows = compact_step_table(report)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*(Text(c) for c in row))  # Text: no rich markup parsing of names
+    table = _FittedStepTable(*compact_step_table(report))
     passed = report.get("passed")
     style = "bold green" if passed is True else "bold red" if passed is False else "bold"
     parts: list[Any] = [Text(f"optcli report: {verdict(report)}", style=style), table]
@@ -129,6 +123,46 @@ def _int8_tables(step: dict) -> list[Any]:
     for row in ops:
         t.add_row(*(Text(c) for c in row))
     return [t]
+
+
+class _FittedStepTable:
+    """The steps table at the width it is printed at: where every column does not fit (an 80-column terminal), the
+    least needed ones (secs, then fidelity) are left out and said so, rather than every number cut to "1.…"."""
+
+    DROP_ORDER = ("secs", "fidelity")
+
+    def __init__(self, headers: list[str], rows: list[list[str]]):
+        self.headers, self.rows = headers, rows
+
+    def _table(self, keep: list[int]) -> Table:
+        from rich import box
+
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        for i in keep:
+            table.add_column(self.headers[i], justify="left" if i == 0 else "right", no_wrap=True)
+        for row in self.rows:
+            table.add_row(*(Text(row[i]) for i in keep))  # Text: no rich markup parsing of names
+        return table
+
+    def _width(self, keep: list[int]) -> int:
+        from rich.cells import cell_len
+
+        cells = [max(cell_len(r[i]) for r in [self.headers, *self.rows]) for i in keep]
+        return sum(cells) + 3 * (len(keep) - 1)  # padding on each side and the (blank) divider between columns
+
+    def __rich_console__(self, console, options):
+        keep, left_out = list(range(len(self.headers))), []
+        for name in self.DROP_ORDER:
+            if self._width(keep) <= options.max_width or name not in self.headers:
+                continue
+            keep.remove(self.headers.index(name))
+            left_out.append(name)
+        yield self._table(keep)
+        if left_out:
+            yield Text(
+                f"({' and '.join(left_out)} left out to fit {options.max_width} columns: report.md has every column)",
+                style="dim",
+            )
 
 
 class EpochProgress:
