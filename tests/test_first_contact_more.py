@@ -275,6 +275,16 @@ def test_sweep_json_on_stdout_and_junit_file_say_what_sweep_json_and_the_variant
         assert suites[name].get("failures") == str(sum(not g["passed"] for g in gates))
         total, failed = total + len(gates), failed + sum(not g["passed"] for g in gates)
     assert (root.get("tests"), root.get("failures")) == (str(total), str(failed))
+    code = (
+        "import json\nfrom optcli.report.terminal import render_sweep, show\n"
+        f"show(render_sweep(json.load(open({str(out / 'sweep.json')!r}))))\n"
+    )
+    for columns in (80, 100):  # the sweep table as `optcli sweep` prints it on a terminal of that width
+        env = {**os.environ, "COLUMNS": str(columns)}
+        shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        lines = shown.stdout.splitlines()
+        assert max(len(line) for line in lines) <= columns and "…" not in shown.stdout, shown.stdout
+        assert all(any(line.startswith(name + " ") for line in lines) for name in names)
     quiet = run_cli("sweep", small_sweep, "-o", out, *SWEEP_GRID, "--json", "--quiet", "--resume")
     assert quiet.stderr == "" and quiet.json()["best"] == printed["best"]  # --quiet: JSON only, nothing on stderr
 

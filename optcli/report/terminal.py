@@ -74,7 +74,7 @@ def render_table(report: dict) -> Group:
     sentence and its caveats, then gates, warnings, notes and per-layer sparsity."""
 
     report = clean(report)
-    table = _FittedStepTable(*compact_step_table(report))
+    table = _FittedTable(*compact_step_table(report))
     passed = report.get("passed")
     style = "bold green" if passed is True else "bold red" if passed is False else "bold"
     parts: list[Any] = [Text(f"optcli report: {verdict(report)}", style=style), table]
@@ -125,23 +125,22 @@ def _int8_tables(step: dict) -> list[Any]:
     return [t]
 
 
-class _FittedStepTable:
-    """The steps table at the width it is printed at: where every column does not fit (an 80-column terminal), the
-    least needed ones (secs, then fidelity) are left out and said so, rather than every number cut to "1.…"."""
+class _FittedTable:
+    """A table at the width it is printed at: where every column does not fit (an 80-column terminal), the least
+    needed ones (`drop`, in order) are left out and said so, rather than every figure cut to "1.…"."""
 
-    DROP_ORDER = ("secs", "fidelity")
-
-    def __init__(self, headers: list[str], rows: list[list[str]]):
-        self.headers, self.rows = headers, rows
+    def __init__(self, headers: list[str], rows: list[list[str]], drop=("secs", "fidelity"), styles=None, title=None):
+        self.headers, self.rows, self.drop = headers, rows, drop
+        self.styles, self.title = styles or [None] * len(rows), title
 
     def _table(self, keep: list[int]) -> Table:
         from rich import box
 
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=self.title, title_justify="left")
         for i in keep:
             table.add_column(self.headers[i], justify="left" if i == 0 else "right", no_wrap=True)
-        for row in self.rows:
-            table.add_row(*(Text(row[i]) for i in keep))  # Text: no rich markup parsing of names
+        for row, style in zip(self.rows, self.styles, strict=True):
+            table.add_row(*(Text(row[i]) for i in keep), style=style)  # Text: no rich markup parsing of names
         return table
 
     def _width(self, keep: list[int]) -> int:
@@ -152,7 +151,7 @@ class _FittedStepTable:
 
     def __rich_console__(self, console, options):
         keep, left_out = list(range(len(self.headers))), []
-        for name in self.DROP_ORDER:
+        for name in self.drop:
             if self._width(keep) <= options.max_width or name not in self.headers:
                 continue
             keep.remove(self.headers.index(name))
@@ -160,7 +159,7 @@ class _FittedStepTable:
         yield self._table(keep)
         if left_out:
             yield Text(
-                f"({' and '.join(left_out)} left out to fit {options.max_width} columns: report.md has every column)",
+                f"({', '.join(left_out)} left out to fit {options.max_width} columns; the .md report has all)",
                 style="dim",
             )
 
@@ -370,12 +369,13 @@ def render_sweep(sweep: dict) -> Group:
 
     sweep = clean(sweep)
     headers, rows = sweep_table(sweep)
-    table = Table(title=Text(f"optcli sweep: {sweep.get('recipe', '')}"), title_justify="left")
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for row in rows:
-        style = "bold green" if "★" in row[-1] else None
-        table.add_row(*(Text(c) for c in row), style=style)
+    keys = list(sweep.get("grid") or {})
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    if len(set(short)) == len(short):  # "per_channel" for passes.1.per_channel where unambiguous: fits 100 columns
+        headers = [short[keys.index(h)] if h in keys else h for h in headers]
+    styles = ["bold green" if "★" in row[-1] else None for row in rows]
+    title = Text(f"optcli sweep: {sweep.get('recipe', '')}")
+    table = _FittedTable(headers, rows, drop=("compressed", "gates"), styles=styles, title=title)
     parts: list[Any] = [table, Text(sweep_verdict(sweep), style="green" if sweep.get("passed") else "bold red")]
     for e in sweep.get("errors") or []:
         parts.append(Text(f"✗ {e['variant']}: {e['error']}", style="bold red"))
