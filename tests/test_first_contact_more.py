@@ -354,3 +354,24 @@ def test_report_html_tables_read_as_text_not_python_and_align_figures(digits, tm
     files = html.split("<h2>Files</h2>")[1].split("</table>")[0]
     sha = json.loads((tmp_path / "out" / "report.json").read_text())["input"]["sha256"]
     assert '<th class="text">path</th>' in files and f'<td class="text">{sha}</td>' in files  # text left-aligned
+
+
+def test_compare_says_recipe_changes_as_the_recipe_spells_them(digits, tmp_path):
+    recipe = {
+        "model": {"path": str(digits / "digits_cnn.onnx")},
+        "passes": [{"type": "quantize", "mode": "dynamic", "per_channel": False}],
+        "report": {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}},
+    }
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "old", "-q")
+    assert result.exit_code in (0, 1), result.stderr
+    report = json.loads((tmp_path / "old" / "report.json").read_text())
+    report["recipe"]["passes"][0]["per_channel"] = False  # as written (the resolved recipe leaves defaults out)
+    (tmp_path / "old" / "report.json").write_text(json.dumps(report))
+    report["recipe"]["passes"][0]["per_channel"] = True
+    report["recipe"]["report"]["latency"]["batch_sizes"] = [1, 32]
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "report.json").write_text(json.dumps(report))
+    shown = run_cli("compare", tmp_path / "new" / "report.json", tmp_path / "old" / "report.json").stdout
+    assert "passes[0].per_channel: false → true" in shown
+    assert "report.latency.batch_sizes: [1] → [1, 32]" in shown
+    assert "True" not in shown and "False" not in shown
