@@ -275,7 +275,9 @@ def _in_user_terms(error: OptcliError, name: str, model: Model, run: _Run) -> Op
         return error  # names the file the disk filled on: the folder to clean up
     source = Path(run.recipe.model.path)
     root = run.folder.root
-    text = scrub_paths(str(error), name, root / "steps", model.path, keep=(source, root))
+    sources = (run.recipe.data.calibration, run.recipe.data.eval, run.recipe.data.train)
+    data = tuple(Path(p) for s in sources if s is not None for p in (s.path, s.text) if p is not None)
+    text = scrub_paths(str(error), name, root / "steps", model.path, keep=(source, root, *data))
     if text == str(error) and not (isinstance(error, PassFailed) and str(source) not in text):
         return error
     if str(source) not in text:
@@ -315,7 +317,7 @@ def scrub_paths(text: str, name: str, steps: Path, current: Path | None, keep: t
 
     roots = step_roots | forms(tempfile.gettempdir())
     pattern = "|".join(re.escape(r) for r in sorted(roots, key=len, reverse=True))
-    text = re.sub(rf"(?:{pattern})(?:/{_PATH_END})?", lambda m: label(m[0]), text)
+    text = re.sub(rf"(?:{pattern})(?=/|[\s,;:()'\"]|$)(?:/{_PATH_END})?", lambda m: label(m[0]), text)
     if current is not None:
         here = Path(current).resolve()
         if any(here.is_relative_to(Path(r)) for r in step_roots if Path(r).is_absolute()):
