@@ -17,7 +17,15 @@ from pathlib import Path
 
 from optcli.errors import BadInput, first_line
 from optcli.library_warnings import quiet_loggers
-from optcli.model import InputSpec, Model, example_inputs, fold_pruning, readable_dim, torch_dynamic_shapes
+from optcli.model import (
+    InputSpec,
+    Model,
+    example_inputs,
+    fold_pruning,
+    readable_dim,
+    readable_shape,
+    torch_dynamic_shapes,
+)
 
 ONNX_EXTERNAL_THRESHOLD = 1_800_000_000  # stay clear of protobuf's 2 GB message limit
 
@@ -344,7 +352,10 @@ def resolve_inputs(
             if len(t.shape) != len(dims) or any(
                 isinstance(d, int) and d != s for d, s in zip(dims[1:], t.shape[1:], strict=False)
             ):
-                raise BadInput(f"model.inputs: {name!r} has shape {t.shape} but the file says {dims}")
+                raise BadInput(
+                    f"model.inputs: {name!r} has shape {readable_shape(t.shape)} but the file says {readable_shape(dims)}"
+                    " (? is a size the file leaves free)"
+                )
             specs.append(
                 InputSpec(name, tuple(t.shape), t.dtype, batch_dynamic=bool(dims) and not isinstance(dims[0], int))
             )
@@ -366,7 +377,7 @@ def resolve_inputs(
         specs.append(InputSpec(name, shape, item["dtype"], batch_dynamic=batch_dynamic, dynamic_axes=free))
     for spec in specs:
         if math.prod(spec.shape) > 2**31:
-            raise BadInput(f"input {spec.name!r}: shape {spec.shape} is too large to allocate")
+            raise BadInput(f"input {spec.name!r}: shape {readable_shape(spec.shape)} is too large to allocate")
     return specs
 
 

@@ -21,12 +21,28 @@ from optcli.errors import EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, EXIT_PASS_FAILED
 
 
 class _FlagHelp:
+    """Help pages that read like a CLI's: flags without a "<bool>" beside them, arguments shown by their metavar
+    (RECIPE, MODEL) without Typer's "<path>" type and usage as `optcli run [OPTIONS] RECIPE`, not `{RECIPE}`."""
+
     def get_help_option(self, ctx):
         # --help is a flag: no "<bool>" type beside it on the help page
         option = super().get_help_option(ctx)
         if option is not None:
             option.metavar = ""
         return option
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if param.param_type_name == "argument":
+                param.display_type_rich = lambda ctx: None  # the metavar says it; "<path>" is Python's word
+            elif getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx):
+        # Typer writes a required argument as {RECIPE}; a CLI's usage line says RECIPE (optional ones stay [NAME])
+        return [re.sub(r"^\{(.*)\}((?:\.\.\.)?)$", r"\1\2", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
 class PlainCommand(_FlagHelp, TyperCommand):
@@ -217,9 +233,12 @@ def run(
         help="host:port of the rendezvous on node 0 (multi-node)",
     ),
     target: str | None = typer.Option(
-        None, "--target", help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target"
+        None,
+        "--target",
+        metavar="NAME",
+        help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target",
     ),
-    junit: Path | None = typer.Option(None, "--junit", help=JUNIT_HELP),
+    junit: Path | None = typer.Option(None, "--junit", metavar="FILE", help=JUNIT_HELP),
 ):
     """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
 
@@ -396,18 +415,27 @@ def compare(
     json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP),
     debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
     max_latency_regression: float | None = typer.Option(
-        None, "--max-latency-regression", min=0, help="exit 1 if p50 latency grew by more than this fraction (0.05)"
+        None,
+        "--max-latency-regression",
+        min=0,
+        metavar="FRACTION",
+        help="exit 1 if p50 latency grew by more than this fraction (0.05)",
     ),
     max_accuracy_drop: float | None = typer.Option(
-        None, "--max-accuracy-drop", min=0, help="exit 1 if the metric dropped by more than this (0.005)"
+        None, "--max-accuracy-drop", min=0, metavar="X", help="exit 1 if the metric dropped by more than this (0.005)"
     ),
     max_size_growth: float | None = typer.Option(
-        None, "--max-size-growth", min=0, help="exit 1 if the size on disk grew by more than this fraction (0.02)"
+        None,
+        "--max-size-growth",
+        min=0,
+        metavar="FRACTION",
+        help="exit 1 if the size on disk grew by more than this fraction (0.02)",
     ),
-    junit: Path | None = typer.Option(None, "--junit", help="also write the regression checks as JUnit XML"),
+    junit: Path | None = typer.Option(
+        None, "--junit", metavar="FILE", help="also write the regression checks as JUnit XML"
+    ),
 ):
-    """What changed between two runs' final artifacts (size, latency, accuracy, fidelity); with --max-* limits,
-    exit 1 when the new run regressed against the baseline."""
+    """What changed between two runs' final artifacts (size, latency, accuracy, fidelity); with --max-* limits, exit 1 when the new run regressed against the baseline."""  # noqa: E501 (one paragraph: Rich keeps docstring line breaks)
 
     def body():
         from optcli.compare import compare_reports, explain, regression_checks
@@ -436,15 +464,24 @@ def compare(
     guarded(body, debug)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def sweep(
-    recipe: Path = typer.Argument(..., help="YAML recipe (its sweep: grid: block, if any, is merged with --grid)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder: one run per variant inside, sweep.json/md/html"),
-    grid: list[str] = typer.Option(
-        [], "--grid", help="a recipe key and its values: --grid passes.1.sparsity=0.3,0.5 (repeatable; passes.N=on,off)"
+    recipe: Path = typer.Argument(
+        ..., metavar="RECIPE", help="YAML recipe (its sweep: grid: block, if any, is merged with --grid)"
     ),
-    set_: list[str] = typer.Option([], "--set", help="override a recipe key in every variant"),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="variants run in parallel (worker processes)"),
+    out: Path = typer.Option(
+        ..., "--out", "-o", metavar="DIR", help="output folder: one run per variant inside, sweep.json/md/html"
+    ),
+    grid: list[str] = typer.Option(
+        [],
+        "--grid",
+        metavar="KEY=V1,V2",
+        help="a recipe key and its values: --grid passes.1.sparsity=0.3,0.5 (repeatable; passes.N=on,off)",
+    ),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="override a recipe key in every variant (repeatable)"
+    ),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, metavar="N", help="variants run in parallel (worker processes)"),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or table; errors still go to stderr"),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
@@ -453,10 +490,11 @@ def sweep(
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"
     ),
-    junit: Path | None = typer.Option(None, "--junit", help=JUNIT_HELP + " (one test suite per variant)"),
+    junit: Path | None = typer.Option(
+        None, "--junit", metavar="FILE", help=JUNIT_HELP + " (one test suite per variant)"
+    ),
 ):
-    """Run every combination of a grid of recipe values as its own run; print the table, the Pareto front and
-    the best variant under the recipe's gates (OUT/best links to it). Exit 0 when a variant passes every gate."""
+    """Run every combination of a grid of recipe values as its own run; print the table, the Pareto front and the best variant under the recipe's gates (OUT/best links to it). Exit 0 when a variant passes every gate."""  # noqa: E501
 
     def body():
         from optcli import api

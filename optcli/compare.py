@@ -75,7 +75,11 @@ def recipe_changes(new: dict, old: dict, limit: int = 12) -> list[str]:
 def _shown(value, present: bool) -> str:
     if not present:
         return "(absent)"
-    return "—" if value is None else str(value)
+    if value is None:
+        return "—"
+    if isinstance(value, (bool, list, dict)):
+        return json.dumps(value)  # as the recipe spells it: true / false, [1, 32], not Python's True / [1, 32]
+    return str(value)
 
 
 def comparison_caveats(new: dict, old: dict) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 
 from optcli.artifact import build_from_factory
 from optcli.errors import BadInput
-from optcli.model import InputSpec
+from optcli.model import InputSpec, readable_shape, spec_shape
 
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 
@@ -28,6 +28,8 @@ class Dataset:
     # Inputs with no batch axis (a fixed shape such as [5]) whose samples are stacked on a new first axis:
     # they are fed one whole sample at a time, as the model takes them.
     unbatched: frozenset[str] = frozenset()
+    where: str = ""  # "data.eval (test.npz)": what a message about this data names
+    label_key: str | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
@@ -148,14 +150,14 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
             and arr.shape != tuple(spec.shape)
             and (arr.ndim != len(spec.shape) or arr.shape[1:] != tuple(spec.shape[1:]))
         ):
-            dims = ", ".join(map(str, spec.shape))
+            dims, have = readable_shape(spec.shape), readable_shape(arr.shape)
             raise BadInput(
-                f"{where}: {spec.name!r} has shape {arr.shape}, but the model takes exactly ({dims}) (no free batch axis): "
-                f"store one sample as ({dims}), or many stacked on a new first axis as (n, {dims})"
+                f"{where}: {spec.name!r} has shape {have}, but the model takes exactly {dims} (no free batch axis): "
+                f"store one sample as {dims}, or many stacked on a new first axis as n x {dims}"
             )
         elif spec.shape and (arr.ndim != len(spec.shape) or any(a != s for a, s in fixed)):
             raise BadInput(
-                f"{where}: {spec.name!r} has shape {arr.shape}, the model takes (N, {', '.join(map(str, spec.shape[1:]))})"
+                f"{where}: {spec.name!r} has shape {readable_shape(arr.shape)}, the model takes {spec_shape(spec)}"
                 + layout_hint(arr.shape, spec.shape)
             )
         feeds[spec.name] = _cast(arr, spec, where)
@@ -170,7 +172,60 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
     if source.samples:
         feeds = {k: v[: source.samples] if v.ndim else v for k, v in feeds.items()}
         labels = labels[: source.samples] if labels is not None else None
-    return Dataset(name, feeds, labels, source.batch_size, metric, source.shuffle, source.seed, frozenset(unbatched))
+    if labels is not None and name == "eval":
+        check_label_values(labels, metric, f"{where}: labels {label_key!r}")
+    dataset = Dataset(name, feeds, labels, source.batch_size, metric, source.shuffle, source.seed, frozenset(unbatched))
+    dataset.where, dataset.label_key = where, label_key
+    return dataset
+
+
+CLASS_METRICS = ("accuracy", "top5")
+
+
+def check_label_values(labels: np.ndarray, metric: str, what: str) -> None:
+    """Labels a class metric cannot score, refused when the data is read: probabilities / one-hot rows, not indices."""
+    if metric not in CLASS_METRICS:
+        return
+    if labels.dtype.kind not in "iub" and not (labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels))):
+        fix = "labels.argmax(-1)" if labels.ndim >= 2 else "integer class indices"
+        raise BadInput(
+            f"{what} holds {labels.dtype} values of shape {readable_shape(labels.shape)}, not class indices: "
+            f"{metric} compares the model's argmax with one class index per sample; store {fix} "
+            "(or set data.eval.metric: mse for regression targets)"
+        )
+
+
+def check_labels_fit(labels: np.ndarray, output: tuple, metric: str, what: str) -> None:
+    """Refuse (exit 2) labels that do not fit the model's first output (`output`: its shape without the batch,
+    None where the model leaves a size free): the data file, both shapes and the fix in one line."""
+    have = tuple(labels.shape[1:])
+    shown = f"labels of shape {readable_shape(labels.shape)} for outputs of shape {readable_shape(('n', *output))}"
+    if metric in CLASS_METRICS and output:
+        classes, per_sample = output[-1], tuple(output[:-1])
+        if len(have) == len(per_sample) + 1 and have[-1] in (classes, None) and have[-1] != 1:
+            raise BadInput(
+                f"{what}: {shown} look one-hot; {metric} needs one class index per sample: store labels.argmax(-1)"
+            )
+        if have == (1,) and not per_sample:
+            raise BadInput(f"{what}: {shown}; {metric} needs one class index per sample: store labels.reshape(-1)")
+        if len(have) != len(per_sample) or any(a != b for a, b in zip(have, per_sample, strict=True) if b is not None):
+            want = readable_shape(("n", *per_sample))
+            raise BadInput(f"{what}: {shown}; {metric} needs one class index per output position, shape {want}")
+        if isinstance(classes, int) and labels.size and (labels.max() >= classes or labels.min() < 0):
+            raise BadInput(
+                f"{what}: labels go from {labels.min():g} to {labels.max():g} but the model's first output has "
+                f"{classes} classes (0..{classes - 1}): check that the labels belong to this model"
+            )
+        if metric == "top5" and isinstance(classes, int) and classes < 5:
+            raise BadInput(
+                f"{what}: top5 needs at least 5 classes; the model's first output has {classes}: use accuracy"
+            )
+    if metric == "mse" and None not in output:
+        size, want = int(np.prod(have, dtype=np.int64)), int(np.prod(output, dtype=np.int64))
+        if size != want:
+            raise BadInput(
+                f"{what}: {shown}; mse compares them element by element: store targets shaped like the outputs"
+            )
 
 
 def layout_hint(have: tuple, want: tuple) -> str:

@@ -150,6 +150,9 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
         module = torch.jit.load(str(path), map_location="cpu")
         tensors = dict(module.named_parameters())
         info.update(format="torchscript", inputs=None)
+        quantized = Counter(k for k in _node_kinds(module.inlined_graph) if k.startswith("quantized::"))
+        if quantized:
+            info["quantized_ops"] = dict(quantized)
     else:
         from optcli.artifact import load_safetensors, unwrap_checkpoint
 
@@ -169,6 +172,13 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
             for k, v in state.items()
             if isinstance(v, torch.Tensor) and v.is_floating_point() and "running_" not in k
         }
+        # torch.ao int8 modules keep their weights packed: (int8 weight, bias) tuples under `_packed_params`
+        for k, v in state.items():
+            for i, t in enumerate(v if isinstance(v, tuple) else [v]):
+                if isinstance(t, torch.Tensor) and t.is_quantized:
+                    tensors[f"{k}.{i}"] = t.int_repr()
+                elif isinstance(v, tuple) and isinstance(t, torch.Tensor) and t.is_floating_point():
+                    tensors[f"{k}.{i}"] = t  # the bias packed beside an int8 weight
         info.update(format="state_dict", inputs=None)
     total = sum(t.numel() for t in tensors.values())
     nonzero = sum(int(torch.count_nonzero(t)) for t in tensors.values())
@@ -181,4 +191,38 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
             k: round(1 - int(torch.count_nonzero(t)) / t.numel(), 4) for k, t in tensors.items() if t.ndim >= 2
         },
     )
+    info["summary"] = torch_summary(info)
     return info
+
+
+def _node_kinds(graph):
+    """Every node kind of a TorchScript graph, inside if/loop blocks too (torch.ao's int8 ops sit in one)."""
+    for node in graph.nodes():
+        yield node.kind()
+        for block in node.blocks():
+            yield from _node_kinds(block)
+
+
+_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+_PRECISION.update(dict.fromkeys(("int8", "qint8", "uint8", "quint8"), "int8"))
+_WHAT = {"torchscript": "TorchScript", "torch.export": "torch.export program", "state_dict": "state_dict weights"}
+
+
+def torch_summary(info: dict) -> str:
+    """The one line `inspect` opens a torch file with, as for ONNX: "fp32 torch module (TorchScript): 1,234
+    parameters, 0 % zero weights"; "int8 ..." where the weights (or, in TorchScript, the ops) are quantized."""
+    dtypes = Counter(info.get("parameter_dtypes") or {})
+    precision = _PRECISION.get(dtypes.most_common(1)[0][0], dtypes.most_common(1)[0][0]) if dtypes else "no"
+    if any(_PRECISION.get(d) == "int8" for d in dtypes):
+        precision = "int8"
+    ops = info.get("quantized_ops") or {}
+    if ops:
+        precision = "int8"
+    line = f"{precision} torch module ({_WHAT.get(info['format'], info['format'])}): {info['parameters']:,} parameters"
+    if info["parameters"]:
+        line += f", {info['sparsity'] * 100:.0f} % zero weights"
+    if ops:
+        line += "; int8 ops " + ", ".join(ops)  # kinds only: torch.ao scripts both branches of a dtype switch
+        if not info["parameters"]:
+            line += " (weights packed inside the int8 ops, not counted)"
+    return line

@@ -393,6 +393,10 @@ class Evaluator:
         runner = runner or load_written(path, model.inputs, self.spec.threads, self.providers, self.task)
         outputs = predict(runner, self._batches(model.inputs))
         if self.reference_outputs is None:
+            if self.labels is not None and outputs:  # the original's outputs: do the labels fit them? (exit 2)
+                from optcli.data import check_labels_fit
+
+                check_labels_fit(self.labels, outputs[0].shape[1:], self.metric, f"{self.eval.where}: labels")
             self.reference_outputs = outputs
         row = {**size_on_disk(path), **parameter_counts(path, model.module)}
         lat, notes = latency(

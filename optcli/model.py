@@ -156,7 +156,7 @@ def check_memory(inputs: list[InputSpec], batch: int, setting: str) -> None:
     if need > have:
         biggest = max(inputs, key=lambda s: math.prod(s.shape_for(batch)))
         raise BadInput(
-            f"input {biggest.name!r}: batch {batch} of shape {tuple(biggest.shape_for(batch))} ({biggest.dtype}) needs {need / 1e9:,.1f} GB, "
+            f"input {biggest.name!r}: batch {batch} of shape {readable_shape(biggest.shape_for(batch))} ({biggest.dtype}) needs {need / 1e9:,.1f} GB, "
             f"more than the {have / 1e9:,.1f} GB of memory available; lower {setting} or the input shape"
         )
 
@@ -196,3 +196,28 @@ def readable_dim(d) -> int | str:
     if isinstance(d, str) and d.isidentifier() and len(d) <= 24 and not _MACHINE_DIM.match(d):
         return d
     return "?"
+
+
+def readable_shape(dims, batch: str | None = None, free: tuple[int, ...] = (), sep: str = " x ") -> str:
+    """A shape as a person reads it in a message: "? x 3 x 320 x 320", "batch x 3 x height x width", "N x 1 x 8 x 8"
+    (`batch` names a free first axis, `free` other axes the model leaves free); never a raw ONNX dim name such as
+    'DynamicDimension.0', 'unk__123' or an empty dim_param. The one formatter of shapes in optcli's messages."""
+    dims = list(dims)
+    if not dims:
+        return "scalar"
+    shown = [
+        batch
+        if i == 0 and batch is not None
+        else "?"
+        if i in free
+        else str(d)
+        if isinstance(d, int) and not isinstance(d, bool) and d >= 0
+        else str(readable_dim(d))
+        for i, d in enumerate(dims)
+    ]
+    return sep.join(shown)
+
+
+def spec_shape(spec: InputSpec) -> str:
+    """What an input takes, as a message says it: "N x 3 x 224 x 224" with the free batch as N."""
+    return readable_shape(spec.shape, batch="N" if spec.batch_dynamic else None, free=spec.dynamic_axes)

@@ -16,7 +16,7 @@ from typing import Any
 
 from optcli import __version__, library_warnings
 from optcli.artifact import load_model, save_torch
-from optcli.data import DataCatalog, text_length
+from optcli.data import DataCatalog, check_labels_fit, text_length
 from optcli.environment import check_target, environment, providers_for
 from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed, first_line, writing
 from optcli.gates import check_gates, near_gate_warnings
@@ -67,11 +67,27 @@ def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     data = DataCatalog(recipe.data, original.inputs, original)
     for name in ("calibration", "eval", "train"):
         data.get(name)
+    evaluation = data.get("eval")
+    if evaluation is not None and evaluation.labels is not None and original.format == "onnx" and original.path:
+        output = first_output_shape(original.path)
+        if output is not None:  # a torch model's outputs are checked on its first evaluation
+            check_labels_fit(evaluation.labels, output, evaluation.metric, f"{evaluation.where}: labels")
     for config in recipe.passes:
         spec = get_pass(config.type)
         if spec.preflight is not None:
             spec.preflight(config, recipe, original)
     return original, data
+
+
+def first_output_shape(path: Path) -> tuple | None:
+    """The first output's shape without the batch axis as the ONNX file records it (None for a free size)."""
+    import onnx
+
+    outputs = onnx.load(str(path), load_external_data=False).graph.output
+    if not outputs or not outputs[0].type.HasField("tensor_type") or not outputs[0].type.tensor_type.HasField("shape"):
+        return None
+    dims = outputs[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:])
 
 
 def run_recipe(recipe, options: RunOptions) -> dict:
@@ -219,7 +235,11 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
         raise _in_user_terms(_failure(name, e, tmp, folder.root), name, model, run) from e
     seconds = time.perf_counter() - started
     options.log(f"{name}: measuring {model.path.name}")
-    row = run.evaluator.measure(model.path, model)
+    try:
+        row = run.evaluator.measure(model.path, model)
+    except Unloadable as e:  # ONNX Runtime refuses what the pass wrote: about this step, not a temp path
+        failed = PassFailed(name, f"ONNX Runtime cannot run the model this step wrote: {e}")
+        raise _in_user_terms(failed, name, model, run) from e
     ctx.warnings.extend(f"{name}: {n}" for n in row.pop("latency_notes"))
     step = {
         "name": name,
@@ -245,30 +265,72 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
 
 
 def _in_user_terms(error: OptcliError, name: str, model: Model, run: _Run) -> OptcliError:
-    """A pass's error about the user's model and step, never about optcli's own intermediate files."""
-    source = run.recipe.model.path
-    text = str(error)
-    said = (
-        f"{source}"
-        if model.path is not None and Path(model.path) == Path(source)
-        else f"the model the step before {name} wrote"
-    )
-    paths = [str(run.folder.root / "steps"), str(model.path) if model.path is not None else None]
-    for p in filter(None, paths):
-        text = re.sub(re.escape(p) + r"[^\s,;:()]*", said, text)
-    if model.path is not None and Path(model.path) != Path(source):
-        text = re.sub(rf"(?<![\w/.-]){re.escape(Path(model.path).name)}(?![\w.-])", said, text)
-    if text == str(error):
+    """A pass's error about the user's model and step, never about optcli's own intermediate or temp files.
+
+    Paths under the output folder's step dirs and under the system temp dir are replaced by what they are to the
+    user ("the model 1-export wrote", "a temp file of 2-quantize"); a message that no longer names the user's model
+    says which model and step it is about.
+    """
+    if isinstance(error, DiskFull):
+        return error  # names the file the disk filled on: the folder to clean up
+    source = Path(run.recipe.model.path)
+    root = run.folder.root
+    sources = (run.recipe.data.calibration, run.recipe.data.eval, run.recipe.data.train)
+    data = tuple(Path(p) for s in sources if s is not None for p in (s.path, s.text) if p is not None)
+    text = scrub_paths(str(error), name, root / "steps", model.path, keep=(source, root, *data))
+    if text == str(error) and not (isinstance(error, PassFailed) and str(source) not in text):
         return error
+    if str(source) not in text:
+        head = f"pass {name} failed"
+        about = f"pass {name} failed on {source}"
+        text = text.replace(head, about, 1) if text.startswith(head) else f"{name} on {source}: {text}"
     changed = type(error).__new__(type(error))
     changed.__dict__.update(error.__dict__)
     changed.args = (text,)
     return changed
 
 
+_PATH_END = r"[^\s,;:()'\"]*"
+
+
+def scrub_paths(text: str, name: str, steps: Path, current: Path | None, keep: tuple[Path, ...] = ()) -> str:
+    """`text` with every path under `steps` (the output folder's step dirs) or the temp dir said in user terms;
+    paths in `keep` (the user's model, the output folder) and under them stay as they are."""
+    import tempfile
+
+    def forms(p) -> set[str]:
+        return {str(p), str(Path(p).resolve())}
+
+    step_roots = forms(steps)
+    kept = {f for p in keep for f in forms(p)}
+
+    def label(path: str) -> str:
+        for root in step_roots:
+            rest = path[len(root) :].lstrip("/")
+            if path.startswith(root) and rest:
+                step = rest.split("/")[0]
+                # .2-quantize.tmp-PID: this step's own work in progress; else a finished step's artifact
+                return f"a temp file of {name}" if step.startswith(".") else f"the model {step} wrote"
+        if any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            return path
+        return f"a temp file of {name}"
+
+    roots = step_roots | forms(tempfile.gettempdir())
+    pattern = "|".join(re.escape(r) for r in sorted(roots, key=len, reverse=True))
+    text = re.sub(rf"(?:{pattern})(?=/|[\s,;:()'\"]|$)(?:/{_PATH_END})?", lambda m: label(m[0]), text)
+    if current is not None:
+        here = Path(current).resolve()
+        if any(here.is_relative_to(Path(r)) for r in step_roots if Path(r).is_absolute()):
+            said = label(str(here))
+            text = re.sub(rf"(?<![\w/.-]){re.escape(here.name)}(?![\w.-])", said, text)
+    return text
+
+
 def _failure(name: str, e: Exception, tmp: Path, root: Path) -> OptcliError:
     """What a pass's unexpected exception means to the user: a full disk, or the pass failing (exit 3)."""
     message = f"{type(e).__name__}: {first_line(e, 400)}"
+    if isinstance(e, Unloadable):
+        message = f"ONNX Runtime cannot load the model this step wrote: {first_line(e, 400)}"
     if isinstance(e, OSError) and e.errno in DISK_FULL:
         return DiskFull(
             f"pass {name}: disk full while writing {e.filename or tmp}: free some space and rerun with --resume"

@@ -143,7 +143,8 @@ def test_terminal_table_fits_the_terminal_and_piped_output_has_no_trailing_space
     lines = proc.stdout.splitlines()
     assert max(len(line) for line in lines) <= (columns or 100)
     assert not [line for line in lines if line != line.rstrip()]
-    assert any(line.startswith("2-quantize") for line in lines)
+    assert any(line.startswith("2-quantize ") for line in lines)
+    assert "…" not in proc.stdout  # no figure cut to fit: columns are left out (and said so) instead
 
 
 # --------------------------------------------------------------------------- 2b. no silent regressions

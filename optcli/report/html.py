@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from html import escape
 
@@ -53,7 +54,9 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;
 h1{font-size:22px;margin:0 0 8px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px;margin:6px 0}
 th,td{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
-th{background:#f3f4f6} td:first-child,th:first-child{text-align:left}
+th{background:#f3f4f6;white-space:normal;vertical-align:bottom}
+td:first-child,th:first-child,.text{text-align:left}
+table.wide{font-size:12px} table.wide th,table.wide td{padding:3px 5px}
 .pass{color:#15803d} .fail{color:#b91c1c;font-weight:600} .warn{color:#a16207}
 .verdict{display:inline-block;padding:2px 10px;border-radius:4px;color:#fff}
 .verdict.pass{background:#15803d;color:#fff} .verdict.fail{background:#b91c1c;color:#fff}
@@ -63,13 +66,40 @@ code{font-size:12px;word-break:break-all} .note{color:#555;font-style:italic}
 """
 
 
-def html_table(headers: list[str], rows: Iterable[list[str]], row_class: Callable[[int], str] | None = None) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+# A figure (right-aligned, to compare down a column): 72.4 kB, 0.35×, 1,557, −0.28, 0.0%, 6.09 ms, —
+_FIGURE = re.compile(r"^(?:[−+-]?[\d.,]+(?:e[−+-]?\d+)?\s*(?:×|%|kB|MB|GB|B|ms|s|pt)?|—|-)$")
+
+
+def _is_figure(value) -> bool:
+    return bool(_FIGURE.match(str(value).strip()))
+
+
+def html_table(
+    headers: list[str],
+    rows: Iterable[list[str]],
+    row_class: Callable[[int], str] | None = None,
+    wide: bool = False,
+) -> str:
+    """Figures right-aligned (to compare down a column), text left-aligned; headers wrap, but never at the hyphen
+    of a step name ("1-export"). `wide`: a smaller type for the many-column steps table."""
+    rows = [list(r) for r in rows]
+    text = [i > 0 and bool(rows) and not all(_is_figure(r[i]) for r in rows if i < len(r)) for i in range(len(headers))]
+
+    def th(i: int, h: str) -> str:
+        cls = ' class="text"' if text[i] else ""
+        return f"<th{cls}>{escape(h).replace('-', chr(0x2011))}</th>"
+
+    head = "".join(th(i, h) for i, h in enumerate(headers))
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{escape(row_class(i))}"' if row_class and row_class(i) else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        cells = "".join(
+            f'<td class="text">{escape(str(c))}</td>' if j < len(text) and text[j] else f"<td>{escape(str(c))}</td>"
+            for j, c in enumerate(row)
+        )
+        body.append(f"<tr{cls}>{cells}</tr>")
+    table_cls = ' class="wide"' if wide else ""
+    return f"<table{table_cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _summary_charts(report: dict) -> list[str]:
@@ -170,7 +200,7 @@ def render_html(report: dict) -> str:
     for caveat in (facts["slower"], facts["busy"]):
         if caveat:
             body.append(f'<p class="caveat">⚠ {escape(caveat)}</p>')
-    body += ["<h2>Steps</h2>", f'<div class="scroll">{html_table(headers, rows)}</div>']
+    body += ["<h2>Steps</h2>", f'<div class="scroll">{html_table(headers, rows, wide=True)}</div>']
     body.append(f'<p class="note">{escape(ratio_legend(report))}</p>')
     actions = step_actions(report)
     if actions:

@@ -173,7 +173,7 @@ def render_sweep_html(sweep: dict) -> str:
         chart,
         "</div>",
         "<h2>Variants</h2>",
-        f'<div class="scroll">{html_table(headers, rows, row_class)}</div>',
+        f'<div class="scroll">{html_table(headers, rows, row_class, wide=True)}</div>',
     ]
     errors = sweep.get("errors") or []
     if errors:

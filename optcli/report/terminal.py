@@ -72,15 +72,9 @@ def step_log(out: Console) -> Callable[[str], None]:
 def render_table(report: dict) -> Group:
     """A rich renderable: verdict, the steps table (fits 100 columns), what each ratio means, the verdict
     sentence and its caveats, then gates, warnings, notes and per-layer sparsity."""
-    from rich import box
 
     report = clean(report)
-    headers, rows = compact_step_table(report)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*(Text(c) for c in row))  # Text: no rich markup parsing of names
+    table = _FittedTable(*compact_step_table(report))
     passed = report.get("passed")
     style = "bold green" if passed is True else "bold red" if passed is False else "bold"
     parts: list[Any] = [Text(f"optcli report: {verdict(report)}", style=style), table]
@@ -129,6 +123,45 @@ def _int8_tables(step: dict) -> list[Any]:
     for row in ops:
         t.add_row(*(Text(c) for c in row))
     return [t]
+
+
+class _FittedTable:
+    """A table at the width it is printed at: where every column does not fit (an 80-column terminal), the least
+    needed ones (`drop`, in order) are left out and said so, rather than every figure cut to "1.…"."""
+
+    def __init__(self, headers: list[str], rows: list[list[str]], drop=("secs", "fidelity"), styles=None, title=None):
+        self.headers, self.rows, self.drop = headers, rows, drop
+        self.styles, self.title = styles or [None] * len(rows), title
+
+    def _table(self, keep: list[int]) -> Table:
+        from rich import box
+
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=self.title, title_justify="left")
+        for i in keep:
+            table.add_column(self.headers[i], justify="left" if i == 0 else "right", no_wrap=True)
+        for row, style in zip(self.rows, self.styles, strict=True):
+            table.add_row(*(Text(row[i]) for i in keep), style=style)  # Text: no rich markup parsing of names
+        return table
+
+    def _width(self, keep: list[int]) -> int:
+        from rich.cells import cell_len
+
+        cells = [max(cell_len(r[i]) for r in [self.headers, *self.rows]) for i in keep]
+        return sum(cells) + 3 * (len(keep) - 1)  # padding on each side and the (blank) divider between columns
+
+    def __rich_console__(self, console, options):
+        keep, left_out = list(range(len(self.headers))), []
+        for name in self.drop:
+            if self._width(keep) <= options.max_width or name not in self.headers:
+                continue
+            keep.remove(self.headers.index(name))
+            left_out.append(name)
+        yield self._table(keep)
+        if left_out:
+            yield Text(
+                f"({', '.join(left_out)} left out to fit {options.max_width} columns; the .md report has all)",
+                style="dim",
+            )
 
 
 class EpochProgress:
@@ -238,9 +271,9 @@ def render_comparison(result: dict, notes: dict | None = None) -> Group:
 
 
 def _shape_text(shape) -> str:
-    from optcli.model import readable_dim
+    from optcli.model import readable_shape
 
-    return "[" + ", ".join(str(readable_dim(d)) for d in shape) + "]" if shape is not None else "?"
+    return "[" + readable_shape(shape, sep=", ") + "]" if shape is not None else "?"
 
 
 def _counts_text(counts: dict) -> str:
@@ -336,12 +369,13 @@ def render_sweep(sweep: dict) -> Group:
 
     sweep = clean(sweep)
     headers, rows = sweep_table(sweep)
-    table = Table(title=Text(f"optcli sweep: {sweep.get('recipe', '')}"), title_justify="left")
-    for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
-    for row in rows:
-        style = "bold green" if "★" in row[-1] else None
-        table.add_row(*(Text(c) for c in row), style=style)
+    keys = list(sweep.get("grid") or {})
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    if len(set(short)) == len(short):  # "per_channel" for passes.1.per_channel where unambiguous: fits 100 columns
+        headers = [short[keys.index(h)] if h in keys else h for h in headers]
+    styles = ["bold green" if "★" in row[-1] else None for row in rows]
+    title = Text(f"optcli sweep: {sweep.get('recipe', '')}")
+    table = _FittedTable(headers, rows, drop=("compressed", "gates"), styles=styles, title=title)
     parts: list[Any] = [table, Text(sweep_verdict(sweep), style="green" if sweep.get("passed") else "bold red")]
     for e in sweep.get("errors") or []:
         parts.append(Text(f"✗ {e['variant']}: {e['error']}", style="bold red"))

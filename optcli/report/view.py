@@ -307,7 +307,8 @@ def compact_step_table(report: dict) -> tuple[list[str], list[list[str]]]:
         prev = cmp["vs_previous"] or {}
 
         def with_ratio(value: str, r: Any) -> str:
-            return f"{value} {_ratio_of(r)}" if finite(r) else value
+            # a row without a ratio (the original) gets a dash under "× prev", its figure under the figures
+            return f"{value} {_ratio_of(r) if finite(r) else DASH:>5}"
 
         row = [str(step.get("name", DASH)), with_ratio(format_bytes(step.get("size_bytes")), prev.get("size"))]
         row += [fmt_pct(shown_sparsity(all_steps, i))] if pruning else []
@@ -420,7 +421,16 @@ def env_rows(report: dict) -> list[list[str]]:
     """optcli's version, then the environment the run recorded (ENV_HEADERS)."""
     env = report.get("environment") or {}
     rows = [["optcli", str(report.get("optcli_version") or DASH)]]
-    return rows + [[str(k), str(v)] for k, v in env.items()]
+    return rows + [[str(k), _plain(v)] for k, v in env.items()]
+
+
+def _plain(value: Any) -> str:
+    """A recorded value as text, not a Python repr: lists joined with commas, mappings as key: value."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_plain(v)}" for k, v in value.items()) or DASH
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value) or DASH
+    return DASH if value is None else str(value)
 
 
 def graph_change_lines(step: dict) -> list[str]:
