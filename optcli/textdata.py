@@ -153,6 +153,23 @@ def perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(-(picked * keep).sum() / keep.sum()))
 
 
+def check_length(max_length: int, config: dict, tokenizer, where: str) -> None:
+    """Padding past the model's position table fails inside the model: refuse it here, naming the limit."""
+    limits = {
+        f"config.json {key}": value
+        for key in ("max_position_embeddings", "n_positions")
+        if isinstance(value := config.get(key), int) and value > 0
+    }
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits["the tokenizer's model_max_length"] = tokenizer.model_max_length
+    if limits:
+        name, limit = min(limits.items(), key=lambda kv: kv[1])
+        if max_length > limit:
+            raise BadInput(
+                f"{where}: max_length {max_length} is longer than the model takes ({limit}, {name}); set max_length: {limit} or less"
+            )
+
+
 def load_text(source, inputs, model, where: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """(arrays keyed by input name, labels or None) from a data source with `text:`; `model` is the loaded original."""
     from optcli.hf.folder import encoder_folder, raw_config
@@ -168,7 +185,9 @@ def load_text(source, inputs, model, where: str) -> tuple[dict[str, np.ndarray],
         labels = labels[: source.samples] if labels is not None else None
     names = [s.name for s in inputs]
     tokenizer = load_tokenizer(folder)
-    label2id = raw_config(folder).get("label2id") if (folder / "config.json").is_file() else None
+    config = raw_config(folder) if (folder / "config.json").is_file() else {}
+    check_length(source.max_length, config, tokenizer, where)
+    label2id = config.get("label2id")
     if task == "token-classification" and labels is not None:
         return token_labels(tokenizer, texts, labels, names, source.max_length, label2id, where)
     arrays = tokenize(tokenizer, texts, names, source.max_length)

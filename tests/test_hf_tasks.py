@@ -188,3 +188,57 @@ def test_distill_from_the_folder_itself_then_int8_and_written_back(folders, tmp_
     final = Path(report["output"]["path"])
     assert final.suffix == ".onnx"
     assert _onnx(final, _feeds(folders / "classifier", ["a dog", "the red car"], 24)).shape == (2, 2)
+
+
+def test_token_labels_on_a_word_list_read_like_the_same_text(folders, tmp_path):
+    # CoNLL-style rows: the words as a list, the tags under another name.
+    rows = [json.dumps({"tokens": s.split(), "ner_tags": word_tags(s)}) for s in SENTENCES * 2]
+    (tmp_path / "conll.jsonl").write_text("\n".join(rows) + "\n")
+    figures = []
+    for name, source in (
+        ("words", {"text": str(tmp_path / "conll.jsonl"), "text_field": "tokens", "labels": "ner_tags"}),
+        ("text", {"text": str(folders / "tagged.jsonl")}),
+    ):
+        recipe = {
+            "model": {"path": str(folders / "tagger")},
+            "data": {"eval": {**source, "max_length": 16}},
+            "passes": [],
+            "report": LATENCY,
+        }
+        (tmp_path / name).mkdir()
+        result = _run(tmp_path / name, recipe)
+        assert result.exit_code == 0, result.stderr
+        figures.append(result.json()["steps"][0]["accuracy"])
+    assert figures[0] == figures[1] and figures[0]["metric"] == "accuracy"
+
+
+def test_the_shipped_minilm_recipe_runs_from_a_sentence_transformers_folder(tmp_path):
+    # configs/minilm_hf_int8.yaml (shown in the README) as it is, pointed at a tiny folder of the same layout.
+    import yaml
+    from hf_models import sentence_transformers_layout
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "minilm_hf_int8.yaml").read_text())
+    folder = sentence_transformers_layout(tiny_bert(tmp_path / "bert"), tmp_path / "minilm-like")
+    write_text(tmp_path / "calib.txt", SENTENCES * 3)
+    write_text(tmp_path / "eval.txt", SENTENCES * 2)
+    shipped["model"]["path"] = str(folder)
+    shipped["data"]["calibration"]["text"] = str(tmp_path / "calib.txt")
+    shipped["data"]["eval"]["text"] = str(tmp_path / "eval.txt")
+    shipped["report"] = LATENCY
+    # Its 128 tokens are more than this model's 64 positions: named before any work starts.
+    result = _run(tmp_path, shipped)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "max_length 128 is longer than the model takes (64, config.json max_position_embeddings)" in result.stderr
+    assert not (tmp_path / "out").exists()
+    for part in ("calibration", "eval"):
+        shipped["data"][part]["max_length"] = 32
+    result = _run(tmp_path, shipped)
+    assert result.exit_code == 0, result.stderr
+    report = result.json()
+    assert [s["name"] for s in report["steps"]] == ["original", "1-export", "2-quantize"]
+    final = report["steps"][-1]
+    target = shipped["passes"][1]["target"]["min_value"]
+    assert final["fidelity"]["cosine_mean"] >= target
+    assert final["details"]["search"]["chosen"]
+    embedding = _onnx(Path(report["output"]["path"]), _feeds(folder, ["the dog sat", "a red car"], 12))
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=0.02)  # Normalize is in the graph
