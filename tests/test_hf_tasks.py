@@ -233,8 +233,10 @@ def test_the_shipped_minilm_recipe_runs_from_a_sentence_transformers_folder(tmp_
     for part in ("calibration", "eval"):
         shipped["data"][part]["max_length"] = 32
     result = _run(tmp_path, shipped)
-    assert result.exit_code == 0, result.stderr
+    # Whether int8 beats fp32 on a 32-wide model is a timing of this machine, not what is checked here.
+    assert result.exit_code in (0, 1), result.stderr
     report = result.json()
+    assert all("faster" in g["name"] for g in report["gates"] if not g["passed"]), report["gates"]
     assert [s["name"] for s in report["steps"]] == ["original", "1-export", "2-quantize"]
     final = report["steps"][-1]
     target = shipped["passes"][1]["target"]["min_value"]
@@ -242,3 +244,22 @@ def test_the_shipped_minilm_recipe_runs_from_a_sentence_transformers_folder(tmp_
     assert final["details"]["search"]["chosen"]
     embedding = _onnx(Path(report["output"]["path"]), _feeds(folder, ["the dog sat", "a red car"], 12))
     np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=0.02)  # Normalize is in the graph
+
+
+def test_init_writes_a_labelled_recipe_for_a_token_classifier(folders, tmp_path):
+    import yaml
+
+    result = run_cli("init", folders / "tagger")
+    assert result.exit_code == 0, result.stderr
+    recipe = yaml.safe_load(result.stdout)
+    assert recipe["model"]["task"] == "token-classification"
+    assert recipe["data"]["eval"]["text"] == "eval.jsonl" and "one per word" in result.stdout
+    assert recipe["gates"] == {"max_accuracy_drop": 0.01}
+    # Filled in, it runs as written (here on the per-word labels of this test, 16 tokens).
+    recipe["model"]["path"] = str(folders / "tagger")
+    recipe["data"]["calibration"] = {"text": str(folders / "sentences.txt"), "samples": 16, "max_length": 16}
+    recipe["data"]["eval"] = {"text": str(folders / "tagged.jsonl"), "max_length": 16}
+    recipe["report"] = LATENCY
+    result = _run(tmp_path, recipe)
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["steps"][-1]["accuracy"]["metric"] == "accuracy"
