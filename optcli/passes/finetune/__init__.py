@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optcli.errors import BadInput, first_line
+from optcli.hf import is_folder
 from optcli.passes.base import Context, PassSpec
 from optcli.passes.finetune.config import Config, ModelRef, check_settings
 
@@ -45,7 +46,12 @@ def check(config: Config, recipe, input_format: str) -> None:
             raise ValueError(
                 f"{role}: {ref.path.name} is ONNX, which torch cannot run backward or hook into; give the torch checkpoint (.pt + factory, or .pt2)"
             )
-        if not ref.path.is_file():
+        if ref.path.is_dir():
+            if not is_folder(ref.path):
+                raise ValueError(
+                    f"{role}.path: {ref.path} is a folder without config.json; give a model file or a Hugging Face folder"
+                )
+        elif not ref.path.is_file():
             raise ValueError(f"{role}.path: {ref.path} not found")
     if config.max_steps is None and config.patience is not None and config.patience >= config.epochs:
         raise ValueError(

@@ -58,6 +58,7 @@ from optcli.passes.base import training_hooks
 from optcli.passes.finetune.config import Config
 from optcli.report.terminal import EpochProgress
 from optcli.report.write import atomic_path
+from optcli.textdata import IGNORE_INDEX
 
 # A tensor whose share of exact zeros is at least this came from pruning; dense training never lands on 0.0 this often.
 SPARSE_ZEROS = 0.05
@@ -373,6 +374,8 @@ def distillation_loss(logits, teacher_logits, labels, temperature: float, alpha:
 def task_loss(logits, labels):
     if labels.dtype.is_floating_point:  # regression targets
         return F.mse_loss(logits.reshape(labels.shape), labels)
+    if logits.ndim == labels.ndim + 1 and logits.ndim > 2:  # per-token labels (token classification)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
     return F.cross_entropy(logits, labels)
 
 
