@@ -85,3 +85,42 @@ def test_weight_only_refuses_incompatible_options_at_load(encoder, tmp_path, qua
     result = run_cli("validate", write_recipe(tmp_path, _recipe(encoder, quantize)))
     assert result.exit_code == 2
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_int4_on_an_opset_17_graph_with_reducel2_converts_the_opset_and_runs(tmp_path):
+    """ORT's quantizer only renumbers the opset to 21 for int4 Gather; an opset-17 ReduceL2 (axes attribute, a
+    sentence embedding's normalisation) then fails to load. optcli converts the graph first."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((128, 64)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w"], ["h"], name="proj"),
+        helper.make_node("ReduceL2", ["h"], ["n"], name="norm", axes=[-1], keepdims=1),
+        helper.make_node("Div", ["h", "n"], ["y"], name="normalize"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "embed_normalize",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8, 64])],
+        [table, w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    recipe = {
+        "model": {"path": str(tmp_path / "m.onnx"), "inputs": [{"name": "ids", "shape": [4, 8], "dtype": "int64"}]},
+        "passes": [{"type": "quantize", "weights": "int4", "block_size": 32}],
+        "report": {"latency": {"batch_sizes": [4], "warmup": 1, "runs": 3, "threads": 1}},
+    }
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    written = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    onnx.checker.check_model(written)
+    ops = _ops(tmp_path / "out" / "model.onnx")
+    assert ops.get("GatherBlockQuantized") == 1 and ops.get("MatMulNBits") == 1
+    assert result.json()["steps"][-1]["details"]["weight_only"]["opset"] == {"from": 17, "to": 21}
+    assert result.json()["steps"][-1]["fidelity"]["cosine_mean"] > 0.97

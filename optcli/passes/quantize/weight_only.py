@@ -49,6 +49,9 @@ def quantize_weights(source: Path, target: Path, config, exclude: set[str], ctx)
 
     bits = 4 if config.weights == "int4" else 8
     ops = tuple(config.op_types) if config.op_types else (("MatMul",) if config.algorithm == "hqq" else OPS)
+    proto, opset = _opset_for_gather(onnx.load(str(source)), ops, ctx)
+    if "not_upgraded" in opset:
+        ops = tuple(o for o in ops if o != "Gather")
     if config.algorithm == "hqq":
         algo = HQQWeightOnlyQuantConfig(block_size=config.block_size, bits=bits, op_types_to_quantize=ops)
     else:
@@ -60,7 +63,6 @@ def quantize_weights(source: Path, target: Path, config, exclude: set[str], ctx)
             quant_axes=(("MatMul", 0), ("Gather", 1)),
             bits=bits,
         )
-    proto = onnx.load(str(source))
     before = _float_weight_bytes(proto)
     try:
         quantizer = MatMulNBitsQuantizer(proto, algo_config=algo, nodes_to_exclude=sorted(exclude))
@@ -78,6 +80,7 @@ def quantize_weights(source: Path, target: Path, config, exclude: set[str], ctx)
             "(Gemm, which exporters write for 2-D Linear layers, is not handled by MatMulNBits)"
         )
     return {
+        "opset": opset,
         "weights": config.weights,
         "algorithm": config.algorithm,
         "block_size": config.block_size,
@@ -88,6 +91,23 @@ def quantize_weights(source: Path, target: Path, config, exclude: set[str], ctx)
         "float_weight_bytes_before": before,
         "weight_bytes_after": _weight_bytes(out),
     }
+
+
+def _opset_for_gather(proto, ops: tuple[str, ...], ctx) -> tuple[object, dict]:
+    """GatherBlockQuantized needs opset 21, and ORT's quantizer only rewrites the opset number (its own warning:
+    "the generated model may not be a valid model": an opset-17 ReduceL2 keeps its `axes` attribute and fails to
+    load). So the graph is converted to 21 first; where that fails, embeddings stay float and the report says why."""
+    from optcli.onnx_check import default_opset, upgrade
+
+    found = default_opset(proto)
+    if "Gather" not in ops or found >= 21:
+        return proto, {"from": found, "to": found}
+    try:
+        return upgrade(proto, 21), {"from": found, "to": 21}
+    except ValueError as e:
+        why = f"Gather (embeddings) left float: int4 Gather needs opset 21 and upgrading from {found} failed ({e})"
+        ctx.warn(why)
+        return proto, {"from": found, "to": found, "not_upgraded": why}
 
 
 def _float_weight_bytes(proto) -> int:
