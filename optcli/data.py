@@ -211,9 +211,12 @@ def check_labels_fit(labels: np.ndarray, output: tuple, metric: str, what: str) 
         if len(have) != len(per_sample) or any(a != b for a, b in zip(have, per_sample, strict=True) if b is not None):
             want = readable_shape(("n", *per_sample))
             raise BadInput(f"{what}: {shown}; {metric} needs one class index per output position, shape {want}")
-        if isinstance(classes, int) and labels.size and (labels.max() >= classes or labels.min() < 0):
+        from optcli.textdata import IGNORE_INDEX
+
+        counted = labels[labels != IGNORE_INDEX]  # per-token labels: padding and later sub-words are not scored
+        if isinstance(classes, int) and counted.size and (counted.max() >= classes or counted.min() < 0):
             raise BadInput(
-                f"{what}: labels go from {labels.min():g} to {labels.max():g} but the model's first output has "
+                f"{what}: labels go from {counted.min():g} to {counted.max():g} but the model's first output has "
                 f"{classes} classes (0..{classes - 1}): check that the labels belong to this model"
             )
         if metric == "top5" and isinstance(classes, int) and classes < 5:

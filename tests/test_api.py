@@ -14,7 +14,15 @@ FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
 PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
 
 # Measured afresh by each run: everything else in two runs of the same recipe is the same.
-MEASURED = {"seconds", "latency", "environment", "vs_previous", "vs_baseline", "summary"}  # timing-derived
+MEASURED = {
+    "seconds",
+    "latency",
+    "environment",
+    "vs_previous",
+    "vs_baseline",
+    "summary",
+    "exporters_ms",
+}  # timing-derived
 
 
 def same_but_timings(a, b, path="report"):
