@@ -22,6 +22,7 @@ MEASURED = {
     "vs_baseline",
     "summary",
     "exporters_ms",
+    "exporter_choice",
 }  # timing-derived
 
 
