@@ -273,7 +273,9 @@ def run(
                 err.print(render_table(report))
         elif not quiet:
             show(render_table(report))
-            show(f"wrote {report['output']['path']} and {out}/report.{{json,md,html}}")
+            from optcli.report.view import shown_path
+
+            show(f"wrote {shown_path(report['output']['path'])} and {shown_path(out)}/report.{{json,md,html}}")
         failed = [g["name"] for g in report["gates"] if not g["passed"]]
         if failed:
             _err(f"gate failed: {', '.join(failed)} (see {out}/report.json)")

@@ -407,3 +407,11 @@ def test_parameters_built_by_constant_nodes_are_counted_in_inspect_and_report(tm
     result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json", "-q")
     assert result.exit_code == 0, result.stderr
     assert result.json()["steps"][0]["parameters"] == w.size
+
+
+def test_the_wrote_line_prints_both_paths_the_way_the_user_gave_the_folder(digits, tmp_path):
+    recipe = write_recipe(tmp_path, _static(digits))
+    result = run_cli("run", recipe, "-o", "out", cwd=tmp_path)
+    assert result.exit_code == 0, result.stderr
+    wrote = next(line for line in result.stdout.splitlines() if line.startswith("wrote "))
+    assert wrote == "wrote out/model.onnx and out/report.{json,md,html}"
