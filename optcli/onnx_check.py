@@ -150,3 +150,15 @@ def place(path: Path, folder: Path, move: bool) -> Path:
         else:
             shutil.copyfile(f, folder / f.name)
     return folder / path.name
+
+
+def name_nodes(proto) -> None:
+    """Give unnamed nodes stable names (op type + position): exclusion lists and block lists work by node name."""
+    used = {n.name for n in proto.graph.node if n.name}
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)

@@ -88,9 +88,9 @@ def _convert_onnx(model, config: Config, ctx: Context):
 
     from optcli.artifact import save_onnx
     from optcli.errors import PassFailed, first_line
+    from optcli.onnx_check import name_nodes
     from optcli.passes.convert.half import (
         drop_fp16_round_trips,
-        name_nodes,
         overflowing_nodes,
         sort_graph,
         tensor_max_abs,

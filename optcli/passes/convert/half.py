@@ -19,18 +19,6 @@ FP16_MAX = 65504.0
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceL1"}
 
 
-def name_nodes(proto) -> None:
-    """node_block_list works by node name: give unnamed nodes stable names first."""
-    used = {n.name for n in proto.graph.node if n.name}
-    for i, node in enumerate(proto.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
-
-
 def tensor_max_abs(proto, batches: list[dict]) -> tuple[dict[str, float], dict[str, int]]:
     """max |x| of every float tensor of the main graph (initializers, activations, outputs) over the batches, and sizes."""
     import onnx

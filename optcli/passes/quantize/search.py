@@ -232,6 +232,8 @@ def fold_batchnorm(source: Path, target: Path) -> Path:
     import onnx
     import onnxruntime as ort
 
+    from optcli.onnx_check import name_nodes
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.optimized_model_filepath = str(target)
@@ -242,14 +244,7 @@ def fold_batchnorm(source: Path, target: Path) -> Path:
     except Exception:  # an optimization, never a reason to fail the search
         target.unlink(missing_ok=True)
         return source
-    used = {n.name for n in proto.graph.node if n.name}
-    for i, node in enumerate(proto.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in used:
-                name += "_"
-            node.name = name
-            used.add(name)
+    name_nodes(proto)
     onnx.save(proto, str(target))
     return target
 
