@@ -45,15 +45,20 @@ def test_clustering_survives_a_finetune_with_exactly_k_values_per_layer(digits, 
         before, after = clustered[name].detach().numpy().ravel(), tuned[name].detach().numpy().ravel()
         for value in np.unique(before):
             assert _distinct(after[before == value]) == 1, name
-        # The exporter folds BatchNorm into the conv before it, scaling each output channel: k values per channel.
-        onnx_weight = inits[f"{name}.weight"]
-        assert max(_distinct(channel) for channel in onnx_weight) <= 16, f"{name}: the ONNX export lost the sharing"
+        # The BatchNorm after each conv was folded in before clustering, so the export has none left to fold into
+        # the weights channel by channel: the ONNX file holds the 16 shared values themselves.
+        assert _distinct(inits[f"{name}.weight"]) == 16, f"{name}: the ONNX export lost the sharing"
     assert any(not torch.equal(tuned[n], clustered[n]) for n in CLUSTERED)  # the centroids did train
     for name in ("stem.0", "classifier"):
         assert _distinct(tuned[name]) > 16  # excluded by default
     dense, shared = report["steps"][0], report["steps"][1]
     assert shared["compressed_bytes"] < dense["compressed_bytes"]
     assert set(shared["details"]["clustered_layers"]) == set(CLUSTERED)
+    assert shared["details"]["folded_batchnorm"] == {
+        "block.conv1": "block.bn1",
+        "block.conv2": "block.bn2",
+        "features.0": "features.1",
+    }
     assert any("latency is unchanged" in w for w in report["warnings"])
 
 
@@ -107,3 +112,64 @@ def test_cluster_refuses_impossible_orders_at_load(digits, tmp_path):
         result = run_cli("validate", write_recipe(tmp_path, digits_recipe(digits, passes), f"r{i}.yaml"))
         assert result.exit_code == 2, (passes, result.stderr)
         assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+class _Tapped(torch.nn.Module):
+    """conv1's raw output also feeds the sum, so its BatchNorm cannot be folded in; conv2 -> bn2 can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        y = self.bn2(self.conv2(torch.relu(self.bn1(a)))) + a
+        return self.head(y.mean((2, 3)))
+
+
+def test_batchnorm_is_folded_only_where_the_conv_feeds_it_alone_and_outputs_stay():
+    from optcli.model import InputSpec
+    from optcli.passes.cluster.fold import find_pairs, fold
+
+    torch.manual_seed(0)
+    model = _Tapped().eval()
+    for bn in (model.bn1, model.bn2):  # statistics far from the identity, so a wrong fold shows
+        (
+            bn.running_mean.uniform_(-1, 1),
+            bn.running_var.uniform_(0.3, 3),
+            bn.weight.data.normal_(),
+            bn.bias.data.normal_(),
+        )
+    x = torch.randn(5, 1, 6, 6)
+    expected = model(x)
+    pairs = find_pairs(model, [InputSpec("x", (1, 1, 6, 6), "float32")])
+    assert pairs.pairs == {"conv2": "bn2"} and not pairs.reason
+    fold(model, "conv2", "bn2")
+    assert isinstance(model.bn2, torch.nn.Identity) and isinstance(model.bn1, torch.nn.BatchNorm2d)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_clustered_finetuned_int8_is_gated_on_accuracy_not_on_the_cosine_to_the_original(digits, tmp_path):
+    passes = [
+        {"type": "prune", "sparsity": 0.5},
+        {"type": "cluster", "clusters": 16},
+        {"type": "finetune", "epochs": 1, "lr": 0.003},
+        {"type": "export"},
+        {"type": "quantize", "mode": "static", "per_channel": True},
+    ]
+    recipe = digits_recipe(digits, passes, report=FAST)
+    recipe["data"]["train"] = {"path": str(digits / "digits_train.npz"), "labels": "y", "batch_size": 64}
+    out = tmp_path / "out"
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", out, "--json", "--quiet")
+    report = result.json()
+    gates = {g["name"]: g for g in report["gates"]}
+    # The fine-tune moved the outputs on purpose: the default promise is the eval accuracy within 1 pt.
+    assert "min_fidelity_cosine (default)" not in gates
+    drop = gates["max_accuracy_drop (default)"]
+    first, last = report["steps"][0]["accuracy"]["value"], report["steps"][-1]["accuracy"]["value"]
+    assert drop["limit"] == 0.01 and drop["value"] == round(first - last, 6)
+    assert result.exit_code == (0 if first - last <= 0.01 else 1), result.stderr
+    int8 = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    assert any(a.dtype == np.int8 for a in int8.values())

@@ -5,7 +5,8 @@ buffer) in a forward pre-hook, so a following finetune trains the centroids whil
 TensorFlow Model Optimization scheme; a weight's gradient adds into its centroid's). The hook is a
 torch.nn.utils.prune method, so everything that keeps pruning masks through copies, the fine-tune's worker
 processes and the final fold (optcli.model.copy_module / fold_pruning) keeps the sharing as well; layers already
-pruned keep their zeros exact (one centroid pinned at 0). ONNX: initializers are rewritten in place, or with
+pruned keep their zeros exact (one centroid pinned at 0). A BatchNorm after a clustered layer is folded into it
+first (cluster/fold.py): the export would otherwise scale each output channel apart and undo the sharing. ONNX: initializers are rewritten in place, or with
 `storage: indices` stored as uint8 indices + a codebook gathered back at run time.
 
 No ONNX kernel reads a look-up table of weights: the gain is storage (the file deflates far better), the latency
@@ -37,6 +38,11 @@ class Config(PassConfig):
         description="globs of layers left alone; default (null): the first conv and the last layer (classifier head)",
     )
     min_params: int = Field(default=0, ge=0, description="layers with fewer weights than this are left alone")
+    fold_batchnorm: bool = Field(
+        default=True,
+        description="torch: fold the BatchNorm after a clustered layer into it first, so the export keeps the shared "
+        "values (it would scale each output channel apart)",
+    )
     storage: Literal["dense", "indices"] = Field(
         default="dense",
         description="ONNX: dense (float weights holding k values) | indices (uint8 indices + codebook, Cast + Gather)",
@@ -141,6 +147,8 @@ def _cluster_torch(model, config: Config, ctx: Context):
     plan = make_plan(
         torch_layers(module, model.inputs), config, f"the {type(module).__name__} model", "cluster", "clusters"
     )
+    if config.fold_batchnorm:
+        _fold_batchnorms(module, model.inputs, [members[0].name for members, _ in plan.groups], ctx)
     per_layer = {}
     for members, k in plan.groups:
         layer = members[0]
@@ -154,6 +162,21 @@ def _cluster_torch(model, config: Config, ctx: Context):
         per_layer[layer.name] = {"clusters": int(len(centroids)), "weights": layer.numel, "zero_pinned": keep_zero}
     _record(ctx, plan, per_layer)
     return model.with_(module=module)
+
+
+def _fold_batchnorms(module, inputs, clustered: list[str], ctx: Context) -> None:
+    from optcli.passes.cluster.fold import find_pairs, fold
+
+    found = find_pairs(module, inputs)
+    folded = {layer: norm for layer, norm in found.pairs.items() if layer in clustered}
+    for layer, norm in folded.items():
+        fold(module, layer, norm)
+    ctx.details["folded_batchnorm"] = folded
+    if found.reason:
+        ctx.warn(
+            f"BatchNorm not folded before clustering: {found.reason}; an export folds it per output channel, so the "
+            "file holds up to clusters x channels values per conv"
+        )
 
 
 # --------------------------------------------------------------------------- ONNX
