@@ -79,6 +79,9 @@ def test_int8_weight_only_is_closer_than_int4(encoder, tmp_path):
         ({"block_size": 32}, "add weights: int4"),
         ({"weights": "int8", "algorithm": "hqq"}, "int4 only"),
         ({"weights": "int4", "op_types": ["Conv"]}, "MatMul and Gather only"),
+        ({"weights": "int4", "ratio": 0.8, "target": {"min_value": 0.99}}, "ratio or target"),
+        ({"weights": "int4", "search": {"modes": ["static"]}}, "belongs to the int8 search"),
+        ({"weights": "int8", "ratio": 0.5}, "mixes nothing"),
     ],
 )
 def test_weight_only_refuses_incompatible_options_at_load(encoder, tmp_path, quantize, words):
@@ -124,3 +127,50 @@ def test_int4_on_an_opset_17_graph_with_reducel2_converts_the_opset_and_runs(tmp
     assert ops.get("GatherBlockQuantized") == 1 and ops.get("MatMulNBits") == 1
     assert result.json()["steps"][-1]["details"]["weight_only"]["opset"] == {"from": 17, "to": 21}
     assert result.json()["steps"][-1]["fidelity"]["cosine_mean"] > 0.97
+
+
+def _bits_by_node(path) -> dict[str, int]:
+    return {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in onnx.load(str(path)).graph.node
+        if n.op_type == "MatMulNBits"
+    }
+
+
+def test_ratio_keeps_the_most_sensitive_matmuls_in_int8_and_gets_closer_than_all_int4(encoder, tmp_path):
+    runs = {}
+    for name, extra in (("all", {}), ("half", {"ratio": 0.5})):
+        recipe = _recipe(encoder, {"weights": "int4", "block_size": 32, **extra})
+        result = run_cli("run", write_recipe(tmp_path, recipe, f"{name}.yaml"), "-o", tmp_path / name, "--json")
+        assert result.exit_code == 0, result.stderr
+        runs[name] = result.json()["steps"][-1]
+    bits = _bits_by_node(tmp_path / "half" / "model.onnx")
+    mixed = runs["half"]["details"]["weight_only"]["mixed"]
+    # The backup nodes named in the report are the ones written with 8 bits (ORT names them node + "_Q8").
+    assert {n for n, b in bits.items() if b == 8} == {f"{n}_Q8" for n in mixed["backup_nodes"]}
+    assert 0 < len(mixed["backup_nodes"]) < mixed["matmuls"] and mixed["low_bit_share"] <= 0.5
+    assert set(mixed["sensitivity"]) >= set(mixed["backup_nodes"])
+    assert set(_bits_by_node(tmp_path / "all" / "model.onnx").values()) == {4}
+    assert runs["half"]["fidelity"]["cosine_mean"] > runs["all"]["fidelity"]["cosine_mean"]
+    assert runs["all"]["size_bytes"] < runs["half"]["size_bytes"]
+
+
+def test_target_finds_the_fewest_int8_matmuls_that_meet_it(encoder, tmp_path):
+    cos, matmuls = {}, {"block_size": 32, "op_types": ["MatMul"]}  # embeddings float: all-int8 is reachable
+    for weights in ("int4", "int8"):
+        recipe = _recipe(encoder, {"weights": weights, **matmuls})
+        result = run_cli("run", write_recipe(tmp_path, recipe, f"{weights}.yaml"), "-o", tmp_path / weights, "--json")
+        cos[weights] = result.json()["steps"][-1]["fidelity"]["cosine_mean"]
+    goal = round((cos["int4"] + cos["int8"]) / 2, 6)  # between all-int4 (misses) and all-int8 (meets)
+    recipe = _recipe(encoder, {"weights": "int4", **matmuls, "target": {"metric": "cosine", "min_value": goal}})
+    result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.stderr
+    step = result.json()["steps"][-1]
+    search = step["details"]["search"]
+    rows = {r["config"]["promoted"]: r for r in search["candidates"]}
+    (chosen,) = [k for k, r in rows.items() if r["chosen"]]
+    assert rows[chosen]["meets_target"] and rows[chosen]["metric"] >= goal
+    assert chosen > 0 and not rows[chosen - 1]["meets_target"]  # one fewer promoted layer misses the target
+    assert sum(b == 8 for b in _bits_by_node(tmp_path / "out" / "model.onnx").values()) == chosen
+    assert step["fidelity"]["cosine_mean"] >= goal - 1e-6  # measured again by the report on the written file
+    assert "mixes tried" in (tmp_path / "out" / "report.md").read_text()

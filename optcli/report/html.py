@@ -14,7 +14,6 @@ from optcli.report.view import (
     IO_HEADERS,
     LATENCY_HEADERS,
     SEARCH_HEADERS,
-    SENSITIVITY_HEADERS,
     TRAINING_HEADERS,
     accuracy,
     batch_sizes,
@@ -38,6 +37,7 @@ from optcli.report.view import (
     ratio_legend,
     search_candidates,
     search_rows,
+    sensitivity_headers,
     sensitivity_rows,
     step_actions,
     step_table,
@@ -181,7 +181,7 @@ def _int8_sections(step: dict, name: str) -> list[str]:
         ]
     sens = sensitivity_rows(step)
     if sens:
-        out += [f"<h2>{escape(name)}: per-node sensitivity</h2>", html_table(SENSITIVITY_HEADERS, sens)]
+        out += [f"<h2>{escape(name)}: per-node sensitivity</h2>", html_table(sensitivity_headers(step), sens)]
     return out
 
 

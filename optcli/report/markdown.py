@@ -12,7 +12,6 @@ from optcli.report.view import (
     IO_HEADERS,
     LATENCY_HEADERS,
     SEARCH_HEADERS,
-    SENSITIVITY_HEADERS,
     TRAINING_HEADERS,
     clean,
     env_rows,
@@ -28,6 +27,7 @@ from optcli.report.view import (
     ratio_legend,
     search_candidates,
     search_rows,
+    sensitivity_headers,
     sensitivity_rows,
     step_actions,
     step_table,
@@ -125,5 +125,5 @@ def _int8_sections(step: dict, name: str) -> list[str]:
         ]
     sens = sensitivity_rows(step)
     if sens:
-        out += [f"## {name}: per-node sensitivity", "", md_table(SENSITIVITY_HEADERS, sens), ""]
+        out += [f"## {name}: per-node sensitivity", "", md_table(sensitivity_headers(step), sens), ""]
     return out

@@ -17,7 +17,7 @@ DASH = "—"
 
 LATENCY_HEADERS = ["step", "batch", "p50 ms", "p90 ms", "p99 ms", "throughput /s", "runs"]
 TRAINING_HEADERS = ["epoch", "loss", "metric", "best"]
-SEARCH_HEADERS = ["candidate", "latency ms", "metric", "chosen"]
+SEARCH_HEADERS = ["candidate", "latency ms", "size", "metric", "chosen"]
 IO_HEADERS = ["", "path", "format", "sha256"]
 ENV_HEADERS = ["", "value"]
 
@@ -390,7 +390,13 @@ def training_summary(step: dict) -> str:
 def search_rows(step: dict) -> list[list[str]]:
     cands, _ = search_candidates(step)
     return [
-        [candidate_label(c, i), fmt_ms(c.get("latency_ms")), fmt_num(c.get("metric")), "✓" if c.get("chosen") else ""]
+        [
+            candidate_label(c, i),
+            fmt_ms(c.get("latency_ms")),
+            format_bytes(c.get("size_bytes")),
+            fmt_num(c.get("metric")),
+            "✓" if c.get("chosen") else "",
+        ]
         for i, c in enumerate(cands)
     ]
 
@@ -469,7 +475,13 @@ def graph_change_lines(step: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- int8: what the session runs (search profile)
 INT8_OP_HEADERS = ["op type", "fp32 ms", "int8 ms", "int8", "kept fp32", "why fp32"]
-SENSITIVITY_HEADERS = ["node", "metric drop (int8 alone)", "kept fp32"]
+
+
+def sensitivity_headers(step: dict) -> list[str]:
+    """The int8 search drops nodes to fp32; the weight-only one keeps nodes at its backup precision."""
+    search = dig(step, "details", "search") or {}
+    low, kept = search.get("quantized_as", "int8"), search.get("kept_in", "fp32")
+    return ["node", f"metric drop ({low} alone)", f"kept {kept}"]
 
 
 def int8_profile(step: dict) -> dict | None:
@@ -532,6 +544,8 @@ def _on_off(flag: Any, yes: str, no: str) -> str:
 def step_action(step: dict, config: dict) -> str:
     """What one pass did, in a sentence: its settings as they ran and what it measured on the way."""
     kind, details = step.get("type"), step.get("details") or {}
+    if kind == "quantize" and config.get("weights"):
+        return weight_only_action(config, details)
     if kind == "quantize":
         search = details.get("search")
         if isinstance(search, dict):
@@ -580,6 +594,27 @@ def step_action(step: dict, config: dict) -> str:
         )
     shown = {k: v for k, v in config.items() if k != "type" and v not in (None, [], {})}
     return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def weight_only_action(config: dict, details: dict) -> str:
+    wo = details.get("weight_only") or {}
+    ops = wo.get("quantized_ops") or {}
+    text = (
+        f"weight-only {config.get('weights')} ({config.get('algorithm', 'rtn')}, block {config.get('block_size')}"
+        f"{', symmetric' if config.get('symmetric') else ''}); "
+        f"{fmt_count(ops.get('MatMulNBits', 0))} MatMulNBits / {fmt_count(ops.get('GatherBlockQuantized', 0))} "
+        "GatherBlockQuantized"
+    )
+    mixed = wo.get("mixed") or {}
+    if mixed.get("backup_nodes") is not None:
+        text += (
+            f"; {len(mixed['backup_nodes'])} of {fmt_count(mixed.get('matmuls'))} MatMuls (the most sensitive) in "
+            f"{mixed.get('backup')}, {fmt_num(mixed.get('low_bit_share'))} of the MatMul weights in {config.get('weights')}"
+        )
+    search = details.get("search")
+    if isinstance(search, dict):
+        text += f"; {len(search.get('candidates') or [])} mixes tried for target {fmt_num(search.get('target'))}"
+    return text
 
 
 def step_actions(report: dict) -> list[tuple[str, str]]:

@@ -70,6 +70,11 @@ def check(config: Config, recipe, input_format: str) -> None:
         )
     preset_mode = target in TARGET_PRESETS and "mode" not in config.model_fields_set
     config = for_target(config, target)
+    if config.weights is not None and config.ratio < 1 and recipe.data.eval is None:
+        raise ValueError(
+            "ratio < 1 ranks MatMuls by how far their low-bit weights move the outputs: add data.eval (inputs only; "
+            "the cosine to the original needs no labels)"
+        )
     if config.target is not None:
         if recipe.data.eval is None:
             raise ValueError("target needs data.eval (the inputs the metric is measured on; cosine needs no labels)")
@@ -203,7 +208,12 @@ def _weight_only(model, config: Config, ctx: Context):
 
     exclude = resolve_exclude(onnx.load(str(model.path), load_external_data=False), config.exclude, ctx)
     target = ctx.step_dir / "model.onnx"
-    ctx.details["weight_only"] = quantize_weights(model.path, target, config, exclude, ctx)
+    if config.target is not None:
+        from optcli.passes.quantize.weight_mix import run_search
+
+        ctx.details["weight_only"] = run_search(model, config, ctx, model.path, target, exclude)
+    else:
+        ctx.details["weight_only"] = quantize_weights(model, target, config, exclude, ctx)
     return model.with_(path=target)
 
 

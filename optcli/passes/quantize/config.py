@@ -77,6 +77,10 @@ class Search(StrictModel):
     )
 
 
+# The search keys a weight-only search reads (the others steer the int8 candidates).
+WEIGHT_SEARCH_KEYS = ("sensitivity_samples", "eval_samples", "time_budget_s")
+
+
 class Config(PassConfig):
     type: Literal["quantize"] = "quantize"
     mode: Literal["dynamic", "static"] = Field(
@@ -107,7 +111,8 @@ class Config(PassConfig):
     )
     target: Target | None = Field(
         default=None,
-        description="search for the fastest int8 model meeting this (mode/per_channel/calibration/smoothquant are then searched)",
+        description="search for the fastest int8 model meeting this (mode/per_channel/calibration/smoothquant are then "
+        "searched); with weights: the fewest MatMuls at backup that meet it",
     )
     search: Search = Search()
     allow_slower: bool = Field(
@@ -129,6 +134,16 @@ class Config(PassConfig):
     algorithm: Literal["rtn", "hqq"] = Field(
         default="rtn", description="weights: rtn (round to nearest) | hqq (half-quadratic; MatMul only, int4 only)"
     )
+    ratio: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="weights: share of MatMul weights at `weights`; the most sensitive rest at `backup` (NNCF's ratio; "
+        "ranked on data.eval)",
+    )
+    backup: Literal["int8", "fp32"] = Field(
+        default="int8", description="weights: precision of the MatMuls ratio or a target keeps out of `weights`"
+    )
 
     @model_validator(mode="after")
     def _weight_only_fits(self) -> Config:
@@ -138,7 +153,7 @@ class Config(PassConfig):
             for k in self.model_fields_set
             if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)
         }
-        weight_keys = {"block_size", "symmetric", "accuracy_level", "algorithm"} & written
+        weight_keys = {"block_size", "symmetric", "accuracy_level", "algorithm", "ratio", "backup"} & written
         if self.weights is None:
             if weight_keys:
                 raise ValueError(
@@ -156,8 +171,6 @@ class Config(PassConfig):
             "smoothquant",
             "preprocess",
             "extra_options",
-            "target",
-            "search",
             "allow_slower",
         } & written
         if clash:
@@ -165,6 +178,16 @@ class Config(PassConfig):
                 f"weights: {self.weights} is weight-only (activations stay float, no calibration); "
                 f"{', '.join(sorted(clash))} belong to the int8 activation modes: drop them or drop weights"
             )
+        searched = {k for k in self.search.model_fields_set if k not in WEIGHT_SEARCH_KEYS}
+        if searched:
+            raise ValueError(
+                f"search.{sorted(searched)[0]} belongs to the int8 search; with weights the search ranks MatMuls and "
+                f"takes only {', '.join(f'search.{k}' for k in WEIGHT_SEARCH_KEYS)}"
+            )
+        if self.target is not None and "ratio" in written:
+            raise ValueError("give ratio or target, not both: a target searches for the ratio")
+        if (self.ratio < 1 or self.target is not None) and self.weights == "int8" and self.backup == "int8":
+            raise ValueError("weights: int8 with backup: int8 mixes nothing; use backup: fp32 (or weights: int4)")
         ops = set(self.op_types or [])
         if ops - {"MatMul", "Gather"}:
             raise ValueError(

@@ -593,8 +593,9 @@ class Search:
         return best
 
 
-def evaluation_for(model, config, ctx) -> Evaluation:
-    """data.eval batches, their labels, and the original model's outputs on them."""
+def evaluation_for(model, config, ctx, metric: str | None = None) -> Evaluation:
+    """data.eval batches, their labels, and the original model's outputs on them; scored by metric (default: the
+    target's)."""
     from optcli.errors import PassFailed
 
     data = ctx.data.eval
@@ -603,16 +604,17 @@ def evaluation_for(model, config, ctx) -> Evaluation:
     pairs = list(data.batches(batch_size=fixed or data.batch_size, limit=config.search.eval_samples))
     batches = [feeds for feeds, _ in pairs]
     labels = np.concatenate([y for _, y in pairs]) if data.labels is not None else None
-    if config.target.metric != "cosine" and labels is None:
+    metric = metric or config.target.metric
+    if metric != "cosine" and labels is None:
         raise PassFailed(
             ctx.step_name,
-            f"target metric {config.target.metric} needs labels in data.eval (set data.eval.labels), or use metric: cosine",
+            f"target metric {metric} needs labels in data.eval (set data.eval.labels), or use metric: cosine",
         )
     reference = predict(runner_for(ctx.reference, spec.threads), batches)
     return Evaluation(
         batches,
         labels,
-        config.target.metric,
+        metric,
         reference,
         model.inputs,
         spec.threads,
