@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -244,6 +245,25 @@ def test_the_shipped_minilm_recipe_runs_from_a_sentence_transformers_folder(tmp_
     assert final["details"]["search"]["chosen"]
     embedding = _onnx(Path(report["output"]["path"]), _feeds(folder, ["the dog sat", "a red car"], 12))
     np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=0.02)  # Normalize is in the graph
+
+
+def test_the_shipped_minilm_int4_recipe_meets_its_target_with_int8_where_it_must(tmp_path):
+    import yaml
+    from hf_models import sentence_transformers_layout
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "minilm_hf_int4.yaml").read_text())
+    folder = sentence_transformers_layout(tiny_bert(tmp_path / "bert"), tmp_path / "minilm-like")
+    write_text(tmp_path / "eval.txt", SENTENCES * 2)
+    shipped["model"]["path"] = str(folder)
+    shipped["data"]["eval"].update(text=str(tmp_path / "eval.txt"), max_length=32)
+    shipped["report"] = LATENCY
+    result = _run(tmp_path, shipped)
+    assert result.exit_code in (0, 1), result.stderr  # 1 only where a default gate fails on this tiny model
+    final = result.json()["steps"][-1]
+    gate = next(g for g in final["details"]["gates"] if g["name"].startswith("target cosine"))
+    assert gate["passed"] and final["fidelity"]["cosine_mean"] >= 0.99
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
 
 
 def test_init_writes_a_labelled_recipe_for_a_token_classifier(folders, tmp_path):

@@ -116,7 +116,7 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     from optcli.artifact import save_onnx
     from optcli.measure import size_on_disk
     from optcli.passes.quantize.search import evaluation_for, make_goal
-    from optcli.passes.quantize.weight_only import _float_weight_bytes, describe, prepared, warn_if_nothing
+    from optcli.passes.quantize.weight_only import describe, float_weight_bytes, prepared, warn_if_nothing
 
     t0 = time.perf_counter()
     proto, ops, opset = prepared(source, config, ctx)
@@ -154,7 +154,7 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
         shutil.copyfile(chosen.path, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    details = describe(onnx.load(str(target)), config, ops, opset, _float_weight_bytes(proto))
+    details = describe(onnx.load(str(target)), config, ops, opset, float_weight_bytes(proto))
     warn_if_nothing(details, ops, ctx)
     total = sum(counts.values()) or 1
 

@@ -118,7 +118,7 @@ def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dic
         from optcli.passes.quantize.weight_mix import backup_for_ratio
 
         backup, mix = backup_for_ratio(model, proto, config, exclude, ctx)
-    before = _float_weight_bytes(proto)
+    before = float_weight_bytes(proto)
     out = write(proto, config, ops, exclude, backup, ctx)
     save_onnx(out, target)
     details = describe(out, config, ops, opset, before)
@@ -175,7 +175,7 @@ def _opset_for_gather(proto, ops: tuple[str, ...], ctx) -> tuple[object, dict]:
         return proto, {"from": found, "to": found, "not_upgraded": why}
 
 
-def _float_weight_bytes(proto) -> int:
+def float_weight_bytes(proto) -> int:
     return sum(_nbytes(t) for t in proto.graph.initializer if t.data_type in (1, 10, 11, 16))
 
 
