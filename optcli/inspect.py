@@ -70,7 +70,9 @@ def _onnx_details(path: Path) -> dict:
 
     proto = onnx.load(str(path))
     weights = onnx_weight_tensors(proto)
-    dtypes = Counter(arr.dtype.name for _, arr in weights)
+    # As stored: a packed int4 weight is counted as the weights it holds, but its type is the file's (uint4 / uint8).
+    stored = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in proto.graph.initializer}
+    dtypes = Counter(stored.get(name, arr.dtype.name) for name, arr in weights)
     layers = {name: round(1 - np.count_nonzero(arr) / arr.size, 4) for name, arr in weights if arr.ndim >= 2}
     ops = dict(Counter(n.op_type for n in proto.graph.node).most_common())
     used = {n.domain or "ai.onnx" for n in proto.graph.node}
@@ -83,7 +85,7 @@ def _onnx_details(path: Path) -> dict:
         "outputs": [o.name for o in proto.graph.output],
         "output_specs": onnx_inputs(_outputs_as_inputs(proto)),
         "layer_sparsity": layers,
-        "summary": describe(model_kind(ops, dtypes), weights),
+        "summary": describe(model_kind(ops, dtypes, _nbits(proto)), weights),
     }
 
 
@@ -95,12 +97,24 @@ def _outputs_as_inputs(proto):
     return onnx.helper.make_model(graph)
 
 
-def model_kind(ops: dict, dtypes: Counter) -> str:
+def _nbits(proto) -> Counter:
+    """MatMulNBits nodes by their bits attribute (4 unless written)."""
+    return Counter(
+        next((a.i for a in n.attribute if a.name == "bits"), 4) for n in proto.graph.node if n.op_type == "MatMulNBits"
+    )
+
+
+def model_kind(ops: dict, dtypes: Counter, nbits: Counter | None = None) -> str:
     """What the model is, in one line: "static QDQ int8: 21 DequantizeLinear / 9 QuantizeLinear", "fp16 weights"."""
 
     def counted(*names: str) -> str:
         return " / ".join(f"{ops[n]} {n}" for n in names if ops.get(n))
 
+    if ops.get("MatMulNBits") or ops.get("GatherBlockQuantized"):
+        matmuls = " + ".join(f"{k} int{b}" for b, k in sorted((nbits or Counter()).items()))
+        parts = [f"{matmuls} MatMulNBits"] if matmuls else []
+        parts += [counted("GatherBlockQuantized")] if ops.get("GatherBlockQuantized") else []
+        return f"weight-only blockwise: {' / '.join(parts)}"
     if ops.get("QuantizeLinear") and ops.get("DequantizeLinear"):
         return f"static QDQ int8: {counted('DequantizeLinear', 'QuantizeLinear')}"
     if ops.get("DynamicQuantizeLinear") or ops.get("MatMulInteger") or ops.get("ConvInteger"):

@@ -24,6 +24,8 @@ _QUANT_PARAM_INPUTS = {
     "ConvInteger": {2, 3},
     "QLinearMatMul": {1, 2, 4, 5, 6, 7},
     "QLinearConv": {1, 2, 4, 5, 6, 7},
+    "MatMulNBits": {2, 3, 4},
+    "GatherBlockQuantized": {2, 3},
 }
 
 
@@ -155,7 +157,7 @@ def parameter_counts(path: Path, module=None) -> dict:
     }
 
 
-_WEIGHT_DTYPES = (1, 10, 11, 16, 3, 2, 5)  # float types and int8/uint8/int16
+_WEIGHT_DTYPES = (1, 10, 11, 16, 3, 2, 5, 21, 22)  # float types, int8/uint8/int16, uint4/int4
 
 
 def onnx_weight_tensors(proto) -> list[tuple[str, np.ndarray]]:
@@ -192,7 +194,48 @@ def onnx_weight_tensors(proto) -> list[tuple[str, np.ndarray]]:
             size = int(np.prod(shape)) if shape else 1
             if size > 1 and node.output[0] not in skip and 0 < size <= 1 << 31:
                 found.append((node.output[0], np.broadcast_to(fill.astype(fill.dtype), (size,))))
-    return found
+    logical = blocked_weights(proto, known)
+    return [(name, logical.get(name, arr)) for name, arr in found]
+
+
+def blocked_weights(proto, known: dict) -> dict[str, np.ndarray]:
+    """Packed weights of MatMulNBits / GatherBlockQuantized as the weights they stand for: one value per weight,
+    the quantized value minus its block's zero point (0 exactly where the weight is 0), so counts and sparsity are
+    those of the model, not of its bytes (two int4 weights per byte)."""
+    out = {}
+    for node in proto.graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type == "MatMulNBits" and node.input[1] in known:
+            k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]
+            packed = np.asarray(known[node.input[1]], dtype=np.uint8).reshape(n, -1)
+            q = _unpack(packed, bits).reshape(n, -1, block)
+            blocks = q.shape[1]
+            zp_name = node.input[3] if len(node.input) > 3 else ""
+            if zp_name and zp_name in known and known[zp_name].dtype == np.uint8:
+                zp = _unpack(np.asarray(known[zp_name]).reshape(n, -1), bits)[:, :blocks]
+            else:
+                zp = np.full((n, blocks), 1 << (bits - 1))  # symmetric blocks: the midpoint of the unsigned range
+            out[node.input[1]] = (q.astype(np.int16) - zp[..., None]).reshape(n, -1)[:, :k]
+        elif node.op_type == "GatherBlockQuantized" and node.input[0] in known:
+            data = np.asarray(known[node.input[0]])
+            if data.dtype.name not in ("uint4", "int4") or data.ndim != 2:
+                continue
+            axis, block = attrs.get("quantize_axis", 1), attrs.get("block_size", 128)
+            zp_name = node.input[3] if len(node.input) > 3 else ""
+            zp = np.asarray(known[zp_name]).astype(np.int16) if zp_name in known else 8 * (data.dtype.name == "uint4")
+            if np.ndim(zp):
+                zp = np.repeat(zp, block, axis=axis).take(range(data.shape[axis]), axis=axis)
+            out[node.input[0]] = data.astype(np.int16) - zp
+    return out
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Little-end-first fields of `bits` bits in each byte, along the last axis."""
+    if bits == 8:
+        return packed
+    per = 8 // bits
+    fields = [(packed >> (bits * j)) & ((1 << bits) - 1) for j in range(per)]
+    return np.stack(fields, axis=-1).reshape(*packed.shape[:-1], -1)
 
 
 def _onnx_weights(path: Path) -> tuple[int, int]:

@@ -59,6 +59,10 @@ def test_int4_weight_only_quantizes_matmul_and_gather_and_shrinks_the_file(encod
     details = final["details"]["weight_only"]
     assert details["quantized_ops"]["MatMulNBits"] == ops["MatMulNBits"]
     assert details["weight_bytes_after"]["scales"] > 0 and details["weight_bytes_after"]["zero_points"] == 0
+    # Packed int4 bytes hold two weights each: the model's weights are counted, not its bytes.
+    assert final["parameters"] == export["parameters"]
+    shown = run_cli("inspect", tmp_path / "out" / "model.onnx", "--json").json()
+    assert shown["summary"].startswith(f"weight-only blockwise: {ops['MatMulNBits']} int4 MatMulNBits")
 
 
 def test_int8_weight_only_is_closer_than_int4(encoder, tmp_path):
@@ -151,6 +155,11 @@ def test_ratio_keeps_the_most_sensitive_matmuls_in_int8_and_gets_closer_than_all
     assert 0 < len(mixed["backup_nodes"]) < mixed["matmuls"] and mixed["low_bit_share"] <= 0.5
     assert set(mixed["sensitivity"]) >= set(mixed["backup_nodes"])
     assert set(_bits_by_node(tmp_path / "all" / "model.onnx").values()) == {4}
+    # int8 blocks never longer than the layer (a 64-deep weight in blocks of 128 would be half padding)
+    for node in onnx.load(str(tmp_path / "half" / "model.onnx")).graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            assert attrs["block_size"] <= attrs["K"], node.name
     assert runs["half"]["fidelity"]["cosine_mean"] > runs["all"]["fidelity"]["cosine_mean"]
     assert runs["all"]["size_bytes"] < runs["half"]["size_bytes"]
 

@@ -59,10 +59,24 @@ def write(proto, config, ops: tuple[str, ...], exclude: set[str], backup: frozen
     out = _run(onnx.ModelProto.FromString(proto.SerializeToString()), _algo(config, bits, ops), exclude | backup, ctx)
     if backup and config.backup == "int8":
         # int8 needs no fine blocks (NNCF's int8 backup is per channel): block 128 costs 0.12 B less per weight
-        # than block 32, which is what lets more layers into int8 within a size budget.
-        rtn = config.model_copy(update={"algorithm": "rtn", "block_size": max(config.block_size, BACKUP_BLOCK)})
-        out = _run(out, _algo(rtn, 8, ("MatMul",)), exclude, ctx)  # the MatMuls quantized above are MatMulNBits now
+        # than block 32, which is what lets more layers into int8 within a size budget. A block longer than the
+        # layer's K would be padded, so a narrow layer gets the largest power of two that fits.
+        depth = {n.name: _reduction_length(proto, n) for n in proto.graph.node if n.name in backup}
+        blocks = {
+            name: max(config.block_size, min(BACKUP_BLOCK, 1 << max(4, k.bit_length() - 1)))
+            for name, k in depth.items()
+        }
+        for block in sorted(set(blocks.values())):
+            rtn = config.model_copy(update={"algorithm": "rtn", "block_size": block})
+            others = exclude | {name for name, b in blocks.items() if b != block}
+            out = _run(out, _algo(rtn, 8, ("MatMul",)), others, ctx)  # the int4 MatMuls are MatMulNBits by now
     return out
+
+
+def _reduction_length(proto, node) -> int:
+    """K of a MatMul's constant (K, N) weight; 0 when it has none (the quantizer leaves such a node alone)."""
+    dims = next((list(t.dims) for t in proto.graph.initializer if t.name == node.input[1]), [])
+    return int(dims[0]) if len(dims) == 2 else 0
 
 
 def _algo(config, bits: int, ops: tuple[str, ...]):
@@ -86,9 +100,14 @@ def _algo(config, bits: int, ops: tuple[str, ...]):
 def _run(proto, algo, exclude: set[str], ctx):
     with _quiet_import():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    import numpy as np
+
     try:
         quantizer = MatMulNBitsQuantizer(proto, algo_config=algo, nodes_to_exclude=sorted(exclude))
-        quantizer.process()
+        # An all-zero block (an embedding's padding row) has scale 0: ORT's np.where(scale == 0, ...) still
+        # evaluates x / scale for it and numpy warns, though the masked value is never used.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            quantizer.process()
     except Exception as e:
         raise PassFailed(
             ctx.step_name, f"weight-only quantization failed: {type(e).__name__}: {str(e)[:300]}"
