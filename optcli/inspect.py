@@ -67,6 +67,7 @@ def _onnx_details(path: Path) -> dict:
 
     from optcli.artifact import onnx_inputs
     from optcli.measure import onnx_weight_tensors
+    from optcli.onnx_check import nbits_counts
 
     proto = onnx.load(str(path))
     weights = onnx_weight_tensors(proto)
@@ -85,7 +86,7 @@ def _onnx_details(path: Path) -> dict:
         "outputs": [o.name for o in proto.graph.output],
         "output_specs": onnx_inputs(_outputs_as_inputs(proto)),
         "layer_sparsity": layers,
-        "summary": describe(model_kind(ops, dtypes, _nbits(proto)), weights),
+        "summary": describe(model_kind(ops, dtypes, nbits_counts(proto)), weights),
     }
 
 
@@ -97,21 +98,14 @@ def _outputs_as_inputs(proto):
     return onnx.helper.make_model(graph)
 
 
-def _nbits(proto) -> Counter:
-    """MatMulNBits nodes by their bits attribute (4 unless written)."""
-    return Counter(
-        next((a.i for a in n.attribute if a.name == "bits"), 4) for n in proto.graph.node if n.op_type == "MatMulNBits"
-    )
-
-
-def model_kind(ops: dict, dtypes: Counter, nbits: Counter | None = None) -> str:
+def model_kind(ops: dict, dtypes: Counter, nbits: dict[int, int] | None = None) -> str:
     """What the model is, in one line: "static QDQ int8: 21 DequantizeLinear / 9 QuantizeLinear", "fp16 weights"."""
 
     def counted(*names: str) -> str:
         return " / ".join(f"{ops[n]} {n}" for n in names if ops.get(n))
 
     if ops.get("MatMulNBits") or ops.get("GatherBlockQuantized"):
-        matmuls = " + ".join(f"{k} int{b}" for b, k in sorted((nbits or Counter()).items()))
+        matmuls = " + ".join(f"{k} int{b}" for b, k in sorted((nbits or {}).items()))
         parts = [f"{matmuls} MatMulNBits"] if matmuls else []
         parts += [counted("GatherBlockQuantized")] if ops.get("GatherBlockQuantized") else []
         return f"weight-only blockwise: {' / '.join(parts)}"

@@ -152,6 +152,19 @@ def place(path: Path, folder: Path, move: bool) -> Path:
     return folder / path.name
 
 
+def nbits_counts(proto) -> dict[int, int]:
+    """MatMulNBits nodes by their bits attribute (4 unless written)."""
+    from collections import Counter
+
+    return dict(
+        Counter(
+            next((a.i for a in n.attribute if a.name == "bits"), 4)
+            for n in proto.graph.node
+            if n.op_type == "MatMulNBits"
+        )
+    )
+
+
 def name_nodes(proto) -> None:
     """Give unnamed nodes stable names (op type + position): exclusion lists and block lists work by node name."""
     used = {n.name for n in proto.graph.node if n.name}

@@ -141,7 +141,9 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     try:
         chosen = trial(0)
         if not chosen.meets and counts:
-            order, loss, counts = rank(proto, config, exclude, cosine_evaluation(model, config, ctx), ctx)
+            # The target's own evaluation ranks too when it scores cosine: the reference outputs are not recomputed.
+            ranking = ev if goal.metric == "cosine" else cosine_evaluation(model, config, ctx)
+            order, loss, counts = rank(proto, config, exclude, ranking, ctx)
             lo, hi = 0, len(order)
             chosen = trial(hi)  # everything promoted: when even this misses, no mix can meet the target
             while chosen.meets and hi - lo > 1:

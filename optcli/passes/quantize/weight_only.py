@@ -61,7 +61,8 @@ def write(proto, config, ops: tuple[str, ...], exclude: set[str], backup: frozen
         # int8 needs no fine blocks (NNCF's int8 backup is per channel): block 128 costs 0.12 B less per weight
         # than block 32, which is what lets more layers into int8 within a size budget. A block longer than the
         # layer's K would be padded, so a narrow layer gets the largest power of two that fits.
-        depth = {n.name: _reduction_length(proto, n) for n in proto.graph.node if n.name in backup}
+        shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+        depth = {n.name: shapes[n.input[1]][0] for n in proto.graph.node if n.name in backup}
         blocks = {
             name: max(config.block_size, min(BACKUP_BLOCK, 1 << max(4, k.bit_length() - 1)))
             for name, k in depth.items()
@@ -71,12 +72,6 @@ def write(proto, config, ops: tuple[str, ...], exclude: set[str], backup: frozen
             others = exclude | {name for name, b in blocks.items() if b != block}
             out = _run(out, _algo(rtn, 8, ("MatMul",)), others, ctx)  # the int4 MatMuls are MatMulNBits by now
     return out
-
-
-def _reduction_length(proto, node) -> int:
-    """K of a MatMul's constant (K, N) weight; 0 when it has none (the quantizer leaves such a node alone)."""
-    dims = next((list(t.dims) for t in proto.graph.initializer if t.name == node.input[1]), [])
-    return int(dims[0]) if len(dims) == 2 else 0
 
 
 def _algo(config, bits: int, ops: tuple[str, ...]):
@@ -148,12 +143,10 @@ def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dic
 
 
 def describe(out, config, ops: tuple[str, ...], opset: dict, before: int) -> dict:
+    from optcli.onnx_check import nbits_counts
+
     counts = {op: sum(1 for n in out.graph.node if n.op_type == op) for op in WRITTEN}
-    bits = {}
-    for n in out.graph.node:
-        if n.op_type == "MatMulNBits":
-            b = next((a.i for a in n.attribute if a.name == "bits"), 4)
-            bits[f"int{b}"] = bits.get(f"int{b}", 0) + 1
+    bits = {f"int{b}": k for b, k in nbits_counts(out).items()}
     return {
         "opset": opset,
         "weights": config.weights,
