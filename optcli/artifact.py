@@ -20,6 +20,7 @@ from optcli.library_warnings import quiet_loggers
 from optcli.model import (
     InputSpec,
     Model,
+    batch_axes,
     example_inputs,
     fold_pruning,
     readable_dim,
@@ -131,14 +132,45 @@ _ONNX_DTYPES = {
 
 def onnx_inputs(proto) -> list[dict]:
     initializers = {t.name for t in proto.graph.initializer}
+    bounds = gather_bounds(proto)
     out = []
     for inp in proto.graph.input:
         if inp.name in initializers:
             continue
         tt = inp.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        out.append({"name": inp.name, "shape": dims, "dtype": _ONNX_DTYPES.get(tt.elem_type, f"onnx:{tt.elem_type}")})
+        item = {"name": inp.name, "shape": dims, "dtype": _ONNX_DTYPES.get(tt.elem_type, f"onnx:{tt.elem_type}")}
+        if inp.name in bounds:
+            item["high"] = bounds[inp.name]
+        out.append(item)
     return out
+
+
+# Ops an index passes through unchanged in value on its way to a Gather (an exporter's casts and reshapes).
+_INDEX_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
+
+
+def gather_bounds(proto) -> dict[str, int]:
+    """Integer graph inputs that index a constant table (Gather's indices: an embedding's token ids): the table's
+    size along the gathered axis, the exclusive bound of the ids generated for them."""
+    sizes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output:
+            attr = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if attr is not None:
+                sizes[node.output[0]] = list(attr.t.dims)
+    origin = {i.name: i.name for i in proto.graph.input if i.name not in sizes}
+    bounds: dict[str, int] = {}
+    for node in proto.graph.node:  # topological order: an index's origin is known before its Gather
+        if node.op_type in _INDEX_PASSTHROUGH and node.input and node.input[0] in origin:
+            origin[node.output[0]] = origin[node.input[0]]
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in origin and node.input[0] in sizes:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = sizes[node.input[0]]
+            if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
+                name = origin[node.input[1]]
+                bounds[name] = min(bounds.get(name, dims[axis]), dims[axis])
+    return bounds
 
 
 def load_exported_program(path: Path) -> Model:
@@ -197,7 +229,8 @@ def load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
             raise BadInput(
                 f"{path}: could not load the TorchScript archive ({type(e).__name__}: {str(e)[:200]})"
             ) from None
-        return Model(format="torch", inputs=[], module=module.eval(), path=path, kind="torchscript")
+        module = module.eval()
+        return Model(format="torch", inputs=torchscript_inputs(module), module=module, path=path, kind="torchscript")
     if not _looks_like_torch_save(path):
         raise BadInput(
             f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a pickle); is it truncated or another format?"
@@ -295,17 +328,17 @@ def build_from_factory(ref: str, kwargs: dict, what: str):
         raise BadInput(f"{what} {ref}: {e}; check the *_kwargs given to it") from None
 
 
-def suggested_shape(dims: list, path: Path, dtype: str = "float32") -> tuple[int, ...]:
-    """A concrete shape for an input with free dimensions: batch 1, the sizes the file knows, and for free
-    height/width the image size an exporter recorded in the metadata (Ultralytics' imgsz), else 224; a free
+def suggested_shape(dims: list, path: Path, dtype: str = "float32", batch_axis: int | None = 0) -> tuple[int, ...]:
+    """A concrete shape for an input with free dimensions: batch 1 on the batch axis, the sizes the file knows, and
+    for free height/width the image size an exporter recorded in the metadata (Ultralytics' imgsz), else 224; a free
     sequence length of token ids 128."""
     side = _metadata_image_size(path)
-    spatial = [i for i in range(1, len(dims)) if not (isinstance(dims[i], int) and dims[i] > 0)]
+    spatial = [i for i in range(len(dims)) if i != batch_axis and not (isinstance(dims[i], int) and dims[i] > 0)]
     out = []
     for i, d in enumerate(dims):
         if isinstance(d, int) and d > 0:
             out.append(d)
-        elif i == 0:
+        elif i == batch_axis:
             out.append(1)
         else:
             k = spatial.index(i) - (len(spatial) - len(side)) if len(side) >= 1 else -1
@@ -329,7 +362,8 @@ def _metadata_image_size(path: Path) -> list[int]:
 def resolve_inputs(
     file_inputs: list[dict], recipe_inputs, path: Path, sequence_length: int | None = None
 ) -> list[InputSpec]:
-    """Input specs from the file where it fixes them, else from model.inputs; batch is dim 0.
+    """Input specs from the file where it fixes them, else from model.inputs; each with its batch axis (read from
+    the file's dims, or the recipe's batch_axis).
 
     With text data (sequence_length), a free dimension 1 is the sequence: measured at that length, left free.
     """
@@ -339,46 +373,140 @@ def resolve_inputs(
             raise BadInput(
                 f"{path}: the file does not record its inputs; list them under model.inputs (name, shape, dtype)"
             )
-        return [InputSpec(t.name, tuple(t.shape), t.dtype, batch_dynamic=len(t.shape) > 0) for t in recipe_inputs]
+        return [_recipe_only(t, path) for t in recipe_inputs]
     names = [i["name"] for i in file_inputs]
     for name in given:
         if name not in names:
             raise BadInput(f"model.inputs: {name!r} is not an input of {path.name} (its inputs: {', '.join(names)})")
+    if any(i.get("python") or i["shape"] is None for i in file_inputs):
+        return _schema_inputs(file_inputs, given, path)
+    axes = batch_axes(file_inputs)
     specs = []
-    for item in file_inputs:
+    for item, axis in zip(file_inputs, axes, strict=True):
         name, dims = item["name"], list(item["shape"])
-        if name in given:
-            t = given[name]
+        t = given.get(name)
+        if t is not None and "batch_axis" in t.model_fields_set:
+            axis = t.batch_axis if t.batch_axis is None or t.batch_axis < len(dims) else axis
+        batch_free = axis is not None and not (isinstance(dims[axis], int) and dims[axis] > 0)
+        if t is not None and t.shape is not None:
             if len(t.shape) != len(dims) or any(
-                isinstance(d, int) and d != s for d, s in zip(dims[1:], t.shape[1:], strict=False)
+                isinstance(d, int) and d > 0 and d != s and a != axis
+                for a, (d, s) in enumerate(zip(dims, t.shape, strict=False))
             ):
                 raise BadInput(
                     f"model.inputs: {name!r} has shape {readable_shape(t.shape)} but the file says {readable_shape(dims)}"
                     " (? is a size the file leaves free)"
                 )
+            dtype = t.dtype if "dtype" in t.model_fields_set else item["dtype"]
             specs.append(
-                InputSpec(name, tuple(t.shape), t.dtype, batch_dynamic=bool(dims) and not isinstance(dims[0], int))
+                InputSpec(
+                    name,
+                    tuple(t.shape),
+                    dtype,
+                    batch_dynamic=batch_free,
+                    high=item.get("high"),
+                    batch_axis=axis,
+                    value=t.value,
+                )
             )
             continue
         free = ()
-        if sequence_length and len(dims) == 2 and not (isinstance(dims[1], int) and dims[1] > 0):
+        if sequence_length and len(dims) == 2 and axis == 0 and not (isinstance(dims[1], int) and dims[1] > 0):
             dims[1], free = sequence_length, (1,)
-        for axis, d in enumerate(dims[1:], start=1):
-            if not isinstance(d, int) or d <= 0:
-                concrete = suggested_shape(dims, path, item["dtype"])
+        for a, d in enumerate(dims):
+            if a != axis and a not in free and (not isinstance(d, int) or d <= 0):
+                concrete = suggested_shape(dims, path, item["dtype"], axis)
                 label = readable_dim(d)
                 raise BadInput(
-                    f"input {name!r} has a dynamic dimension {axis}{f' ({label})' if label != '?' else ''} with no size: "
+                    f"input {name!r} has a dynamic dimension {a}{f' ({label})' if label != '?' else ''} with no size: "
                     f"give one with --shape {name}={'x'.join(map(str, concrete))} (optcli init) or in model.inputs "
                     f"(- {{name: {name}, shape: {list(concrete)}, dtype: {item['dtype']}}})"
                 )
-        batch_dynamic = bool(dims) and not (isinstance(dims[0], int) and dims[0] > 0)
-        shape = tuple([1 if batch_dynamic else dims[0], *dims[1:]]) if dims else ()
-        specs.append(InputSpec(name, shape, item["dtype"], batch_dynamic=batch_dynamic, dynamic_axes=free))
+        shape = tuple(1 if a == axis and batch_free else d for a, d in enumerate(dims))
+        specs.append(
+            InputSpec(
+                name,
+                shape,
+                item["dtype"],
+                batch_dynamic=batch_free,
+                dynamic_axes=free,
+                high=item.get("high"),
+                batch_axis=axis,
+                value=t.value if t is not None else None,
+            )
+        )
     for spec in specs:
         if math.prod(spec.shape) > 2**31:
             raise BadInput(f"input {spec.name!r}: shape {readable_shape(spec.shape)} is too large to allocate")
     return specs
+
+
+def _recipe_only(t, path: Path) -> InputSpec:
+    """An input of a file that records none (a state_dict's module): all from the recipe; batch axis 0 unless set."""
+    if t.shape is None:
+        raise BadInput(f"model.inputs: {t.name!r} needs a shape ({path.name} does not record it): add shape: [...]")
+    return InputSpec(
+        t.name, tuple(t.shape), t.dtype, batch_dynamic=bool(t.shape), batch_axis=t.batch_axis, value=t.value
+    )
+
+
+def _schema_inputs(file_inputs: list[dict], given: dict, path: Path) -> list[InputSpec]:
+    """TorchScript: forward's arguments by name; tensors take the recipe's shape, Python numbers its value."""
+    specs = []
+    for item in file_inputs:
+        name, t = item["name"], given.get(item["name"])
+        if item.get("python"):
+            if t is None or t.value is None:
+                raise BadInput(
+                    f"model.inputs: {path.name}'s forward takes {name!r} as a Python {item['python']}, not a tensor: "
+                    f"give the value to pass (- {{name: {name}, value: ...}})"
+                )
+            specs.append(
+                InputSpec(
+                    name, (), item["dtype"], batch_dynamic=False, batch_axis=None, value=t.value, python=item["python"]
+                )
+            )
+        elif t is None or t.shape is None:
+            tensors = [i["name"] for i in file_inputs if not i.get("python")]
+            raise BadInput(
+                f"{path} does not record its input shapes; its forward takes {_signature(file_inputs)}: give the shape "
+                f"of {', '.join(repr(n) for n in tensors)} with --shape {tensors[0]}=1x3x32x32 (optcli init) or in model.inputs"
+            )
+        else:
+            specs.append(_recipe_only(t, path))
+    return specs
+
+
+def _signature(file_inputs: list[dict]) -> str:
+    return ", ".join(f"{i['name']}: {i.get('python') or 'Tensor'}" for i in file_inputs)
+
+
+_SCHEMA_NUMBERS = {"int": ("int64", "int"), "float": ("float32", "float"), "bool": ("bool", "bool")}
+
+
+def torchscript_inputs(module) -> list[dict]:
+    """forward's arguments as the TorchScript schema declares them: tensors (shape unknown), and Python numbers
+    (int / float / bool: a sample rate, a flag) fed as values. Arguments of other types are refused in a sentence."""
+    try:
+        arguments = module.forward.schema.arguments[1:]  # [0] is self
+    except (AttributeError, RuntimeError):
+        return []
+    out = []
+    for arg in arguments:
+        kind = str(arg.type).removeprefix("Optional[").removesuffix("]")
+        if kind == "Tensor":
+            out.append({"name": arg.name, "shape": None, "dtype": "float32"})
+        elif kind in _SCHEMA_NUMBERS:
+            dtype, python = _SCHEMA_NUMBERS[kind]
+            out.append({"name": arg.name, "shape": [], "dtype": dtype, "python": python})
+        elif arg.has_default_value():
+            continue  # left to its default
+        else:
+            raise BadInput(
+                f"TorchScript forward takes {arg.name!r} of type {arg.type}; optcli feeds tensors and Python "
+                "int / float / bool values only: wrap the module in one whose forward takes those"
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- saving

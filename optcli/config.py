@@ -11,7 +11,17 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationInfo,
+    model_validator,
+)
 
 DType = Literal["float32", "float16", "float64", "bfloat16", "int64", "int32", "int8", "uint8", "bool"]
 
@@ -41,15 +51,30 @@ ImportRef = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", d
 
 class TensorSpec(StrictModel):
     name: str = Field(min_length=1)
-    shape: list[Annotated[int, Field(ge=1, le=2**31)]] = Field(min_length=0, max_length=8)
+    shape: list[Annotated[int, Field(ge=1, le=2**31)]] | None = Field(
+        default=None, max_length=8, description="[] for a scalar; default: the file's shape"
+    )
     dtype: DType = "float32"
+    batch_axis: int | None = Field(
+        default=0,
+        ge=0,
+        le=7,
+        description="the axis samples are stacked on (1 for a layers x batch x hidden state); null: no batch axis, "
+        "the same value with every batch. Default: read from the file",
+    )
+    value: StrictBool | StrictInt | StrictFloat | None = Field(
+        default=None, description="an input without batch axis (a sample rate): the value fed with every batch"
+    )
 
     @model_validator(mode="after")
     def _not_huge(self) -> TensorSpec:
-        if math.prod(self.shape) > MAX_INPUT_ELEMENTS:
-            raise ValueError(
-                f"shape {self.shape} has {math.prod(self.shape):,} elements; the limit is {MAX_INPUT_ELEMENTS:,}"
-            )
+        shape = self.shape or []
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"shape {shape} has {math.prod(shape):,} elements; the limit is {MAX_INPUT_ELEMENTS:,}")
+        if self.value is not None and shape:
+            raise ValueError(f"value is for an input without batch axis (shape []), not one of shape {shape}")
+        if self.shape and self.batch_axis is not None and self.batch_axis >= len(self.shape):
+            raise ValueError(f"batch_axis {self.batch_axis} is not an axis of shape {self.shape}")
         return self
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,19 @@ class Dataset:
     unbatched: frozenset[str] = frozenset()
     where: str = ""  # "data.eval (test.npz)": what a message about this data names
     label_key: str | None = None
+    # The axis each array holds its samples on where it is not 0 (a state: layers x n x hidden); None: an input
+    # without batch axis stored once (a sample rate as a 0-d array), fed whole with every batch.
+    axes: dict[str, int | None] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        for k, v in self.arrays.items():
+            if self.axes.get(k, 0) is not None:
+                return v.shape[self.axes.get(k, 0)]
+        return 1
+
+    def _take(self, key: str, v: np.ndarray, idx) -> np.ndarray:
+        axis = self.axes.get(key, 0)
+        return v if axis is None else np.take(v, idx, axis=axis)
 
     def batches(
         self, batch_size: int | None = None, limit: int | None = None, epoch: int = 0
@@ -45,11 +55,11 @@ class Dataset:
         size = 1 if self.unbatched else batch_size or self.batch_size
         for start in range(0, n, size):
             idx = order[start : start + size]
-            feeds = {k: v[idx][0] if k in self.unbatched else v[idx] for k, v in self.arrays.items()}
+            feeds = {k: v[idx][0] if k in self.unbatched else self._take(k, v, idx) for k, v in self.arrays.items()}
             yield feeds, (self.labels[idx] if self.labels is not None else None)
 
     def head(self, n: int) -> dict:
-        return {k: v[:n] for k, v in self.arrays.items()}
+        return {k: self._take(k, v, np.arange(min(n, len(self)))) for k, v in self.arrays.items()}
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -127,7 +137,7 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
         )
     if source.labels and source.text is None and source.labels not in arrays:
         raise BadInput(f"{where}: no labels key {source.labels!r} (keys: {', '.join(arrays)})")
-    missing = [i.name for i in inputs if i.name not in arrays]
+    missing = [i.name for i in inputs if i.name not in arrays and i.value is None]
     if missing:
         raise BadInput(
             f"{where}: no array for model input(s) {', '.join(missing)} (keys: {', '.join(arrays)}); key arrays by input name"
@@ -135,18 +145,33 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
     feeds = {}
     n = None
     unbatched = set()
+    axes: dict[str, int | None] = {}
     for spec in inputs:
+        if spec.name not in arrays:  # the recipe's value (a sample rate), fed with every batch
+            feeds[spec.name], axes[spec.name] = np.asarray(spec.value, dtype=_want(spec)), None
+            continue
         arr = arrays[spec.name]
+        axis = spec.batch_axis
+        if arr.shape == tuple(spec.shape) and (axis is None or (axis != 0 and not spec.batch_dynamic)):
+            # stored once: a 0-d sample rate, the one initial state of a recurrent model
+            feeds[spec.name], axes[spec.name] = _cast(arr, spec, where), None
+            continue
+        if axis is None and not spec.shape:
+            raise BadInput(
+                f"{where}: {spec.name!r} has shape {readable_shape(arr.shape)}, but the model takes a scalar, fed "
+                f"the same with every batch: store it as a 0-d array (np.array({spec.name}))"
+            )
         fixed = [
-            (a, s)
-            for axis, (a, s) in enumerate(zip(arr.shape[1:], spec.shape[1:], strict=False), start=1)
-            if axis not in spec.dynamic_axes
+            (arr.shape[a], d)
+            for a, d in enumerate(spec.shape)
+            if a < arr.ndim and a != axis and a not in spec.dynamic_axes
         ]
-        if spec.shape and not spec.batch_dynamic and arr.shape[1:] == tuple(spec.shape):
+        if spec.shape and not spec.batch_dynamic and axis in (0, None) and arr.shape[1:] == tuple(spec.shape):
             unbatched.add(spec.name)  # samples of a batch-less input, stacked: fed one at a time
         elif (
             spec.shape
             and not spec.batch_dynamic
+            and axis in (0, None)
             and arr.shape != tuple(spec.shape)
             and (arr.ndim != len(spec.shape) or arr.shape[1:] != tuple(spec.shape[1:]))
         ):
@@ -161,21 +186,28 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
                 + layout_hint(arr.shape, spec.shape)
             )
         feeds[spec.name] = _cast(arr, spec, where)
-        if n is not None and len(arr) != n:
-            raise BadInput(f"{where}: arrays have different lengths ({n} vs {len(arr)} for {spec.name!r})")
-        n = len(arr) if spec.shape else n
+        if axis not in (0, None) and spec.name not in unbatched:
+            axes[spec.name] = axis
+        length = arr.shape[axes.get(spec.name, 0)] if arr.ndim else None
+        if n is not None and length is not None and length != n:
+            raise BadInput(f"{where}: arrays have different lengths ({n} vs {length} for {spec.name!r})")
+        n = length if length is not None else n
     labels = arrays.get(label_key) if label_key else None
     if labels is not None and n is not None and len(labels) != n:
         raise BadInput(f"{where}: {len(labels)} labels for {n} samples")
     if n == 0:
         raise BadInput(f"{where}: holds no samples")
     if source.samples:
-        feeds = {k: v[: source.samples] if v.ndim else v for k, v in feeds.items()}
+        keep = np.arange(min(source.samples, n or 0))
+        feeds = {
+            k: np.take(v, keep, axis=axes.get(k, 0)) if v.ndim and axes.get(k, 0) is not None else v
+            for k, v in feeds.items()
+        }
         labels = labels[: source.samples] if labels is not None else None
     if labels is not None and name == "eval":
         check_label_values(labels, metric, f"{where}: labels {label_key!r}")
     dataset = Dataset(name, feeds, labels, source.batch_size, metric, source.shuffle, source.seed, frozenset(unbatched))
-    dataset.where, dataset.label_key = where, label_key
+    dataset.where, dataset.label_key, dataset.axes = where, label_key, axes
     return dataset
 
 
@@ -242,8 +274,12 @@ def layout_hint(have: tuple, want: tuple) -> str:
     return "; the same sizes in another order: transpose the array to the model's axis order"
 
 
+def _want(spec: InputSpec) -> np.dtype:
+    return np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+
+
 def _cast(arr: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
-    want = np.dtype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+    want = _want(spec)
     if arr.dtype == want:
         return arr
     same_kind = (arr.dtype.kind == "f") == (want.kind == "f")

@@ -12,7 +12,7 @@ import numpy as np
 
 from optcli.artifact import artifact_files
 from optcli.environment import providers_for
-from optcli.model import InputSpec, Model, example_inputs, fixed_batch
+from optcli.model import InputSpec, Model, batch_refusal, example_inputs, feeds_for_batch, fixed_batch, split_batches
 from optcli.onnx_check import session_or_upgraded
 
 # Inputs 1.. of these ops are scales / zero points, not weights.
@@ -73,12 +73,21 @@ def torch_runner(module, inputs: list[InputSpec], threads: int) -> Runner:
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                out = module(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in inputs])
+                out = module(*[torch_argument(s, feeds[s.name]) for s in inputs])
         finally:
             torch.set_num_threads(previous)
         return [t.detach().float().numpy() if t.is_floating_point() else t.numpy() for t in flatten_outputs(out)]
 
     return Runner(run, inputs, f"torch {torch.__version__}")
+
+
+def torch_argument(spec: InputSpec, arr: np.ndarray):
+    """What forward takes for this input: a tensor, or the Python number a TorchScript schema asks for."""
+    import torch
+
+    if spec.python:
+        return {"int": int, "float": float, "bool": bool}[spec.python](np.asarray(arr).item())
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def _is_graph_module(module) -> bool:
@@ -285,10 +294,10 @@ def latency(
 
     results, notes = {}, []
     for batch in batch_sizes:
-        if any(not s.batch_dynamic and s.shape and s.shape[0] != batch for s in runner.inputs):
-            notes.append(f"batch {batch} skipped: the model's batch dimension is fixed")
+        feeds = feeds_for_batch(runner.inputs, batch, seed=batch)
+        if feeds is None:
+            notes.append(batch_refusal(runner.inputs, batch))
             continue
-        feeds = example_inputs(runner.inputs, batch=batch, seed=batch)
         times = []
         with (progress or SILENT).task(f"{label} batch {batch}", total=warmup + runs) as task:
             for _ in range(warmup):
@@ -406,6 +415,14 @@ def fidelity(
     return result
 
 
+def generated_batches(inputs: list[InputSpec], samples: int, seed: int) -> list[dict]:
+    """`samples` generated inputs in batches the model takes (32 at most; one batch per run where it pins one)."""
+    fixed = fixed_batch(inputs)
+    if fixed is None:
+        return split_batches(example_inputs(inputs, batch=samples, seed=seed), inputs, 32)
+    return [example_inputs(inputs, batch=fixed, seed=seed + i) for i in range(max(1, samples // fixed))]
+
+
 class Evaluator:
     """Measures artifacts the same way every step: same inputs, same threads, same reference outputs."""
 
@@ -424,7 +441,7 @@ class Evaluator:
             self.inputs_note = f"{recipe.report.fidelity_samples} generated inputs"
             self.labels, self.metric = None, None
         self.generated = (
-            example_inputs(original.inputs, batch=recipe.report.fidelity_samples, seed=recipe.seed)
+            generated_batches(original.inputs, recipe.report.fidelity_samples, recipe.seed)
             if self.eval is None
             else None
         )
@@ -440,9 +457,7 @@ class Evaluator:
         fixed = fixed_batch(inputs)
         if self.eval is not None:
             return (feeds for feeds, _ in self.eval.batches(batch_size=fixed))
-        size = fixed or 32
-        n = len(next(iter(self.generated.values())))
-        return ({k: v[i : i + size] for k, v in self.generated.items()} for i in range(0, n, size))
+        return iter(self.generated)
 
     def measure(self, path: Path, model: Model, runner=None) -> dict:
         runner = runner or load_written(path, model.inputs, self.spec.threads, self.providers, self.task)

@@ -20,16 +20,35 @@ BATCH = "batch"
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    shape: tuple[int, ...]  # concrete example shape; shape[0] is the batch when batch_dynamic
+    shape: tuple[int, ...]  # concrete example shape; shape[batch_axis] is the batch
     dtype: str
-    batch_dynamic: bool = True
+    batch_dynamic: bool = True  # the batch axis is free (False: the file pins its size)
     dynamic_axes: tuple[int, ...] = ()  # axes besides the batch the model leaves free (a text model's sequence)
     high: int | None = None  # exclusive bound of generated integer inputs (token ids inside the vocabulary)
+    # The axis samples are stacked on: 0 for most inputs, 1 for a recurrent state (layers x batch x hidden), None
+    # for an input with no batch axis (a sample rate, a state of its own size): the same value is fed with every batch.
+    batch_axis: int | None = 0
+    value: float | int | bool | None = None  # the recipe's value of an input without batch axis (a sample rate)
+    python: str | None = None  # TorchScript: forward takes a Python int / float / bool here, not a tensor
+
+    def __post_init__(self):
+        if not self.shape or (self.batch_axis is not None and self.batch_axis >= len(self.shape)):
+            object.__setattr__(self, "batch_axis", None)
+        if self.batch_axis is None:
+            object.__setattr__(self, "batch_dynamic", False)
 
     def shape_for(self, batch: int) -> tuple[int, ...]:
-        if self.batch_dynamic and self.shape:
-            return (batch, *self.shape[1:])
+        if self.batch_dynamic and self.batch_axis is not None:
+            return tuple(batch if axis == self.batch_axis else d for axis, d in enumerate(self.shape))
         return self.shape
+
+    @property
+    def pinned_batch(self) -> int | None:
+        """The one batch size the file allows on this input's batch axis (None: free, or no batch axis)."""
+        return None if self.batch_dynamic or self.batch_axis is None else self.shape[self.batch_axis]
+
+    def can_batch(self, batch: int) -> bool:
+        return self.pinned_batch in (None, batch)
 
 
 @dataclass
@@ -58,16 +77,112 @@ def torch_dynamic_shapes(inputs: list[InputSpec], batch_free: bool = True) -> di
     batch = torch.export.Dim("batch", min=1, max=65536)
     shapes = {}
     for s in inputs:
-        axes = {0: batch} if s.batch_dynamic and batch_free and s.shape else {}
+        axes = {s.batch_axis: batch} if s.batch_dynamic and batch_free and s.batch_axis is not None else {}
         axes.update({axis: torch.export.Dim.DYNAMIC for axis in s.dynamic_axes})
         shapes[s.name] = axes or None
     return shapes
 
 
 def fixed_batch(inputs: list[InputSpec]) -> int | None:
-    """The batch size a model's inputs pin (a fixed first dimension), or None when the batch is free."""
-    fixed = [s.shape[0] for s in inputs if not s.batch_dynamic and s.shape]
-    return fixed[0] if fixed else None
+    """The batch size a model's inputs pin (a fixed batch axis), or None when the batch is free.
+
+    A model whose inputs have no batch axis at all (one vector, scalars) takes one sample at a time: 1."""
+    fixed = [s.pinned_batch for s in inputs if s.pinned_batch is not None]
+    if fixed:
+        return fixed[0]
+    return 1 if inputs and all(s.batch_axis is None for s in inputs) else None
+
+
+def batch_refusal(inputs: list[InputSpec], batch: int) -> str | None:
+    """Why the model cannot run at this batch size (a note for the latency table), or None when it can."""
+    for s in inputs:
+        if not s.can_batch(batch):
+            where = f"axis {s.batch_axis} of " if s.batch_axis else ""
+            return (
+                f"batch {batch} skipped: {where}input {s.name!r} ({spec_shape(s)}) fixes the batch at {s.pinned_batch}"
+            )
+    if batch != 1 and inputs and all(s.batch_axis is None for s in inputs):
+        return f"batch {batch} skipped: no input has a batch axis, so the model takes one sample at a time"
+    return None
+
+
+def feeds_for_batch(inputs: list[InputSpec], batch: int, seed: int = 0) -> dict | None:
+    """Generated inputs for one run at this batch size, or None where the inputs pin another batch size."""
+    if batch_refusal(inputs, batch) is not None:
+        return None
+    return example_inputs(inputs, batch=batch, seed=seed)
+
+
+def batch_sizes_taken(inputs: list[InputSpec], wanted: list[int]) -> list[int]:
+    """The batch sizes of `wanted` the model can run, else the one it pins (a model fixed at batch 1: [1])."""
+    taken = [b for b in wanted if batch_refusal(inputs, b) is None]
+    return taken or [fixed_batch(inputs) or 1]
+
+
+def split_batches(feeds: dict, inputs: list[InputSpec], size: int) -> list[dict]:
+    """Feeds of many samples cut into batches of `size` along each input's batch axis; inputs without a batch
+    axis (a sample rate, a state of its own size) go whole with every batch."""
+    import numpy as np
+
+    axes = {s.name: s.batch_axis for s in inputs}
+    batched = [k for k in feeds if axes.get(k, 0) is not None and getattr(feeds[k], "ndim", 0)]
+    if not batched:
+        return [feeds]
+    n = feeds[batched[0]].shape[axes.get(batched[0], 0) or 0]
+    out = []
+    for start in range(0, n, size):
+        part = {}
+        for k, v in feeds.items():
+            axis = axes.get(k, 0)
+            part[k] = v if k not in batched else np.take(v, range(start, min(n, start + size)), axis=axis or 0)
+        out.append(part)
+    return out
+
+
+_BATCH_NAMES = {"batch", "batch_size", "batchsize", "bs", "n", "b", "num_batch", "batch_dim"}
+
+
+def _free(d) -> bool:
+    return not (isinstance(d, int) and d > 0)
+
+
+def batch_axes(file_inputs: list[dict]) -> list[int | None]:
+    """Each input's batch axis, read from the file's dims (ints, or names / None where free).
+
+    An axis named like the batch ("batch", "N"); else a free first axis; else a free axis named as another input's
+    batch; else, with every size fixed: axis 0 where it is 1 or where no other input has a batch axis (a model
+    exported at batch 4), else the axis of size 1 of a state sized for one sample (layers x 1 x hidden). None: no
+    batch axis (a scalar, a vector, a state with no axis of size 1): fed the same with every batch."""
+    dims = [list(item["shape"]) for item in file_inputs]
+    named = {}
+    for shape in dims:
+        if shape and _free(shape[0]) and isinstance(shape[0], str):
+            named.setdefault(shape[0], 0)
+    axes: list[int | None] = []
+    for shape in dims:
+        by_name = [a for a, d in enumerate(shape) if isinstance(d, str) and d.lower() in _BATCH_NAMES]
+        if by_name:
+            axes.append(by_name[0])
+        elif shape and _free(shape[0]):
+            axes.append(0)
+        elif any(isinstance(d, str) and d in named for d in shape):
+            axes.append(next(a for a, d in enumerate(shape) if isinstance(d, str) and d in named))
+        else:
+            axes.append("fixed")  # decided below, once the other inputs' axes are known
+    for i, shape in enumerate(dims):
+        if axes[i] == "fixed" and shape and shape[0] == 1:
+            axes[i] = 0
+    others = any(a not in ("fixed", None) for a in axes)
+    for i, shape in enumerate(dims):
+        if axes[i] != "fixed":
+            continue
+        if len(shape) >= 2 and not others:
+            axes[i] = 0
+        elif len(shape) >= 2 and 1 in shape[1:]:
+            axes[i] = shape.index(1, 1)
+        else:
+            axes[i] = None
+    return axes
 
 
 def copy_module(module):
@@ -162,17 +277,25 @@ def check_memory(inputs: list[InputSpec], batch: int, setting: str) -> None:
 
 
 def example_inputs(inputs: list[InputSpec], batch: int = 2, seed: int = 0) -> dict:
-    """Plausible inputs of the declared shapes: floats ~N(0,1), ids in a small range, masks of ones."""
+    """Plausible inputs of the declared shapes: floats ~N(0,1), ids in a small range (inside the table they index),
+    masks of ones. Inputs without a batch axis are the same whatever the batch: the recipe's value, else a neutral
+    one for a scalar (1: a rate, a count, a scale). Where the inputs pin a batch size, that one is generated."""
     import numpy as np
 
+    batch = fixed_batch(inputs) or batch
     check_memory(inputs, batch, "the batch size")
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in inputs:
         shape = spec.shape_for(batch)
         lname = spec.name.lower()
-        if spec.dtype.startswith("float") or spec.dtype == "bfloat16":
-            arr = rng.standard_normal(shape).astype("float32" if spec.dtype == "bfloat16" else spec.dtype)
+        dtype = "float32" if spec.dtype == "bfloat16" else spec.dtype
+        if spec.value is not None:
+            arr = np.full(shape, spec.value, dtype=dtype)
+        elif not shape:
+            arr = np.asarray(rng.integers(0, spec.high) if spec.high else 1, dtype=dtype)
+        elif spec.dtype.startswith("float") or spec.dtype == "bfloat16":
+            arr = rng.standard_normal(shape).astype(dtype)
         elif spec.dtype == "bool":
             arr = np.ones(shape, dtype=bool)
         elif "mask" in lname:
@@ -220,4 +343,7 @@ def readable_shape(dims, batch: str | None = None, free: tuple[int, ...] = (), s
 
 def spec_shape(spec: InputSpec) -> str:
     """What an input takes, as a message says it: "N x 3 x 224 x 224" with the free batch as N."""
-    return readable_shape(spec.shape, batch="N" if spec.batch_dynamic else None, free=spec.dynamic_axes)
+    if spec.python:
+        return f"a Python {spec.python}"
+    dims = ["N" if spec.batch_dynamic and axis == spec.batch_axis else d for axis, d in enumerate(spec.shape)]
+    return readable_shape(dims, free=spec.dynamic_axes)

@@ -7,11 +7,12 @@ from pathlib import Path
 import yaml
 
 from optcli.errors import BadInput
+from optcli.model import fixed_batch
 
 
 def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (), data: Path | None = None) -> str:
     from optcli.artifact import load_any
-    from optcli.model import check_feedable
+    from optcli.model import batch_sizes_taken, check_feedable
 
     if path.is_dir():
         return _folder_recipe(path, load_any(path))
@@ -20,10 +21,10 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
     if needs_factory and factory is None:
         raise BadInput(f"{path} holds only weights; pass --factory module:callable that builds the nn.Module")
     try:
-        model = load_any(path, shapes, factory=factory)
+        model = _load(path, shapes, factory)
         check_feedable(model.inputs, path)
     except BadInput as e:
-        if "does not record its inputs" in str(e):
+        if "does not record its inputs" in str(e) and "forward takes" not in str(e):
             raise BadInput(
                 f"{path} does not record its input shapes; pass --shape name=1x3x32x32 (and :int64 for ids)"
             ) from None
@@ -31,7 +32,7 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
     spec = {"path": str(path)}
     if factory:
         spec["factory"] = factory
-    spec["inputs"] = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in model.inputs]
+    spec["inputs"] = [_input_entry(s) for s in model.inputs]
     cnn = _is_cnn(model)
     passes = [CNN_QUANTIZE if cnn else {"type": "quantize", "mode": "dynamic", "per_channel": True}]
     if model.format == "torch":
@@ -42,7 +43,9 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
         recipe["data"] = {"calibration": {"path": samples, "samples": 128}, "eval": {"path": samples}}
     recipe |= {
         "passes": passes,
-        "report": {"latency": {"batch_sizes": [1, 32], "warmup": 5, "runs": 30, "threads": 2}},
+        "report": {
+            "latency": {"batch_sizes": batch_sizes_taken(model.inputs, [1, 32]), "warmup": 5, "runs": 30, "threads": 2}
+        },
         "gates": {"min_fidelity_cosine": 0.99},
     }
     header = f"# optcli recipe for {path.name} (written by optcli init)\n"
@@ -59,8 +62,71 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
             "# Add data.eval (a .npz keyed by input name, plus labels) to measure accuracy, and data.calibration\n"
             "# for static int8 (mode: static).\n"
         )
+    header += _inputs_note(model.inputs)
     header += "# `optcli passes` lists every option; `optcli validate` checks this file.\n"
     return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def _load(path: Path, shapes: list[str], factory: str | None):
+    """The model, as `load_any` reads it; a TorchScript forward's Python numbers (a sample rate) get a placeholder
+    value the recipe shows, so init writes every argument the schema names."""
+    from optcli.artifact import is_torchscript, load_any
+
+    if path.suffix.lower() not in (".pt", ".pth") or not is_torchscript(path):
+        return load_any(path, shapes, factory=factory)
+    import torch
+
+    from optcli.artifact import load_model, parse_shape_arg, torchscript_inputs
+    from optcli.config import ModelSpec, TensorSpec
+
+    given = [TensorSpec(name=n, shape=s, dtype=d) for n, s, d in (parse_shape_arg(x) for x in shapes)]
+    try:
+        schema = torchscript_inputs(torch.jit.load(str(path), map_location="cpu"))
+    except BadInput:
+        raise
+    except Exception:
+        schema = []  # load_model says what is wrong with the file
+    named = {t.name for t in given}
+    given += [
+        TensorSpec(name=i["name"], value=_PLACEHOLDER[i["python"]])
+        for i in schema
+        if i.get("python") and i["name"] not in named
+    ]
+    return load_model(ModelSpec(path=path, inputs=given or None))
+
+
+_PLACEHOLDER = {"int": 1, "float": 1.0, "bool": True}
+
+
+def _input_entry(spec) -> dict:
+    """One model.inputs entry: a Python argument or a scalar by its value, an unusual batch axis said."""
+    if spec.python:
+        return {"name": spec.name, "value": spec.value}
+    entry = {"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
+    if not spec.shape:
+        entry["value"] = spec.value if spec.value is not None else _PLACEHOLDER.get(spec.dtype, 1)
+        if spec.dtype.startswith("float"):
+            entry["value"] = float(entry["value"])
+        elif spec.dtype == "bool":
+            entry["value"] = bool(entry["value"])
+    elif spec.batch_axis != 0:
+        entry["batch_axis"] = spec.batch_axis
+    return entry
+
+
+def _inputs_note(inputs) -> str:
+    """Header lines on inputs that are not stacked samples: values to set, a batch pinned by the file."""
+    lines = ""
+    for s in inputs:
+        if s.python or not s.shape:
+            what = f"forward's Python {s.python} argument" if s.python else "a scalar"
+            lines += f"# {s.name}: {what}, fed the same with every batch: set value: to the one your model runs with.\n"
+        elif s.batch_axis is None:
+            lines += f"# {s.name}: no batch axis (batch_axis: null): fed the same with every batch.\n"
+    fixed = fixed_batch(inputs)
+    if fixed is not None:
+        lines += f"# The file fixes the batch size at {fixed}: latency is measured at that batch size.\n"
+    return lines
 
 
 # What a CNN gets by default: the latency-aware search (fidelity to the original, int8 only where it is faster).

@@ -555,7 +555,8 @@ class Search:
             )
         if self.space.fallback and done and self.can_try():
             meeting = [t for t in done if t.meets]
-            best_latency = min((t.latency_ms for t in meeting), default=None)
+            # A candidate whose latency could not be measured ranks by its metric alone (no None < None).
+            best_latency = min((t.latency_ms for t in meeting if t.latency_ms is not None), default=None)
             # Fallback can only pay off from a candidate faster than the best one that already meets the target.
             ceiling = (
                 best_latency
