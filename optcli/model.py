@@ -150,8 +150,8 @@ def batch_axes(file_inputs: list[dict]) -> list[int | None]:
     """Each input's batch axis, read from the file's dims (ints, or names / None where free).
 
     An axis named like the batch ("batch", "N"); else a free first axis; else a free axis named as another input's
-    batch; else, with every size fixed: axis 0 where it is 1 or where no other input has a batch axis (a model
-    exported at batch 4), else the axis of size 1 of a state sized for one sample (layers x 1 x hidden). None: no
+    batch; else axis 0 where it is 1; else, beside batched inputs, a state's one free axis or its axis of size 1
+    (layers x 1 x hidden); else, where no input has a batch axis, axis 0 (a model exported at batch 4). None: no
     batch axis (a scalar, a vector, a state with no axis of size 1): fed the same with every batch."""
     dims = [list(item["shape"]) for item in file_inputs]
     named = {}
@@ -176,7 +176,10 @@ def batch_axes(file_inputs: list[dict]) -> list[int | None]:
     for i, shape in enumerate(dims):
         if axes[i] != "fixed":
             continue
-        if len(shape) >= 2 and not others:
+        free = [a for a, d in enumerate(shape) if _free(d)]
+        if others and len(free) == 1:  # a state's one free axis (layers x ? x hidden) beside batched inputs
+            axes[i] = free[0]
+        elif len(shape) >= 2 and not others:
             axes[i] = 0
         elif len(shape) >= 2 and 1 in shape[1:]:
             axes[i] = shape.index(1, 1)

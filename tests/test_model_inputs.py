@@ -175,3 +175,49 @@ def test_torchscript_python_argument_without_value_is_refused_by_validate(tmp_pa
     result = run_cli("validate", _write(tmp_path, recipe))
     assert result.exit_code == 2
     assert "'sr' as a Python int" in result.stderr and "value" in result.stderr, result.stderr
+
+
+def test_search_with_no_latency_measured_ranks_by_its_metric_and_says_so(tmp_path, monkeypatch):
+    import optcli.passes.quantize.search as search
+
+    monkeypatch.setattr(search, "time_p50", lambda *a, **k: None)  # every candidate untimed
+    model = Path(save(recurrent_state(), tmp_path / "speaker.onnx"))
+    x = np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)
+    np.savez(tmp_path / "frames.npz", x=x, h=np.zeros((2, 1, 32), np.float32))
+    recipe = _init(model)
+    data = {"path": str(tmp_path / "frames.npz")}
+    recipe["data"] = {"calibration": data, "eval": data}
+    recipe["passes"] = [{"type": "quantize", "target": {"metric": "cosine", "min_value": 0.9}}]
+    report = _validate_run_inspect(_write(tmp_path, recipe), tmp_path / "out")
+    assert "latency not measured" in json.dumps(report)
+
+
+@pytest.mark.parametrize(
+    ("dims", "axes"),
+    [
+        ([["batch", 16], [2, 1, 32]], [0, 1]),  # a state sized for one sample: its axis of size 1
+        ([[1, 16], [2, 1, 32]], [0, 1]),
+        ([["batch", 16], [2, "batch", 32]], [0, 1]),  # named as the batch
+        ([["s0", 16], [2, "s0", 32], []], [0, 1, None]),  # named as another input's batch; a scalar has none
+        ([["batch", 16], [2, None, 32]], [0, 1]),  # a state's one free axis
+        ([[4, 3, 8, 8], [4, 10]], [0, 0]),  # exported at batch 4
+        ([[5]], [None]),  # one vector: no batch axis
+        ([["batch", 16], [2, 3, 32]], [0, None]),  # a state of its own size: the same with every batch
+    ],
+)
+def test_batch_axis_is_read_from_the_file_dims(dims, axes):
+    from optcli.model import batch_axes
+
+    assert batch_axes([{"name": f"i{k}", "shape": d} for k, d in enumerate(dims)]) == axes
+
+
+def test_inputs_pinning_another_batch_refuse_it_with_the_input_named():
+    from optcli.model import InputSpec, batch_refusal, batch_sizes_taken, feeds_for_batch
+
+    inputs = [InputSpec("x", (1, 16), "float32"), InputSpec("h", (2, 1, 32), "float32", False, batch_axis=1)]
+    assert feeds_for_batch(inputs, 8) is None and "'h'" in batch_refusal(inputs, 8)
+    feeds = feeds_for_batch(inputs, 1)
+    assert feeds["x"].shape == (1, 16) and feeds["h"].shape == (2, 1, 32)
+    assert batch_sizes_taken(inputs, [1, 32]) == [1]
+    free = [InputSpec("x", (1, 16), "float32"), InputSpec("h", (2, 1, 32), "float32", batch_axis=1)]
+    assert feeds_for_batch(free, 4)["h"].shape == (2, 4, 32)

@@ -683,6 +683,10 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     shutil.copyfile(chosen.path, target)
     shutil.rmtree(search.work, ignore_errors=True)
     faster = chosen.latency_ms is not None and fp32.latency_ms is not None and chosen.latency_ms < fp32.latency_ms
+    if chosen.latency_ms is None:
+        search.notes.append(
+            f"latency not measured at batch {ev.latency_batch}: candidates ranked by {goal.metric} alone"
+        )
     fallen = sorted(chosen.settings.exclude - frozenset(exclude), key=lambda n: -search.sensitivity.get(n, 0.0))
     ctx.details["search"] = {
         "metric": goal.metric,
