@@ -375,10 +375,13 @@ def resolve_inputs(
             )
         return [_recipe_only(t, path) for t in recipe_inputs]
     names = [i["name"] for i in file_inputs]
+    schema = any(i.get("python") or i["shape"] is None for i in file_inputs)
+    if schema and set(given) - set(names) and not any(i.get("python") for i in file_inputs):
+        return [_recipe_only(t, path) for t in recipe_inputs]  # tensors only, named otherwise: by position
     for name in given:
         if name not in names:
             raise BadInput(f"model.inputs: {name!r} is not an input of {path.name} (its inputs: {', '.join(names)})")
-    if any(i.get("python") or i["shape"] is None for i in file_inputs):
+    if schema:
         return _schema_inputs(file_inputs, given, path)
     axes = batch_axes(file_inputs)
     specs = []
@@ -453,6 +456,8 @@ def _recipe_only(t, path: Path) -> InputSpec:
 def _schema_inputs(file_inputs: list[dict], given: dict, path: Path) -> list[InputSpec]:
     """TorchScript: forward's arguments by name; tensors take the recipe's shape, Python numbers its value."""
     specs = []
+    while file_inputs and file_inputs[-1].get("optional") and file_inputs[-1]["name"] not in given:
+        file_inputs = file_inputs[:-1]  # trailing arguments with a default, left to it
     for item in file_inputs:
         name, t = item["name"], given.get(item["name"])
         if item.get("python"):
@@ -494,13 +499,14 @@ def torchscript_inputs(module) -> list[dict]:
     out = []
     for arg in arguments:
         kind = str(arg.type).removeprefix("Optional[").removesuffix("]")
+        optional = arg.has_default_value()
         if kind == "Tensor":
-            out.append({"name": arg.name, "shape": None, "dtype": "float32"})
+            out.append({"name": arg.name, "shape": None, "dtype": "float32", "optional": optional})
         elif kind in _SCHEMA_NUMBERS:
             dtype, python = _SCHEMA_NUMBERS[kind]
-            out.append({"name": arg.name, "shape": [], "dtype": dtype, "python": python})
+            out.append({"name": arg.name, "shape": [], "dtype": dtype, "python": python, "optional": optional})
         elif arg.has_default_value():
-            continue  # left to its default
+            break  # this one and those after it left to their defaults (later ones cannot be passed by position)
         else:
             raise BadInput(
                 f"TorchScript forward takes {arg.name!r} of type {arg.type}; optcli feeds tensors and Python "

@@ -90,7 +90,7 @@ def _load(path: Path, shapes: list[str], factory: str | None):
     given += [
         TensorSpec(name=i["name"], value=_PLACEHOLDER[i["python"]])
         for i in schema
-        if i.get("python") and i["name"] not in named
+        if i.get("python") and not i["optional"] and i["name"] not in named
     ]
     return load_model(ModelSpec(path=path, inputs=given or None))
 

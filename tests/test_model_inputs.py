@@ -221,3 +221,17 @@ def test_inputs_pinning_another_batch_refuse_it_with_the_input_named():
     assert batch_sizes_taken(inputs, [1, 32]) == [1]
     free = [InputSpec("x", (1, 16), "float32"), InputSpec("h", (2, 1, 32), "float32", batch_axis=1)]
     assert feeds_for_batch(free, 4)["h"].shape == (2, 4, 32)
+
+
+def test_torchscript_inputs_named_otherwise_in_the_recipe_are_still_fed_by_position(digits, tmp_path):
+    recipe = {
+        "model": {
+            "path": str(digits / "digits_cnn.ts.pt"),
+            "inputs": [{"name": "image", "shape": [1, 1, 8, 8]}],  # forward(self, x): another name
+        },
+        "passes": [{"type": "export"}],
+        "report": {"latency": {"batch_sizes": [1], **FAST}, "fidelity_samples": 4},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert run_cli("validate", path).exit_code == 0

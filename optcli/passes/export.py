@@ -70,7 +70,7 @@ def _export(module, args, inputs, output_names, config: Config, target, exporter
             )
             program.save(str(target), external_data=_needs_external(module))
     else:
-        axes = {s.name: {0: "batch"} for s in inputs if s.batch_dynamic and config.dynamic_batch}
+        axes = {s.name: {s.batch_axis: "batch"} for s in inputs if s.batch_dynamic and config.dynamic_batch}
         for s in inputs:  # a text model's sequence axis (and any other free axis) stays free too
             axes.setdefault(s.name, {}).update(
                 {axis: "sequence" if axis == 1 else f"axis{axis}" for axis in s.dynamic_axes}
