@@ -150,6 +150,10 @@ def onnx_inputs(proto) -> list[dict]:
 _INDEX_PASSTHROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Transpose"}
 
 
+# Table lookups by index, and the attribute naming the looked-up axis (an int4 embedding is a GatherBlockQuantized).
+_GATHERS = {"Gather": "axis", "GatherBlockQuantized": "gather_axis"}
+
+
 def gather_bounds(proto) -> dict[str, int]:
     """Integer graph inputs that index a constant table (Gather's indices: an embedding's token ids): the table's
     size along the gathered axis, the exclusive bound of the ids generated for them."""
@@ -164,8 +168,8 @@ def gather_bounds(proto) -> dict[str, int]:
     for node in proto.graph.node:  # topological order: an index's origin is known before its Gather
         if node.op_type in _INDEX_PASSTHROUGH and node.input and node.input[0] in origin:
             origin[node.output[0]] = origin[node.input[0]]
-        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in origin and node.input[0] in sizes:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        elif node.op_type in _GATHERS and len(node.input) >= 2 and node.input[1] in origin and node.input[0] in sizes:
+            axis = next((a.i for a in node.attribute if a.name == _GATHERS[node.op_type]), 0)
             dims = sizes[node.input[0]]
             if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0:
                 name = origin[node.input[1]]

@@ -148,6 +148,10 @@ def test_token_ids_without_data_stay_inside_the_embedding_table(tmp_path):
     report = _validate_run_inspect(_write(tmp_path, recipe), tmp_path / "out")
     assert report["steps"][-1]["fidelity"]["cosine_mean"] > 0.9
     assert {"batch_1", "batch_4"} <= set(report["steps"][-1]["latency"])
+    # the int4 table (GatherBlockQuantized) bounds the ids bench generates too
+    benched = run_cli("bench", report["output"]["path"], "--runs", "2", "--warmup", "1", "--json")
+    assert benched.exit_code == 0, benched.stderr
+    assert "GatherBlockQuantized" in json.dumps(run_cli("inspect", report["output"]["path"], "--json").json())
 
 
 def test_torchscript_python_int_argument_is_named_by_init_and_fed_as_a_value(tmp_path):
