@@ -166,7 +166,7 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
         if quantized:
             info["quantized_ops"] = dict(quantized)
     else:
-        from optcli.artifact import load_safetensors, unwrap_checkpoint
+        from optcli.artifact import is_tensor_dict, load_safetensors, unwrap_checkpoint
 
         if path.suffix == ".safetensors":
             state = load_safetensors(path)
@@ -179,6 +179,12 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
             except Exception:
                 model = load_torch_file(path, ModelSpec(path=path), trust_pickle)  # raises the right one-line error
                 state = dict(model.module.named_parameters())
+            nested = {k: v for k, v in state.items() if is_tensor_dict(v)}
+            if nested:  # several state_dicts (model and ema): each counted, under its key, and named
+                info["state_dicts"] = {
+                    str(k): sum(t.numel() for t in v.values() if torch.is_tensor(t)) for k, v in nested.items()
+                }
+                state = {f"{k}.{name}": t for k, v in nested.items() for name, t in v.items()}
         tensors = {
             k: v
             for k, v in state.items()
@@ -231,6 +237,8 @@ def torch_summary(info: dict) -> str:
     if ops:
         precision = "int8"
     line = f"{precision} torch module ({_WHAT.get(info['format'], info['format'])}): {info['parameters']:,} parameters"
+    if info.get("state_dicts"):
+        line += f" in {len(info['state_dicts'])} state_dicts ({', '.join(info['state_dicts'])}; model.state_dict_key picks one)"
     if info["parameters"]:
         line += f", {info['sparsity'] * 100:.0f} % zero weights"
     if ops:

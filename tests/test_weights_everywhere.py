@@ -326,6 +326,9 @@ def test_state_dict_key_picks_one_of_two_state_dicts(tmp_path):
     model_sd, ema_sd = build_mlp().state_dict(), build_mlp().state_dict()
     path = tmp_path / "ema.pt"
     torch.save({"weights": model_sd, "ema_weights": ema_sd, "epoch": 3}, path)
+    info = run_cli("inspect", path, "--json").json()
+    assert info["state_dicts"] == {"weights": MLP_PARAMS, "ema_weights": MLP_PARAMS}
+    assert info["parameters"] == 2 * MLP_PARAMS
     result, _ = _run(_recipe(tmp_path, path, [], spec=_model_spec(path)), tmp_path / "out")
     assert result.exit_code == 2
     assert "model.state_dict_key" in result.stderr and "factory_kwargs" not in result.stderr, result.stderr
