@@ -265,7 +265,7 @@ def load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
         return Model(format="torch", inputs=[], module=obj.eval(), path=path, kind="pickle")
     if not isinstance(obj, dict):
         raise BadInput(f"{path}: holds a {type(obj).__name__}, not a state_dict or module")
-    model = _from_state_dict(unwrap_checkpoint(obj), spec, path)
+    model = _from_state_dict(unwrap_checkpoint(obj, getattr(spec, "state_dict_key", None), path), spec, path)
     return model.with_(kind=kind)
 
 
@@ -276,11 +276,43 @@ def _looks_like_torch_save(path: Path) -> bool:
     return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def unwrap_checkpoint(obj: dict) -> dict:
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj.get(key), dict):
-            return obj[key]
-    return obj
+# Where training scripts put the weights beside epoch, optimizer and the like, most common first.
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
+
+
+def is_tensor_dict(obj) -> bool:
+    """A state_dict: a mapping holding tensors and no nested mapping (an optimizer's state nests them)."""
+    import torch
+
+    return (
+        isinstance(obj, dict)
+        and any(isinstance(v, torch.Tensor) for v in obj.values())
+        and not any(isinstance(v, dict) for v in obj.values())
+    )
+
+
+def unwrap_checkpoint(obj: dict, key: str | None = None, path: Path | None = None) -> dict:
+    """The state_dict inside a training checkpoint: obj[key] when given (model.state_dict_key), else the first of
+    CHECKPOINT_KEYS holding a dict, else the one value that is a dict of tensors; obj itself when it is one."""
+    if key is not None:
+        if not isinstance(obj.get(key), dict):
+            holding = [k for k, v in obj.items() if isinstance(v, dict)]
+            raise BadInput(
+                f"model.state_dict_key: {path.name if path else 'the checkpoint'} has no dict under {key!r}"
+                + (
+                    f" (keys holding one: {', '.join(map(str, holding[:5]))})"
+                    if holding
+                    else " (it is the state_dict itself: remove the key)"
+                )
+            )
+        return obj[key]
+    if is_tensor_dict(obj):
+        return obj
+    for known in CHECKPOINT_KEYS:
+        if isinstance(obj.get(known), dict):
+            return unwrap_checkpoint(obj[known]) if not is_tensor_dict(obj[known]) else obj[known]
+    inner = [v for v in obj.values() if is_tensor_dict(v)]
+    return inner[0] if len(inner) == 1 else obj
 
 
 def _from_state_dict(state: dict, spec, path: Path) -> Model:
@@ -289,6 +321,12 @@ def _from_state_dict(state: dict, spec, path: Path) -> Model:
     if spec.factory is None:
         raise BadInput(
             f"{path}: is a state_dict (weights only); set model.factory: module:callable that builds the nn.Module"
+        )
+    nested = [str(k) for k, v in state.items() if isinstance(v, dict)]
+    if nested:  # a training checkpoint whose state_dict could not be told apart (two of them: model and ema)
+        raise BadInput(
+            f"{path}: a checkpoint whose weights sit under a key ({', '.join(nested[:5])}): set model.state_dict_key "
+            "to the one holding the state_dict"
         )
     module = build_from_factory(spec.factory, spec.factory_kwargs, "model.factory")
     if not isinstance(module, torch.nn.Module):
@@ -300,12 +338,31 @@ def _from_state_dict(state: dict, spec, path: Path) -> Model:
         raise BadInput(
             f"{path}: does not fit the module built by {spec.factory} ({detail[:200]}); check model.factory_kwargs"
         ) from None
-    if result.missing_keys or result.unexpected_keys:
+    strict = getattr(spec, "strict", True)
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if strict and (missing or unexpected):
+        fixes = []
+        if unexpected:
+            fixes.append("model.strict: false ignores keys the module does not have (training-only heads)")
+        if missing:
+            fixes.append("model.factory / factory_kwargs must build the module these weights come from")
         raise BadInput(
             f"{path}: does not fit the module built by {spec.factory}: "
-            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}; check model.factory_kwargs"
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}; {'; '.join(fixes)}"
         )
-    return Model(format="torch", inputs=[], module=module.eval(), path=path, kind="state_dict")
+    notes = []
+    if unexpected:
+        notes.append(
+            f"model.strict: false: {len(unexpected)} checkpoint key(s) the module does not have were ignored: "
+            + ", ".join(unexpected[:10])
+            + (" …" if len(unexpected) > 10 else "")
+        )
+    if missing:
+        notes.append(
+            f"model.strict: false: {len(missing)} module weight(s) missing from the checkpoint keep the factory's "
+            "initial values: " + ", ".join(missing[:10]) + (" …" if len(missing) > 10 else "")
+        )
+    return Model(format="torch", inputs=[], module=module.eval(), path=path, kind="state_dict", notes=tuple(notes))
 
 
 def import_ref(ref: str, what: str):
@@ -597,8 +654,10 @@ def parse_shape_arg(item: str) -> tuple[str, list[int], str]:
 
 def load_any(path: Path, shapes: list[str] = (), trust_pickle: bool = False, factory: str | None = None) -> Model:
     """Load a model file outside a recipe (inspect, bench, init), with --shape for unknown inputs."""
-    from optcli.config import ModelSpec, TensorSpec
+    from optcli.config import ModelSpec, TensorSpec, unknown_suffix
 
+    if path.is_file() and unknown_suffix(path):  # the files `run` takes, no more, no fewer
+        raise BadInput(f"model {unknown_suffix(path)}")
     try:
         given = [TensorSpec(name=n, shape=s, dtype=d) for n, s, d in (parse_shape_arg(x) for x in shapes)]
         spec = ModelSpec(path=path, factory=factory, inputs=given or None)

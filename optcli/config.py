@@ -118,8 +118,20 @@ METRICS = ("accuracy", "top5", "mse", "perplexity")
 HF_TASKS = ("feature-extraction", "text-classification", "token-classification", "causal-lm")
 
 
+# The model files every verb takes (init, validate, run, inspect, bench): one list, so no verb accepts a file
+# another refuses. TorchScript archives are also saved as .jit / .torchscript (Ultralytics' export name).
 ONNX_SUFFIXES = (".onnx",)
-TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".safetensors", ".bin")
+TORCH_SUFFIXES = (".pt", ".pth", ".jit", ".torchscript", ".pt2", ".safetensors", ".bin")
+
+
+def unknown_suffix(path: Path) -> str | None:
+    """Why a model file's extension is refused, or None (a folder is a Hugging Face model, checked when it loads)."""
+    if path.is_dir() or path.suffix.lower() in ONNX_SUFFIXES + TORCH_SUFFIXES:
+        return None
+    return (
+        f"{path.name} has an unknown extension; use .onnx, .pt/.pth/.jit (state_dict or TorchScript), "
+        ".pt2 (torch.export) or .safetensors"
+    )
 
 
 class ModelSpec(StrictModel):
@@ -128,6 +140,17 @@ class ModelSpec(StrictModel):
         default=None, description="module:callable that builds the nn.Module; needed for a state_dict"
     )
     factory_kwargs: dict = Field(default_factory=dict)
+    state_dict_key: str | None = Field(
+        default=None,
+        min_length=1,
+        description="checkpoint key holding the weights ({model_state: {...}, epoch: 3}); default: state_dict, "
+        "model_state_dict, model_state or model, else the one value that is a dict of tensors",
+    )
+    strict: bool = Field(
+        default=True,
+        description="false: load the state_dict with strict=False (keys the module lacks, e.g. training-only heads, "
+        "are ignored and listed in the report's warnings)",
+    )
     inputs: list[TensorSpec] | None = Field(
         default=None, description="input names/shapes/dtypes where the file does not fix them"
     )

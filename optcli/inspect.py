@@ -10,12 +10,15 @@ from optcli.errors import BadInput
 
 def inspect_model(path: Path, trust_pickle: bool = False) -> dict:
     from optcli.artifact import load_onnx
+    from optcli.config import unknown_suffix
     from optcli.measure import parameter_counts, size_on_disk
 
     if path.is_dir():
         return _inspect_folder(path, trust_pickle)
     if not path.is_file():
         raise BadInput(f"model {path} not found")
+    if unknown_suffix(path):
+        raise BadInput(f"model {unknown_suffix(path)}")
     if path.stat().st_size == 0:
         raise BadInput(f"model {path} is empty (0 bytes)")
     if path.suffix.lower() == ".onnx":
@@ -67,16 +70,17 @@ def _onnx_details(path: Path) -> dict:
 
     from optcli.artifact import onnx_inputs
     from optcli.measure import onnx_weight_tensors
-    from optcli.onnx_check import nbits_counts
+    from optcli.onnx_check import all_initializers, all_nodes, nbits_counts
 
     proto = onnx.load(str(path))
     weights = onnx_weight_tensors(proto)
     # As stored: a packed int4 weight is counted as the weights it holds, but its type is the file's (uint4 / uint8).
-    stored = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in proto.graph.initializer}
+    stored = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in all_initializers(proto)}
     dtypes = Counter(stored.get(name, arr.dtype.name) for name, arr in weights)
     layers = {name: round(1 - np.count_nonzero(arr) / arr.size, 4) for name, arr in weights if arr.ndim >= 2}
-    ops = dict(Counter(n.op_type for n in proto.graph.node).most_common())
-    used = {n.domain or "ai.onnx" for n in proto.graph.node}
+    nodes = all_nodes(proto)  # If / Loop bodies included: what the model runs, not just its top level
+    ops = dict(Counter(n.op_type for n in nodes).most_common())
+    used = {n.domain or "ai.onnx" for n in nodes}
     return {
         # Only the domains the graph uses: exporters declare a dozen they never call (empty version 1 entries).
         "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import if (o.domain or "ai.onnx") in used},
@@ -158,11 +162,11 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
         module = torch.jit.load(str(path), map_location="cpu")
         tensors = dict(module.named_parameters())
         info.update(format="torchscript", inputs=None)
-        quantized = Counter(k for k in _node_kinds(module.inlined_graph) if k.startswith("quantized::"))
+        quantized = Counter(k for k in node_kinds(module.inlined_graph) if k.startswith("quantized::"))
         if quantized:
             info["quantized_ops"] = dict(quantized)
     else:
-        from optcli.artifact import load_safetensors, unwrap_checkpoint
+        from optcli.artifact import is_tensor_dict, load_safetensors, unwrap_checkpoint
 
         if path.suffix == ".safetensors":
             state = load_safetensors(path)
@@ -175,6 +179,12 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
             except Exception:
                 model = load_torch_file(path, ModelSpec(path=path), trust_pickle)  # raises the right one-line error
                 state = dict(model.module.named_parameters())
+            nested = {k: v for k, v in state.items() if is_tensor_dict(v)}
+            if nested:  # several state_dicts (model and ema): each counted, under its key, and named
+                info["state_dicts"] = {
+                    str(k): sum(t.numel() for t in v.values() if torch.is_tensor(t)) for k, v in nested.items()
+                }
+                state = {f"{k}.{name}": t for k, v in nested.items() for name, t in v.items()}
         tensors = {
             k: v
             for k, v in state.items()
@@ -203,12 +213,12 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
     return info
 
 
-def _node_kinds(graph):
+def node_kinds(graph):
     """Every node kind of a TorchScript graph, inside if/loop blocks too (torch.ao's int8 ops sit in one)."""
     for node in graph.nodes():
         yield node.kind()
         for block in node.blocks():
-            yield from _node_kinds(block)
+            yield from node_kinds(block)
 
 
 _PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
@@ -227,6 +237,8 @@ def torch_summary(info: dict) -> str:
     if ops:
         precision = "int8"
     line = f"{precision} torch module ({_WHAT.get(info['format'], info['format'])}): {info['parameters']:,} parameters"
+    if info.get("state_dicts"):
+        line += f" in {len(info['state_dicts'])} state_dicts ({', '.join(info['state_dicts'])}; model.state_dict_key picks one)"
     if info["parameters"]:
         line += f", {info['sparsity'] * 100:.0f} % zero weights"
     if ops:

@@ -59,9 +59,23 @@ def captured(limit: int = 200):
         messages = handler.messages + [
             f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, _IGNORED)
         ]
-        for message in dict.fromkeys(first_line(m) for m in messages if m.strip()):
+        for message in dict.fromkeys(shortened(m) for m in messages if m.strip()):
             if len(collected) < limit:
                 collected.append(message)
+
+
+def shortened(message: str, limit: int = 300) -> str:
+    """The message's first line; past `limit` characters, cut after its last whole sentence that fits (else its last
+    whole word) and marked with "…", never mid-word (torch's export warnings run to a paragraph on one line)."""
+    line = first_line(message, limit=len(message) + 1)
+    if len(line) <= limit:
+        return line
+    head = line[: limit - 1]
+    sentence = max(head.rfind(". "), head.rfind("; "), head.rfind(": "))
+    if sentence >= limit // 2:
+        return head[: sentence + 1] + " …"
+    word = head.rfind(" ")
+    return (head[:word] if word > 0 else head).rstrip(" ,;:") + "…"
 
 
 # What a library's message means for the user, and what to do: (pattern, key, words(count, captured names)).

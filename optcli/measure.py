@@ -171,23 +171,27 @@ _WEIGHT_DTYPES = (1, 10, 11, 16, 3, 2, 5, 21, 22)  # float types, int8/uint8/int
 
 def onnx_weight_tensors(proto) -> list[tuple[str, np.ndarray]]:
     """(name, array) of every weight a graph holds: initializers, and tensors built by nodes (`Constant`,
-    `ConstantOfShape` with a constant shape), as some exporters write them. Scales and zero points of
-    quantize ops, shape vectors and scalars are left out."""
+    `ConstantOfShape` with a constant shape), as some exporters write them, in the main graph and inside If / Loop /
+    Scan bodies (a weight there is as much the model's as one outside). Scales and zero points of quantize ops,
+    shape vectors and scalars are left out."""
     from onnx import numpy_helper
 
+    from optcli.onnx_check import all_graphs, all_nodes
+
+    graphs, nodes = all_graphs(proto), all_nodes(proto)
     skip = set()
-    for node in proto.graph.node:
+    for node in nodes:  # a branch's quantize op may read its scale from the outer graph
         for idx in _QUANT_PARAM_INPUTS.get(node.op_type, ()):
             if idx < len(node.input):
                 skip.add(node.input[idx])
     found: list[tuple[str, np.ndarray]] = []
     known: dict[str, np.ndarray] = {}
-    for init in proto.graph.initializer:
+    for init in (t for g in graphs for t in g.initializer):
         arr = numpy_helper.to_array(init)
         known[init.name] = arr
         if init.name not in skip and init.data_type in _WEIGHT_DTYPES and arr.size > 1:
             found.append((init.name, arr))
-    for node in proto.graph.node:  # topological order: a ConstantOfShape's shape is known before it
+    for node in nodes:  # topological order within each graph: a ConstantOfShape's shape is known before it
         if node.op_type == "Constant" and node.output:
             attr = next((a for a in node.attribute if a.name == "value" and a.HasField("t")), None)
             if attr is None:
@@ -211,8 +215,10 @@ def blocked_weights(proto, known: dict) -> dict[str, np.ndarray]:
     """Packed weights of MatMulNBits / GatherBlockQuantized as the weights they stand for: one value per weight,
     the quantized value minus its block's zero point (0 exactly where the weight is 0), so counts and sparsity are
     those of the model, not of its bytes (two int4 weights per byte)."""
+    from optcli.onnx_check import all_nodes
+
     out = {}
-    for node in proto.graph.node:
+    for node in all_nodes(proto):
         attrs = {a.name: a.i for a in node.attribute}
         if node.op_type == "MatMulNBits" and node.input[1] in known:
             k, n, bits, block = attrs["K"], attrs["N"], attrs.get("bits", 4), attrs["block_size"]

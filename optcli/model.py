@@ -62,6 +62,7 @@ class Model:
     output_names: list[str] = field(default_factory=list)
     kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle, hf ...
     task: str = ""  # Hugging Face folders: feature-extraction, text-classification, token-classification, causal-lm
+    notes: tuple[str, ...] = ()  # what loading it did that the user should read (keys model.strict: false ignored)
 
     def with_(self, **changes) -> Model:
         return replace(self, **changes)

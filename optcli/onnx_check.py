@@ -153,13 +153,13 @@ def place(path: Path, folder: Path, move: bool) -> Path:
 
 
 def nbits_counts(proto) -> dict[int, int]:
-    """MatMulNBits nodes by their bits attribute (4 unless written)."""
+    """MatMulNBits nodes by their bits attribute (4 unless written), in subgraphs too."""
     from collections import Counter
 
     return dict(
         Counter(
             next((a.i for a in n.attribute if a.name == "bits"), 4)
-            for n in proto.graph.node
+            for n in all_nodes(proto)
             if n.op_type == "MatMulNBits"
         )
     )
@@ -175,3 +175,50 @@ def name_nodes(proto) -> None:
                 name += "_"
             node.name = name
             used.add(name)
+
+
+def subgraphs(graph):
+    """Every graph nested in `graph` (If branches, Loop / Scan bodies), depth first, `graph` itself excluded."""
+    import onnx
+
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+                yield from subgraphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield g
+                    yield from subgraphs(g)
+
+
+def all_graphs(proto) -> list:
+    """The main graph and every graph nested in it: weights and nodes live in all of them."""
+    return [proto.graph, *subgraphs(proto.graph)]
+
+
+def all_nodes(proto) -> list:
+    """Every node of the model, inside If / Loop / Scan bodies too (each graph's nodes in topological order)."""
+    return [n for g in all_graphs(proto) for n in g.node]
+
+
+def all_initializers(proto) -> list:
+    return [t for g in all_graphs(proto) for t in g.initializer]
+
+
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+    }
+)
+
+
+def holds_int8(proto) -> bool:
+    """An ONNX model already quantized (Q/DQ or integer ops, in a branch too): quantizing it again is refused."""
+    return any(n.op_type in QUANTIZED_OPS for n in all_nodes(proto))

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, create_model
 
-from optcli.config import ONNX_SUFFIXES, TORCH_SUFFIXES, DataSource, ModelSpec, StrictModel
+from optcli.config import ONNX_SUFFIXES, DataSource, ModelSpec, StrictModel, unknown_suffix
 from optcli.errors import BadInput
 from optcli.passes import all_passes, get_pass
 
@@ -336,18 +336,15 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True, ove
                 )
     _check_text_sources(recipe, path, root)
     suffix = spec.path.suffix.lower()
-    if spec.path.is_dir():
-        pass  # a Hugging Face folder: what it holds is checked when it loads (optcli.hf)
-    elif suffix not in ONNX_SUFFIXES + TORCH_SUFFIXES:
-        raise BadInput(
-            f"model.path: {spec.path.name} has an unknown extension; use .onnx, .pt/.pth (state_dict or TorchScript), .pt2 (torch.export) or .safetensors"
-        )
+    refused = unknown_suffix(spec.path)  # a Hugging Face folder: what it holds is checked when it loads (optcli.hf)
+    if refused:
+        raise BadInput(f"model.path: {refused}")
     if suffix in (".safetensors", ".bin") and spec.factory is None and not spec.path.is_dir():
         raise BadInput(
             f"model.factory: {spec.path.name} holds only weights; set model.factory: module:callable that builds the nn.Module"
         )
     fmt = spec.format
-    int8_by = "model.path" if check_files and suffix in ONNX_SUFFIXES and _holds_int8(spec.path) else None
+    int8_by = "model.path" if check_files and suffix in ONNX_SUFFIXES and holds_int8(spec.path) else None
     for i, cfg in enumerate(recipe.passes):
         p = get_pass(cfg.type)
         where = _origin(path, root, ["passes", i], overrides)
@@ -406,26 +403,19 @@ _INT8_REFUSAL = {
     ),
 }
 
-_INT8_OPS = {
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "DynamicQuantizeLinear",
-    "QLinearConv",
-    "QLinearMatMul",
-    "MatMulInteger",
-    "ConvInteger",
-}
 
-
-def _holds_int8(path: Path) -> bool:
-    """An ONNX model that is already quantized (Q/DQ or integer ops); False where it cannot be read here."""
+def holds_int8(path: Path) -> bool:
+    """An ONNX model that is already quantized (Q/DQ or integer ops); False where it cannot be read here.
+    `optcli init` asks the same question, so it never writes a quantize step this check would refuse."""
     try:
         import onnx
 
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # a broken file is refused, in its own words, when the model is loaded
         return False
-    return any(n.op_type in _INT8_OPS for n in proto.graph.node)
+    from optcli.onnx_check import holds_int8 as graph_holds_int8
+
+    return graph_holds_int8(proto)
 
 
 def with_implicit_exports(recipe: Recipe) -> Recipe:

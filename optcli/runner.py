@@ -125,7 +125,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     evaluator = Evaluator(recipe, original, data, options.log, progress=options.progress)
     run = _Run(recipe, options, folder, original, data, evaluator)
     first = _measure_original(recipe, original, evaluator, options.log)
-    steps, warnings = [first], [f"original: {n}" for n in first.pop("latency_notes")]
+    steps, warnings = [first], [f"original: {n}" for n in (*original.notes, *first.pop("latency_notes"))]
     model = original
     inputs_key = input_key(recipe)
     input_sha = ""  # of the artifact the step reads; the original model's is in inputs_key

@@ -37,6 +37,9 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
     passes = [CNN_QUANTIZE if cnn else {"type": "quantize", "mode": "dynamic", "per_channel": True}]
     if model.format == "torch":
         passes.insert(0, {"type": "export", "opset": 18})
+    int8 = already_int8(model)
+    if int8:
+        passes, cnn = [], False  # nothing to quantize: the recipe measures the model as it is (no data to write)
     recipe = {"model": spec}
     if cnn:
         samples = str(data) if data is not None else str(path.with_name(path.stem.split(".")[0] + "_samples.npz"))
@@ -49,7 +52,13 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
         "gates": {"min_fidelity_cosine": 0.99},
     }
     header = f"# optcli recipe for {path.name} (written by optcli init)\n"
-    if cnn:
+    if int8:
+        header += (
+            f"# No quantize step: the model is int8 already ({int8}).\n"
+            "# `optcli run` refuses to quantize an int8 model a second time; this recipe measures it as it is.\n"
+            "# To quantize, give the fp32 model to optcli init.\n"
+        )
+    elif cnn:
         header += (
             "# A CNN: int8 pays only where ONNX Runtime fuses it (static QDQ, BatchNorm folded, slow regions kept fp32);\n"
             "# the quantize step searches for the fastest int8 model within the target, measured on this machine.\n"
@@ -147,6 +156,43 @@ def _is_cnn(model) -> bool:
 
     convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
     return any(isinstance(m, convs) for m in module.modules())
+
+
+def already_int8(model) -> str | None:
+    """What makes the model int8 already (its int8 ops), or None. ONNX: the check `run` refuses a second quantize
+    with; torch: int8 weights (torch.ao modules) or quantized:: ops in a TorchScript graph."""
+    from collections import Counter
+
+    if model.format == "onnx":
+        from optcli.recipe import holds_int8
+
+        if model.path is None or not holds_int8(model.path):
+            return None
+        import onnx
+
+        from optcli.onnx_check import QUANTIZED_OPS, all_nodes
+
+        proto = onnx.load(str(model.path), load_external_data=False)
+        ops = Counter(n.op_type for n in all_nodes(proto) if n.op_type in QUANTIZED_OPS)
+        return ", ".join(f"{k} {op}" for op, k in ops.most_common(3))
+    import torch
+
+    module = model.module
+    if isinstance(module, torch.jit.ScriptModule):
+        from optcli.inspect import node_kinds
+
+        ops = Counter(k for k in node_kinds(module.inlined_graph) if k.startswith("quantized::"))
+        return ", ".join(f"{k} {op}" for op, k in ops.most_common(3)) or None
+    if module is None:
+        return None
+    state = module.state_dict()
+    int8 = [k for k, v in state.items() if isinstance(v, torch.Tensor) and (v.is_quantized or v.dtype == torch.int8)]
+    kinds = Counter(
+        type(m).__name__ for m in module.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
+    )
+    if not int8 and not kinds:
+        return None
+    return ", ".join(f"{k} {name}" for name, k in kinds.most_common(3)) or f"{len(int8)} int8 weight tensors"
 
 
 def _is_module_file(path: Path) -> bool:

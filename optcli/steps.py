@@ -159,9 +159,13 @@ def write_final(model: Model, root: Path) -> dict:
         for f in files:
             (root / src.name / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             atomic_copy(f, root / src.name / f.relative_to(src))
-    for f in [] if src.is_dir() else files[1:] + files[:1]:  # external data first: never a model pointing at nothing
+    # The model file is always model.<ext>, whatever the step (or, with every pass skipped, the user) named it;
+    # external data keeps its name, which the model file records.
+    final = root / (src.name if src.is_dir() else "model" + src.suffix.lower())
+    for f in [] if src.is_dir() else files[1:]:  # external data first: never a model pointing at nothing
         atomic_copy(f, root / f.name)
-    final = root / src.name
+    if not src.is_dir():
+        atomic_copy(src, final)
     return {"path": str(final), "format": model.format, "sha256": sha256_file(final)}
 
 

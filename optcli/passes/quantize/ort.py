@@ -295,9 +295,11 @@ def quantize_onnx(
 def count_quant_ops(path: Path) -> dict:
     import onnx
 
+    from optcli.onnx_check import all_nodes
+
     proto = onnx.load(str(path), load_external_data=False)
     counts: dict[str, int] = {}
-    for node in proto.graph.node:
+    for node in all_nodes(proto):  # If / Loop bodies too: dynamic int8 quantizes inside them
         if node.op_type in (
             "QuantizeLinear",
             "DequantizeLinear",

@@ -143,9 +143,9 @@ def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dic
 
 
 def describe(out, config, ops: tuple[str, ...], opset: dict, before: int) -> dict:
-    from optcli.onnx_check import nbits_counts
+    from optcli.onnx_check import all_nodes, nbits_counts
 
-    counts = {op: sum(1 for n in out.graph.node if n.op_type == op) for op in WRITTEN}
+    counts = {op: sum(1 for n in all_nodes(out) if n.op_type == op) for op in WRITTEN}  # If / Loop bodies too
     bits = {f"int{b}": k for b, k in nbits_counts(out).items()}
     return {
         "opset": opset,
@@ -162,12 +162,18 @@ def describe(out, config, ops: tuple[str, ...], opset: dict, before: int) -> dic
     }
 
 
+def nothing_done(details: dict) -> bool:
+    return not any(details["quantized_ops"].values())
+
+
 def warn_if_nothing(details: dict, ops: tuple[str, ...], ctx) -> None:
-    if not any(details["quantized_ops"].values()):
-        ctx.warn(
-            f"no {'/'.join(ops)} node with a constant weight was found, nothing was quantized "
-            "(Gemm, which exporters write for 2-D Linear layers, is not handled by MatMulNBits)"
+    if nothing_done(details):
+        note = (
+            f"nothing to quantize: no {'/'.join(ops)} node with a constant weight was found "
+            "(Gemm, which exporters write for 2-D Linear layers, is not handled by MatMulNBits); the input is kept"
         )
+        details["skipped"] = note
+        ctx.warn(note)
 
 
 def _opset_for_gather(proto, ops: tuple[str, ...], ctx) -> tuple[object, dict]:
@@ -188,14 +194,18 @@ def _opset_for_gather(proto, ops: tuple[str, ...], ctx) -> tuple[object, dict]:
 
 
 def float_weight_bytes(proto) -> int:
-    return sum(_nbytes(t) for t in proto.graph.initializer if t.data_type in (1, 10, 11, 16))
+    from optcli.onnx_check import all_initializers
+
+    return sum(_nbytes(t) for t in all_initializers(proto) if t.data_type in (1, 10, 11, 16))
 
 
 def _weight_bytes(proto) -> dict:
     """Bytes of initializers after quantization by role: packed weights, scales, zero points, float left over."""
+    from optcli.onnx_check import all_initializers, all_nodes
+
     out = {"packed": 0, "scales": 0, "zero_points": 0, "float": 0, "other": 0}
     roles = {}
-    for node in proto.graph.node:
+    for node in all_nodes(proto):
         if node.op_type == "MatMulNBits":
             roles.update({node.input[1]: "packed", node.input[2]: "scales"})
             if len(node.input) > 3 and node.input[3]:
@@ -204,7 +214,7 @@ def _weight_bytes(proto) -> dict:
             roles.update({node.input[0]: "packed", node.input[2]: "scales"})
             if len(node.input) > 3 and node.input[3]:
                 roles[node.input[3]] = "zero_points"
-    for t in proto.graph.initializer:
+    for t in all_initializers(proto):
         role = roles.get(t.name) or ("float" if t.data_type in (1, 10, 11, 16) else "other")
         out[role] += _nbytes(t)
     return out
