@@ -443,6 +443,8 @@ def init(
         from optcli.errors import BadInput, writing
         from optcli.starter import starter_recipe
 
+        if output is not None and any(p is not None and output.resolve() == p.resolve() for p in (model, data)):
+            raise BadInput(f"--output {output} is an input of init; give the recipe a name of its own (recipe.yaml)")
         if output is not None and output.exists() and not overwrite:
             raise BadInput(f"--output {output} exists; pass --overwrite to replace it, or choose another name")
         if output is not None and output.is_dir():

@@ -77,7 +77,12 @@ def starter_recipe(
         "report": {"latency": {"batch_sizes": [1, 32], "warmup": 5, "runs": 30, "threads": 2}},
         "gates": {"min_fidelity_cosine": 0.99},
     }
-    labels = _check(recipe, recipe_dir, trust_pickle)
+    try:
+        labels = _check(recipe, recipe_dir, trust_pickle)
+    except BadInput as e:
+        if "leaves none" not in str(e):
+            raise
+        raise BadInput(f"{data}: too few samples to split into calibration and eval; give at least 2 (~100)") from None
     header = f"# optcli recipe for {path.name} (written by optcli init; paths are relative to this file)\n"
     notes = []
     if static:

@@ -45,6 +45,9 @@ def test_init_output_file_names_paths_from_where_the_recipe_lives(work, tmp_path
     again = run_cli("init", "digits_cnn.onnx", "-o", "recipes/r.yaml", cwd=work)
     assert again.exit_code == 2 and "--overwrite" in again.stderr  # an existing recipe is not replaced silently
     assert yaml.safe_load((work / "recipes" / "r.yaml").read_text()) == recipe
+    model_bytes = (work / "digits_cnn.onnx").read_bytes()
+    onto_model = run_cli("init", "digits_cnn.onnx", "-o", "digits_cnn.onnx", "--overwrite", cwd=work)
+    assert onto_model.exit_code == 2 and (work / "digits_cnn.onnx").read_bytes() == model_bytes
 
 
 def test_init_to_stdout_redirected_into_the_working_folder_validates_from_anywhere(work, tmp_path_factory):
