@@ -223,6 +223,17 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
+def graph_file_kind(path: Path) -> str | None:
+    """ "torchscript" or "torch.export" for a file that loads as a graph without nn.Module layers (what prune, cluster,
+    finetune and convert edit), read from its name and zip listing without torch; None otherwise."""
+    suffix = path.suffix.lower()
+    if suffix == ".pt2":
+        return "torch.export"
+    if suffix in (".pt", ".pth") and path.is_file() and is_torchscript(path):
+        return "torchscript"
+    return None
+
+
 def load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
     import torch
 

@@ -130,8 +130,10 @@ def _err(message: str) -> None:
     sys.stderr.write(message + "\n")
 
 
-def guarded(fn: Callable[[], int | None], debug: bool) -> None:
-    """Run a command body; map errors to exit codes with one line on stderr (traceback with --debug)."""
+def guarded(fn: Callable[[], int | None], debug: bool, on_error: Callable[[str, str, int], None] | None = None) -> None:
+    """Run a command body; map errors to exit codes with one line on stderr (traceback with --debug).
+
+    on_error(message, kind, exit_code) reports an error where CI reads results too (--json, --junit)."""
     from optcli.errors import DISK_FULL, OptcliError, first_line
 
     def _sigterm(signum, frame):
@@ -148,6 +150,7 @@ def guarded(fn: Callable[[], int | None], debug: bool) -> None:
             traceback.print_exc()
         _err(f"error: {e}")
         code = e.exit_code
+        _report_error(on_error, str(e), type(e).__name__, code)
     except KeyboardInterrupt:
         _err("interrupted: nothing half-written was left at the output paths")
         code = EXIT_INTERRUPTED
@@ -163,9 +166,35 @@ def guarded(fn: Callable[[], int | None], debug: bool) -> None:
                 f"error: internal error: {type(e).__name__}: {first_line(e, 1000)} (rerun with --debug for the traceback)"
             )
         code = EXIT_PASS_FAILED
+        _report_error(on_error, f"internal error: {type(e).__name__}: {first_line(e, 1000)}", "InternalError", code)
     finally:
         signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(code)
+
+
+def _report_error(on_error, message: str, kind: str, code: int) -> None:
+    if on_error is None:
+        return
+    try:
+        on_error(" ".join(message.split()), kind, code)
+    except Exception as e:  # the error already printed is the one to see; this one is said after it
+        _err(f"error: could not report the error for CI: {type(e).__name__}: {e}")
+
+
+def ci_error(command: str, json_out: bool, junit: Path | None) -> Callable[[str, str, int], None]:
+    """--json gets {"error", "exit_code"} on stdout, --junit one <error> test case: a CI job that reads either
+    sees why the run stopped instead of nothing."""
+
+    def report(message: str, kind: str, code: int) -> None:
+        if json_out:
+            _print_json({"error": message, "exit_code": code})
+        if junit is not None:
+            from optcli.report.ci import junit_error_xml
+            from optcli.report.write import atomic_write_text
+
+            atomic_write_text(junit, junit_error_xml(command, message, kind))
+
+    return report
 
 
 def _ci_results(junit: Path | None, suites: list, markdown: Path) -> None:
@@ -282,7 +311,7 @@ def run(
             return EXIT_GATE
         return EXIT_OK
 
-    guarded(body, debug)
+    guarded(body, debug, ci_error("run", json_out, junit))
 
 
 @app.command(cls=PlainCommand)
@@ -396,16 +425,48 @@ def init(
         None,
         "--data",
         metavar="FILE.npz",
-        help="a .npz of real inputs keyed by input name: calibration and eval for int8 (CNNs)",
+        help="real inputs keyed by input name, checked against the model: a CNN calibrates on its first half and "
+        "is measured on the second",
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", metavar="FILE", help="write the recipe to FILE (paths relative to it), not stdout"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="replace an existing --output FILE"),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", metavar="", help="allow unpickling a full torch module (runs code from the file)"
     ),
     debug: bool = typer.Option(False, "--debug", metavar="", help=DEBUG_HELP),
 ):
-    """Print a starter recipe for MODEL (inputs filled in from the file) to stdout."""
+    """Write a starter recipe for MODEL (inputs read from the file, data checked against them) to stdout or --output."""
 
     def body():
+        from optcli.errors import BadInput, writing
         from optcli.starter import starter_recipe
 
-        sys.stdout.write(starter_recipe(model, factory=factory, shapes=shape, data=data))
+        if output is not None and any(p is not None and output.resolve() == p.resolve() for p in (model, data)):
+            raise BadInput(f"--output {output} is an input of init; give the recipe a name of its own (recipe.yaml)")
+        if output is not None and output.exists() and not overwrite:
+            raise BadInput(f"--output {output} exists; pass --overwrite to replace it, or choose another name")
+        if output is not None and output.is_dir():
+            raise BadInput(f"--output {output} is a folder; give a file name such as {output}/recipe.yaml")
+        start = starter_recipe(
+            model,
+            factory=factory,
+            shapes=shape,
+            data=data,
+            trust_pickle=trust_pickle,
+            recipe_dir=output.parent if output is not None else None,
+        )
+        for note in start.notes:
+            _err(f"optcli init: {note}")
+        if output is None:
+            sys.stdout.write(start.text)
+            return
+        from optcli.report.write import atomic_write_text
+
+        with writing(output):
+            atomic_write_text(output, start.text)
+        _err(f"wrote {output} (`optcli validate {output}` checks it)")
 
     guarded(body, debug)
 
@@ -463,7 +524,7 @@ def compare(
             return EXIT_GATE
         return EXIT_OK
 
-    guarded(body, debug)
+    guarded(body, debug, ci_error("compare", json_out, junit))
 
 
 @app.command(cls=PlainCommand)
@@ -547,7 +608,7 @@ def sweep(
             _err(f"no variant passes every gate (see {out}/sweep.json)")
         return code
 
-    guarded(body, debug)
+    guarded(body, debug, ci_error("sweep", json_out, junit))
 
 
 def main() -> None:

@@ -93,6 +93,11 @@ class DataSource(StrictModel):
     )
     shuffle: bool = False
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    take: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] | None = Field(
+        default=None,
+        description="[start, stop]: only this fraction of the file's samples, in file order ([0, 0.5] the first half); "
+        "calibration: [0, 0.5] and eval: [0.5, 1] on one file keep the two apart",
+    )
     # Text, tokenized by the model folder's own tokenizer (optcli.textdata).
     text: RecipePath | None = Field(
         default=None, description="text file: .txt (one example per line) or .jsonl (text field + optional label field)"
@@ -109,6 +114,10 @@ class DataSource(StrictModel):
             raise ValueError(
                 "give exactly one of 'path' (a .npz/.pt/.safetensors file), 'factory' (module:callable) or 'text' (.txt/.jsonl)"
             )
+        if self.take is not None and self.path is None:
+            raise ValueError("take slices an array file: use it with 'path'")
+        if self.take is not None and not self.take[0] < self.take[1]:
+            raise ValueError(f"take: [start, stop] needs start < stop (got {list(self.take)})")
         if self.metric not in METRICS and ":" not in self.metric:
             raise ValueError(f"metric '{self.metric}' is not {', '.join(METRICS)} or module:callable")
         return self

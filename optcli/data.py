@@ -197,6 +197,12 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
         raise BadInput(f"{where}: {len(labels)} labels for {n} samples")
     if n == 0:
         raise BadInput(f"{where}: holds no samples")
+    if source.take is not None and n:
+        lo, hi = (round(f * n) for f in source.take)  # the same rounding on both sides: [0, .5] + [.5, 1] split exactly
+        if hi <= lo:
+            raise BadInput(f"{where}: take {list(source.take)} of {n} samples leaves none; widen it")
+        feeds = {k: v[lo:hi] if v.ndim else v for k, v in feeds.items()}
+        labels = labels[lo:hi] if labels is not None else None
     if source.samples:
         keep = np.arange(min(source.samples, n or 0))
         feeds = {

@@ -83,6 +83,7 @@ Recipe = Any  # an instance of recipe_model(); kept loose for type hints in othe
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> Recipe:
     path = Path(path)
+    refuse_model_file(path)
     if not path.is_file():
         raise BadInput(f"recipe {path} not found: give the path of a YAML recipe (optcli init MODEL writes one)")
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -107,6 +108,29 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     recipe = _validate(raw, root, path, overrides)
     check_recipe(recipe, path, root, check_files=check_files, overrides=overrides)
     return with_implicit_exports(recipe)
+
+
+# The first bytes of model files no YAML text starts with: a zip (torch.save, TorchScript, .pt2), a pickle's PROTO
+# opcode (old torch.save), an ONNX ModelProto (field 1, ir_version, a varint: tag 0x08).
+_MODEL_MAGIC = (b"PK\x03\x04", b"\x80", b"\x08")
+_MODEL_SUFFIXES = (*ONNX_SUFFIXES, *TORCH_SUFFIXES)
+
+
+def refuse_model_file(path: Path) -> None:
+    """A model given where a recipe goes (`optcli run model.onnx`): say so before a YAML parser quotes its bytes."""
+    if path.is_dir():
+        is_model = (path / "config.json").is_file()  # a Hugging Face folder
+    elif path.is_file():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+        except OSError:
+            return  # the read below reports it in its own words
+        is_model = path.suffix.lower() in _MODEL_SUFFIXES or head.startswith(_MODEL_MAGIC)
+    else:
+        return
+    if is_model:
+        raise BadInput(f"{path} is a model, not a recipe: `optcli init {path} > recipe.yaml` writes one")
 
 
 MAX_YAML_VALUES = 100_000

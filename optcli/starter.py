@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -10,40 +12,74 @@ from optcli.errors import BadInput
 from optcli.model import fixed_batch
 
 
-def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (), data: Path | None = None) -> str:
+@dataclass
+class Starter:
+    text: str  # the recipe, comments first
+    notes: list[str]  # what the user should know, for stderr (the recipe's comments say it too)
+
+
+def starter_recipe(
+    path: Path,
+    factory: str | None = None,
+    shapes: list[str] = (),
+    data: Path | None = None,
+    trust_pickle: bool = False,
+    recipe_dir: Path | None = None,
+) -> Starter:
+    """The recipe for a model file, its paths relative to recipe_dir (where it is written; default: the working
+    folder, what `> recipe.yaml` needs), checked the way `optcli validate` checks it before it is returned."""
     from optcli.artifact import load_any
     from optcli.model import batch_sizes_taken, check_feedable
 
+    recipe_dir = Path(os.path.abspath(recipe_dir or Path.cwd()))
     if path.is_dir():
-        return _folder_recipe(path, load_any(path))
-    suffix = path.suffix.lower()
-    needs_factory = suffix == ".safetensors" or (suffix in (".pt", ".pth") and not _is_module_file(path))
-    if needs_factory and factory is None:
+        return Starter(_folder_recipe(path, load_any(path), recipe_dir), [])
+    if path.suffix.lower() == ".safetensors" and factory is None:
         raise BadInput(f"{path} holds only weights; pass --factory module:callable that builds the nn.Module")
     try:
-        model = _load(path, shapes, factory)
+        model = _load(path, shapes, factory, trust_pickle)
         check_feedable(model.inputs, path)
     except BadInput as e:
         if "does not record its inputs" in str(e) and "forward takes" not in str(e):
             raise BadInput(
                 f"{path} does not record its input shapes; pass --shape name=1x3x32x32 (and :int64 for ids)"
             ) from None
+        if "is a state_dict" in str(e):  # the loader speaks recipe keys; init takes options
+            raise BadInput(
+                f"{path} is a state_dict (weights only); pass --factory module:callable that builds the nn.Module"
+            ) from None
         raise
-    spec = {"path": str(path)}
+    spec = {"path": _shown(path, recipe_dir)}
     if factory:
         spec["factory"] = factory
+    if model.kind == "pickle":
+        spec["trust_pickle"] = True  # --trust-pickle was given for this file: the recipe runs as init checked it
     spec["inputs"] = [_input_entry(s) for s in model.inputs]
     cnn = _is_cnn(model)
-    passes = [CNN_QUANTIZE if cnn else {"type": "quantize", "mode": "dynamic", "per_channel": True}]
+    # Static int8 (what pays on a CNN) needs calibration inputs; without data, dynamic int8 runs as written.
+    static = cnn and data is not None
+    passes = [CNN_QUANTIZE if static else {"type": "quantize", "mode": "dynamic", "per_channel": True}]
     if model.format == "torch":
         passes.insert(0, {"type": "export", "opset": 18})
     int8 = already_int8(model)
     if int8:
-        passes, cnn = [], False  # nothing to quantize: the recipe measures the model as it is (no data to write)
+        passes, cnn, static = (
+            [],
+            False,
+            False,
+        )  # nothing to quantize: the recipe measures the model as it is (no data to write)
     recipe = {"model": spec}
-    if cnn:
-        samples = str(data) if data is not None else str(path.with_name(path.stem.split(".")[0] + "_samples.npz"))
-        recipe["data"] = {"calibration": {"path": samples, "samples": 128}, "eval": {"path": samples}}
+    if data is not None:
+        shown = _shown(data, recipe_dir)
+        # One file: calibration and evaluation take disjoint halves, so int8 is not scored on what calibrated it.
+        recipe["data"] = (
+            {
+                "calibration": {"path": shown, "take": [0, 0.5], "samples": 128},
+                "eval": {"path": shown, "take": [0.5, 1]},
+            }
+            if static
+            else {"eval": {"path": shown}}
+        )
     recipe |= {
         "passes": passes,
         "report": {
@@ -51,38 +87,75 @@ def starter_recipe(path: Path, factory: str | None = None, shapes: list[str] = (
         },
         "gates": {"min_fidelity_cosine": 0.99},
     }
-    header = f"# optcli recipe for {path.name} (written by optcli init)\n"
+    try:
+        labels = _check(recipe, recipe_dir, trust_pickle)
+    except BadInput as e:
+        if "leaves none" not in str(e):
+            raise
+        raise BadInput(f"{data}: too few samples to split into calibration and eval; give at least 2 (~100)") from None
+    header = f"# optcli recipe for {path.name} (written by optcli init; paths are relative to this file)\n"
+    notes = []
     if int8:
         header += (
             f"# No quantize step: the model is int8 already ({int8}).\n"
             "# `optcli run` refuses to quantize an int8 model a second time; this recipe measures it as it is.\n"
             "# To quantize, give the fp32 model to optcli init.\n"
         )
-    elif cnn:
+    elif static:
         header += (
             "# A CNN: int8 pays only where ONNX Runtime fuses it (static QDQ, BatchNorm folded, slow regions kept fp32);\n"
             "# the quantize step searches for the fastest int8 model within the target, measured on this machine.\n"
-            "# data: a .npz of ~100 real inputs keyed by input name (add labels: y and metric: accuracy to score them).\n"
+            f"# {data.name}: its first half calibrates, its second half measures (take: [start, stop]).\n"
         )
-        if data is None:
-            header += f"# {samples} does not exist yet: write it, or rerun with --data PATH.\n"
-    else:
+    if data is not None and labels is not None:
+        header += f"# {data.name} holds labels ({labels!r}): the report scores accuracy on them as well as fidelity.\n"
+    if data is None and not int8:
+        header += "# No data: fidelity to the original is measured on generated inputs, and int8 is dynamic (no calibration).\n"
+        if cnn:
+            header += "# Dynamic int8 on Conv (ConvInteger) is often slower than fp32: static int8 needs real inputs.\n"
         header += (
-            "# Add data.eval (a .npz keyed by input name, plus labels) to measure accuracy, and data.calibration\n"
-            "# for static int8 (mode: static).\n"
+            "# Rerun `optcli init MODEL --data samples.npz` (~100 real inputs keyed by input name) to calibrate and\n"
+            "# measure on them.\n"
         )
+        notes.append(
+            "no --data: the recipe measures fidelity on generated inputs and uses dynamic int8; "
+            "--data FILE.npz (real inputs keyed by input name) calibrates and measures on real inputs"
+        )
+    elif not static and not int8:
+        header += "# For static int8 (mode: static) add data.calibration (a .npz keyed by input name).\n"
     header += _inputs_note(model.inputs)
+    if model.kind == "pickle":
+        header += "# model.trust_pickle: loading this file runs code from it (you passed --trust-pickle).\n"
     header += "# `optcli passes` lists every option; `optcli validate` checks this file.\n"
-    return header + yaml.safe_dump(recipe, sort_keys=False)
+    return Starter(header + yaml.safe_dump(recipe, sort_keys=False), notes)
 
 
-def _load(path: Path, shapes: list[str], factory: str | None):
+def _shown(path: Path, recipe_dir: Path) -> str:
+    """A path as the recipe writes it: relative to the recipe's folder (recipes resolve paths against it)."""
+    if path.is_absolute():
+        return str(path)
+    return os.path.relpath(os.path.abspath(path), recipe_dir)
+
+
+def _check(recipe: dict, recipe_dir: Path, trust_pickle: bool) -> str | None:
+    """Validate the recipe as `optcli validate` would (data keyed like the model's inputs, ...): the same messages,
+    exit 2. Returns the labels key the eval data holds, if any."""
+    from optcli.recipe import recipe_from_dict
+    from optcli.runner import preflight
+
+    rec = recipe_from_dict(recipe, recipe_dir)
+    _, data = preflight(rec, trust_pickle)
+    evaluation = data.get("eval")
+    return evaluation.label_key if evaluation is not None else None
+
+
+def _load(path: Path, shapes: list[str], factory: str | None, trust_pickle: bool = False):
     """The model, as `load_any` reads it; a TorchScript forward's Python numbers (a sample rate) get a placeholder
     value the recipe shows, so init writes every argument the schema names."""
     from optcli.artifact import is_torchscript, load_any
 
     if path.suffix.lower() not in (".pt", ".pth") or not is_torchscript(path):
-        return load_any(path, shapes, factory=factory)
+        return load_any(path, shapes, trust_pickle=trust_pickle, factory=factory)
     import torch
 
     from optcli.artifact import load_model, parse_shape_arg, torchscript_inputs
@@ -195,12 +268,6 @@ def already_int8(model) -> str | None:
     return ", ".join(f"{k} {name}" for name, k in kinds.most_common(3)) or f"{len(int8)} int8 weight tensors"
 
 
-def _is_module_file(path: Path) -> bool:
-    from optcli.artifact import is_torchscript
-
-    return is_torchscript(path)
-
-
 GATES_BY_TASK = {
     "feature-extraction": {"min_fidelity_cosine": 0.99},
     "text-classification": {"max_accuracy_drop": 0.01},
@@ -209,11 +276,11 @@ GATES_BY_TASK = {
 }
 
 
-def _folder_recipe(path: Path, model) -> str:
+def _folder_recipe(path: Path, model, recipe_dir: Path) -> str:
     """A Hugging Face folder: its task, text data read by its own tokenizer, export + dynamic per-channel int8."""
     labelled = model.task in ("text-classification", "token-classification")
     recipe = {
-        "model": {"path": str(path), "task": model.task},
+        "model": {"path": _shown(path, recipe_dir), "task": model.task},
         "data": {
             "calibration": {"text": "calibration.txt", "samples": 256, "max_length": 128},
             "eval": {"text": "eval.jsonl" if labelled else "eval.txt", "max_length": 128},

@@ -53,6 +53,17 @@ def junit_xml(suites: list[tuple[str, list[dict], float | None]]) -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+def junit_error_xml(name: str, message: str, kind: str) -> str:
+    """A run that stopped before any gate (bad input, a failed pass) as one <error> test case, so a CI test reporter
+    shows the error instead of "no results"."""
+    root = ET.Element("testsuites", name="optcli", tests="1", failures="0", errors="1")
+    suite = ET.SubElement(root, "testsuite", name=name, tests="1", failures="0", errors="1", skipped="0", time="0")
+    case = ET.SubElement(suite, "testcase", classname=f"optcli.{name}", name=name, time="0")
+    ET.SubElement(case, "error", message=message, type=kind).text = message
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
 def write_junit(path: Path, suites: list[tuple[str, list[dict], float | None]]) -> Path:
     """Written whole or not at all (the atomic write of every report)."""
     return atomic_write_text(Path(path), junit_xml(suites))

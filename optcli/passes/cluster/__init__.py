@@ -89,6 +89,12 @@ def check(config: Config, recipe, input_format: str) -> None:
                 f"storage: indices turns weights into Gather outputs, which a later {later[0]} cannot read as weights; "
                 "make this cluster pass the last one, or use storage: dense"
             )
+    if input_format == "torch":  # the recipe's own file reaches this pass: every torch pass before it keeps its kind
+        from optcli.artifact import graph_file_kind
+
+        kind = graph_file_kind(recipe.model.path)
+        if kind is not None:
+            raise ValueError(graph_refusal(recipe.model.path.name, kind).removeprefix("cluster: "))
     for p in recipe.passes[:index]:
         if p.type == "prune" and getattr(p, "schedule", None) is not None:
             between = [q.type for q in recipe.passes[recipe.passes.index(p) + 1 : index]]
@@ -96,6 +102,10 @@ def check(config: Config, recipe, input_format: str) -> None:
                 raise ValueError(
                     "a prune schedule ramps during a finetune: put that finetune between prune and cluster"
                 )
+
+
+def graph_refusal(name: str, kind: str) -> str:
+    return f"cluster: {name} was loaded as {kind}, which keeps no Conv/Linear modules; give the state_dict with model.factory"
 
 
 def preflight(config: Config, recipe, original) -> None:
@@ -139,10 +149,7 @@ def _cluster_torch(model, config: Config, ctx: Context):
     from optcli.passes.cluster.share import share
 
     if isinstance(model.module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        raise BadInput(
-            f"cluster: {model.path.name if model.path else 'the model'} was loaded as {model.kind or 'a graph'}, "
-            "which keeps no Conv/Linear modules; give the state_dict with model.factory"
-        )
+        raise BadInput(graph_refusal(model.path.name if model.path else "the model", model.kind or "a graph"))
     module = copy_module(model.module)  # the original stays untouched: it is the reference / distillation teacher
     plan = make_plan(
         torch_layers(module, model.inputs), config, f"the {type(module).__name__} model", "cluster", "clusters"

@@ -38,6 +38,9 @@ class Config(PassConfig):
     )
 
 
+SCRIPTED = "convert: a TorchScript module cannot be re-saved; give a state_dict + factory or a .pt2"
+
+
 def check(config: Config, recipe, input_format: str) -> None:
     index = next(i for i, p in enumerate(recipe.passes) if p is config)
     later = [p.type for p in recipe.passes[index + 1 :]]
@@ -52,6 +55,10 @@ def check(config: Config, recipe, input_format: str) -> None:
                 "quantize after convert: int8 quantization reads fp32 graphs; quantize or convert, not both"
             )
         return
+    from optcli.artifact import graph_file_kind
+
+    if graph_file_kind(recipe.model.path) == "torchscript":  # what apply would refuse after the first measurement
+        raise ValueError(SCRIPTED.removeprefix("convert: "))
     if not config.keep_io_types:
         raise ValueError("keep_io_types: false applies to ONNX graphs; a torch model keeps float32 inputs and outputs")
     trained = [t for t in later if t in ("finetune", "prune", "cluster")]
@@ -189,7 +196,7 @@ def _convert_torch(model, config: Config, ctx: Context):
     from optcli.model import copy_module
 
     if isinstance(model.module, torch.jit.ScriptModule):
-        raise BadInput("convert: a TorchScript module cannot be re-saved; give a state_dict + factory or a .pt2")
+        raise BadInput(SCRIPTED)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[config.dtype]
     module = copy_module(model.module).to(dtype)
     module.register_forward_pre_hook(CastInputs(dtype))

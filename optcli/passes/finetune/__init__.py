@@ -31,6 +31,11 @@ def _ref(value) -> ModelRef | None:
 
 def check(config: Config, recipe, input_format: str) -> None:
     check_settings(config.distributed, config.device, config.amp)
+    if input_format == "torch" and _ref(config.student) is None:
+        from optcli.artifact import graph_file_kind
+
+        if graph_file_kind(recipe.model.path) == "torchscript":  # what apply would refuse after the first measurement
+            raise ValueError(scripted_refusal("the model"))
     train = recipe.data.train
     if train is None:
         raise ValueError(
@@ -113,10 +118,14 @@ def _trainable(module, where: str):
     import torch
 
     if isinstance(module, torch.jit.ScriptModule):
-        raise BadInput(
-            f"{where} is TorchScript, which optcli does not re-save after training; give a state_dict + factory or a .pt2"
-        )
+        raise BadInput(scripted_refusal(where))
     return module
+
+
+def scripted_refusal(where: str) -> str:
+    return (
+        f"{where} is TorchScript, which optcli does not re-save after training; give a state_dict + factory or a .pt2"
+    )
 
 
 def apply(model, config: Config, ctx: Context):

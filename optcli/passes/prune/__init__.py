@@ -86,6 +86,11 @@ def check(config: Config, recipe, input_format: str) -> None:
             )
     if input_format == "onnx" and recipe.model.format == "onnx" and recipe.passes[0] is config:
         _check_onnx_layers(config, recipe.model.path)
+    if input_format == "torch" and recipe.model.path.suffix.lower() in (".pt", ".pth"):
+        from optcli.artifact import graph_file_kind
+
+        if graph_file_kind(recipe.model.path) == "torchscript":  # every torch pass before this one keeps it so
+            raise ValueError(graph_refusal(recipe.model.path.name, "torchscript").removeprefix("prune: "))
     if input_format == "torch" and recipe.model.path.suffix.lower() == ".pt2":
         raise ValueError(
             "a .pt2 (torch.export) file keeps no Conv/Linear modules to prune; give the state_dict with model.factory"
@@ -146,10 +151,14 @@ def _refuse_scripted(model) -> None:
     from optcli.errors import BadInput
 
     if isinstance(model.module, (torch.jit.ScriptModule, torch.fx.GraphModule)):
-        raise BadInput(
-            f"prune: {model.path.name if model.path else 'the model'} was loaded as {model.kind or 'a graph'}, which keeps no "
-            "Conv/Linear modules to prune; give the state_dict with model.factory"
-        )
+        raise BadInput(graph_refusal(model.path.name if model.path else "the model", model.kind or "a graph"))
+
+
+def graph_refusal(name: str, kind: str) -> str:
+    return (
+        f"prune: {name} was loaded as {kind}, which keeps no Conv/Linear modules to prune; give the state_dict with "
+        "model.factory"
+    )
 
 
 def _param_counts(module) -> tuple[int, int]:
