@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, create_model
 
-from optcli.config import ONNX_SUFFIXES, DataSource, ModelSpec, StrictModel, unknown_suffix
+from optcli.config import ONNX_SUFFIXES, TORCH_SUFFIXES, DataSource, ModelSpec, StrictModel, unknown_suffix
 from optcli.errors import BadInput
 from optcli.passes import all_passes, get_pass
 
