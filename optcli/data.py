@@ -201,8 +201,12 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
         lo, hi = (round(f * n) for f in source.take)  # the same rounding on both sides: [0, .5] + [.5, 1] split exactly
         if hi <= lo:
             raise BadInput(f"{where}: take {list(source.take)} of {n} samples leaves none; widen it")
-        feeds = {k: v[lo:hi] if v.ndim else v for k, v in feeds.items()}
+        feeds = {
+            k: np.take(v, np.arange(lo, hi), axis=axes.get(k, 0)) if v.ndim and axes.get(k, 0) is not None else v
+            for k, v in feeds.items()
+        }
         labels = labels[lo:hi] if labels is not None else None
+        n = hi - lo  # what `samples` below counts from
     if source.samples:
         keep = np.arange(min(source.samples, n or 0))
         feeds = {
