@@ -174,6 +174,11 @@ def _ci_results(junit: Path | None, suites: list, markdown: Path) -> None:
     from optcli.report.ci import append_step_summary, write_junit
 
     if junit is not None:
+        if junit.absolute().parent == markdown.absolute().parent:  # in OUT: optcli's, so --overwrite replaces it
+            from optcli import owned
+
+            with writing(markdown.parent / owned.MARKER):
+                owned.record(markdown.parent, junit.name)
         with writing(junit):
             write_junit(junit, suites)
     with writing(os.environ.get("GITHUB_STEP_SUMMARY") or "$GITHUB_STEP_SUMMARY"):
