@@ -202,7 +202,7 @@ def run(
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE", help="override a recipe key: --set passes.1.per_channel=true"
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="replace a non-empty output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="replace what optcli wrote in OUT"),
     resume: bool = typer.Option(
         False, "--resume", metavar="", help="reuse finished steps whose input and config are unchanged"
     ),
@@ -492,7 +492,7 @@ def sweep(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or table; errors still go to stderr"),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace what optcli wrote in OUT"),
     resume: bool = typer.Option(False, "--resume", help="continue a sweep: finished steps and variants are reused"),
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"
