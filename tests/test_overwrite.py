@@ -165,3 +165,48 @@ def test_sweep_overwrite_keeps_user_files_and_refuses_a_folder_optcli_did_not_wr
     assert (out / variants[0] / "notes.md").read_text() == "variant notes"
     assert (out / "sweep.md").read_text() != "stale"
     assert all((out / v / "report.json").is_file() for v in variants)
+
+
+# --------------------------------------------------------------------------- the decision, on made-up folders
+
+
+def make(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def test_overwrite_removes_the_listed_names_and_optcli_step_folders_only(tmp_path):
+    from optcli import owned
+
+    make(
+        tmp_path,
+        {
+            MARKER: json.dumps({"optcli_version": "0", "kind": "run", "wrote": ["steps", "model.onnx", "report.json"]}),
+            "steps/1-export/step.json": "{}",
+            "steps/.2-quantize.tmp-123/model.onnx": "",
+            "steps/README.txt": "mine, in optcli's steps/",
+            "model.onnx": "",
+            ".report.json.abc123.tmp": "",  # an atomic write a killed run left
+            "notes.md": "mine",
+            "report.md": "not listed: kept",
+        },
+    )
+    assert owned.foreign(tmp_path) == ["notes.md", "report.md"] and owned.holds_results(tmp_path)
+    owned.remove_owned(tmp_path)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == [MARKER, "notes.md", "report.md", "steps", "steps/README.txt"]
+    assert not owned.holds_results(tmp_path)
+
+
+def test_output_from_before_the_marker_owns_the_artifact_its_report_names(tmp_path):
+    from optcli import owned
+
+    report = {"optcli_version": "0.1", "output": {"path": "/elsewhere/out/model.pt2"}}
+    make(tmp_path, {"report.json": json.dumps(report), "report.md": "", "model.pt2": "", "model.onnx": "", "a.txt": ""})
+    assert owned.is_output(tmp_path) and owned.foreign(tmp_path) == ["a.txt", "model.onnx"]
+    owned.remove_owned(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "model.onnx"]
+    not_optcli = tmp_path / "other"
+    make(not_optcli, {"report.json": json.dumps({"title": "my report"})})
+    assert not owned.is_output(not_optcli) and owned.foreign(not_optcli) == ["report.json"]
