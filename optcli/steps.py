@@ -80,11 +80,15 @@ class OutputFolder:
                 self._in_use()
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
-        with writing(self.root / owned.MARKER):
-            if overwrite and not resume:
-                owned.remove_owned(self.root)
-            owned.begin(self.root, "run", "steps")
-        (root / "steps").mkdir(exist_ok=True)
+        try:  # the lock is ours from here: a signal or error before the run's own try must still release it
+            with writing(self.root / owned.MARKER):
+                if overwrite and not resume:
+                    owned.remove_owned(self.root)
+                owned.begin(self.root, "run", "steps")
+            (root / "steps").mkdir(exist_ok=True)
+        except BaseException:
+            self.close()
+            raise
 
     def record(self, *names: str) -> None:
         """List top-level names as optcli's before writing them (what a later --overwrite may delete)."""
@@ -116,10 +120,12 @@ class OutputFolder:
         return final
 
     def close(self) -> None:
-        for tmp in (self.root / "steps").glob(".*.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        owned.drop_leftovers(self.root)  # a run that finished nothing leaves nothing that blocks the same command
-        self.lock.unlink(missing_ok=True)
+        try:
+            for tmp in (self.root / "steps").glob(".*.tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            owned.drop_leftovers(self.root)  # a run that finished nothing leaves nothing that blocks the same command
+        finally:
+            self.lock.unlink(missing_ok=True)
         if self.created:
             owned.rmdir_if_empty(self.root)
 

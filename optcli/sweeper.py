@@ -337,10 +337,14 @@ class SweepFolder:
                 raise BadInput(f"output folder {root} is in use by another optcli run") from None
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
-        with writing(root / owned.MARKER):
-            if overwrite and not resume:
-                owned.remove_owned(root)
-            owned.begin(root, "sweep")
+        try:  # the lock is ours from here: a signal or error before the sweep's own try must still release it
+            with writing(root / owned.MARKER):
+                if overwrite and not resume:
+                    owned.remove_owned(root)
+                owned.begin(root, "sweep")
+        except BaseException:
+            self.close()
+            raise
 
     def record(self, *names: str) -> None:
         """List top-level names as optcli's before writing them (what a later --overwrite may delete)."""
@@ -352,8 +356,10 @@ class SweepFolder:
     def close(self) -> None:
         from optcli import owned
 
-        owned.drop_leftovers(self.root)  # a sweep that finished nothing leaves nothing that blocks the same command
-        self.lock.unlink(missing_ok=True)
+        try:
+            owned.drop_leftovers(self.root)  # a sweep that finished nothing leaves nothing that blocks the same command
+        finally:
+            self.lock.unlink(missing_ok=True)
         if self.created:
             owned.rmdir_if_empty(self.root)
 
