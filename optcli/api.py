@@ -178,6 +178,7 @@ def run(
         log=log or (lambda m: None),
         extra={"distributed": launch, "debug": debug},
         progress=progress,
+        recipe_path=Path(recipe),
     )
     return Report.from_dict(run_recipe(rec, options), Path(out))
 

@@ -203,6 +203,11 @@ def _ci_results(junit: Path | None, suites: list, markdown: Path) -> None:
     from optcli.report.ci import append_step_summary, write_junit
 
     if junit is not None:
+        if junit.absolute().parent == markdown.absolute().parent:  # in OUT: optcli's, so --overwrite replaces it
+            from optcli import owned
+
+            with writing(markdown.parent / owned.MARKER):
+                owned.record(markdown.parent, junit.name)
         with writing(junit):
             write_junit(junit, suites)
     with writing(os.environ.get("GITHUB_STEP_SUMMARY") or "$GITHUB_STEP_SUMMARY"):
@@ -226,7 +231,7 @@ def run(
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE", help="override a recipe key: --set passes.1.per_channel=true"
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="replace a non-empty output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="replace what optcli wrote in OUT"),
     resume: bool = typer.Option(
         False, "--resume", metavar="", help="reuse finished steps whose input and config are unchanged"
     ),
@@ -548,7 +553,7 @@ def sweep(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress or table; errors still go to stderr"),
     debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty output folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace what optcli wrote in OUT"),
     resume: bool = typer.Option(False, "--resume", help="continue a sweep: finished steps and variants are reused"),
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="allow unpickling a full torch module (runs code from the file)"

@@ -54,6 +54,7 @@ class RunOptions:
     extra: dict = field(default_factory=dict)  # per-pass runtime options (distributed flags ...)
     step_cache: StepCache | None = None  # finished steps shared with other runs (a sweep's variants)
     progress: Any = None  # a report.terminal.Feedback (bars on a terminal, lines in CI); None: silent
+    recipe_path: Path | None = None  # an input like the model: an output folder holding it is refused
 
 
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
@@ -94,10 +95,12 @@ def run_recipe(recipe, options: RunOptions) -> dict:
     original, data = preflight(recipe, options.trust_pickle)
     sources = [s for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None]
     inputs = [recipe.model.path] + [p for s in sources for p in (s.path, s.text) if p is not None]
+    inputs += [options.recipe_path] if options.recipe_path is not None else []
     folder = OutputFolder(options.out, options.overwrite, options.resume, inputs)
     try:
         report = _run(recipe, options, folder, original, data)
         # Written while the folder is still locked, so a concurrent --overwrite run cannot interleave with them.
+        folder.record("report.json", "report.md", "report.html")
         with writing(f"{options.out}/report.{{json,md,html}}"):
             write_reports(report, options.out)
         return report
@@ -137,7 +140,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         steps.append(step)
         warnings.extend(record.get("warnings", []))
         input_sha = record["sha256"]
-    output = write_final(model, folder.root)
+    output = write_final(model, folder)
     gates = check_gates(
         recipe.gates, steps, defaults="gates" not in recipe.model_fields_set, baseline=baseline_index({"steps": steps})
     )

@@ -2,6 +2,7 @@
 
 out/
   .optcli.lock         pid of the run holding the folder
+  .optcli-output.json  what optcli wrote here: all that --overwrite deletes (owned.py)
   steps/<n>-<type>/    each step's artifact + step.json (its key: input bytes + config + model + data + seed)
   model.onnx|.pt2      the final artifact, copied in last
 """
@@ -14,12 +15,12 @@ import os
 import shutil
 from pathlib import Path
 
+from optcli import owned
 from optcli.artifact import artifact_files
 from optcli.errors import BadInput, writing
 from optcli.model import Model
+from optcli.owned import LOCK
 from optcli.report.write import atomic_path, atomic_write_text
-
-LOCK = ".optcli.lock"
 
 
 def sha256_file(path: Path) -> str:
@@ -42,22 +43,31 @@ def inside(path: Path, folder: Path) -> bool:
 
 
 class OutputFolder:
-    """The run's output folder: refuses to clobber, locks against a concurrent run, cleans up temp files."""
+    """The run's output folder: refuses to clobber, locks against a concurrent run, cleans up temp files.
+
+    --overwrite deletes only what optcli wrote there (owned.py keeps the list); a folder optcli did not write
+    is refused, and one holding only an interrupted run's leftovers counts as empty.
+    """
 
     def __init__(self, root: Path, overwrite: bool, resume: bool, inputs: list[Path] = ()):
         # Absolute: libraries run in a temp working directory (ORT's quantizer writes relative to it), and the
         # paths steps hand them must still point here.
         self.root = root.absolute()
         self.lock = self.root / LOCK
+        self.created = not root.exists()
         if root.exists() and not root.is_dir():
             raise BadInput(f"output {root} is a file; give a folder")
-        for path in inputs:  # --overwrite would delete it, the final copy could land on it
+        for path in inputs:  # the final copy or a report could land on it
             if inside(path, root):
                 raise BadInput(f"output folder {root} holds the input {path}; choose an output folder of its own")
         if self.lock.exists():
             self._in_use()
-        if root.exists() and any(p.name != LOCK for p in root.iterdir()) and not (overwrite or resume):
-            earlier = "holds an earlier optcli run" if (root / "report.json").is_file() else "is not empty"
+        if owned.check_reusable(root) and not (overwrite or resume):
+            earlier = (
+                "holds an earlier optcli run"
+                if (root / "report.json").is_file()
+                else "holds an earlier run's finished steps"
+            )
             raise BadInput(
                 f"output folder {root} {earlier}; pass --overwrite to replace it, --resume to reuse its finished "
                 "steps, or choose another -o"
@@ -70,11 +80,20 @@ class OutputFolder:
                 self._in_use()
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
-        if overwrite and not resume:
-            for p in root.iterdir():
-                if p.name != LOCK:
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-        (root / "steps").mkdir(exist_ok=True)
+        try:  # the lock is ours from here: a signal or error before the run's own try must still release it
+            with writing(self.root / owned.MARKER):
+                if overwrite and not resume:
+                    owned.remove_owned(self.root)
+                owned.begin(self.root, "run", "steps")
+            (root / "steps").mkdir(exist_ok=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def record(self, *names: str) -> None:
+        """List top-level names as optcli's before writing them (what a later --overwrite may delete)."""
+        with writing(self.root / owned.MARKER):
+            owned.record(self.root, *names)
 
     def _in_use(self):
         try:
@@ -101,9 +120,14 @@ class OutputFolder:
         return final
 
     def close(self) -> None:
-        for tmp in (self.root / "steps").glob(".*.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.lock.unlink(missing_ok=True)
+        try:
+            for tmp in (self.root / "steps").glob(".*.tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            owned.drop_leftovers(self.root)  # a run that finished nothing leaves nothing that blocks the same command
+        finally:
+            self.lock.unlink(missing_ok=True)
+        if self.created:
+            owned.rmdir_if_empty(self.root)
 
 
 def step_key(previous: str, config) -> str:
@@ -152,9 +176,10 @@ def reload_step(step_dir: Path, record: dict, model: Model) -> Model:
     return model.with_(format="torch", module=torch.export.load(str(path)).module(), path=path)
 
 
-def write_final(model: Model, root: Path) -> dict:
-    src = model.path
+def write_final(model: Model, folder: OutputFolder) -> dict:
+    src, root = model.path, folder.root
     files = artifact_files(src)
+    folder.record(*([src.name] if src.is_dir() else [f.name for f in files]))
     if src.is_dir():  # a Hugging Face folder keeps its layout (sentence-transformers modules in subfolders)
         for f in files:
             (root / src.name / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)

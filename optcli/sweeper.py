@@ -2,6 +2,7 @@
 
 OUT/
   .optcli.lock           the sweep holding the folder
+  .optcli-output.json    what optcli wrote here: all that --overwrite deletes (owned.py)
   cache/                 finished steps shared between variants (keyed like --resume: input bytes + config)
   <variant>/             a complete run: model, report.json|md|html, steps/
   best -> <variant>      the variant chosen under the recipe's gates (absent when none passes)
@@ -19,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -267,6 +267,7 @@ def run_variant(job: VariantJob, log: Callable[[str], None] | None = None, progr
             log=log,
             step_cache=cache,
             progress=progress,
+            recipe_path=job.recipe,
         )
         return {"report": run_recipe(recipe, options)}
     except OptcliError as e:
@@ -311,19 +312,22 @@ def _run_parallel(jobs: list[VariantJob], workers: int, log) -> list[dict]:
 
 
 class SweepFolder:
-    """OUT for a sweep: refuses to clobber, locks against a concurrent sweep; the variants lock their own folders."""
+    """OUT for a sweep: refuses to clobber, locks against a concurrent sweep; the variants lock their own folders.
+    --overwrite deletes only what optcli wrote (owned.py), in OUT and in each variant folder."""
 
     def __init__(self, root: Path, overwrite: bool, resume: bool):
-        from optcli.steps import LOCK
+        from optcli import owned
 
-        self.root, self.lock = root, root / LOCK
+        self.root, self.lock = root, root / owned.LOCK
+        self.created = not root.exists()
         if root.exists() and not root.is_dir():
             raise BadInput(f"output {root} is a file; give a folder")
         if self.lock.exists():
             raise BadInput(f"output folder {root} is in use by another optcli run; wait for it, or delete {self.lock}")
-        if root.exists() and any(p.name != LOCK for p in root.iterdir()) and not (overwrite or resume):
+        if owned.check_reusable(root) and not (overwrite or resume):
             raise BadInput(
-                f"output folder {root} is not empty; pass --overwrite to replace it or --resume to continue the sweep"
+                f"output folder {root} holds an earlier optcli output; pass --overwrite to replace it or --resume "
+                "to continue the sweep"
             )
         with writing(self.lock):
             root.mkdir(parents=True, exist_ok=True)
@@ -333,13 +337,31 @@ class SweepFolder:
                 raise BadInput(f"output folder {root} is in use by another optcli run") from None
             os.write(fd, str(os.getpid()).encode())
             os.close(fd)
-        if overwrite and not resume:
-            for p in root.iterdir():
-                if p.name != LOCK:
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        try:  # the lock is ours from here: a signal or error before the sweep's own try must still release it
+            with writing(root / owned.MARKER):
+                if overwrite and not resume:
+                    owned.remove_owned(root)
+                owned.begin(root, "sweep")
+        except BaseException:
+            self.close()
+            raise
+
+    def record(self, *names: str) -> None:
+        """List top-level names as optcli's before writing them (what a later --overwrite may delete)."""
+        from optcli import owned
+
+        with writing(self.root / owned.MARKER):
+            owned.record(self.root, *names)
 
     def close(self) -> None:
-        self.lock.unlink(missing_ok=True)
+        from optcli import owned
+
+        try:
+            owned.drop_leftovers(self.root)  # a sweep that finished nothing leaves nothing that blocks the same command
+        finally:
+            self.lock.unlink(missing_ok=True)
+        if self.created:
+            owned.rmdir_if_empty(self.root)
 
 
 def load_sweep(path: Path, options: SweepOptions):
@@ -386,11 +408,13 @@ def sweep_recipe(path: Path, options: SweepOptions) -> dict:
                     raise BadInput(f"sweep variant {v.name}: {e}") from None
     out = Path(options.out)
     sources = (base.data.calibration, base.data.eval, base.data.train)
-    for given in [base.model.path, *(s.path for s in sources if s is not None and s.path)]:
-        if inside(given, out):  # --overwrite would delete it
+    given_paths = [path, base.model.path, *(p for s in sources if s is not None for p in (s.path, s.text) if p)]
+    for given in given_paths:
+        if inside(given, out):  # a variant's artifact or report could land on it
             raise BadInput(f"output folder {out} holds the input {given}; choose an output folder of its own")
     folder = SweepFolder(out, options.overwrite, options.resume)
     try:
+        folder.record("cache", *(v.name for v in variants))
         jobs = [
             VariantJob(
                 path,
@@ -429,6 +453,7 @@ def sweep_recipe(path: Path, options: SweepOptions) -> dict:
             **sweep,
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        folder.record("best", "sweep.json", "sweep.md", "sweep.html")
         point_best(out, sweep["best"])
         with writing(f"{out}/sweep.{{json,md,html}}"):
             write_sweep_reports(sweep, out)

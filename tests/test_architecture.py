@@ -24,7 +24,7 @@ LAYERS = [
     ["optcli.passes.*"],  # the pass families
     ["optcli.passes"],  # the registry
     ["optcli.recipe", "optcli.catalog"],
-    ["optcli.steps", "optcli.gates"],
+    ["optcli.steps", "optcli.owned", "optcli.gates"],
     ["optcli.runner", "optcli.inspect", "optcli.bench", "optcli.compare", "optcli.starter", "optcli.sweeper"],
     ["optcli.api"],  # run / validate / sweep for Python callers; the package face re-exports it lazily (PEP 562)
     ["optcli.cli", "optcli.__main__", "optcli.examples"],
