@@ -141,14 +141,33 @@ def calibrates(config: Config) -> bool:
     return config.mode == "static" or config.smoothquant is not None or config.target is not None
 
 
-def _calibration_batches(model, config: Config, ctx: Context) -> list[dict]:
+# A calibration batch holds at most this much input when the model leaves the batch free: the calibrator's session
+# holds the batch's activations (a 32-image batch at 320x320 took several GB), and ranges do not depend on batching.
+CALIB_BATCH_INPUT_BYTES = 2**20
+
+
+def calibration_batch_size(data, fixed: int | None) -> int:
+    if fixed:
+        return fixed
+    axes = getattr(data, "axes", {})  # where an array holds its samples; None: one array fed whole with every batch
+    per_sample = sum(
+        v.nbytes // max(v.shape[axes.get(k, 0)], 1) for k, v in data.arrays.items() if axes.get(k, 0) is not None
+    )
+    return max(1, min(data.batch_size, 32, CALIB_BATCH_INPUT_BYTES // max(per_sample, 1)))
+
+
+def _calibration_batches(model, config: Config, ctx: Context):
+    """The calibration data as a CalibrationBatches: batches read lazily from data.calibration on each pass."""
+    from optcli.passes.quantize.ort import CalibrationBatches
+
     data = ctx.data.calibration
-    batch = fixed_batch(model.inputs) or min(data.batch_size, 32)
+    batch = calibration_batch_size(data, fixed_batch(model.inputs))
     wanted, used, note = calibration_samples(config, ctx.recipe, len(data), ctx.step_name)
     if note and calibrates(config):
         ctx.warn(note)
     ctx.details["calibration_samples_requested"] = wanted
-    return [feeds for feeds, _ in data.batches(batch_size=batch, limit=used)]
+    count = used if data.unbatched else -(-used // batch)  # Dataset.batches feeds unbatched inputs one sample at a time
+    return CalibrationBatches(lambda: (feeds for feeds, _ in data.batches(batch_size=batch, limit=used)), count, used)
 
 
 def apply(model, config: Config, ctx: Context):
@@ -248,7 +267,7 @@ def apply(model, config: Config, ctx: Context):
                 f"left {len(touched)} nodes touching them in float: {', '.join(touched[:5])}"
             )
         if calib is not None and config.mode == "static":
-            ctx.details["calibration_samples"] = sum(len(next(iter(b.values()))) for b in calib)
+            ctx.details["calibration_samples"] = calib.samples
     ctx.details["quantized_ops"] = count_quant_ops(target)
     _say_float_in_subgraphs(target, config.mode, ctx)
     shutil.rmtree(work, ignore_errors=True)

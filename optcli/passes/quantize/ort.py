@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,25 +77,78 @@ class Settings:
         return out
 
 
-class CalibrationReader:
-    """Feeds calibration batches to onnxruntime's calibrator (a CalibrationDataReader)."""
+class CalibrationBatches:
+    """The calibration data as batches made from the data source one at a time, afresh on every pass over it.
 
-    def __init__(self, batches: list[dict], on_batch=lambda: None):
+    Never a list of every batch: a search keeps its calibration data for all its trials, and ORT's calibrator only
+    ever needs the batch it is running."""
+
+    def __init__(self, make: Callable[[], Iterable[dict]], count: int, samples: int):
+        self._make = make  # a new iterator over the batches on each call
+        self.count = count  # batches per pass
+        self.samples = samples
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self._make())
+
+    def __len__(self) -> int:
+        return self.count
+
+
+# One chunk of calibration batches may hold about this much in intermediate outputs. ORT's entropy and percentile
+# calibrators keep every float tensor of every batch they are given until they histogram them; past this, the
+# batches are fed in chunks (CalibStridedMinMax) and the histograms merged chunk by chunk.
+CALIB_CHUNK_BYTES = 256 * 2**20
+
+
+class CalibrationReader:
+    """ONNX Runtime's CalibrationDataReader over calibration batches, each one made when the calibrator asks for it.
+
+    Indexed by chunk (`chunk` batches each): with extra_options CalibStridedMinMax 1, quantize_static calls
+    set_range(i, i + 1) and collect_data once per chunk, so the calibrator holds one chunk's outputs at a time."""
+
+    def __init__(self, batches: Iterable[dict], chunk: int | None = None, on_batch=lambda: None):
         self._batches = batches
-        self._it = iter(batches)
+        self._chunk = chunk or max(len(batches), 1)
         self._on_batch = on_batch  # progress: one tick per batch handed over
+        self.rewind()
+
+    def __len__(self) -> int:
+        return -(-len(self._batches) // self._chunk)
 
     def get_next(self):
+        if self._pos >= self._stop:
+            return None
         batch = next(self._it, None)
         if batch is not None:
+            self._pos += 1
             self._on_batch()
         return batch
 
     def rewind(self):
-        self._it = iter(self._batches)
+        self._it, self._pos, self._stop = iter(self._batches), 0, len(self._batches)
 
-    def set_range(self, start_index: int, end_index: int):  # used by some ORT calibrators
-        self._it = iter(self._batches[start_index:end_index])
+    def set_range(self, start_index: int, end_index: int):
+        first = start_index * self._chunk
+        if first < self._pos:
+            self.rewind()
+        # ORT asks for the chunks in order: one pass over the data; skipping only happens out of order.
+        while self._pos < first and next(self._it, None) is not None:
+            self._pos += 1
+        self._stop = min(end_index * self._chunk, len(self._batches))
+
+
+def calibration_chunk(batch_bytes: int, batches: int, method: str, extra: dict) -> int | None:
+    """Batches per chunk so one chunk's intermediate outputs stay near CALIB_CHUNK_BYTES; None: one chunk holds all.
+
+    MinMax ranges are maxima and minima, the same whatever the chunking (its calibrator keeps only ReduceMin/ReduceMax
+    outputs per batch anyway); a moving average is not, so with CalibMovingAverage MinMax is left in one chunk."""
+    if "CalibStridedMinMax" in extra:
+        return 1  # the recipe's own stride, counted in batches as ORT documents it
+    if method == "minmax" and extra.get("CalibMovingAverage"):
+        return None
+    chunk = max(1, CALIB_CHUNK_BYTES // max(batch_bytes, 1))
+    return chunk if chunk < batches else None
 
 
 def preprocess(source: Path, work: Path, ctx: Context) -> Path:
@@ -114,8 +169,9 @@ def _unusable(arr: np.ndarray) -> bool:
     return arr.size > 0 and (not np.isfinite(arr).all() or float(np.abs(arr).max()) >= HUGE)
 
 
-def nonfinite_tensors(path: Path, batches: list[dict]) -> set[str]:
-    """Float tensors that hold +-inf, NaN or |x| >= 1e30 on calibration data (attention masks)."""
+def nonfinite_tensors(path: Path, batches: Iterable[dict]) -> tuple[set[str], int]:
+    """Float tensors that hold +-inf, NaN or |x| >= 1e30 on calibration data (attention masks), and the bytes of
+    every float tensor of one batch (what a histogram calibrator keeps per batch: it sizes the chunks)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, numpy_helper
@@ -146,11 +202,15 @@ def nonfinite_tensors(path: Path, batches: list[dict]) -> set[str]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    for feeds in batches[:2]:
+    batch_bytes = 0
+    for feeds in itertools.islice(batches, 2):
+        batch_bytes = 0
         for name, value in zip(names, session.run(None, feeds), strict=False):
-            if value.dtype.kind == "f" and _unusable(value):
-                bad.add(name)
-    return bad
+            if value.dtype.kind == "f":
+                batch_bytes += value.nbytes
+                if _unusable(value):
+                    bad.add(name)
+    return bad, batch_bytes
 
 
 def nodes_touching(proto, tensors: set[str]) -> list[str]:
@@ -176,8 +236,8 @@ def quantize_onnx(
     target: Path,
     settings,
     config: Config,
-    calib_batches: list[dict] | None,
-    smooth_batches: list[dict] | None,
+    calib_batches: CalibrationBatches | list[dict] | None,
+    smooth_batches: CalibrationBatches | list[dict] | None,
     ctx: Context,
     details: dict | None = None,
     cache: dict | None = None,
@@ -228,11 +288,15 @@ def quantize_onnx(
             per_channel = False
             details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
     reduce_range = config.reduce_range if settings.reduce_range is None else settings.reduce_range
+    chunk = None  # calibration batches per chunk (None: all in one)
     if settings.mode == "static":
-        key = ("inf", str(source))
-        inf = cache[key] if cache is not None and key in cache else nonfinite_tensors(Path(source), calib_batches)
+        key, size_key = ("inf", str(source)), ("batch_bytes", str(source))
+        if cache is not None and key in cache:
+            inf, batch_bytes = cache[key], cache[size_key]
+        else:
+            inf, batch_bytes = nonfinite_tensors(Path(source), calib_batches)
         if cache is not None:
-            cache[key] = inf
+            cache[key], cache[size_key] = inf, batch_bytes
         if inf:
             touched = nodes_touching(onnx.load(str(source), load_external_data=False), inf)
             exclude.update(touched)
@@ -252,6 +316,19 @@ def quantize_onnx(
         if inf:
             # Ranges are still collected for every tensor of a quantizable op; keep the inf ones out of the calibrator.
             extra.setdefault("CalibTensorRangeSymmetric", False)
+        chunk = calibration_chunk(batch_bytes, len(calib_batches), settings.calibration, extra)
+        if chunk is not None and "CalibStridedMinMax" not in extra:
+            extra["CalibStridedMinMax"] = 1  # one chunk of the reader per collect_data
+            details["calibration_chunks"] = len(CalibrationReader(calib_batches, chunk))
+        warned = ("warned", "CalibMaxIntermediateOutputs")
+        if "CalibMaxIntermediateOutputs" in extra and (cache is None or warned not in cache):
+            if cache is not None:
+                cache[warned] = True  # once per search, not once per trial
+            ctx.warn(
+                "extra_options CalibMaxIntermediateOutputs: ONNX Runtime 1.32 clears the outputs it collected without "
+                "merging them (onnxruntime issue #18893), so ranges come from the last samples only; drop it "
+                "(optcli feeds calibration in chunks already)"
+            )
 
     def write(exclude: set[str]) -> None:
         if settings.mode == "dynamic":
@@ -271,7 +348,7 @@ def quantize_onnx(
             quantize_static(
                 str(source),
                 str(target),
-                CalibrationReader(calib_batches, task.advance),
+                CalibrationReader(calib_batches, chunk, task.advance),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,
