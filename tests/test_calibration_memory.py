@@ -220,3 +220,31 @@ def test_large_images_are_calibrated_a_few_per_batch_and_read_lazily():
     batches = _calibration_batches(SimpleNamespace(inputs=[]), Config(type="quantize", mode="static"), ctx)
     assert made == [] and len(batches) == 7 and batches.samples == 7  # nothing read until the calibrator asks
     assert sum(len(b["x"]) for b in batches) == 7 and made == [1] * 7
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_search_trials_reuse_calibration_ranges_and_write_the_same_model(tmp_path, method):
+    """A search's trials that differ only after calibration (exclusions, per-channel) read the ranges file of the
+    first instead of calibrating again; the model is the one a fresh calibration writes."""
+    model = conv_model(tmp_path / "m.onnx")
+    data = ramp_data()
+    config = Config(type="quantize", mode="static", calibration={"method": method})
+    cache = {"dir": tmp_path / "candidates"}
+    cache["dir"].mkdir()
+    first = qort.Settings("static", False, method, op_types=("Conv",))
+    later = qort.Settings("static", True, method, exclude=frozenset({"conv2"}), op_types=("Conv",))
+    qort.quantize_onnx(
+        model, tmp_path / "a.onnx", first, config, Tracked(data).source(), None, context(tmp_path), cache=cache
+    )
+    source = Tracked(data)
+    qort.quantize_onnx(model, tmp_path / "b.onnx", later, config, source.source(), None, context(tmp_path), cache=cache)
+    assert source.made == 0  # neither the screen nor the calibration read the data again
+    assert len(list(cache["dir"].glob("ranges_*.json"))) == 1
+    write_fresh = qort.quantize_onnx(
+        model, tmp_path / "c.onnx", later, config, Tracked(data).source(), None, context(tmp_path), {}
+    )
+    assert write_fresh["excluded_nodes"] == ["conv2"]
+    b, c = scales(tmp_path / "b.onnx"), scales(tmp_path / "c.onnx")
+    assert b.keys() == c.keys()
+    for name in b:
+        np.testing.assert_array_equal(b[name], c[name], err_msg=name)

@@ -246,7 +246,9 @@ def quantize_onnx(
 
     `settings` is a Settings (mode, per_channel, calibration, smooth_alpha, exclude, op_types);
     the remaining knobs (types, reduce_range, extra_options) come from the pass config. A search passes `cache`
-    ({"dir": folder}) so the smoothed graph and the inf screen are computed once per source, not once per trial.
+    ({"dir": folder}) so the smoothed graph and the inf screen are computed once per source, not once per trial, and
+    calibration ranges once per calibration setting (ranges_file). Calibration batches are read lazily
+    (CalibrationBatches) and, past CALIB_CHUNK_BYTES of intermediate outputs, fed to ORT chunk by chunk.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -289,6 +291,7 @@ def quantize_onnx(
             details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
     reduce_range = config.reduce_range if settings.reduce_range is None else settings.reduce_range
     chunk = None  # calibration batches per chunk (None: all in one)
+    ranges = None  # a search's file of this calibration's ranges (ORT's calibration cache)
     if settings.mode == "static":
         key, size_key = ("inf", str(source)), ("batch_bytes", str(source))
         if cache is not None and key in cache:
@@ -320,6 +323,8 @@ def quantize_onnx(
         if chunk is not None and "CalibStridedMinMax" not in extra:
             extra["CalibStridedMinMax"] = 1  # one chunk of the reader per collect_data
             details["calibration_chunks"] = len(CalibrationReader(calib_batches, chunk))
+        if cache is not None:
+            ranges = ranges_file(Path(cache["dir"]).resolve(), source, op_types, settings.calibration, chunk, extra)
         warned = ("warned", "CalibMaxIntermediateOutputs")
         if "CalibMaxIntermediateOutputs" in extra and (cache is None or warned not in cache):
             if cache is not None:
@@ -344,7 +349,9 @@ def quantize_onnx(
                 extra_options=extra,
             )
             return
-        with ctx.progress.task(f"{ctx.step_name}: calibration", total=len(calib_batches or [])) as task:
+        cached = ranges is not None and ranges.exists()
+        title = f"{ctx.step_name}: calibration" + (" (ranges cached)" if cached else "")
+        with ctx.progress.task(title, total=0 if cached else len(calib_batches or [])) as task:
             quantize_static(
                 str(source),
                 str(target),
@@ -359,6 +366,7 @@ def quantize_onnx(
                 use_external_data_format=large,
                 calibrate_method=method[settings.calibration],
                 extra_options=extra,
+                calibration_cache_path=ranges,
             )
 
     write_with_fallback(write, source, target, exclude, details)
@@ -367,6 +375,19 @@ def quantize_onnx(
             f.unlink(missing_ok=True)
     details["excluded_nodes"] = sorted(exclude)
     return details
+
+
+def ranges_file(folder: Path, source: Path, op_types, method: str, chunk: int | None, extra: dict) -> Path:
+    """Where a search keeps the ranges of one calibration (ORT's calibration_cache_path: a small JSON, never the
+    intermediate outputs). They depend on the graph, the tensors calibrated (op types), the method, the chunking and
+    the calibrator's own options; not on what ORT reads after calibration (exclusions, per-channel, types,
+    reduce_range, ActivationSymmetric), so the trials that differ only there reuse them instead of calibrating again."""
+    import hashlib
+    import json
+
+    options = {k: extra[k] for k in sorted(extra) if k.startswith(("Calib", "SmoothQuant"))}
+    key = json.dumps([str(source), method, sorted(op_types or []), chunk, options], default=str)
+    return folder / f"ranges_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def count_quant_ops(path: Path) -> dict:
