@@ -6,6 +6,15 @@ from optcli.measure import higher_is_better
 
 DEFAULT_MIN_COSINE = 0.99
 DEFAULT_MAX_DROP = 0.01  # one point of accuracy: NNCF's quantize_with_accuracy_control max_drop default
+# Agreement with the original's decisions (argmax per sample, per position of a sequence, or an integer output):
+# at 0.99 at most 1 in 100 predictions changed, so the accuracy cannot drop by more than the 1 pt that NNCF's
+# accuracy control (max_drop 0.01) and Olive's accuracy goals are usually given. A cosine cannot promise that:
+# 0.999 still lets 7 % of a classifier's labels change when its scores are close.
+DEFAULT_MIN_AGREEMENT = 0.99
+# A value output (a probability, a regression): the worst sample may move by a tenth of the range the original's
+# values cover on these inputs. int8 moves a healthy output by a few steps of 1/255 of its range; a probability
+# that jumps from 0.1 to 0.9 is a different answer.
+DEFAULT_MAX_VALUE_ERROR = 0.1
 
 
 SHRINKING_PASSES = ("quantize", "prune", "cluster", "convert")
@@ -58,16 +67,83 @@ def default_gates(steps: list[dict], baseline: int) -> list[dict]:
             }
         )
     elif any(s.get("type") == "quantize" for s in steps):
-        cos = (last.get("fidelity") or {}).get("cosine_mean")
-        results.append(
-            {
-                "name": "min_fidelity_cosine (default)",
-                "limit": DEFAULT_MIN_COSINE,
-                "value": cos,
-                "passed": cos is not None and cos >= DEFAULT_MIN_COSINE,
-                "note": "a quantized artifact must keep the original's outputs; the recipe names no gates",
-            }
-        )
+        results += fidelity_gates(last.get("fidelity") or {})
+    return results
+
+
+# (gate name, the kinds it judges, the per-output figure, the limit, higher is better, what the figure is)
+_FIDELITY_JUDGES = (
+    (
+        "min_fidelity_cosine",
+        ("classes", "sequence", "embedding", "tensor"),
+        "cosine_mean",
+        DEFAULT_MIN_COSINE,
+        True,
+        "cosine",
+    ),
+    (
+        "min_top1_agreement",
+        ("classes", "labels"),
+        ("top1_agreement", "agreement"),
+        DEFAULT_MIN_AGREEMENT,
+        True,
+        "top-1 agreement",
+    ),
+    (
+        "min_position_agreement",
+        ("sequence",),
+        "position_agreement",
+        DEFAULT_MIN_AGREEMENT,
+        True,
+        "agreement per position",
+    ),
+    (
+        "max_value_error",
+        ("value",),
+        "max_relative_error",
+        DEFAULT_MAX_VALUE_ERROR,
+        False,
+        "max error / the original's range",
+    ),
+)
+
+
+def fidelity_gates(fidelity: dict, limits: dict | None = None) -> list[dict]:
+    """Gates on a quantized artifact's fidelity, each output judged in its own terms (measure.output_kind): class
+    scores by top-1 agreement (and cosine), sequences by agreement per position (and cosine), a value by its error
+    relative to the original's range, embeddings and other tensors by cosine. The worst output decides; the gate
+    names it. With `limits` ({gate name: limit}, the recipe's gates) only those gates, else every judgement that
+    applies to the outputs with its default limit."""
+    outputs = fidelity.get("outputs")
+    if outputs is None:  # a report from before per-output fidelity: its first output's cosine
+        outputs = [{"name": "output_0", "kind": "classes", "cosine_mean": fidelity.get("cosine_mean")}]
+    default = limits is None
+    suffix = " (default)" if default else ""
+    results = []
+    for name, kinds, keys, limit, higher, what in _FIDELITY_JUDGES:
+        if limits is not None:
+            if limits.get(name) is None:
+                continue
+            limit = limits[name]
+        keys = (keys,) if isinstance(keys, str) else keys
+        judged = [o for o in outputs if o.get("kind") in kinds]
+        if not judged:
+            if limits is not None:  # the user asked for it: say why it cannot hold
+                kinds_seen = ", ".join(f"{o.get('name')} ({o.get('kind')})" for o in outputs) or "none"
+                note = f"no output is judged by {what} (outputs: {kinds_seen})"
+                results.append({"name": name + suffix, "limit": limit, "value": None, "passed": False, "note": note})
+            continue
+        figures = [(next((o.get(k) for k in keys if o.get(k) is not None), None), o) for o in judged]
+        missing = [o for v, o in figures if v is None]
+        worst_value, worst = (None, missing[0]) if missing else (min if higher else max)(figures, key=lambda f: f[0])
+        passed = worst_value is not None and (worst_value >= limit - 1e-12 if higher else worst_value <= limit + 1e-12)
+        label = f"output {worst.get('name')!r} ({worst.get('kind')})"
+        note = f"{what}, worst of {len(judged)} outputs: {label}" if len(judged) > 1 else f"{what} of {label}"
+        if worst.get("note"):
+            note += f": {worst['note']}"
+        if default:
+            note += "; the recipe names no gates"
+        results.append({"name": name + suffix, "limit": limit, "value": worst_value, "passed": passed, "note": note})
     return results
 
 
@@ -106,16 +182,9 @@ def check_gates(gates, steps: list[dict], defaults: bool = False, baseline: int 
                     "passed": drop <= gates.max_accuracy_drop + 1e-12,
                 }
             )
-    if gates.min_fidelity_cosine is not None:
-        cos = (last.get("fidelity") or {}).get("cosine_mean")
-        results.append(
-            {
-                "name": "min_fidelity_cosine",
-                "limit": gates.min_fidelity_cosine,
-                "value": cos,
-                "passed": cos is not None and cos >= gates.min_fidelity_cosine,
-            }
-        )
+    asked = {name: getattr(gates, name, None) for name, *_ in _FIDELITY_JUDGES}
+    if any(v is not None for v in asked.values()):
+        results += fidelity_gates(last.get("fidelity") or {}, asked)
     if gates.max_size_bytes is not None:
         results.append(
             {

@@ -1,0 +1,211 @@
+"""Fidelity over every output, each judged in its own terms: class scores by top-1 agreement, sequences per
+position, a probability or a regression by its error, a second output (a recurrent state) seen too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optcli.gates import fidelity_gates
+from optcli.measure import fidelity, output_kind
+
+RNG = np.random.default_rng(0)
+
+
+def _failed(gates: list[dict]) -> dict:
+    return {g["name"]: g for g in gates if not g["passed"]}
+
+
+@pytest.mark.parametrize(
+    ("array", "kind"),
+    [
+        (RNG.random((50, 1), dtype=np.float32), "value"),
+        (RNG.random(50, dtype=np.float32), "value"),
+        (RNG.normal(size=(50, 10)).astype(np.float32), "classes"),
+        (RNG.normal(size=(50, 12, 30)).astype(np.float32), "sequence"),
+        (RNG.normal(size=(50, 3, 8, 8)).astype(np.float32), "tensor"),
+        (RNG.integers(0, 5, size=(50,)), "labels"),
+    ],
+)
+def test_each_output_shape_is_read_as_what_it_means(array, kind):
+    assert output_kind(array) == kind
+
+
+def test_normalized_rows_and_feature_extraction_outputs_are_embeddings():
+    e = RNG.normal(size=(40, 16))
+    assert output_kind(e / np.linalg.norm(e, axis=1, keepdims=True)) == "embedding"
+    assert output_kind(e, task="feature-extraction") == "embedding"
+    probabilities = np.exp(e) / np.exp(e).sum(1, keepdims=True)  # softmax rows: class scores, not embeddings
+    assert output_kind(probabilities) == "classes"
+
+
+def test_a_probability_that_drifts_by_half_fails_although_its_cosine_would_be_one():
+    p = RNG.uniform(0.05, 0.95, size=(64, 1))
+    moved = p.copy()
+    moved[3] = np.clip(moved[3] + 0.5, 0, 1) if moved[3] < 0.5 else moved[3] - 0.5
+    fid = fidelity([p], [moved])
+    (out,) = fid["outputs"]
+    assert out["kind"] == "value" and out["cosine_mean"] is None
+    assert out["max_abs_error"] == pytest.approx(0.5)
+    assert out["max_relative_error"] == pytest.approx(0.5 / (p.max() - p.min()), rel=1e-5)
+    failed = _failed(fidelity_gates(fid))
+    assert failed["max_value_error (default)"]["value"] == out["max_relative_error"]
+    # the same probability moved by a few int8 steps holds
+    nudged = p + RNG.uniform(-0.01, 0.01, size=p.shape)
+    assert not _failed(fidelity_gates(fidelity([p], [nudged])))
+
+
+def test_a_classifier_with_7_percent_of_labels_changed_at_cosine_0999_fails_the_agreement_gate():
+    n, c = 400, 10
+    top = RNG.integers(0, c, n)
+    logits = RNG.normal(0, 1e-5, size=(n, c)) + 1.0
+    runner_up = (top + 1) % c
+    logits[np.arange(n), top] += 0.3
+    logits[np.arange(n), runner_up] += 0.3 - 1e-3  # a near tie: the class a small drift flips
+    changed = logits.copy()
+    flip = RNG.choice(n, size=28, replace=False)  # 7 %
+    changed[flip, runner_up[flip]] += 2e-3
+    fid = fidelity([logits], [changed])
+    assert fid["cosine_mean"] >= 0.999
+    assert fid["top1_agreement"] == pytest.approx(1 - 28 / n)
+    failed = _failed(fidelity_gates(fid))
+    assert set(failed) == {"min_top1_agreement (default)"}
+
+
+def test_a_second_output_at_cosine_091_is_seen_and_named_by_the_gate():
+    logits = RNG.normal(size=(64, 10))
+    state = RNG.normal(size=(64, 32))
+    drifted = state + RNG.normal(0, 0.45, size=state.shape)
+    fid = fidelity([logits, state], [logits.copy(), drifted], names=["logits", "state"])
+    names = [o["name"] for o in fid["outputs"]]
+    assert names == ["logits", "state"]
+    state_cos = fid["outputs"][1]["cosine_mean"]
+    assert 0.85 < state_cos < 0.95 and fid["outputs"][0]["cosine_mean"] == 1.0
+    assert fid["cosine_mean"] == state_cos  # the worst output's
+    gate = _failed(fidelity_gates(fid))["min_fidelity_cosine (default)"]
+    assert gate["value"] == state_cos and "'state'" in gate["note"]
+
+
+def test_sequence_logits_are_judged_per_position_and_padding_is_left_out():
+    n, t, c = 20, 10, 37
+    ref = RNG.normal(size=(n, t, c))
+    out = ref.copy()
+    out[:, -2:] = RNG.normal(size=(n, 2, c))  # the last two positions decode differently
+    fid = fidelity([ref], [out])
+    agreement = fid["outputs"][0]["position_agreement"]
+    expected = (ref.argmax(-1) == out.argmax(-1)).mean()
+    assert agreement == pytest.approx(expected) and agreement < 0.9
+    assert "min_position_agreement (default)" in _failed(fidelity_gates(fid))
+    mask = np.ones((n, t), dtype=np.int64)
+    mask[:, -2:] = 0  # those positions are padding
+    assert fidelity([ref], [out], mask=mask)["outputs"][0]["position_agreement"] == 1.0
+
+
+def test_recipe_gates_name_the_judgement_and_say_when_no_output_has_it():
+    p = RNG.uniform(size=(32, 1))
+    fid = fidelity([p], [p + 0.02])
+    gates = {g["name"]: g for g in fidelity_gates(fid, {"min_fidelity_cosine": 0.99, "max_value_error": 0.05})}
+    assert gates["max_value_error"]["passed"]
+    cosine = gates["min_fidelity_cosine"]
+    assert not cosine["passed"] and cosine["value"] is None and "value" in cosine["note"]
+
+
+# --------------------------------------------------------------------------- the CLI on small ONNX models
+
+
+def _probability_model(folder, with_state: bool = False):
+    """x -> relu(x W1) -> d = h (w + δ) - h w -> p = sigmoid(k d), optionally a second output `state` = h W3.
+    d is a small difference of two large dot products: int8 weights and activations move it by about its own
+    size, so the probability moves by tenths while every 1-element row keeps cosine 1."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    d, h = 32, 128
+    w1 = rng.normal(0, 0.3, (d, h)).astype(np.float32)
+    base = rng.normal(0, 0.5, (h, 1)).astype(np.float32)
+    w2 = np.concatenate([base + rng.normal(0, 0.005, (h, 1)).astype(np.float32), base], axis=1)
+    x = rng.normal(size=(256, d)).astype(np.float32)
+    hidden = np.maximum(x @ w1, 0)
+    diff = hidden @ w2[:, 0] - hidden @ w2[:, 1]
+    k = np.float32(2.0 / diff.std())  # the probability spans most of (0, 1) on these inputs
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(np.array([[1.0], [-1.0]], np.float32) * k, "w_diff"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (h, 24)).astype(np.float32), "w3"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["hidden"]),
+        helper.make_node("MatMul", ["hidden", "w2"], ["two"]),
+        helper.make_node("MatMul", ["two", "w_diff"], ["z"]),
+        helper.make_node("Sigmoid", ["z"], ["p"]),
+        helper.make_node("MatMul", ["hidden", "w3"], ["state"]),
+    ]
+    outputs = [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["batch", 1])]
+    if with_state:
+        outputs.append(helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 24]))
+    graph = helper.make_graph(
+        nodes, "probability", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])], outputs, inits
+    )
+    path = folder / "probability.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.savez(folder / "x.npz", x=x)
+    return path
+
+
+def _run(folder, model, **extra):
+    from tests.conftest import run_cli, write_recipe
+
+    recipe = {
+        "model": {"path": str(model)},
+        "data": {"eval": {"path": str(folder / "x.npz"), "batch_size": 256}},  # one batch, as _outputs runs it
+        "passes": [{"type": "quantize", "mode": "dynamic"}],
+        "report": {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 3, "threads": 1}},
+        **extra,
+    }
+    return run_cli("run", write_recipe(folder, recipe), "-o", folder / "out", "--json", "--quiet")
+
+
+def _outputs(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x}), strict=True))
+
+
+def test_int8_probability_that_moved_fails_the_default_gate_with_exit_1(tmp_path):
+    model = _probability_model(tmp_path)
+    result = _run(tmp_path, model)
+    report = result.json()
+    x = np.load(tmp_path / "x.npz")["x"]
+    before, after = _outputs(model, x)["p"], _outputs(tmp_path / "out" / "model.onnx", x)["p"]
+    moved = float(np.abs(before - after).max())
+    assert moved > 0.2  # the model does what the test needs: int8 moves its probability
+    (entry,) = report["steps"][-1]["fidelity"]["outputs"]
+    assert entry["name"] == "p" and entry["kind"] == "value"
+    assert entry["max_abs_error"] == pytest.approx(moved, abs=1e-6)
+    gate = {g["name"]: g for g in report["gates"]}["max_value_error (default)"]
+    assert not gate["passed"] and gate["value"] == pytest.approx(moved / float(before.max() - before.min()), abs=1e-5)
+    assert result.exit_code == 1 and "max_value_error (default)" in result.stderr
+
+
+def test_a_two_output_model_reports_and_gates_both_outputs(tmp_path):
+    model = _probability_model(tmp_path, with_state=True)
+    result = _run(tmp_path, model, gates={"min_fidelity_cosine": 0.5, "max_value_error": 1.0})
+    report = result.json()
+    fid = report["steps"][-1]["fidelity"]
+    assert [(o["name"], o["kind"]) for o in fid["outputs"]] == [("p", "value"), ("state", "classes")]
+    x = np.load(tmp_path / "x.npz")["x"]
+    before, after = _outputs(model, x)["state"], _outputs(tmp_path / "out" / "model.onnx", x)["state"]
+    cos = (before * after).sum(1) / np.linalg.norm(before, axis=1) / np.linalg.norm(after, axis=1)
+    assert fid["outputs"][1]["cosine_mean"] == pytest.approx(cos.mean(), abs=1e-5)
+    assert fid["outputs"][1]["top1_agreement"] == pytest.approx((before.argmax(1) == after.argmax(1)).mean())
+    gates = {g["name"]: g for g in report["gates"]}
+    assert gates["min_fidelity_cosine"]["value"] == fid["outputs"][1]["cosine_mean"]  # the state, not p
+    assert "'state'" in gates["min_fidelity_cosine"]["note"]
+    assert gates["max_value_error"]["value"] == fid["outputs"][0]["max_relative_error"]
+    assert result.exit_code == 0, result.stderr
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "state" in md and "p" in md and "max error" in md
