@@ -235,13 +235,14 @@ def _perplexity_gate(limit: float, first: dict, last: dict) -> dict:
 
 
 def near_gate_warnings(gates: list[dict]) -> list[str]:
-    """Gates that passed with little headroom. For scores bounded by 1 (cosine), headroom is measured against 1 - limit."""
+    """Gates that passed with little headroom. For scores bounded by 1 (cosine, agreement), headroom is measured against 1 - limit."""
     out = []
     for g in gates:
         value, limit = g["value"], g["limit"]
         if not (g["passed"] and isinstance(value, (int, float)) and isinstance(limit, (int, float)) and limit):
             continue
-        scale = 1 - limit if "cosine" in g["name"] and 0 < limit < 1 else abs(limit)
+        bounded = "cosine" in g["name"] or "agreement" in g["name"]  # both at most 1
+        scale = 1 - limit if bounded and 0 < limit < 1 else abs(limit)
         if abs(value - limit) <= 0.05 * scale:
             out.append(f"gate {g['name']} passed within 5% of its limit ({value} vs {limit})")
     return out

@@ -208,4 +208,7 @@ def test_a_two_output_model_reports_and_gates_both_outputs(tmp_path):
     assert gates["max_value_error"]["value"] == fid["outputs"][0]["max_relative_error"]
     assert result.exit_code == 0, result.stderr
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "state" in md and "p" in md and "max error" in md
+    section = md.split("fidelity per output")[1]
+    assert "| p | value |" in section and "max error" in section
+    assert "| state | classes |" in section and "top-1 agreement" in section
+    assert "fidelity per output" in (tmp_path / "out" / "report.html").read_text()
