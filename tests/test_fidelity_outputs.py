@@ -212,3 +212,25 @@ def test_a_two_output_model_reports_and_gates_both_outputs(tmp_path):
     assert "| p | value |" in section and "max error" in section
     assert "| state | classes |" in section and "top-1 agreement" in section
     assert "fidelity per output" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_init_writes_the_gate_that_judges_the_models_outputs_and_its_run_fails_a_moved_probability(tmp_path, digits):
+    import yaml
+
+    from tests.conftest import run_cli
+
+    model = _probability_model(tmp_path)
+    written = run_cli("init", model)
+    recipe = yaml.safe_load(written.stdout)
+    assert recipe["gates"] == {"max_value_error": 0.1}  # not a cosine: a 1-element row's cosine is 1
+    recipe["report"]["latency"] |= {"batch_sizes": [1], "runs": 3}
+    (tmp_path / "init.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", tmp_path / "init.yaml", "-o", tmp_path / "out", "--json", "--quiet")
+    gate = {g["name"]: g for g in result.json()["gates"]}["max_value_error"]
+    (entry,) = result.json()["steps"][-1]["fidelity"]["outputs"]
+    assert gate["value"] == entry["max_relative_error"] and gate["value"] > 0.1
+    assert result.exit_code == 1
+    classifier = yaml.safe_load(
+        run_cli("init", digits / "digits_cnn.onnx", "--data", digits / "digits_test.npz").stdout
+    )
+    assert classifier["gates"] == {"min_fidelity_cosine": 0.99, "min_top1_agreement": 0.99}
