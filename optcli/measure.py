@@ -522,6 +522,25 @@ def fidelity(
     return result
 
 
+# Label-free targets a quantize search can aim at: the fidelity figure each reads, and whether higher is better.
+FIDELITY_METRICS = {
+    "cosine": ("cosine_mean", True),
+    "top1_agreement": ("top1_agreement", True),  # class scores, and per position for sequences
+    "value_error": ("max_relative_error", False),  # a probability or a regression: max error over its range
+}
+
+
+def fidelity_metric(metric: str, fid: dict) -> float:
+    """One of FIDELITY_METRICS read from a fidelity() result (the worst output's); nan where no output has it."""
+    key, _ = FIDELITY_METRICS[metric]
+    if metric == "value_error":
+        values = [o[key] for o in fid.get("outputs") or [] if o.get(key) is not None]
+        value = max(values) if values else None
+    else:
+        value = fid.get(key)
+    return float("nan") if value is None else float(value)
+
+
 def generated_batches(inputs: list[InputSpec], samples: int, seed: int) -> list[dict]:
     """`samples` generated inputs in batches the model takes (32 at most; one batch per run where it pins one)."""
     fixed = fixed_batch(inputs)

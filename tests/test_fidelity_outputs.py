@@ -234,3 +234,27 @@ def test_init_writes_the_gate_that_judges_the_models_outputs_and_its_run_fails_a
         run_cli("init", digits / "digits_cnn.onnx", "--data", digits / "digits_test.npz").stdout
     )
     assert classifier["gates"] == {"min_fidelity_cosine": 0.99, "min_top1_agreement": 0.99}
+
+
+@pytest.mark.parametrize(
+    ("target", "exit_code"),
+    [
+        ({"metric": "value_error", "max_drop": 0.1}, 0),
+        ({"metric": "top1_agreement", "min_value": 0.99}, 0),
+        ({"metric": "value_error", "min_value": 0.1}, 2),  # lower is better: a bound on the rise
+        ({"metric": "top1_agreement", "min_value": 1.5}, 2),
+    ],
+)
+def test_quantize_targets_accept_the_output_judgements_without_labels(tmp_path, target, exit_code):
+    from tests.conftest import run_cli, write_recipe
+
+    model = _probability_model(tmp_path)
+    recipe = {
+        "model": {"path": str(model)},
+        "data": {"eval": {"path": str(tmp_path / "x.npz")}},
+        "passes": [{"type": "quantize", "target": target}],
+    }
+    result = run_cli("validate", write_recipe(tmp_path, recipe))
+    assert result.exit_code == exit_code, result.stderr
+    if exit_code:
+        assert "target" in result.stderr and len(result.stderr.strip().splitlines()) == 1
