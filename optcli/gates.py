@@ -77,7 +77,7 @@ def default_gates(steps: list[dict], baseline: int) -> list[dict]:
 _FIDELITY_JUDGES = (
     (
         "min_fidelity_cosine",
-        ("classes", "sequence", "embedding", "tensor"),
+        ("classes", "sequence", "embedding", "scores", "tensor"),
         "cosine_mean",
         DEFAULT_MIN_COSINE,
         True,
@@ -108,6 +108,8 @@ _FIDELITY_JUDGES = (
         "max error / the original's range",
     ),
 )
+# Named in a recipe, the agreement gates also judge `scores` (floats nothing marked as class scores): the user says so.
+_ASKED_KINDS = {"min_top1_agreement": ("scores",), "min_position_agreement": ("scores",)}
 
 
 def fidelity_gates(fidelity: dict, limits: dict | None = None) -> list[dict]:
@@ -128,7 +130,12 @@ def fidelity_gates(fidelity: dict, limits: dict | None = None) -> list[dict]:
                 continue
             limit = limits[name]
         keys = (keys,) if isinstance(keys, str) else keys
-        judged = [o for o in outputs if o.get("kind") in kinds]
+        kinds = kinds + (() if default else _ASKED_KINDS.get(name, ()))
+        # An output of the kind without the figure (a 3-D `scores` has no top-1) is not judged by it, unless a note
+        # says why it could not be measured (its shape changed): then it fails the gate.
+        judged = [
+            o for o in outputs if o.get("kind") in kinds and (o.get("note") or any(o.get(k) is not None for k in keys))
+        ]
         if not judged:
             if limits is not None:  # the user asked for it: say why it cannot hold
                 kinds_seen = ", ".join(f"{o.get('name')} ({o.get('kind')})" for o in outputs) or "none"

@@ -398,32 +398,38 @@ def neighbour_agreement(reference: np.ndarray, output: np.ndarray) -> float | No
 # What each kind of output means, and so how its drift is judged (optcli.gates holds the limits).
 OUTPUT_KINDS = {
     "classes": "class scores [N, C]: top-1 agreement",
-    "sequence": "scores per position [N, T, C]: argmax agreement per position",
+    "sequence": "class scores per position [N, T, C]: argmax agreement per position",
     "value": "one value per sample ([N], [N, 1]: a probability, a regression): error relative to the spread",
     "embedding": "embeddings: cosine and nearest-neighbour agreement",
     "labels": "integer or boolean outputs: exact agreement per sample",
+    "scores": "[N, C] or [N, T, C] floats nothing marks as class scores (logits or features?): cosine",
     "tensor": "any other tensor: cosine",
 }
+CLASS_TASKS = ("text-classification", "image-classification", "token-classification", "causal-lm")
 
 
-def output_kind(reference: np.ndarray, task: str = "") -> str:
-    """What an output means, read from the original model's values: one of OUTPUT_KINDS."""
+def output_kind(reference: np.ndarray, task: str = "", class_labels: bool = False) -> str:
+    """What an output means, read from the original model's values: one of OUTPUT_KINDS.
+
+    [N, C] floats are class scores only with evidence, because a pooled embedding has the same shape and an argmax
+    over its dimensions means nothing: a classification task, rows that are probabilities (softmax), or labelled
+    eval data scored by accuracy (`class_labels`: the first output is then the class scores). Without it they are
+    `scores`, judged by cosine with their top-1 agreement reported."""
     if reference.dtype.kind in "iub":
         return "labels"
     if reference.ndim <= 1 or reference[:1].size == 1:
         return "value"
     if task == "feature-extraction":
         return "embedding"
-    if reference.ndim == 2:
-        # Rows of unit length with both signs are normalized embeddings (sentence-transformers' Normalize);
-        # logits and probabilities are not.
-        norms = np.linalg.norm(reference.astype(np.float64), axis=1)
-        if (reference < 0).any() and np.allclose(norms, 1.0, atol=1e-3):
-            return "embedding"
-        return "classes"
-    if reference.ndim == 3 and reference.shape[2] > 1:
-        return "sequence"
-    return "tensor"
+    if reference.ndim not in (2, 3):
+        return "tensor"
+    rows = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    if reference.ndim == 2 and (rows < 0).any() and np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3):
+        return "embedding"  # rows of unit length with both signs: sentence-transformers' Normalize
+    probabilities = (rows >= 0).all() and np.allclose(rows.sum(1), 1.0, atol=1e-3)
+    if task in CLASS_TASKS or probabilities or class_labels:
+        return "classes" if reference.ndim == 2 else "sequence"
+    return "scores"
 
 
 def _rows_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -466,9 +472,9 @@ def output_fidelity(
     entry["cosine_mean"] = round(float(_rows_cosine(a, b).mean()), 6)
     if kind == "embedding":
         entry["neighbour_top1_agreement"] = neighbour_agreement(a, b)
-    elif kind == "classes":
+    elif kind == "classes" or (kind == "scores" and ref.ndim == 2):
         entry["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
-    elif kind == "sequence":
+    elif kind in ("sequence", "scores"):
         same = ref.argmax(-1) == out.argmax(-1)
         if mask is not None and mask.shape == same.shape and mask.any():
             same = same[mask.astype(bool)]  # padding is not a prediction
@@ -489,6 +495,7 @@ def fidelity(
     task: str = "",
     mask: np.ndarray | None = None,
     names: list[str] | None = None,
+    class_labels: bool = False,
 ) -> dict:
     """How far every output drifted from the original model's on the same inputs, each judged in its own terms.
 
@@ -498,12 +505,14 @@ def fidelity(
     one-element cosine is 1 whenever the signs agree), the highest max_abs_error, the lowest top1_agreement
     (class scores, and per position for sequences: a token classifier's or a causal LM's logits, over the
     positions `mask`, the eval data's attention_mask, keeps), the lowest neighbour_top1_agreement (embeddings).
+    class_labels: labelled eval data scored by accuracy, so the first output holds class scores.
     """
     names = list(names or [])
     entries = []
     for i, (ref, out) in enumerate(zip(reference, outputs, strict=False)):
         name = names[i] if i < len(names) else f"output_{i}"
-        entries.append(output_fidelity(ref, out, output_kind(ref, task), name, mask))
+        kind = output_kind(ref, task, class_labels and i == 0)
+        entries.append(output_fidelity(ref, out, kind, name, mask))
     if len(outputs) != len(reference):
         note = f"{len(outputs)} outputs against the original's {len(reference)}"
         entries.append({"name": "", "kind": "tensor", "cosine_mean": None, "max_abs_error": None, "note": note})
@@ -607,5 +616,6 @@ class Evaluator:
             else None
         )
         mask = self.eval.arrays.get("attention_mask") if self.eval is not None else None
-        row["fidelity"] = fidelity(self.reference_outputs, outputs, self.task, mask, runner.output_names)
+        class_labels = self.labels is not None and self.metric in ("accuracy", "top5")
+        row["fidelity"] = fidelity(self.reference_outputs, outputs, self.task, mask, runner.output_names, class_labels)
         return row

@@ -16,13 +16,20 @@ def _failed(gates: list[dict]) -> dict:
     return {g["name"]: g for g in gates if not g["passed"]}
 
 
+def _softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
 @pytest.mark.parametrize(
     ("array", "kind"),
     [
         (RNG.random((50, 1), dtype=np.float32), "value"),
         (RNG.random(50, dtype=np.float32), "value"),
-        (RNG.normal(size=(50, 10)).astype(np.float32), "classes"),
-        (RNG.normal(size=(50, 12, 30)).astype(np.float32), "sequence"),
+        (_softmax(RNG.normal(size=(50, 10))), "classes"),
+        (_softmax(RNG.normal(size=(50, 12, 30))), "sequence"),
+        (RNG.normal(size=(50, 10)).astype(np.float32), "scores"),  # logits or a pooled embedding: no evidence
+        (RNG.normal(size=(50, 12, 30)).astype(np.float32), "scores"),
         (RNG.normal(size=(50, 3, 8, 8)).astype(np.float32), "tensor"),
         (RNG.integers(0, 5, size=(50,)), "labels"),
     ],
@@ -31,12 +38,18 @@ def test_each_output_shape_is_read_as_what_it_means(array, kind):
     assert output_kind(array) == kind
 
 
+def test_logits_are_class_scores_when_a_classification_task_or_accuracy_labels_say_so():
+    logits = RNG.normal(size=(50, 10))
+    assert output_kind(logits, task="text-classification") == "classes"
+    assert output_kind(logits, class_labels=True) == "classes"
+    assert output_kind(RNG.normal(size=(50, 12, 30)), task="token-classification") == "sequence"
+
+
 def test_normalized_rows_and_feature_extraction_outputs_are_embeddings():
     e = RNG.normal(size=(40, 16))
     assert output_kind(e / np.linalg.norm(e, axis=1, keepdims=True)) == "embedding"
     assert output_kind(e, task="feature-extraction") == "embedding"
-    probabilities = np.exp(e) / np.exp(e).sum(1, keepdims=True)  # softmax rows: class scores, not embeddings
-    assert output_kind(probabilities) == "classes"
+    assert output_kind(_softmax(e)) == "classes"  # softmax rows: class scores, not embeddings
 
 
 def test_a_probability_that_drifts_by_half_fails_although_its_cosine_would_be_one():
@@ -65,11 +78,18 @@ def test_a_classifier_with_7_percent_of_labels_changed_at_cosine_0999_fails_the_
     changed = logits.copy()
     flip = RNG.choice(n, size=28, replace=False)  # 7 %
     changed[flip, runner_up[flip]] += 2e-3
-    fid = fidelity([logits], [changed])
+    fid = fidelity([_softmax(logits)], [_softmax(changed)])  # probabilities: class scores by their values
     assert fid["cosine_mean"] >= 0.999
     assert fid["top1_agreement"] == pytest.approx(1 - 28 / n)
     failed = _failed(fidelity_gates(fid))
     assert set(failed) == {"min_top1_agreement (default)"}
+    # the same logits without evidence that they are class scores: judged by cosine, the agreement still reported
+    unlabelled = fidelity([logits], [changed])
+    assert unlabelled["outputs"][0]["kind"] == "scores" and unlabelled["top1_agreement"] == fid["top1_agreement"]
+    assert not _failed(fidelity_gates(unlabelled))
+    # ... and as labelled eval data scored by accuracy says they are
+    labelled = fidelity([logits], [changed], class_labels=True)
+    assert set(_failed(fidelity_gates(labelled))) == {"min_top1_agreement (default)"}
 
 
 def test_a_second_output_at_cosine_091_is_seen_and_named_by_the_gate():
@@ -88,9 +108,9 @@ def test_a_second_output_at_cosine_091_is_seen_and_named_by_the_gate():
 
 def test_sequence_logits_are_judged_per_position_and_padding_is_left_out():
     n, t, c = 20, 10, 37
-    ref = RNG.normal(size=(n, t, c))
+    ref = _softmax(RNG.normal(size=(n, t, c)))
     out = ref.copy()
-    out[:, -2:] = RNG.normal(size=(n, 2, c))  # the last two positions decode differently
+    out[:, -2:] = _softmax(RNG.normal(size=(n, 2, c)))  # the last two positions decode differently
     fid = fidelity([ref], [out])
     agreement = fid["outputs"][0]["position_agreement"]
     expected = (ref.argmax(-1) == out.argmax(-1)).mean()
@@ -196,7 +216,7 @@ def test_a_two_output_model_reports_and_gates_both_outputs(tmp_path):
     result = _run(tmp_path, model, gates={"min_fidelity_cosine": 0.5, "max_value_error": 1.0})
     report = result.json()
     fid = report["steps"][-1]["fidelity"]
-    assert [(o["name"], o["kind"]) for o in fid["outputs"]] == [("p", "value"), ("state", "classes")]
+    assert [(o["name"], o["kind"]) for o in fid["outputs"]] == [("p", "value"), ("state", "scores")]
     x = np.load(tmp_path / "x.npz")["x"]
     before, after = _outputs(model, x)["state"], _outputs(tmp_path / "out" / "model.onnx", x)["state"]
     cos = (before * after).sum(1) / np.linalg.norm(before, axis=1) / np.linalg.norm(after, axis=1)
@@ -210,11 +230,11 @@ def test_a_two_output_model_reports_and_gates_both_outputs(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     section = md.split("fidelity per output")[1]
     assert "| p | value |" in section and "max error" in section
-    assert "| state | classes |" in section and "top-1 agreement" in section
+    assert "| state | scores |" in section and "top-1 agreement" in section
     assert "fidelity per output" in (tmp_path / "out" / "report.html").read_text()
 
 
-def test_init_writes_the_gate_that_judges_the_models_outputs_and_its_run_fails_a_moved_probability(tmp_path, digits):
+def test_init_writes_the_gate_that_judges_the_models_outputs_and_its_run_fails_a_moved_probability(tmp_path):
     import yaml
 
     from tests.conftest import run_cli
@@ -230,10 +250,24 @@ def test_init_writes_the_gate_that_judges_the_models_outputs_and_its_run_fails_a
     (entry,) = result.json()["steps"][-1]["fidelity"]["outputs"]
     assert gate["value"] == entry["max_relative_error"] and gate["value"] > 0.1
     assert result.exit_code == 1
-    classifier = yaml.safe_load(
-        run_cli("init", digits / "digits_cnn.onnx", "--data", digits / "digits_test.npz").stdout
-    )
+    classifier = yaml.safe_load(run_cli("init", _softmax_classifier(tmp_path / "classifier.onnx")).stdout)
     assert classifier["gates"] == {"min_fidelity_cosine": 0.99, "min_top1_agreement": 0.98}
+
+
+def _softmax_classifier(path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(RNG.normal(size=(16, 5)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"])],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 5])],
+        [w],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ def verdict_sentence(report: dict) -> str:
         judged = [f"cosine {cos:.4g}"] if _finite(cos) else []
         # A probability's cosine is 1 whatever it did, a classifier's hides changed labels: say the judgement too.
         judged += [f"top-1 agreement {agree:.4g}"] if _finite(agree) and agree < 1 else []
-        judged += [f"max error {max(errors):.3g} of the range"] if errors else []
+        judged += [f"max error {max(errors):.3g} × the range"] if errors else []
         if judged:
             sentence += f", fidelity {', '.join(judged)} against the original"
     return sentence

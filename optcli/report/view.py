@@ -562,7 +562,7 @@ def output_judgement(o: dict) -> str:
     kind = o.get("kind")
     if kind == "value":
         return (
-            f"max error {fmt_num(o.get('max_relative_error'))} of the range {fmt_num(o.get('spread'))} "
+            f"max error {fmt_num(o.get('max_relative_error'))} × the original's range {fmt_num(o.get('spread'))} "
             f"(mean abs error {fmt_num(o.get('mean_abs_error'))})"
         )
     if kind == "classes":
@@ -571,6 +571,9 @@ def output_judgement(o: dict) -> str:
         return f"agreement per position {fmt_pct(o.get('position_agreement'))}"
     if kind == "labels":
         return f"agreement {fmt_pct(o.get('agreement'))}"
+    if kind == "scores":  # logits or features: nothing says which, so the cosine judges and the agreement informs
+        agree = o.get("top1_agreement", o.get("position_agreement"))
+        return f"cosine (top-1 agreement {fmt_pct(agree)})" if agree is not None else "cosine"
     if kind == "embedding":
         return f"cosine; nearest-neighbour top-1 agreement {fmt_pct(o.get('neighbour_top1_agreement'))}"
     return "cosine"
