@@ -274,10 +274,11 @@ def fidelity_gate_limits(model) -> dict:
     regression by its error over its range, embeddings and other tensors by cosine (alongside any agreement)."""
     from optcli.gates import DEFAULT_MAX_VALUE_ERROR, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
     from optcli.measure import output_kind, runner_for
-    from optcli.model import example_inputs, fixed_batch
+    from optcli.model import batch_sizes_taken, feeds_for_batch
 
     try:
-        outputs = runner_for(model, threads=1)(example_inputs(model.inputs, batch=fixed_batch(model.inputs) or 4))
+        feeds = feeds_for_batch(model.inputs, batch_sizes_taken(model.inputs, [4])[0])
+        outputs = runner_for(model, threads=1)(feeds)
     except Exception:  # noqa: BLE001 (generated inputs may not suit the model: the cosine gate then stands)
         return {"min_fidelity_cosine": DEFAULT_MIN_COSINE}
     kinds = {output_kind(out) for out in outputs}
