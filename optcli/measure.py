@@ -32,10 +32,17 @@ _QUANT_PARAM_INPUTS = {
 class Runner:
     """Runs a model on numpy feeds; ONNX Runtime for ONNX, torch for torch."""
 
-    def __init__(self, fn: Callable[[dict], list[np.ndarray]], inputs: list[InputSpec], engine: str):
+    def __init__(
+        self,
+        fn: Callable[[dict], list[np.ndarray]],
+        inputs: list[InputSpec],
+        engine: str,
+        output_names: list[str] | None = None,
+    ):
         self._fn = fn
         self.inputs = inputs
         self.engine = engine
+        self.output_names = output_names  # None: the outputs are named by position (torch)
 
     def __call__(self, feeds: dict) -> list[np.ndarray]:
         return self._fn(feeds)
@@ -58,7 +65,12 @@ def onnx_runner(path: Path, inputs: list[InputSpec], threads: int, providers: li
             None, {k: (v.astype(np.float16) if k in half else v) for k, v in feeds.items() if k in names}
         )
 
-    return Runner(run, inputs, f"onnxruntime {ort.__version__}" + (f" ({upgraded})" if upgraded else ""))
+    return Runner(
+        run,
+        inputs,
+        f"onnxruntime {ort.__version__}" + (f" ({upgraded})" if upgraded else ""),
+        [o.name for o in session.get_outputs()],
+    )
 
 
 def torch_runner(module, inputs: list[InputSpec], threads: int) -> Runner:
@@ -383,42 +395,159 @@ def neighbour_agreement(reference: np.ndarray, output: np.ndarray) -> float | No
     return round(float((nearest(reference) == nearest(output)).mean()), 6)
 
 
-def fidelity(
-    reference: list[np.ndarray], outputs: list[np.ndarray], task: str = "", mask: np.ndarray | None = None
-) -> dict:
-    """How far the first output drifted from the original model's on the same inputs.
+# What each kind of output means, and so how its drift is judged (optcli.gates holds the limits).
+OUTPUT_KINDS = {
+    "classes": "class scores [N, C]: top-1 agreement",
+    "sequence": "class scores per position [N, T, C]: argmax agreement per position",
+    "value": "one value per sample ([N], [N, 1]: a probability, a regression): error relative to the spread",
+    "embedding": "embeddings: cosine and nearest-neighbour agreement",
+    "labels": "integer or boolean outputs: exact agreement per sample",
+    "scores": "[N, C] or [N, T, C] floats nothing marks as class scores (logits or features?): cosine",
+    "tensor": "any other tensor: cosine",
+}
+CLASS_TASKS = ("text-classification", "image-classification", "token-classification", "causal-lm")
 
-    task (Hugging Face folders): embeddings get nearest-neighbour agreement instead of an argmax over
-    dimensions; per-token logits (token classification, causal LM) get top-1 agreement per position,
-    over the positions `mask` (the eval data's attention_mask) keeps: padding is not a prediction.
-    """
-    ref, out = reference[0].astype(np.float64), outputs[0].astype(np.float64)
-    if ref.shape != out.shape:
+
+def output_kind(reference: np.ndarray, task: str = "", class_labels: bool = False) -> str:
+    """What an output means, read from the original model's values: one of OUTPUT_KINDS.
+
+    [N, C] floats are class scores only with evidence, because a pooled embedding has the same shape and an argmax
+    over its dimensions means nothing: a classification task, rows that are probabilities (softmax), or labelled
+    eval data scored by accuracy (`class_labels`: the first output is then the class scores). Without it they are
+    `scores`, judged by cosine with their top-1 agreement reported."""
+    if reference.dtype.kind in "iub":
+        return "labels"
+    if reference.ndim <= 1 or reference[:1].size == 1:
+        return "value"
+    if task == "feature-extraction":
+        return "embedding"
+    if reference.ndim not in (2, 3):
+        return "tensor"
+    rows = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    if reference.ndim == 2 and (rows < 0).any() and np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3):
+        return "embedding"  # rows of unit length with both signs: sentence-transformers' Normalize
+    probabilities = (rows >= 0).all() and np.allclose(rows.sum(1), 1.0, atol=1e-3)
+    if task in CLASS_TASKS or probabilities or class_labels:
+        return "classes" if reference.ndim == 2 else "sequence"
+    return "scores"
+
+
+def _rows_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1), 1.0)
+
+
+def output_fidelity(
+    reference: np.ndarray, output: np.ndarray, kind: str, name: str = "", mask: np.ndarray | None = None
+) -> dict:
+    """One output's drift from the original's, in that output's terms (its kind, from output_kind)."""
+    entry: dict = {"name": name, "kind": kind}
+    if reference.shape != output.shape:
         return {
+            **entry,
             "cosine_mean": None,
             "max_abs_error": None,
-            "top1_agreement": None,
-            "note": f"output shape {out.shape} differs from {ref.shape}",
+            "note": f"shape {output.shape} differs from {reference.shape}",
         }
-    n = ref.shape[0] if ref.ndim else 1
+    n = reference.shape[0] if reference.ndim else 1
+    if kind == "labels":
+        same = (reference.reshape(n, -1) == output.reshape(n, -1)).all(1)
+        return {**entry, "cosine_mean": None, "max_abs_error": None, "agreement": round(float(same.mean()), 6)}
+    ref, out = reference.astype(np.float64), output.astype(np.float64)
     a, b = ref.reshape(n, -1), out.reshape(n, -1)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(denom > 0, (a * b).sum(1) / np.where(denom > 0, denom, 1), 1.0)
-    result = {
-        "cosine_mean": round(float(cos.mean()), 6),
-        "max_abs_error": float(np.abs(a - b).max()),
-        "top1_agreement": None,
-    }
-    if task == "feature-extraction":
-        result["neighbour_top1_agreement"] = neighbour_agreement(a, b)
-    elif ref.ndim == 2 and ref.shape[1] > 1:
-        result["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
-    elif ref.ndim == 3 and task in ("token-classification", "causal-lm"):
+    err = np.abs(a - b)
+    entry["max_abs_error"] = float(err.max()) if err.size else 0.0
+    if kind == "value":
+        # A one-element row's cosine is only its sign agreement: the error, relative to how far the
+        # original's values spread over these inputs (its range), says how far a prediction moved.
+        spread = float(ref.max() - ref.min()) if ref.size else 0.0
+        spread = spread or float(np.abs(ref).max(initial=0.0)) or 1.0
+        return {
+            **entry,
+            "cosine_mean": None,
+            "mean_abs_error": float(err.mean()) if err.size else 0.0,
+            "spread": spread,
+            "max_relative_error": round(entry["max_abs_error"] / spread, 6),
+        }
+    entry["cosine_mean"] = round(float(_rows_cosine(a, b).mean()), 6)
+    if kind == "embedding":
+        entry["neighbour_top1_agreement"] = neighbour_agreement(a, b)
+    elif kind == "classes" or (kind == "scores" and ref.ndim == 2):
+        entry["top1_agreement"] = round(float((ref.argmax(1) == out.argmax(1)).mean()), 6)
+    elif kind in ("sequence", "scores"):
         same = ref.argmax(-1) == out.argmax(-1)
         if mask is not None and mask.shape == same.shape and mask.any():
-            same = same[mask.astype(bool)]
-        result["top1_agreement"] = round(float(same.mean()), 6)
+            same = same[mask.astype(bool)]  # padding is not a prediction
+        entry["position_agreement"] = round(float(same.mean()), 6)
+    return entry
+
+
+def _worst(entries: list[dict], key: str, lowest: bool = True):
+    values = [e[key] for e in entries if e.get(key) is not None]
+    if not values:
+        return None
+    return min(values) if lowest else max(values)
+
+
+def fidelity(
+    reference: list[np.ndarray],
+    outputs: list[np.ndarray],
+    task: str = "",
+    mask: np.ndarray | None = None,
+    names: list[str] | None = None,
+    class_labels: bool = False,
+) -> dict:
+    """How far every output drifted from the original model's on the same inputs, each judged in its own terms.
+
+    `outputs` lists one entry per output ({name, kind, cosine_mean, max_abs_error} and the kind's figure:
+    top1_agreement, position_agreement, neighbour_top1_agreement, max_relative_error, agreement). The top-level
+    keys are the worst over the outputs that have them: the lowest cosine_mean (value outputs have none: a
+    one-element cosine is 1 whenever the signs agree), the highest max_abs_error, the lowest top1_agreement
+    (class scores, and per position for sequences: a token classifier's or a causal LM's logits, over the
+    positions `mask`, the eval data's attention_mask, keeps), the lowest neighbour_top1_agreement (embeddings).
+    class_labels: labelled eval data scored by accuracy, so the first output holds class scores.
+    """
+    names = list(names or [])
+    entries = []
+    for i, (ref, out) in enumerate(zip(reference, outputs, strict=False)):
+        name = names[i] if i < len(names) else f"output_{i}"
+        kind = output_kind(ref, task, class_labels and i == 0)
+        entries.append(output_fidelity(ref, out, kind, name, mask))
+    if len(outputs) != len(reference):
+        note = f"{len(outputs)} outputs against the original's {len(reference)}"
+        entries.append({"name": "", "kind": "tensor", "cosine_mean": None, "max_abs_error": None, "note": note})
+    agreements = [e.get("top1_agreement", e.get("position_agreement", e.get("agreement"))) for e in entries]
+    result = {
+        "cosine_mean": _worst(entries, "cosine_mean"),
+        "max_abs_error": _worst(entries, "max_abs_error", lowest=False),
+        "top1_agreement": min((a for a in agreements if a is not None), default=None),
+    }
+    if any(e["kind"] == "embedding" for e in entries):
+        result["neighbour_top1_agreement"] = _worst(entries, "neighbour_top1_agreement")
+    notes = [f"{e['name']}: {e['note']}" if e["name"] else e["note"] for e in entries if e.get("note")]
+    if notes:
+        result["note"] = "; ".join(notes)
+    result["outputs"] = entries
     return result
+
+
+# Label-free targets a quantize search can aim at: the fidelity figure each reads, and whether higher is better.
+FIDELITY_METRICS = {
+    "cosine": ("cosine_mean", True),
+    "top1_agreement": ("top1_agreement", True),  # class scores, and per position for sequences
+    "value_error": ("max_relative_error", False),  # a probability or a regression: max error over its range
+}
+
+
+def fidelity_metric(metric: str, fid: dict) -> float:
+    """One of FIDELITY_METRICS read from a fidelity() result (the worst output's); nan where no output has it."""
+    key, _ = FIDELITY_METRICS[metric]
+    if metric == "value_error":
+        values = [o[key] for o in fid.get("outputs") or [] if o.get(key) is not None]
+        value = max(values) if values else None
+    else:
+        value = fid.get(key)
+    return float("nan") if value is None else float(value)
 
 
 def generated_batches(inputs: list[InputSpec], samples: int, seed: int) -> list[dict]:
@@ -487,5 +616,6 @@ class Evaluator:
             else None
         )
         mask = self.eval.arrays.get("attention_mask") if self.eval is not None else None
-        row["fidelity"] = fidelity(self.reference_outputs, outputs, self.task, mask)
+        class_labels = self.labels is not None and self.metric in ("accuracy", "top5")
+        row["fidelity"] = fidelity(self.reference_outputs, outputs, self.task, mask, runner.output_names, class_labels)
         return row

@@ -40,7 +40,23 @@ class ReportSpec(StrictModel):
 
 class Gates(StrictModel):
     max_accuracy_drop: float | None = Field(default=None, ge=0)
-    min_fidelity_cosine: float | None = Field(default=None, ge=-1, le=1)
+    min_fidelity_cosine: float | None = Field(
+        default=None, ge=-1, le=1, description="lowest mean cosine to the original, worst output judged by cosine"
+    )
+    min_top1_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="class scores: lowest fraction of samples whose argmax is unchanged"
+    )
+    min_position_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="sequences [N, T, C]: lowest fraction of positions whose argmax is unchanged",
+    )
+    max_value_error: float | None = Field(
+        default=None,
+        ge=0,
+        description="values ([N], [N, 1]: a probability, a regression): largest error over the original's range",
+    )
     max_size_bytes: int | None = Field(default=None, ge=1)
     min_speedup: float | None = Field(default=None, gt=0)
     max_perplexity_increase: float | None = Field(

@@ -85,7 +85,7 @@ def starter_recipe(
         "report": {
             "latency": {"batch_sizes": batch_sizes_taken(model.inputs, [1, 32]), "warmup": 5, "runs": 30, "threads": 2}
         },
-        "gates": {"min_fidelity_cosine": 0.99},
+        "gates": fidelity_gate_limits(model),
     }
     try:
         labels = _check(recipe, recipe_dir, trust_pickle)
@@ -266,6 +266,32 @@ def already_int8(model) -> str | None:
     if not int8 and not kinds:
         return None
     return ", ".join(f"{k} {name}" for name, k in kinds.most_common(3)) or f"{len(int8)} int8 weight tensors"
+
+
+def fidelity_gate_limits(model) -> dict:
+    """The recipe gates that judge this model's outputs in their own terms (optcli.gates.fidelity_gates), read from
+    one run on generated inputs: class scores by top-1 agreement, sequences per position, a probability or a
+    regression by its error over its range, embeddings and other tensors by cosine (alongside any agreement)."""
+    from optcli.gates import DEFAULT_MAX_VALUE_ERROR, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
+    from optcli.measure import output_kind, runner_for
+    from optcli.model import batch_sizes_taken, feeds_for_batch
+
+    try:
+        feeds = feeds_for_batch(model.inputs, batch_sizes_taken(model.inputs, [4])[0])
+        outputs = runner_for(model, threads=1)(feeds)
+    except Exception:  # noqa: BLE001 (generated inputs may not suit the model: the cosine gate then stands)
+        return {"min_fidelity_cosine": DEFAULT_MIN_COSINE}
+    kinds = {output_kind(out) for out in outputs}
+    gates = {}
+    if kinds - {"value", "labels"}:
+        gates["min_fidelity_cosine"] = DEFAULT_MIN_COSINE
+    if kinds & {"classes", "labels"}:
+        gates["min_top1_agreement"] = DEFAULT_MIN_AGREEMENT
+    if "sequence" in kinds:
+        gates["min_position_agreement"] = DEFAULT_MIN_AGREEMENT
+    if "value" in kinds:
+        gates["max_value_error"] = DEFAULT_MAX_VALUE_ERROR
+    return gates or {"min_fidelity_cosine": DEFAULT_MIN_COSINE}
 
 
 GATES_BY_TASK = {

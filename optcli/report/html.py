@@ -10,6 +10,7 @@ from optcli.report.summary import summary
 from optcli.report.svg import svg_bar_chart, svg_loss_curve, svg_scatter
 from optcli.report.view import (
     ENV_HEADERS,
+    FIDELITY_HEADERS,
     INT8_OP_HEADERS,
     IO_HEADERS,
     LATENCY_HEADERS,
@@ -20,6 +21,7 @@ from optcli.report.view import (
     clean,
     dig,
     env_rows,
+    fidelity_rows,
     finite,
     fmt_ms,
     fmt_num,
@@ -140,6 +142,9 @@ def _summary_charts(report: dict) -> list[str]:
 def _step_details(step: dict) -> list[str]:
     name = str(step.get("name"))
     out: list[str] = []
+    fid = fidelity_rows(step)
+    if fid:
+        out += [f"<h2>{escape(name)}: fidelity per output</h2>", html_table(FIDELITY_HEADERS, fid)]
     pruned = pruned_rows(step)
     if pruned:
         out += [f"<h2>{escape(name)}: most pruned layers</h2>", html_table(["layer", "sparsity"], pruned)]

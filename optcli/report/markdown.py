@@ -8,6 +8,7 @@ from typing import Any
 from optcli.report.summary import summary
 from optcli.report.view import (
     ENV_HEADERS,
+    FIDELITY_HEADERS,
     INT8_OP_HEADERS,
     IO_HEADERS,
     LATENCY_HEADERS,
@@ -15,6 +16,7 @@ from optcli.report.view import (
     TRAINING_HEADERS,
     clean,
     env_rows,
+    fidelity_rows,
     fmt_num,
     gate_lines,
     graph_change_lines,
@@ -89,6 +91,9 @@ def render_markdown(report: dict) -> str:
 def _step_details(step: dict) -> list[str]:
     name = md_cell(step.get("name"))
     out: list[str] = []
+    fid = fidelity_rows(step)
+    if fid:
+        out += [f"## {name}: fidelity per output", "", md_table(FIDELITY_HEADERS, fid), ""]
     pruned = pruned_rows(step)
     if pruned:
         out += [f"## {name}: most pruned layers", "", md_table(["layer", "sparsity"], pruned), ""]

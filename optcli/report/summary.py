@@ -125,9 +125,16 @@ def verdict_sentence(report: dict) -> str:
     if v["accuracy_pt"] is not None:
         sentence += f", {_metric(final)} {_signed(v['accuracy_pt'], 1)} pt"
     else:
-        cos = (final.get("fidelity") or {}).get("cosine_mean")
-        if _finite(cos):
-            sentence += f", fidelity cosine {cos:.4g} against the original"
+        fid = final.get("fidelity") or {}
+        cos, agree = fid.get("cosine_mean"), fid.get("top1_agreement")
+        errors = [o.get("max_relative_error") for o in fid.get("outputs") or [] if o.get("kind") == "value"]
+        errors = [e for e in errors if _finite(e)]
+        judged = [f"cosine {cos:.4g}"] if _finite(cos) else []
+        # A probability's cosine is 1 whatever it did, a classifier's hides changed labels: say the judgement too.
+        judged += [f"top-1 agreement {agree:.4g}"] if _finite(agree) and agree < 1 else []
+        judged += [f"max error {max(errors):.3g} × the range"] if errors else []
+        if judged:
+            sentence += f", fidelity {', '.join(judged)} against the original"
     return sentence
 
 

@@ -531,6 +531,54 @@ def sensitivity_rows(step: dict, n: int = 15) -> list[list[str]]:
     return [[str(node), fmt_num(drop), "✓" if node in fallen else ""] for node, drop in items[:n]]
 
 
+FIDELITY_HEADERS = ["output", "kind", "cosine", "max abs error", "judged by"]
+
+
+def fidelity_rows(step: dict) -> list[list[str]]:
+    """Each output's drift in its own terms; empty where the steps table already says it all (one output whose
+    cosine and top-1 columns are its judgement) and for the original (compared with itself)."""
+    outputs = dig(step, "fidelity", "outputs")
+    if not isinstance(outputs, list) or not outputs or step.get("name") == "original":
+        return []
+    if len(outputs) == 1 and outputs[0].get("kind") in ("classes", "embedding", "tensor"):
+        return []
+    return [
+        [
+            str(o.get("name") or DASH),
+            str(o.get("kind") or DASH),
+            fmt_num(o.get("cosine_mean"), 6),
+            fmt_num(o.get("max_abs_error")),
+            output_judgement(o),
+        ]
+        for o in outputs
+        if isinstance(o, dict)
+    ]
+
+
+def output_judgement(o: dict) -> str:
+    """The figure an output is judged by, in words ("top-1 agreement 97.7%", "max error 0.26 of the range")."""
+    if o.get("note"):
+        return str(o["note"])
+    kind = o.get("kind")
+    if kind == "value":
+        return (
+            f"max error {fmt_num(o.get('max_relative_error'))} × the original's range {fmt_num(o.get('spread'))} "
+            f"(mean abs error {fmt_num(o.get('mean_abs_error'))})"
+        )
+    if kind == "classes":
+        return f"top-1 agreement {fmt_pct(o.get('top1_agreement'))}"
+    if kind == "sequence":
+        return f"agreement per position {fmt_pct(o.get('position_agreement'))}"
+    if kind == "labels":
+        return f"agreement {fmt_pct(o.get('agreement'))}"
+    if kind == "scores":  # logits or features: nothing says which, so the cosine judges and the agreement informs
+        agree = o.get("top1_agreement", o.get("position_agreement"))
+        return f"cosine (top-1 agreement {fmt_pct(agree)})" if agree is not None else "cosine"
+    if kind == "embedding":
+        return f"cosine; nearest-neighbour top-1 agreement {fmt_pct(o.get('neighbour_top1_agreement'))}"
+    return "cosine"
+
+
 def _agreement(step: dict):
     """Top-1 agreement; for embeddings, nearest-neighbour top-1 agreement (an argmax over dimensions means nothing)."""
     value = dig(step, "fidelity", "top1_agreement")

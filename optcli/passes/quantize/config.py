@@ -21,7 +21,9 @@ class Target(StrictModel):
 
     metric: str = Field(
         default="cosine",
-        description="cosine (fidelity vs the original, no labels needed) | accuracy | top5 | mse | module:callable(outputs, labels)",
+        description="cosine | top1_agreement | value_error (fidelity vs the original, no labels needed: the worst "
+        "output's cosine, its argmax agreement, or a value output's max error over its range) | accuracy | top5 | mse "
+        "| module:callable(outputs, labels)",
     )
     max_drop: float | None = Field(
         default=None, ge=0, description="largest allowed drop vs the original (absolute; a rise for mse)"
@@ -32,10 +34,13 @@ class Target(StrictModel):
     def _one_bound(self) -> Target:
         if (self.max_drop is None) == (self.min_value is None):
             raise ValueError("give exactly one of max_drop (e.g. 0.01) or min_value (e.g. 0.995)")
-        if self.metric not in ("cosine", "accuracy", "top5", "mse") and ":" not in self.metric:
-            raise ValueError(f"metric {self.metric!r} is not cosine, accuracy, top5, mse or module:callable")
-        if self.metric == "mse" and self.min_value is not None:
-            raise ValueError("mse is lower-is-better: bound it with max_drop (the allowed rise)")
+        known = ("cosine", "top1_agreement", "value_error", "accuracy", "top5", "mse")
+        if self.metric not in known and ":" not in self.metric:
+            raise ValueError(f"metric {self.metric!r} is not {', '.join(known)} or module:callable")
+        if self.metric in ("mse", "value_error") and self.min_value is not None:
+            raise ValueError(f"{self.metric} is lower-is-better: bound it with max_drop (the allowed rise)")
+        if self.metric == "top1_agreement" and self.min_value is not None and not 0 <= self.min_value <= 1:
+            raise ValueError(f"an agreement lies in [0, 1]; min_value {self.min_value} can never be met")
         if self.metric == "cosine" and self.min_value is not None and not -1 <= self.min_value <= 1:
             raise ValueError(f"a cosine lies in [-1, 1]; min_value {self.min_value} can never be met")
         return self

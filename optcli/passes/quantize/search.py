@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from optcli.measure import (
+    FIDELITY_METRICS,
     fidelity,
+    fidelity_metric,
     higher_is_better,
     latency,
     metric_value,
@@ -123,9 +125,8 @@ class Evaluation:
     def score(self, outputs: list[np.ndarray]) -> float:
         """The metric of outputs computed on the first len(outputs) eval samples."""
         n = len(outputs[0])
-        if self.metric == "cosine":
-            value = fidelity([r[:n] for r in self.reference], outputs)["cosine_mean"]
-            return float("nan") if value is None else float(value)
+        if self.metric in FIDELITY_METRICS:
+            return fidelity_metric(self.metric, fidelity([r[:n] for r in self.reference], outputs))
         return metric_value(self.metric, outputs, self.labels[:n])
 
     def measure(self, path: Path, subset: int | None = None, timed: bool = True) -> tuple[float, float | None]:
@@ -158,7 +159,10 @@ def _head(batches: list[dict], n: int) -> list[dict]:
 
 
 def make_goal(target, reference_value: float) -> Goal:
-    higher = target.metric == "cosine" or higher_is_better(target.metric)
+    if target.metric in FIDELITY_METRICS:
+        higher = FIDELITY_METRICS[target.metric][1]
+    else:
+        higher = higher_is_better(target.metric)
     if target.min_value is not None:
         threshold = target.min_value
     else:
@@ -606,7 +610,7 @@ def evaluation_for(model, config, ctx, metric: str | None = None) -> Evaluation:
     batches = [feeds for feeds, _ in pairs]
     labels = np.concatenate([y for _, y in pairs]) if data.labels is not None else None
     metric = metric or config.target.metric
-    if metric != "cosine" and labels is None:
+    if metric not in FIDELITY_METRICS and labels is None:
         raise PassFailed(
             ctx.step_name,
             f"target metric {metric} needs labels in data.eval (set data.eval.labels), or use metric: cosine",
