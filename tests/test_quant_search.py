@@ -282,4 +282,5 @@ def test_accuracy_target_on_labelled_digits_holds_on_independent_remeasurement(d
     )[0]
     accuracy = float((logits.argmax(1) == test["y"]).mean())
     assert accuracy >= float((digits / "accuracy.txt").read_text()) - 0.01 - 1e-9
-    assert accuracy == pytest.approx(next(c for c in search["candidates"] if c["chosen"])["metric"], abs=1e-9)
+    # the search reports its metric rounded to 6 digits (0.977778 for 0.97777...): compare within that rounding
+    assert accuracy == pytest.approx(next(c for c in search["candidates"] if c["chosen"])["metric"], abs=1e-6)

@@ -185,7 +185,7 @@ def quantize_onnx(
     """Write one int8 model: optional SmoothQuant, then onnxruntime.quantization dynamic or static QDQ.
 
     `settings` is a Settings (mode, per_channel, calibration, smooth_alpha, exclude, op_types);
-    the remaining knobs (types, reduce_range, extra_options) come from the pass config. A search passes `cache`
+    the remaining knobs come from the pass config (types and reduce_range it leaves null: isa.py's choice for this CPU). A search passes `cache`
     ({"dir": folder}) so the smoothed graph and the inf screen are computed once per source, not once per trial.
     """
     import onnx
@@ -227,7 +227,10 @@ def quantize_onnx(
             # ORT writes per-axis DequantizeLinear for opset 11/12 anyway, a model it then refuses to load.
             per_channel = False
             details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
-    reduce_range = config.reduce_range if settings.reduce_range is None else settings.reduce_range
+    from optcli.passes.quantize.isa import choose_int8
+
+    int8 = choose_int8(config, ctx.recipe.report.target)  # the types and reduce_range the recipe left to the CPU
+    reduce_range = int8.reduce_range if settings.reduce_range is None else settings.reduce_range
     if settings.mode == "static":
         key = ("inf", str(source))
         inf = cache[key] if cache is not None and key in cache else nonfinite_tensors(Path(source), calib_batches)
@@ -261,7 +264,7 @@ def quantize_onnx(
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,
                 reduce_range=reduce_range,
-                weight_type=qtype[config.weight_type],
+                weight_type=qtype[int8.weight_type],
                 nodes_to_exclude=sorted(exclude),
                 use_external_data_format=large,
                 extra_options=extra,
@@ -276,8 +279,8 @@ def quantize_onnx(
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,
                 reduce_range=reduce_range,
-                activation_type=qtype[config.activation_type],
-                weight_type=qtype[config.weight_type],
+                activation_type=qtype[int8.activation_type],
+                weight_type=qtype[int8.weight_type],
                 nodes_to_exclude=sorted(exclude),
                 use_external_data_format=large,
                 calibrate_method=method[settings.calibration],
