@@ -106,9 +106,12 @@ TARGET = 0.999
 
 
 def test_plain_dynamic_int8_misses_the_cosine_target(encoder, tmp_path):
+    # Plain dynamic int8 lands near the default 0.99 cosine gate (0.988 on an AVX2-only CPU with the 7-bit weights
+    # chosen there): a gate well below it, so the run finishes and the test judges the cosine against TARGET.
+    recipe = {**_recipe(encoder, {"mode": "dynamic", "per_channel": True}), "gates": {"min_fidelity_cosine": 0.95}}
     result = run_cli(
         "run",
-        write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "per_channel": True})),
+        write_recipe(tmp_path, recipe),
         "-o",
         tmp_path / "out",
         "--json",
