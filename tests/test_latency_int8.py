@@ -168,16 +168,6 @@ def test_dynamic_int8_is_not_tried_on_convs_and_the_report_says_why(tmp_path, in
     assert any("ConvInteger" in note for note in found["notes"])
 
 
-def test_reduce_range_follows_the_cpu_isa(tmp_path):
-    with_vnni = tmp_path / "vnni"
-    with_vnni.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_vnni\n")
-    without = tmp_path / "plain"
-    without.write_text("processor : 0\nflags : fpu sse avx2\n")
-    assert prof.cpu_has_vnni(with_vnni) is True
-    assert prof.cpu_has_vnni(without) is False
-    assert prof.cpu_has_vnni(tmp_path / "missing") is None
-
-
 def test_init_for_a_cnn_writes_the_latency_aware_search(tmp_path):
     hardswish_cnn(tmp_path / "model.onnx", big=True)
     # No data: the search needs calibration inputs, so the recipe is dynamic int8 that runs as written (issue 21).

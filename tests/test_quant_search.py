@@ -106,9 +106,12 @@ TARGET = 0.999
 
 
 def test_plain_dynamic_int8_misses_the_cosine_target(encoder, tmp_path):
+    # Plain dynamic int8 lands near the default 0.99 cosine gate (0.988 on an AVX2-only CPU with the 7-bit weights
+    # chosen there): a gate well below it, so the run finishes and the test judges the cosine against TARGET.
+    recipe = {**_recipe(encoder, {"mode": "dynamic", "per_channel": True}), "gates": {"min_fidelity_cosine": 0.95}}
     result = run_cli(
         "run",
-        write_recipe(tmp_path, _recipe(encoder, {"mode": "dynamic", "per_channel": True})),
+        write_recipe(tmp_path, recipe),
         "-o",
         tmp_path / "out",
         "--json",
@@ -282,4 +285,5 @@ def test_accuracy_target_on_labelled_digits_holds_on_independent_remeasurement(d
     )[0]
     accuracy = float((logits.argmax(1) == test["y"]).mean())
     assert accuracy >= float((digits / "accuracy.txt").read_text()) - 0.01 - 1e-9
-    assert accuracy == pytest.approx(next(c for c in search["candidates"] if c["chosen"])["metric"], abs=1e-9)
+    # the search reports its metric rounded to 6 digits (0.977778 for 0.97777...): compare within that rounding
+    assert accuracy == pytest.approx(next(c for c in search["candidates"] if c["chosen"])["metric"], abs=1e-6)

@@ -465,12 +465,25 @@ def graph_change_lines(step: dict) -> list[str]:
         out.append(str(d["per_tensor_reason"]))
     if d.get("per_channel_off"):
         out.append(f"per-tensor int8: {d['per_channel_off']}")
+    if isinstance(d.get("int8"), dict):
+        out.append(int8_settings_line(d["int8"]))
     out += [str(v) for v in (d.get("kept_fp32") or {}).values()]
     if d.get("skipped"):
         out.append(str(d["skipped"]))
     if out and d.get("checked_on"):
         out.append(f"each change checked in ONNX Runtime on {d['checked_on']}")
     return out
+
+
+def int8_settings_line(int8: dict) -> str:
+    """The int8 types and reduce_range a quantize step ran with, who chose them and why (details.int8)."""
+    by = int8.get("chosen_by") or {}
+    parts = [
+        f"{int8.get('activation_type')} activations ({by.get('activation_type', '?')})",
+        f"{int8.get('weight_type')} weights ({by.get('weight_type', '?')})",
+        f"reduce_range {_on_off(int8.get('reduce_range'), 'true', 'false')} ({by.get('reduce_range', '?')})",
+    ]
+    return f"int8 settings: {', '.join(parts)}: {int8.get('reason', '')}"
 
 
 # --------------------------------------------------------------------------- int8: what the session runs (search profile)
@@ -605,7 +618,8 @@ def step_action(step: dict, config: dict) -> str:
         mode = config.get("mode")
         calibration = config.get("calibration") or {}
         text = (
-            f"{'static QDQ' if mode == 'static' else 'dynamic'} int8, {config.get('weight_type', 'int8')} weights "
+            f"{'static QDQ' if mode == 'static' else 'dynamic'} int8, "
+            f"{(details.get('int8') or {}).get('weight_type') or config.get('weight_type') or 'int8'} weights "
             f"{_on_off(config.get('per_channel'), 'per-channel', 'per-tensor')}"
         )
         if mode == "static":

@@ -174,18 +174,22 @@ def apply(model, config: Config, ctx: Context):
     import onnx
 
     from optcli.onnx_check import place
+    from optcli.passes.quantize.isa import choose_int8
     from optcli.passes.quantize.ort import Settings, count_quant_ops, preprocess, quantize_onnx, resolve_exclude
 
     if config.weights is not None:
         return _weight_only(model, config, ctx)
     target = ctx.recipe.report.target
     preset = for_target(config, target)
+    preset_keys = frozenset()
     if preset is not config:
-        ctx.details["target_preset"] = {
-            "target": target,
-            **{k: getattr(preset, k) for k in TARGET_PRESETS[target] if k not in config.model_fields_set},
-        }
+        preset_keys = frozenset(k for k in TARGET_PRESETS[target] if k not in config.model_fields_set)
+        ctx.details["target_preset"] = {"target": target, **{k: getattr(preset, k) for k in preset_keys}}
         config = preset
+    int8 = choose_int8(config, target, preset_keys)
+    ctx.details["int8"] = int8.record()
+    if int8.contradiction():
+        ctx.warn(int8.contradiction())
     if target == "cuda":
         ctx.warn(
             "int8 on the plain CUDA execution provider is often slower than fp32 (onnxruntime issue #24807): "

@@ -93,9 +93,16 @@ class Config(PassConfig):
         description="dynamic: weights int8, activations at run time; static: QDQ with calibrated activations",
     )
     per_channel: bool = False
-    reduce_range: bool = Field(default=False, description="7-bit weights, for CPUs without VNNI")
-    weight_type: Literal["int8", "uint8"] = "int8"
-    activation_type: Literal["int8", "uint8"] = Field(default="uint8", description="static mode only")
+    # null: chosen for this CPU by passes/quantize/isa.py, recorded with its reason in the step's details.int8.
+    reduce_range: bool | None = Field(
+        default=None,
+        description="7-bit weights; unset: chosen for this CPU, true on x86 without VNNI (ONNX Runtime's U8S8 kernels "
+        "saturate there)",
+    )
+    weight_type: Literal["int8", "uint8"] | None = Field(default=None, description="unset: int8 (U8S8)")
+    activation_type: Literal["int8", "uint8"] | None = Field(
+        default=None, description="static mode only; unset: uint8 (U8S8, what the CPU session fuses into QLinearConv)"
+    )
     symmetric_activation: bool = False
     calibration: Calibration = Calibration()
     smoothquant: float | None = Field(

@@ -245,10 +245,11 @@ def quantize_onnx(
     """Write one int8 model: optional SmoothQuant, then onnxruntime.quantization dynamic or static QDQ.
 
     `settings` is a Settings (mode, per_channel, calibration, smooth_alpha, exclude, op_types);
-    the remaining knobs (types, reduce_range, extra_options) come from the pass config. A search passes `cache`
-    ({"dir": folder}) so the smoothed graph and the inf screen are computed once per source, not once per trial, and
-    calibration ranges once per calibration setting (ranges_file). Calibration batches are read lazily
-    (CalibrationBatches) and, past CALIB_CHUNK_BYTES of intermediate outputs, fed to ORT chunk by chunk.
+    the remaining knobs come from the pass config (types and reduce_range it leaves null: isa.py's choice for this
+    CPU). A search passes `cache` ({"dir": folder}) so the smoothed graph and the inf screen are computed once per
+    source, not once per trial, and calibration ranges once per calibration setting (ranges_file). Calibration
+    batches are read lazily (CalibrationBatches) and, past CALIB_CHUNK_BYTES of intermediate outputs, fed to ORT
+    chunk by chunk.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -289,7 +290,10 @@ def quantize_onnx(
             # ORT writes per-axis DequantizeLinear for opset 11/12 anyway, a model it then refuses to load.
             per_channel = False
             details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
-    reduce_range = config.reduce_range if settings.reduce_range is None else settings.reduce_range
+    from optcli.passes.quantize.isa import choose_int8
+
+    int8 = choose_int8(config, ctx.recipe.report.target)  # the types and reduce_range the recipe left to the CPU
+    reduce_range = int8.reduce_range if settings.reduce_range is None else settings.reduce_range
     chunk = None  # calibration batches per chunk (None: all in one)
     ranges = None  # a search's file of this calibration's ranges (ORT's calibration cache)
     if settings.mode == "static":
@@ -343,7 +347,7 @@ def quantize_onnx(
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,
                 reduce_range=reduce_range,
-                weight_type=qtype[config.weight_type],
+                weight_type=qtype[int8.weight_type],
                 nodes_to_exclude=sorted(exclude),
                 use_external_data_format=large,
                 extra_options=extra,
@@ -360,8 +364,8 @@ def quantize_onnx(
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,
                 reduce_range=reduce_range,
-                activation_type=qtype[config.activation_type],
-                weight_type=qtype[config.weight_type],
+                activation_type=qtype[int8.activation_type],
+                weight_type=qtype[int8.weight_type],
                 nodes_to_exclude=sorted(exclude),
                 use_external_data_format=large,
                 calibrate_method=method[settings.calibration],

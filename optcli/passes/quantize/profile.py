@@ -214,24 +214,3 @@ def op_type_table(comparison: Comparison, quantized: set[str], why_fp32: dict[st
         row["why"] = "; ".join(f"{k} ({v})" for k, v in row["why"].most_common())
         out.append(row)
     return out
-
-
-def cpu_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
-    """Whether the CPU has int8 dot-product instructions (VNNI); None where it cannot be read (not Linux x86)."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    if flags is None:
-        return None
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
-
-
-def reduce_range_for_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """7-bit weights where U8S8 int8 would saturate: x86 without VNNI (vpmaddubsw adds pairs into int16)."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    return cpu_has_vnni(cpuinfo) is False

@@ -14,7 +14,7 @@ Everything is bounded by max_trials and time_budget_s.
 CNNs (graphs with Conv) get their own candidates: static QDQ only (dynamic int8 turns Conv into ConvInteger, which
 has no fast kernel in ONNX Runtime: issue #12854), BatchNorm folded into the convs first, op-type subsets
 (Conv / Conv+Gemm / +MatMul / all ops but the post-processing tail), asymmetric vs symmetric uint8 activations
-(U8S8 is what the session fuses into QLinearConv), reduce_range from the CPU's ISA (no VNNI: 7-bit weights).
+(U8S8 is what the session fuses into QLinearConv), reduce_range from the CPU's ISA (isa.py; no VNNI: 7-bit weights).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from optcli.measure import (
 )
 from optcli.model import fixed_batch
 from optcli.passes.quantize import profile as prof
+from optcli.passes.quantize.isa import choose_int8
 from optcli.passes.quantize.ort import Settings, quantize_onnx
 from optcli.report.terminal import ProgressTask
 
@@ -202,13 +203,12 @@ def is_cnn(ops: dict[str, int]) -> bool:
 def cnn_candidates(config, ops: dict[str, int], has_calibration: bool, reduce_range: bool, tail: frozenset[str]):
     """Static QDQ on the BatchNorm-folded graph, one candidate per op-type subset, plus symmetric activations.
 
-    Axes the user set in `search` are kept; the others take CNN defaults (per-channel, no SmoothQuant)."""
+    `reduce_range` is isa.choose_int8's (the recipe's, else this CPU's). Axes the user set in `search` are kept; the others take CNN defaults (per-channel, no SmoothQuant)."""
     space = config.search
     chosen = space.model_fields_set
     if not has_calibration:
         return []
     per_channel = space.per_channel if "per_channel" in chosen else [True]
-    rr = config.reduce_range if "reduce_range" in config.model_fields_set else reduce_range
     subsets: list[tuple[str, ...] | None] = []
     if config.op_types:
         subsets.append(tuple(config.op_types))
@@ -222,7 +222,9 @@ def cnn_candidates(config, ops: dict[str, int], has_calibration: bool, reduce_ra
         for pc in per_channel:
             for method in space.calibration:
                 exclude = tail if ops_subset is None else frozenset()
-                out.append(Settings("static", pc, method, None, exclude, ops_subset, rr, False, source="folded"))
+                out.append(
+                    Settings("static", pc, method, None, exclude, ops_subset, reduce_range, False, source="folded")
+                )
     # Symmetric uint8 activations (zero point 128) for the widest subset: fuses like asymmetric, ranges differ.
     if out:
         out.append(replace(out[-1], activation_symmetric=True))
@@ -640,14 +642,12 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     explicit_modes = "modes" in config.search.model_fields_set
     if is_cnn(ops) and (not explicit_modes or "static" in config.search.modes):
         sources["folded"] = fold_batchnorm(source, cache["dir"] / "bn_folded.onnx")
-        reduce_range = prof.reduce_range_for_cpu()
-        candidates = cnn_candidates(config, ops, calib is not None, reduce_range, output_tail(sources["folded"]))
+        int8 = choose_int8(config, ctx.recipe.report.target)  # the recipe's reduce_range, else this CPU's
+        candidates = cnn_candidates(config, ops, calib is not None, int8.reduce_range, output_tail(sources["folded"]))
         candidates = [replace(c, exclude=c.exclude | frozenset(exclude)) for c in candidates]
-        vnni = prof.cpu_has_vnni()
         notes.append(
             f"CNN candidates: static QDQ on the BatchNorm-folded graph ({ops.get('BatchNormalization', 0)} BatchNormalization "
-            f"in the input), reduce_range {candidates[0].reduce_range if candidates else reduce_range} "
-            f"(CPU VNNI: {'unknown' if vnni is None else 'yes' if vnni else 'no'})"
+            f"in the input), reduce_range {int8.reduce_range} ({int8.chosen_by['reduce_range']}: {int8.reason})"
         )
         if "dynamic" in config.search.modes:
             notes.append(DYNAMIC_CONV_NOTE)
