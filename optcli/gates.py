@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from optcli.abtest import FAILS, HOLDS, INCONCLUSIVE, INCONCLUSIVE_HINT, passed, verdict_at_least, verdict_at_most
 from optcli.measure import higher_is_better
 
 DEFAULT_MIN_COSINE = 0.99
@@ -11,7 +12,7 @@ DEFAULT_MAX_DROP = 0.01  # one point of accuracy: NNCF's quantize_with_accuracy_
 SHRINKING_PASSES = ("quantize", "prune", "cluster", "convert")
 
 
-def default_gates(steps: list[dict], baseline: int) -> list[dict]:
+def default_gates(steps: list[dict], baseline: int, ab: dict | None = None, inconclusive: str = "pass") -> list[dict]:
     """The promises kept when a recipe names no gates, both deterministic (no timing): the final artifact is no
     bigger than the baseline (the first ONNX step, or the original), and keeps cosine >= 0.99 when quantized (the
     accuracy within 1 pt instead, when a finetune changed the outputs on purpose and labelled eval data measures it)."""
@@ -68,7 +69,74 @@ def default_gates(steps: list[dict], baseline: int) -> list[dict]:
                 "note": "a quantized artifact must keep the original's outputs; the recipe names no gates",
             }
         )
+    if ab and speeds_up(steps):
+        results.append(default_speed_gate(ab, steps[min(baseline, len(steps) - 1)]["name"], inconclusive))
     return results
+
+
+# A final artifact is called slower than its baseline past this time ratio (as report.summary.SLOWER).
+DEFAULT_MAX_SLOWDOWN = 1.05
+
+
+def speeds_up(steps: list[dict]) -> bool:
+    """An int8 quantize ran (activations or weights to int8 kernels): meant for speed. Weight-only int4 is about
+    size (its kernels dequantize on the fly), and a skipped quantize changed nothing."""
+    return any(
+        s.get("type") == "quantize"
+        and not (s.get("details") or {}).get("weight_only")
+        and not (s.get("details") or {}).get("skipped")
+        for s in steps[1:]
+    )
+
+
+def default_speed_gate(ab: dict, base_name: str, inconclusive: str) -> dict:
+    """Fails only when the final artifact is slower than the baseline with confidence (interleaved A/B), so a
+    noisy machine never fails a run that a quiet one passes."""
+    key, r = max(ab.items(), key=lambda kv: kv[1].value)
+    verdict = _combine([verdict_at_most(x.low, x.high, DEFAULT_MAX_SLOWDOWN) for x in ab.values()])
+    return {
+        "name": "max_slowdown (default)",
+        "limit": DEFAULT_MAX_SLOWDOWN,
+        "value": round(r.value, 4),
+        "interval": r.interval,
+        "verdict": verdict,
+        "passed": passed(verdict, inconclusive),
+        "note": f"final time over {base_name}'s, interleaved A/B, slowest batch ({key.replace('batch_', 'batch ')}); "
+        "a quantize meant for speed ran and the recipe names no gates (gates.min_speedup sets your own)",
+    }
+
+
+def _combine(verdicts: list[str]) -> str:
+    if FAILS in verdicts:
+        return FAILS
+    return INCONCLUSIVE if INCONCLUSIVE in verdicts or not verdicts else HOLDS
+
+
+def speedup_gate(limit: float, ab: dict | None, base_name: str, inconclusive: str) -> dict:
+    """min_speedup: baseline time / final time from an interleaved A/B per batch size, with its 95% interval."""
+    gate = {"name": "min_speedup", "limit": limit}
+    if not ab:
+        return {
+            **gate,
+            "value": None,
+            "interval": None,
+            "verdict": INCONCLUSIVE,
+            "passed": passed(INCONCLUSIVE, inconclusive),
+            "note": f"no batch size that both {base_name} and the final artifact take was timed side by side",
+        }
+    # The slowest batch size decides (as "slowest batch size, p50" did): a speed-up is promised at every one.
+    key, r = max(ab.items(), key=lambda kv: kv[1].value)
+    verdict = _combine([verdict_at_least(1 / x.high, 1 / x.low, limit) for x in ab.values()])
+    return {
+        **gate,
+        "value": round(1 / r.value, 4),
+        "interval": [round(1 / r.high, 4), round(1 / r.low, 4)],
+        "verdict": verdict,
+        "passed": passed(verdict, inconclusive),
+        "note": f"over {base_name}, interleaved A/B ({r.rounds} rounds × {r.runs} runs), slowest batch size "
+        f"({key.replace('batch_', 'batch ')}), 95% interval"
+        + (f"; inconclusive: {INCONCLUSIVE_HINT}" if verdict == INCONCLUSIVE else ""),
+    }
 
 
 def _trained_with_accuracy(steps: list[dict]) -> bool:
@@ -78,11 +146,15 @@ def _trained_with_accuracy(steps: list[dict]) -> bool:
     return any(s.get("type") == "finetune" for s in steps) and all(m in ("accuracy", "top5") for m in measured)
 
 
-def check_gates(gates, steps: list[dict], defaults: bool = False, baseline: int = 0) -> list[dict]:
-    """The recipe's gates; with defaults (the recipe has no `gates:` at all) the default ones instead."""
+def check_gates(
+    gates, steps: list[dict], defaults: bool = False, baseline: int = 0, ab: dict | None = None, inconclusive="pass"
+) -> list[dict]:
+    """The recipe's gates; with defaults (the recipe names no gate) the default ones instead. ab: the final
+    artifact's time over the baseline's per batch size (abtest.Ratio), measured side by side for the speed gates;
+    inconclusive: "pass" or "fail", how a speed verdict the noise left open counts."""
     first, last = steps[0], steps[-1]
     if defaults:
-        return default_gates(steps, baseline) + _pass_gates(steps)
+        return default_gates(steps, baseline, ab, inconclusive) + _pass_gates(steps, inconclusive)
     results = []
     if gates.max_accuracy_drop is not None:
         if first["accuracy"] is None or last["accuracy"] is None:
@@ -126,33 +198,23 @@ def check_gates(gates, steps: list[dict], defaults: bool = False, baseline: int 
             }
         )
     if gates.min_speedup is not None:
-        speedups = [
-            first["latency"][b]["p50_ms"] / last["latency"][b]["p50_ms"]
-            for b in first["latency"]
-            if b in last["latency"]
-        ]
-        value = round(min(speedups), 4) if speedups else None
-        results.append(
-            {
-                "name": "min_speedup",
-                "limit": gates.min_speedup,
-                "value": value,
-                "passed": value is not None and value >= gates.min_speedup,
-                "note": "slowest batch size, p50",
-            }
-        )
+        results.append(speedup_gate(gates.min_speedup, ab, steps[min(baseline, len(steps) - 1)]["name"], inconclusive))
     if gates.max_perplexity_increase is not None:
         results.append(_perplexity_gate(gates.max_perplexity_increase, first, last))
-    return results + _pass_gates(steps)
+    return results + _pass_gates(steps, inconclusive)
 
 
-def _pass_gates(steps: list[dict]) -> list[dict]:
-    # A pass can hold its own promise to the user (a quantize target): it lists gates in details["gates"].
-    return [
-        {**gate, "name": f"{step['name']}: {gate['name']}"}
-        for step in steps[1:]
-        for gate in (step.get("details") or {}).get("gates") or []
-    ]
+def _pass_gates(steps: list[dict], inconclusive: str = "pass") -> list[dict]:
+    # A pass can hold its own promise to the user (a quantize target): it lists gates in details["gates"]; one
+    # with a timing verdict counts as the user chose for inconclusive.
+    out = []
+    for step in steps[1:]:
+        for gate in (step.get("details") or {}).get("gates") or []:
+            gate = {**gate, "name": f"{step['name']}: {gate['name']}"}
+            if gate.get("verdict") in (HOLDS, FAILS, INCONCLUSIVE):
+                gate["passed"] = passed(gate["verdict"], inconclusive)
+            out.append(gate)
+    return out
 
 
 def _perplexity_gate(limit: float, first: dict, last: dict) -> dict:
@@ -170,6 +232,15 @@ def near_gate_warnings(gates: list[dict]) -> list[str]:
     out = []
     for g in gates:
         value, limit = g["value"], g["limit"]
+        if g.get("verdict") == INCONCLUSIVE:
+            low, high = (g.get("interval") or [None, None])[:2]
+            out.append(
+                f"gate {g['name']} inconclusive: {value} in [{low}, {high}] straddles the limit {limit} "
+                f"({'counted as passed' if g['passed'] else 'counted as failed'}): {INCONCLUSIVE_HINT}"
+            )
+            continue
+        if g.get("verdict") is not None:
+            continue  # a timing verdict carries its interval: "within 5% of the limit" says nothing more
         if not (g["passed"] and isinstance(value, (int, float)) and isinstance(limit, (int, float)) and limit):
             continue
         scale = 1 - limit if "cosine" in g["name"] and 0 < limit < 1 else abs(limit)
