@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from optcli.report.summary import INCONCLUSIVE_HINT  # noqa: F401 (said with every inconclusive verdict)
+
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 CONFIDENCE = 0.95
 MIN_ROUNDS, MAX_ROUNDS = 5, 20
@@ -142,9 +144,6 @@ def worst(verdicts: Sequence[str]) -> str:
     if INCONCLUSIVE in verdicts or not verdicts:
         return INCONCLUSIVE
     return HOLDS
-
-
-INCONCLUSIVE_HINT = "rerun on a quiet machine or with more report.latency.runs"
 
 
 def passed(verdict: str, inconclusive: str = "pass") -> bool:

@@ -156,3 +156,33 @@ def test_compare_without_the_artifacts_is_inconclusive_and_exit_code_follows_the
     assert check["verdict"] == INCONCLUSIVE and "not on disk" in check["note"]
     strict = run_cli(*args, "--inconclusive", "fail")
     assert strict.exit_code == 1 and "max_latency_regression" in strict.stderr
+
+
+def test_inconclusive_speed_gate_exit_code_follows_the_users_choice(quantized, monkeypatch):
+    tmp, recipe, _ = quantized
+    import optcli.runner
+
+    # A noisy machine, injected: the side-by-side ratio straddles min_speedup 1.2 (0.8× to 1.3× the time).
+    monkeypatch.setattr(optcli.runner, "compare_runners", lambda *a, **k: {"batch_1": _ratio(0.8, 0.5, 1.3)})
+    args = ["run", recipe, "-o", tmp / "noisy", "--quiet", "--overwrite", "--set", "gates.min_speedup=1.2"]
+    lenient = run_cli(*args)
+    assert lenient.exit_code == 0, lenient.stderr
+    report = json.loads((tmp / "noisy" / "report.json").read_text())
+    (gate,) = [g for g in report["gates"] if g["name"] == "min_speedup"]
+    assert gate["verdict"] == INCONCLUSIVE and gate["passed"]
+    assert any("min_speedup inconclusive" in w and "report.latency.runs" in w for w in report["warnings"])
+    strict = run_cli(*args, "--inconclusive", "fail")
+    assert strict.exit_code == 1 and "min_speedup" in strict.stderr
+    assert json.loads((tmp / "noisy" / "report.json").read_text())["recipe"]["gates"]["inconclusive"] == "fail"
+
+
+def test_bench_says_the_machine_was_busy(quantized, monkeypatch):
+    tmp, _, _ = quantized
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))  # a simulated load above any core count
+    result = run_cli("bench", tmp / "out" / "model.onnx", "--runs", "5", "--warmup", "1")
+    assert result.exit_code == 0, result.stderr
+    assert "timings not trustworthy: the machine was busy" in " ".join(result.stdout.split())
+    quiet = run_cli("bench", tmp / "out" / "model.onnx", "--runs", "5", "--json")
+    assert "load average 64.0" in quiet.json()["busy"]
