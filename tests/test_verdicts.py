@@ -98,12 +98,14 @@ def test_min_speedup_gate_says_its_interval_and_inconclusive_follows_the_users_c
 def test_default_speed_gate_fails_only_a_model_slower_with_confidence_and_not_weight_only_int4():
     slower = {"batch_1": _ratio(1.8, 1.6, 2.0)}
     noisy = {"batch_1": _ratio(1.2, 0.8, 1.8)}
-    by_name = {g["name"]: g for g in default_gates(_steps(), 0, slower)}
+    by_name = {g["name"]: g for g in default_gates(_steps(), 0, slower, speed=True)}
     assert by_name["max_slowdown (default)"]["verdict"] == FAILS and not by_name["max_slowdown (default)"]["passed"]
-    by_name = {g["name"]: g for g in default_gates(_steps(), 0, noisy)}
+    by_name = {g["name"]: g for g in default_gates(_steps(), 0, noisy, speed=True)}
     assert by_name["max_slowdown (default)"]["verdict"] == INCONCLUSIVE and by_name["max_slowdown (default)"]["passed"]
-    int4 = default_gates(_steps({"weight_only": {"bits": 4}}), 0, slower)
+    int4 = default_gates(_steps({"weight_only": {"bits": 4}}), 0, slower, speed=True)
     assert "max_slowdown (default)" not in {g["name"] for g in int4}
+    allowed = default_gates(_steps(), 0, slower, passes=[SimpleNamespace(allow_slower=True)], speed=True)
+    assert "max_slowdown (default)" not in {g["name"] for g in allowed}
 
 
 # --------------------------------------------------------------------------- the CLI, as a user runs it
