@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -214,6 +215,26 @@ def _ci_results(junit: Path | None, suites: list, markdown: Path) -> None:
         append_step_summary(markdown.read_text(encoding="utf-8"))
 
 
+INCONCLUSIVE_HELP = (
+    "pass | fail: how a speed gate counts when its confidence interval straddles the limit (a noisy machine); "
+    "overrides gates.inconclusive (default pass)"
+)
+
+
+class Inconclusive(str, Enum):
+    pass_ = "pass"
+    fail = "fail"
+
+
+def _inconclusive_option():
+    return typer.Option(None, "--inconclusive", metavar="pass|fail", help=INCONCLUSIVE_HELP, case_sensitive=False)
+
+
+def _inconclusive_set(choice: Inconclusive | None) -> list[str]:
+    # Through the recipe key, so the report's resolved recipe records the choice the exit code followed.
+    return [f"gates.inconclusive={choice.value}"] if choice is not None else []
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
@@ -273,6 +294,7 @@ def run(
         help="cpu | cuda | tensorrt | openvino: where the report measures; overrides report.target",
     ),
     junit: Path | None = typer.Option(None, "--junit", metavar="FILE", help=JUNIT_HELP),
+    inconclusive: Inconclusive | None = _inconclusive_option(),
 ):
     """Apply a recipe's passes to its model; write the artifact and report.json/md/html to OUT."""
 
@@ -288,7 +310,7 @@ def run(
             report = api.run(
                 recipe,
                 out,
-                [*set_, *([f"report.target={target}"] if target else [])],
+                [*set_, *([f"report.target={target}"] if target else []), *_inconclusive_set(inconclusive)],
                 overwrite=overwrite,
                 resume=resume,
                 quiet=quiet,
@@ -502,6 +524,7 @@ def compare(
     junit: Path | None = typer.Option(
         None, "--junit", metavar="FILE", help="also write the regression checks as JUnit XML"
     ),
+    inconclusive: Inconclusive | None = _inconclusive_option(),
 ):
     """What changed between two runs' final artifacts (size, latency, accuracy, fidelity); with --max-* limits, exit 1 when the new run regressed against the baseline."""  # noqa: E501 (one paragraph: Rich keeps docstring line breaks)
 
@@ -511,7 +534,8 @@ def compare(
 
         result = compare_reports(report, baseline)
         limits = (max_latency_regression, max_accuracy_drop, max_size_growth)
-        checks = regression_checks(report, baseline, *limits) if any(v is not None for v in limits) else []
+        policy = inconclusive.value if inconclusive is not None else "pass"
+        checks = regression_checks(report, baseline, *limits, policy) if any(v is not None for v in limits) else []
         if checks:
             result = {**result, "checks": checks, "passed": all(c["passed"] for c in checks)}
         _print_json(result) if json_out else show(render_comparison(result, explain(report, baseline)))
@@ -561,6 +585,7 @@ def sweep(
     junit: Path | None = typer.Option(
         None, "--junit", metavar="FILE", help=JUNIT_HELP + " (one test suite per variant)"
     ),
+    inconclusive: Inconclusive | None = _inconclusive_option(),
 ):
     """Run every combination of a grid of recipe values as its own run; print the table, the Pareto front and the best variant under the recipe's gates (OUT/best links to it). Exit 0 when a variant passes every gate."""  # noqa: E501
 
@@ -576,7 +601,7 @@ def sweep(
                 recipe,
                 out,
                 grid,
-                set_,
+                [*set_, *_inconclusive_set(inconclusive)],
                 jobs=jobs,
                 overwrite=overwrite,
                 resume=resume,

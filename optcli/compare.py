@@ -124,34 +124,110 @@ def explain(new_path: Path, old_path: Path) -> dict:
     }
 
 
+def final_artifact(report_path: Path, report: dict) -> tuple[Path | None, str]:
+    """The report's final artifact on disk, found next to report.json (a moved or copied output folder) or at the
+    recorded path, and only if it still holds the bytes the report measured; else (None, why not)."""
+    from optcli.steps import sha256_file
+
+    output = report.get("output") or {}
+    recorded = output.get("path")
+    if not recorded:
+        return None, f"{report_path} names no output artifact"
+    for path in (report_path.parent / Path(recorded).name, Path(recorded)):
+        if path.exists():
+            if output.get("sha256") and sha256_file(path) != output["sha256"]:
+                return None, f"{path} changed since {report_path} measured it"
+            return path, ""
+    return None, f"the artifact of {report_path} ({Path(recorded).name}) is not on disk next to it"
+
+
+def _input_shapes(report: dict) -> list[str]:
+    """--shape strings from the report's recipe (model.inputs), for artifacts whose inputs the file leaves free."""
+    specs = ((report.get("recipe") or {}).get("model") or {}).get("inputs") or []
+    return [
+        f"{s['name']}={'x'.join(str(d) for d in s['shape'])}:{s.get('dtype') or 'float32'}"
+        for s in specs
+        if s.get("shape") and all(isinstance(d, int) for d in s["shape"])
+    ]
+
+
+def latency_regression(
+    new_path: Path, base_path: Path, new: dict, base: dict, limit: float, inconclusive: str = "pass"
+) -> dict:
+    """Both final artifacts re-timed side by side in this process (abtest): the p50s in the two reports were taken
+    at different times, on a machine whose load changed in between, so their ratio cannot decide an exit code."""
+    from optcli.abtest import INCONCLUSIVE, INCONCLUSIVE_HINT, passed, verdict_at_most, worst
+
+    check = {"name": "max_latency_regression", "limit": limit}
+    found = [final_artifact(p, r) for p, r in ((new_path, new), (base_path, base))]
+    missing = [why for path, why in found if path is None]
+    if missing:
+        return {
+            **check,
+            "value": None,
+            "interval": None,
+            "verdict": INCONCLUSIVE,
+            "passed": passed(INCONCLUSIVE, inconclusive),
+            "note": "not re-timed side by side ("
+            + "; ".join(missing)
+            + "): two p50s taken at different times do not decide a regression",
+        }
+    ratios = _retime(found[0][0], found[1][0], new, base)
+    if not ratios:
+        return {
+            **check,
+            "value": None,
+            "interval": None,
+            "verdict": INCONCLUSIVE,
+            "passed": passed(INCONCLUSIVE, inconclusive),
+            "note": "no batch size of report.latency.batch_sizes that both artifacts take",
+        }
+    key, r = max(ratios.items(), key=lambda kv: kv[1].value)
+    verdict = worst([verdict_at_most(x.low - 1, x.high - 1, limit) for x in ratios.values()])
+    return {
+        **check,
+        "value": round(r.value - 1, 6),
+        "interval": [round(r.low - 1, 4), round(r.high - 1, 4)],
+        "verdict": verdict,
+        "passed": passed(verdict, inconclusive),
+        "note": f"new time over baseline's - 1, re-timed side by side ({r.rounds} rounds × {r.runs} runs), "
+        f"slowest batch size ({key.replace('batch_', 'batch ')}), 95% interval"
+        + (f"; inconclusive: {INCONCLUSIVE_HINT}" if verdict == INCONCLUSIVE else ""),
+    }
+
+
+def _retime(new_artifact: Path, base_artifact: Path, new: dict, base: dict) -> dict:
+    from optcli.abtest import compare_runners
+    from optcli.artifact import load_any
+    from optcli.measure import runner_for
+
+    spec = ((new.get("recipe") or {}).get("report") or {}).get("latency") or {}
+    threads = spec.get("threads") or 1
+    runners = [
+        runner_for(load_any(path, _input_shapes(report)), threads)
+        for path, report in ((base_artifact, base), (new_artifact, new))
+    ]
+    return compare_runners(
+        runners[0], runners[1], spec.get("batch_sizes") or [1], spec.get("warmup", 10), spec.get("runs", 100)
+    )
+
+
 def regression_checks(
     new: Path,
     base: Path,
     max_latency_regression: float | None = None,
     max_accuracy_drop: float | None = None,
     max_size_growth: float | None = None,
+    inconclusive: str = "pass",
 ) -> list[dict]:
     """Regression limits of `optcli compare NEW BASE` (BASE: a main-branch run in CI), each a check shaped like a
-    gate {name, limit, value, passed, note}. Latency and size as fractions of the baseline (0.05 = 5% slower/larger allowed); accuracy in metric units."""
-    a, b = _load(new)["steps"][-1], _load(base)["steps"][-1]
+    gate {name, limit, value, passed, note}. Latency and size as fractions of the baseline (0.05 = 5% slower/larger allowed); accuracy in metric units.
+    Latency is re-timed side by side and carries a verdict and interval; inconclusive counts as the user chose."""
+    new_report, base_report = _load(new), _load(base)
+    a, b = new_report["steps"][-1], base_report["steps"][-1]
     checks = []
     if max_latency_regression is not None:
-        shared = [k for k in (b.get("latency") or {}) if k in (a.get("latency") or {})]
-        growth = {
-            k: a["latency"][k]["p50_ms"] / b["latency"][k]["p50_ms"] - 1 for k in shared if b["latency"][k]["p50_ms"]
-        }
-        worst = max(growth, key=growth.get) if growth else None
-        checks.append(
-            {
-                "name": "max_latency_regression",
-                "limit": max_latency_regression,
-                "value": round(growth[worst], 6) if worst else None,
-                "passed": worst is not None and growth[worst] <= max_latency_regression,
-                "note": f"p50, slowest batch size ({worst.replace('batch_', 'batch ')})"
-                if worst
-                else "no batch size measured in both reports",
-            }
-        )
+        checks.append(latency_regression(new, base, new_report, base_report, max_latency_regression, inconclusive))
     if max_accuracy_drop is not None:
         acc_a, acc_b = a.get("accuracy") or {}, b.get("accuracy") or {}
         if acc_a.get("value") is None or acc_b.get("value") is None:

@@ -62,6 +62,10 @@ class Gates(StrictModel):
     max_perplexity_increase: float | None = Field(
         default=None, ge=0, description="causal LM: perplexity may rise by at most this fraction of fp32's (0.02 = 2%)"
     )
+    inconclusive: Literal["pass", "fail"] = Field(
+        default="pass",
+        description="a speed gate whose confidence interval straddles its limit (a noisy machine): pass or fail",
+    )
 
 
 class SweepSpec(StrictModel):

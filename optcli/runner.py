@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from optcli import __version__, library_warnings
+from optcli.abtest import compare_runners
 from optcli.artifact import load_model, save_torch
 from optcli.data import DataCatalog, check_labels_fit, text_length
 from optcli.environment import check_target, environment, providers_for
 from optcli.errors import DISK_FULL, BadInput, DiskFull, OptcliError, PassFailed, first_line, writing
 from optcli.gates import check_gates, near_gate_warnings
-from optcli.measure import Evaluator, runner_for
+from optcli.measure import Evaluator, load_written, runner_for
 from optcli.model import Model, check_feedable, check_memory
 from optcli.onnx_check import Unloadable
 from optcli.passes import get_pass
@@ -130,6 +131,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     first = _measure_original(recipe, original, evaluator, options.log)
     steps, warnings = [first], [f"original: {n}" for n in (*original.notes, *first.pop("latency_notes"))]
     model = original
+    models = [original]
     inputs_key = input_key(recipe)
     input_sha = ""  # of the artifact the step reads; the original model's is in inputs_key
     for index, config in enumerate(recipe.passes, start=1):
@@ -138,12 +140,16 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         model, step, record = _step(run, f"{index}-{config.type}", config, key, model)
         _unpruned_latency_note(step, steps[-1])
         steps.append(step)
+        models.append(model)
         warnings.extend(record.get("warnings", []))
         input_sha = record["sha256"]
     output = write_final(model, folder)
-    gates = check_gates(
-        recipe.gates, steps, defaults="gates" not in recipe.model_fields_set, baseline=baseline_index({"steps": steps})
-    )
+    named = recipe.gates.model_fields_set
+    # gates: {} turns the defaults off; gates: {inconclusive: fail} alone names no gate, so they stay.
+    defaults = "gates" not in recipe.model_fields_set or (bool(named) and named <= {"inconclusive"})
+    base = baseline_index({"steps": steps})
+    ab = _speed_ab(run, models, steps, base)
+    gates = check_gates(recipe.gates, steps, defaults, base, ab, recipe.gates.inconclusive, recipe.passes)
     report = {
         "optcli_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
@@ -157,6 +163,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         "output": output,
         "evaluation": evaluator.description(),
         "steps": steps,
+        "speed": speed_block(ab, steps[base]["name"], steps[-1]["name"]),
         "gates": gates,
         "passed": all(g["passed"] for g in gates),
         "warnings": warnings + near_gate_warnings(gates),
@@ -167,6 +174,41 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     for step, versus in zip(steps, step_comparisons(report), strict=True):
         step.update(versus)
     return report
+
+
+def _speed_ab(run: _Run, models: list[Model], steps: list[dict], base: int) -> dict | None:
+    """The final artifact's time over the baseline's per batch size, interleaved in this process (abtest), when a
+    speed gate needs it: two p50s taken minutes apart compare the machine's load as much as the models."""
+    recipe = run.recipe
+    # Always when a pass follows the baseline: the verdict sentence says its speed with confidence too.
+    if base >= len(steps) - 1:
+        return None
+    spec = recipe.report.latency
+    providers = providers_for(recipe.report.target)
+    run.options.log(f"timing {steps[-1]['name']} against {steps[base]['name']} side by side")
+    # Each timed as its latency row was: the original as loaded, a step's artifact as written to disk.
+    runners = [
+        runner_for(m, spec.threads, providers)
+        if m is run.original or m.format == "onnx"
+        else load_written(m.path, m.inputs, spec.threads, providers, run.original.task)
+        for m in (models[base], models[-1])
+    ]
+    return compare_runners(runners[0], runners[1], spec.batch_sizes, spec.warmup, spec.runs)
+
+
+def speed_block(ab: dict | None, base: str, final: str) -> dict | None:
+    """report.json "speed": the final artifact's time over the baseline's, timed side by side, per batch size."""
+    if not ab:
+        return None
+    return {
+        "baseline": base,
+        "final": final,
+        "confidence": 0.95,
+        **{
+            k: {"time_ratio": round(r.value, 4), "interval": r.interval, "rounds": r.rounds, "runs": r.runs}
+            for k, r in ab.items()
+        },
+    }
 
 
 def _measure_original(recipe, original: Model, evaluator: Evaluator, log) -> dict:

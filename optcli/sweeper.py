@@ -451,6 +451,7 @@ def sweep_recipe(path: Path, options: SweepOptions) -> dict:
             "minimize": minimize,
             "original": original_figures(results, minimize),
             **sweep,
+            "busy": sweep_busy(results),
             "seconds": round(time.perf_counter() - t0, 3),
         }
         folder.record("best", "sweep.json", "sweep.md", "sweep.html")
@@ -479,6 +480,18 @@ def summarize(rows: list[dict], minimize: str) -> dict:
         "passed": best is not None,
         "errors": [{"variant": r["name"], "error": r["error"], "exit_code": r["exit_code"]} for r in errors],
     }
+
+
+def sweep_busy(results: list[dict]) -> str:
+    """The runs' own "timings not trustworthy" caveat (report.summary.busy_note), once for the sweep: the latency
+    axis and its Pareto front were measured on a busy machine."""
+    from optcli.report.summary import busy_note
+
+    for r in results:
+        note = busy_note(r["report"]) if "report" in r else ""
+        if note:
+            return note
+    return ""
 
 
 def original_figures(results: list[dict], minimize: str) -> dict | None:

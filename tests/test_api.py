@@ -21,6 +21,7 @@ MEASURED = {
     "vs_previous",
     "vs_baseline",
     "summary",
+    "speed",  # the side-by-side time ratios: timings too
     "exporters_ms",
     "exporter_choice",
 }  # timing-derived

@@ -15,6 +15,7 @@ LAYERS = [
         "optcli.artifact",
         "optcli.data",
         "optcli.measure",
+        "optcli.abtest",
         "optcli.onnx_check",
         "optcli.layers",
         "optcli.hf",

@@ -70,6 +70,43 @@ def edited(report: Path, tmp: Path, name: str, change) -> Path:
     return path
 
 
+def slowed(report: Path, tmp: Path) -> Path:
+    """A report whose final artifact really is slower: the same graph plus a heavy side output (two MatMuls fed by
+    the input, so nothing folds at load). compare re-times both artifacts side by side; an edited p50 decides nothing."""
+    import hashlib
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    data = json.loads(report.read_text())
+    model = onnx.load(data["output"]["path"])
+    g, x = model.graph, model.graph.input[0].name
+    rng = np.random.default_rng(0)
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([-1, 64], dtype=np.int64), "busy_shape"),
+            numpy_helper.from_array(rng.standard_normal((64, 2048)).astype(np.float32), "busy_w1"),
+            numpy_helper.from_array(rng.standard_normal((2048, 2048)).astype(np.float32), "busy_w2"),
+        ]
+    )
+    g.node.extend(
+        [
+            helper.make_node("Reshape", [x, "busy_shape"], ["busy_flat"]),
+            helper.make_node("MatMul", ["busy_flat", "busy_w1"], ["busy_h"]),
+            helper.make_node("MatMul", ["busy_h", "busy_w2"], ["busy"]),
+        ]
+    )
+    g.output.append(helper.make_tensor_value_info("busy", onnx.TensorProto.FLOAT, ["n", 2048]))
+    folder = tmp / "really_slower"
+    folder.mkdir()
+    onnx.save(model, str(folder / "model.onnx"))
+    sha = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    data["output"] = {**data["output"], "path": str(folder / "model.onnx"), "sha256": sha}
+    (folder / "report.json").write_text(json.dumps(data))
+    return folder / "report.json"
+
+
 def test_compare_exits_1_on_each_kind_of_regression_and_0_within_the_limits(finished, tmp_path):
     _, out, _, _ = finished
     base = out / "report.json"
@@ -92,7 +129,7 @@ def test_compare_exits_1_on_each_kind_of_regression_and_0_within_the_limits(fini
         ("less_accurate", less_accurate, "max_accuracy_drop"),
         ("larger", larger, "max_size_growth"),
     ]:
-        new = edited(base, tmp_path, name, change)
+        new = slowed(base, tmp_path) if change is slower else edited(base, tmp_path, name, change)
         result = run_cli("compare", new, base, *limits, "--json")
         assert result.exit_code == 1, result.stderr
         checks = {c["name"]: c for c in result.json()["checks"]}

@@ -13,6 +13,7 @@ import yaml
 from conftest import run_cli, write_recipe
 from onnx import TensorProto, helper, numpy_helper
 
+from optcli.abtest import Ratio
 from optcli.passes.quantize import profile as prof
 from optcli.passes.quantize import search
 
@@ -84,6 +85,13 @@ def injected(monkeypatch):
     monkeypatch.setattr(prof, "profile", injected_profile)
     # The latency a trial is judged by: the same cost model, so which candidate is fastest is fixed by the test.
     monkeypatch.setattr(search, "time_p50", lambda path, ev, runner=None: injected_profile(path, None, 1).total_ms())
+    # And the side-by-side int8/fp32 ratio the "int8 faster than fp32" gate decides on (no noise: a point interval).
+    monkeypatch.setattr(search, "time_ratio", injected_ratio)
+
+
+def injected_ratio(fp32, int8, ev):
+    value = injected_profile(int8, None, 1).total_ms() / injected_profile(fp32, None, 1).total_ms()
+    return Ratio(value, value, value, 5, 1)
 
 
 def _recipe(folder, **quantize) -> dict:

@@ -14,7 +14,15 @@ from optcli.report.write import atomic_write_text
 
 
 def gate_message(gate: dict) -> str:
-    text = f"{gate['name']}: value {gate.get('value')}, limit {gate.get('limit')}"
+    interval = gate.get("interval")
+    text = f"{gate['name']}: value {gate.get('value')}"
+    if isinstance(interval, list) and len(interval) == 2:
+        text += f" (95% interval {interval[0]} to {interval[1]})"
+    text += f", limit {gate.get('limit')}"
+    if gate.get("verdict") == "inconclusive":
+        text += ", INCONCLUSIVE: the interval straddles the limit, counted as " + (
+            "passed" if gate.get("passed") else "failed"
+        )
     return text + (f" ({gate['note']})" if gate.get("note") else "")
 
 
@@ -39,7 +47,9 @@ def junit_xml(suites: list[tuple[str, list[dict], float | None]]) -> str:
         for gate in gates:
             case = ET.SubElement(suite, "testcase", classname=f"optcli.{name}", name=str(gate["name"]), time="0")
             props = ET.SubElement(case, "properties")
-            for key in ("limit", "value"):
+            # A timing verdict adds its own properties; an inconclusive one that counts as passed stays a passed case
+            # (its system-out says so): a skipped case would read as "not run" in CI reporters.
+            for key in ("limit", "value", *(("verdict", "interval") if gate.get("verdict") else ())):
                 ET.SubElement(props, "property", name=key, value=str(gate.get(key)))
             if gate.get("passed"):
                 ET.SubElement(case, "system-out").text = gate_message(gate)

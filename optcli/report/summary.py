@@ -15,6 +15,8 @@ from typing import Any
 SLOWER = 1.05
 # p99 / p50 above this in one latency loop: other work kept interrupting the measurement.
 JITTER = 3.0
+# What to do about a speed verdict whose confidence interval straddles its limit (optcli.abtest).
+INCONCLUSIVE_HINT = "rerun on a quiet machine or with more report.latency.runs"
 
 
 def _finite(x: Any) -> bool:
@@ -106,8 +108,14 @@ def verdict_sentence(report: dict) -> str:
             else f"{_times(size)} bigger"
         )
     faster, slower, same = [], [], []
+    side = side_by_side(report, ref)
     for key in sorted(_latency(final), key=lambda k: int(k.removeprefix("batch_")) if k[6:].isdigit() else 0):
         t = v.get(f"p50_{key}")
+        if key in side:  # timed side by side: the ratio and its interval, not two p50s taken apart
+            t, (low, high) = side[key]["time_ratio"], side[key]["interval"]
+            if low <= 1 <= high:
+                same.append(f"{_batch(key)} (within noise, {_times(low)}–{_times(high)} the time)")
+                continue
         if t is None:
             continue
         if abs(t - 1) < 0.005:
@@ -138,6 +146,22 @@ def verdict_sentence(report: dict) -> str:
     return sentence
 
 
+def side_by_side(report: dict, ref: dict) -> dict:
+    """report["speed"] per batch key when it was timed against ref (the runner's interleaved A/B), else {}."""
+    speed = report.get("speed")
+    if not isinstance(speed, dict) or speed.get("baseline") != ref.get("name"):
+        return {}
+    return {
+        k: v
+        for k, v in speed.items()
+        if isinstance(v, dict)
+        and _finite(v.get("time_ratio"))
+        and isinstance(v.get("interval"), list)
+        and len(v["interval"]) == 2
+        and all(_finite(x) for x in v["interval"])
+    }
+
+
 def _metric(step: dict) -> str:
     acc = step.get("accuracy")
     return str(acc.get("metric") or "accuracy") if isinstance(acc, dict) else "accuracy"
@@ -158,6 +182,9 @@ def slower_warning(report: dict) -> str:
         if ref is final:
             continue
         v = versus(final, ref)
+        side = side_by_side(report, ref)
+        for key, entry in side.items():  # side by side: slower only when the whole interval says so
+            v[f"p50_{key}"] = entry["time_ratio"] if entry["interval"][0] > 1 else None
         slow = [
             f"{v[k]:.2f}× the time at {_batch(k.removeprefix('p50_'))}"
             for k in sorted(v)

@@ -125,6 +125,8 @@ def render_sweep_markdown(sweep: dict) -> str:
     ]
     for e in sweep.get("errors") or []:
         lines.append(f"- {_md(e['variant'])}: {_md(e['error'])}")
+    if sweep.get("busy"):
+        lines += ["", f"> ⚠ {_md(sweep['busy'])}"]
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +169,7 @@ def render_sweep_html(sweep: dict) -> str:
     vclass = "pass" if sweep.get("passed") else "fail"
     body = [
         f'<h1>optcli sweep <span class="verdict {vclass}">{escape(verdict(sweep))}</span></h1>',
+        f'<p class="caveat">⚠ {escape(sweep["busy"])}</p>' if sweep.get("busy") else "",
         f"<p>Recipe: <code>{escape(str(sweep.get('recipe', '')))}</code>; "
         f"{len(variants)} variants; filled points pass every gate, green ones are on the Pareto front.</p>",
         '<div class="charts">',

@@ -323,7 +323,7 @@ def render_inspection(info: dict) -> Group:
     return Group(*parts)
 
 
-def render_bench(result: dict) -> Table:
+def render_bench(result: dict) -> Table | Group:
     """`optcli bench`: latency percentiles and throughput per batch size; notes as the caption."""
     t = Table(title=f"{result['path']} on {result['engine']}, {result['threads']} threads, {result['runs']} runs")
     for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "items/s"):
@@ -338,7 +338,7 @@ def render_bench(result: dict) -> Table:
         )
     for note in result["notes"]:
         t.caption = (t.caption or "") + note
-    return t
+    return Group(t, Text(f"⚠ {result['busy']}", style="yellow")) if result.get("busy") else t
 
 
 def render_pass_catalog(catalog: list[dict]) -> Group:
@@ -379,6 +379,8 @@ def render_sweep(sweep: dict) -> Group:
     parts: list[Any] = [table, Text(sweep_verdict(sweep), style="green" if sweep.get("passed") else "bold red")]
     for e in sweep.get("errors") or []:
         parts.append(Text(f"✗ {e['variant']}: {e['error']}", style="bold red"))
+    if sweep.get("busy"):
+        parts.append(Text(f"⚠ {sweep['busy']}", style="yellow"))
     return Group(*parts)
 
 

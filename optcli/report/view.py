@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-from optcli.report.summary import baseline_index, step_comparisons
+from optcli.report.summary import INCONCLUSIVE_HINT, baseline_index, step_comparisons
 
 DASH = "—"
 
@@ -328,7 +328,13 @@ def gate_lines(report: dict) -> list[tuple[bool, str]]:
     for gate in report.get("gates") or []:
         passed = bool(gate.get("passed"))
         mark = "✓" if passed else "✗"
-        text = f"{mark} {gate.get('name', '?')}: {fmt_num(gate.get('value'))} vs limit {fmt_num(gate.get('limit'))}"
+        text = f"{mark} {gate.get('name', '?')}: {fmt_num(gate.get('value'))}"
+        interval = gate.get("interval")
+        if isinstance(interval, list) and len(interval) == 2:
+            text += f" [{fmt_num(interval[0])}–{fmt_num(interval[1])}]"
+        text += f" vs limit {fmt_num(gate.get('limit'))}"
+        if gate.get("verdict") == "inconclusive":
+            text += f" — inconclusive, counted as {'passed' if passed else 'failed'}: {INCONCLUSIVE_HINT}"
         out.append((passed, text))
     return out
 
