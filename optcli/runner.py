@@ -136,7 +136,8 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     input_sha = ""  # of the artifact the step reads; the original model's is in inputs_key
     for index, config in enumerate(recipe.passes, start=1):
         # A step is reused only for the same input artifact (bytes), config, model, data and seed.
-        key = step_key(inputs_key + input_sha, config)
+        machine = get_pass(config.type).machine_key
+        key = step_key(inputs_key + input_sha + (machine(config, recipe) if machine else ""), config)
         model, step, record = _step(run, f"{index}-{config.type}", config, key, model)
         _unpruned_latency_note(step, steps[-1])
         steps.append(step)

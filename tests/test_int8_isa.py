@@ -177,3 +177,21 @@ def test_shipped_and_init_recipes_leave_int8_types_and_reduce_range_to_the_cpu(d
         assert result.exit_code == 0, result.stderr
         for step in yaml.safe_load(result.stdout)["passes"]:
             assert not ISA_KEYS & set(step)
+
+
+def test_resume_never_reuses_an_int8_step_decided_for_another_cpu(digits, tmp_path, monkeypatch):
+    """The recipe leaves reduce_range to the CPU, so the same recipe on a VNNI and an AVX2 CPU writes different
+    models: --resume (a shared output folder, a CI cache) must quantize again where the CPU decides otherwise."""
+    recipe = write_recipe(
+        tmp_path, digits_recipe(digits, [{"type": "quantize", "mode": "static", "per_channel": True}])
+    )
+    out = tmp_path / "out"
+    monkeypatch.setenv("OPTCLI_CPU_FLAGS", "avx2 avx512f avx512_vnni")
+    assert run_cli("run", recipe, "-o", out, "--json", "--quiet").exit_code == 0
+    again = run_cli("run", recipe, "-o", out, "--resume", "--json", "--quiet").json()
+    assert again["reused_steps"].get("2-quantize") == "resume"  # same CPU: reused
+    monkeypatch.setenv("OPTCLI_CPU_FLAGS", "avx2 fma")
+    other = run_cli("run", recipe, "-o", out, "--resume", "--json", "--quiet").json()
+    assert "2-quantize" not in other["reused_steps"] and other["reused_steps"].get("1-export") == "resume"
+    assert other["steps"][-1]["details"]["int8"]["reduce_range"] is True
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in _int8_weights(out / "model.onnx")) <= 64

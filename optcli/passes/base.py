@@ -69,6 +69,9 @@ class PassSpec:
     # Writes an int8 graph (quantize); a pass that cannot edit one (takes_int8 False) is refused after it at load.
     makes_int8: bool = False
     takes_int8: bool = False
+    # What the step's output depends on besides its config and input: a decision made from this machine (the int8
+    # types chosen from the CPU). It joins the --resume key, so a step is never reused from a CPU that decides otherwise.
+    machine_key: Callable[[Any, Recipe], str] | None = None
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format

@@ -353,6 +353,15 @@ def preflight(config: Config, recipe, model) -> None:
         )
 
 
+def machine_key(config: Config, recipe) -> str:
+    """The int8 settings this CPU decides where the recipe left them unset (--resume reuses a step only for the same)."""
+    if config.weights is not None:
+        return ""
+    from optcli.passes.quantize.isa import choose_int8
+
+    return repr(sorted(choose_int8(for_target(config, recipe.report.target), recipe.report.target).values().items()))
+
+
 PASS = PassSpec(
     type="quantize",
     config=Config,
@@ -361,5 +370,6 @@ PASS = PassSpec(
     check=check,
     preflight=preflight,
     makes_int8=True,
+    machine_key=machine_key,
     summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration; int4/int8 weight-only (MatMulNBits)",
 )
