@@ -23,6 +23,7 @@ def test_plan_line_says_candidates_cap_budget_and_estimate():
     assert plan_line(9, 24, 1800.0) == "search: 9 candidates planned (max_trials 24), budget 30 min"
     line = plan_line(9, 24, 1800.0, 14.0)
     assert line == "search: 9 candidates planned (max_trials 24), budget 30 min; ~2 min at 14 s per trial"
+    assert plan_line(4, 24, 1800.0, 0.063).endswith("; ~0.3 s at 0.1 s per trial")  # a small model: no "~0 s"
 
 
 class FakeClock:
@@ -102,6 +103,7 @@ def test_search_stops_when_the_remaining_budget_cannot_fit_one_more_trial(tmp_pa
     search.run(candidates(9))
     assert search.trials_used() == 3
     assert [s["count"] for s in search.skipped] == [6]
+    assert search.skipped[0]["why"] == "the remaining time budget (5.0 s) is less than one trial (~10 s)"
     assert "less than one trial" in search.skipped[0]["why"] and any("6 candidates skipped" in n for n in search.notes)
 
 

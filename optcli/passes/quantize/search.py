@@ -174,7 +174,9 @@ def estimate_s(seconds_per_trial: float, planned: int, budget_s: float) -> float
 
 
 def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    if seconds >= 90:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def plan_line(planned: int, max_trials: int, budget_s: float, seconds_per_trial: float | None = None) -> str:
@@ -182,7 +184,7 @@ def plan_line(planned: int, max_trials: int, budget_s: float, seconds_per_trial:
     line = f"search: {planned} candidates planned (max_trials {max_trials}), budget {_minutes(budget_s)}"
     if seconds_per_trial is not None:
         total = estimate_s(seconds_per_trial, planned, budget_s)
-        line += f"; ~{_minutes(total)} at {seconds_per_trial:.0f} s per trial"
+        line += f"; ~{_minutes(total)} at {_minutes(seconds_per_trial)} per trial"
     return line
 
 
@@ -614,7 +616,7 @@ class Search:
                 left = budget - self.elapsed()
                 self.skip(
                     len(candidates) - i,
-                    f"the remaining time budget ({left:.0f} s) is less than one trial (~{self.seconds_per_trial():.0f} s)",
+                    f"the remaining time budget ({_minutes(left)}) is less than one trial (~{_minutes(self.seconds_per_trial())})",
                 )
                 break
             self.try_settings(settings)
