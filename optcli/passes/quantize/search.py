@@ -168,6 +168,26 @@ def faster_verdict(ratio) -> str:
     return HOLDS if ratio.high < 1.0 else FAILS if ratio.low >= 1.0 else INCONCLUSIVE
 
 
+def estimate_s(seconds_per_trial: float, planned: int, budget_s: float) -> float:
+    """The search's expected length: seconds per trial times the planned trials, never past the time budget."""
+    return min(seconds_per_trial * planned, budget_s)
+
+
+def _minutes(seconds: float) -> str:
+    if seconds >= 90:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+
+
+def plan_line(planned: int, max_trials: int, budget_s: float, seconds_per_trial: float | None = None) -> str:
+    """What the search is about to do, said before (and refined after) its first trial."""
+    line = f"search: {planned} candidates planned (max_trials {max_trials}), budget {_minutes(budget_s)}"
+    if seconds_per_trial is not None:
+        total = estimate_s(seconds_per_trial, planned, budget_s)
+        line += f"; ~{_minutes(total)} at {_minutes(seconds_per_trial)} per trial"
+    return line
+
+
 def _head(batches: list[dict], n: int) -> list[dict]:
     out, total = [], 0
     for feeds in batches:
@@ -314,6 +334,8 @@ def quantizable_nodes(path: Path, settings: Settings, excluded: set[str]) -> lis
 
 
 class Search:
+    clock = staticmethod(time.perf_counter)  # seconds; a test's fake clock stands in for trials that take long
+
     def __init__(
         self,
         config,
@@ -343,20 +365,40 @@ class Search:
         self.goal = goal
         self.calib = calib_batches
         self.smooth_batches = calib_batches or _head(evaluation.batches, self.space.sensitivity_samples)
-        self.started = time.perf_counter()
+        self.started = self.clock()
         self.trials: list[Trial] = []
         self.work = ctx.step_dir / "candidates"
         self.work.mkdir(exist_ok=True)
         self.sensitivity: dict[str, float] = {}
         self.quantizable_count: int | None = None
         self.notes: list[str] = []
+        self.plan: dict = {}  # planned candidates, cap, budget and, after the first trial, the estimate
+        self.skipped: list[dict] = []  # candidates not tried: how many, and why
 
     # ----------------------------------------------------------------- budget
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return self.clock() - self.started
 
     def out_of_budget(self) -> bool:
         return self.elapsed() >= self.space.time_budget_s
+
+    def seconds_per_trial(self) -> float | None:
+        timed = [t.seconds for t in self.trials if t.settings is not None]
+        return sum(timed) / len(timed) if timed else None
+
+    def budget_short(self) -> bool:
+        """The remaining budget cannot fit one more trial at the pace measured so far: starting it would only run
+        past the budget, so the result can differ from a full search only through time, never through a guess."""
+        pace = self.seconds_per_trial()
+        return pace is not None and self.space.time_budget_s - self.elapsed() < pace
+
+    def budget_spent(self) -> bool:
+        return self.out_of_budget() or self.budget_short()
+
+    def skip(self, count: int, why: str) -> None:
+        if count > 0:
+            self.skipped.append({"count": count, "why": why})
+            self.notes.append(f"{count} candidate{'s' if count != 1 else ''} skipped: {why}")
 
     def trials_used(self) -> int:
         return sum(1 for t in self.trials if t.settings is not None)
@@ -375,7 +417,7 @@ class Search:
 
     def try_settings(self, settings: Settings) -> Trial:
         trial = Trial(settings.name(), settings)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         tag = f"{len(self.trials):03d}"
         try:
             trial.path = self._write(settings, tag)
@@ -387,11 +429,14 @@ class Search:
             trial.path = None
             shutil.rmtree(self.work / tag, ignore_errors=True)
             self.ctx.warn(f"candidate {trial.name} failed: {trial.error}")
-        trial.seconds = time.perf_counter() - t0
+        trial.seconds = self.clock() - t0
         self.trials.append(trial)
         self._drop_losers()
         best = self.choose()
-        self.progress.advance(best=f"{best.name} {_fmt(best.metric)}" if best is not None else None)
+        self.progress.advance(
+            best=f"{best.name} {_fmt(best.metric)}" if best is not None else None,
+            time=f"{_minutes(self.elapsed())} of {_minutes(self.space.time_budget_s)}",
+        )
         self.ctx.log(
             f"{self.ctx.step_name}: {trial.name}: {self.goal.metric} {_fmt(trial.metric)}, p50 {_fmt(trial.latency_ms)} ms"
             f"{' (meets target)' if trial.meets else ''}"
@@ -407,17 +452,17 @@ class Search:
                 t.path = None
 
     def measure_fp32(self) -> Trial:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         trial = Trial("fp32 (input)", None)
         trial.metric, trial.latency_ms = self.ev.measure(self.source)
         trial.size_bytes = size_on_disk(self.model.path)["size_bytes"]
         trial.meets = self.goal.meets(trial.metric)
-        trial.seconds = time.perf_counter() - t0
+        trial.seconds = self.clock() - t0
         self.trials.append(trial)
         return trial
 
     def can_try(self) -> bool:
-        return self.trials_used() < self.space.max_trials and not self.out_of_budget()
+        return self.trials_used() < self.space.max_trials and not self.budget_spent()
 
     # ----------------------------------------------------------------- sensitivity + fallback
     def rank(self, base: Settings, nodes: list[str]) -> list[str]:
@@ -454,7 +499,7 @@ class Search:
         for k in range(1, limit + 1):
             if not self.can_try():
                 self.notes.append(
-                    "fallback stopped: " + ("time budget reached" if self.out_of_budget() else "max_trials reached")
+                    "fallback stopped: " + ("time budget reached" if self.budget_spent() else "max_trials reached")
                 )
                 return
             trial = self.try_settings(replace(base.settings, exclude=base.settings.exclude | frozenset(order[:k])))
@@ -553,16 +598,34 @@ class Search:
 
     # ----------------------------------------------------------------- the search
     def run(self, candidates: list[Settings]) -> tuple[Trial, Trial]:
+        planned = min(len(candidates), self.space.max_trials)
+        budget = self.space.time_budget_s
+        self.plan = {"candidates": planned, "max_trials": self.space.max_trials, "time_budget_s": budget}
+        self.plan["line"] = plan_line(planned, self.space.max_trials, budget)
+        self.ctx.log(f"{self.ctx.step_name}: {self.plan['line']}")
         fp32 = self.measure_fp32()
-        for settings in candidates:
+        for i, settings in enumerate(candidates):
             # The first candidate always runs: a budget that the fp32 measurement alone used up (a loaded machine)
             # must end the search with the best it has, not with nothing.
-            if self.trials_used() and not self.can_try():
+            if self.trials_used() and (self.trials_used() >= self.space.max_trials or self.out_of_budget()):
                 self.notes.append(
                     f"{'time budget' if self.out_of_budget() else 'max_trials'} reached before all base candidates were tried"
                 )
                 break
+            if self.trials_used() and self.budget_short():
+                left = budget - self.elapsed()
+                self.skip(
+                    len(candidates) - i,
+                    f"the remaining time budget ({_minutes(left)}) is less than one trial (~{_minutes(self.seconds_per_trial())})",
+                )
+                break
             self.try_settings(settings)
+            if self.trials_used() == 1:
+                pace = self.seconds_per_trial()
+                self.plan["seconds_per_trial"] = round(pace, 3)
+                self.plan["estimate_s"] = round(estimate_s(pace, planned, budget), 3)
+                self.plan["line"] = plan_line(planned, self.space.max_trials, budget, pace)
+                self.ctx.log(f"{self.ctx.step_name}: {self.plan['line']}")
         # What hand-tuning found on MiniLM: ORT's pre-processing can make the int8 graph slower; try the best without it.
         best = self.choose()
         if best is not None and "raw" in self.sources and best.settings.source == "input" and self.can_try():
@@ -576,7 +639,7 @@ class Search:
         done = [t for t in self.trials if t.settings is not None and t.metric is not None]
         if self.space.fallback and done and not any(t.meets for t in done) and not self.can_try():
             self.notes.append(
-                "fallback skipped: " + ("time budget reached" if self.out_of_budget() else "max_trials reached")
+                "fallback skipped: " + ("time budget reached" if self.budget_spent() else "max_trials reached")
             )
         if self.space.fallback and done and self.can_try():
             meeting = [t for t in done if t.meets]
@@ -695,7 +758,8 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
 
     search = Search(config, ctx, source, model, write, ev, goal, calib, sources)
     search.notes.extend(notes)
-    with ctx.progress.task(f"{ctx.step_name}: search trials", total=config.search.max_trials) as search.progress:
+    planned = min(len(candidates), config.search.max_trials)
+    with ctx.progress.task(f"{ctx.step_name}: search trials", total=planned) as search.progress:
         fp32, chosen = search.run(candidates)
     chosen_source = search.sources[chosen.settings.source]
     if search.quantizable_count is None:
@@ -743,6 +807,8 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
         "trials": search.trials_used(),
         "seconds": round(searched_s, 3),
         "notes": search.notes,
+        "plan": search.plan,
+        "skipped": {"count": sum(s["count"] for s in search.skipped), "why": [s["why"] for s in search.skipped]},
         "latency_fallback_nodes": [{"node": n, **search.slow_figures.get(n, {})} for n in chosen.slower_in_int8],
         "profile": profile_block,
     }
