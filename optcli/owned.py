@@ -140,7 +140,8 @@ def remove_owned(root: Path) -> None:
             p.unlink()
         elif p.name in INNER:
             for entry in p.iterdir():
-                if _STEP_ENTRY.match(entry.name):
+                # A fine-tune's epoch checkpoints (<n>-finetune.ckpt/) are what --resume continues from: kept.
+                if _STEP_ENTRY.match(entry.name) and not entry.name.endswith(".ckpt"):
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             rmdir_if_empty(p)
         elif is_output(p):  # a sweep's variant: its own list says what is optcli's (a user's notes in it stay)
@@ -160,7 +161,8 @@ def drop_leftovers(root: Path) -> None:
     for p in list(root.iterdir()):
         if p.name in INNER and p.is_dir() and not p.is_symlink() and _owns(p.name, owned):
             for entry in p.iterdir():
-                if _STEP_ENTRY.match(entry.name):
+                # A fine-tune's epoch checkpoints (<n>-finetune.ckpt/) are what --resume continues from: kept.
+                if _STEP_ENTRY.match(entry.name) and not entry.name.endswith(".ckpt"):
                     shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             rmdir_if_empty(p)
     if all(p.name in (MARKER, LOCK) for p in root.iterdir()):

@@ -292,7 +292,9 @@ def quantize_onnx(
             details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
     from optcli.passes.quantize.isa import choose_int8
 
-    int8 = choose_int8(config, ctx.recipe.report.target)  # the types and reduce_range the recipe left to the CPU
+    int8 = choose_int8(
+        config, ctx.recipe.report.target if ctx.recipe is not None else "cpu"
+    )  # the types and reduce_range the recipe left to the CPU
     reduce_range = int8.reduce_range if settings.reduce_range is None else settings.reduce_range
     chunk = None  # calibration batches per chunk (None: all in one)
     ranges = None  # a search's file of this calibration's ranges (ORT's calibration cache)
