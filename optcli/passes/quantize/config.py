@@ -128,7 +128,9 @@ class Config(PassConfig):
     )
     search: Search = Search()
     allow_slower: bool = Field(
-        default=False, description="with a target: keep an int8 model slower than fp32 (else the run fails its gate)"
+        default=False,
+        description="keep an int8 model slower than fp32: with a target, instead of failing its gate; without gates, "
+        "the run skips the default speed gate max_slowdown (default)",
     )
     # Weight-only (passes/quantize/weight_only.py): MatMul / Gather weights in blocks, activations stay float.
     weights: Literal["int4", "int8"] | None = Field(
