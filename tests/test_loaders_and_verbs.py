@@ -125,7 +125,9 @@ def test_passes_and_schema_describe_every_option():
 def test_compare_two_reports(digits, tmp_path):
     outs = []
     for mode in ("dynamic", "static"):
-        recipe = write_recipe(tmp_path, digits_recipe(digits, [{"type": "quantize", "mode": mode}]), f"{mode}.yaml")
+        recipe = write_recipe(
+            tmp_path, digits_recipe(digits, [{"type": "quantize", "mode": mode, "allow_slower": True}]), f"{mode}.yaml"
+        )
         assert run_cli("run", recipe, "-o", tmp_path / mode, "--quiet").exit_code == 0
         outs.append(tmp_path / mode / "report.json")
     result = run_cli("compare", *outs, "--json")
@@ -135,7 +137,9 @@ def test_compare_two_reports(digits, tmp_path):
 
 
 def test_set_overrides_a_recipe_key(digits, tmp_path):
-    recipe = write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}, {"type": "quantize"}]))
+    recipe = write_recipe(
+        tmp_path, digits_recipe(digits, [{"type": "export"}, {"type": "quantize", "allow_slower": True}])
+    )
     result = run_cli(
         "validate", recipe, "--set", "passes.1.mode=static", "--set", "passes.1.per_channel=true", "--json"
     )
