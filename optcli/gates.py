@@ -21,8 +21,10 @@ DEFAULT_MAX_VALUE_ERROR = 0.1
 # A final artifact is called slower than its baseline past this time ratio (as report.summary.SLOWER).
 DEFAULT_MAX_SLOWDOWN = 1.05
 # An int8 quantize is meant for speed: with no gates named, a final artifact slower than its baseline with
-# confidence fails the run (dynamic int8 on a CNN runs ConvInteger, 4-8x slower than fp32 on the digits CNN).
-SPEED_GATE_BY_DEFAULT = True
+# confidence should fail the run. Off for now: on the suite's tiny models the verdict itself moved between runs on a
+# loaded 2-core machine (static int8 of the digits CNN at b1 "slower with confidence" in one full run, not in the
+# next; dynamic int8 at b32 inconclusive once), so the default needs a minimum effect size before it decides exit codes.
+SPEED_GATE_BY_DEFAULT = False
 
 
 SHRINKING_PASSES = ("quantize", "prune", "cluster", "convert")
