@@ -110,7 +110,7 @@ class SweepReport:
 
     @property
     def exit_code(self) -> int:
-        from optcli.sweeper import exit_code
+        from optcli.verbs.sweeper import exit_code
 
         return exit_code(self.data)
 
@@ -198,7 +198,7 @@ def sweep(
     progress=None,
 ) -> SweepReport:
     """Run every combination of the grid (merged over the recipe's sweep: block) as its own run under OUT."""
-    from optcli.sweeper import SweepOptions, sweep_recipe
+    from optcli.verbs.sweeper import SweepOptions, sweep_recipe
 
     items = [f"{k}={json.dumps(list(v))}" for k, v in grid.items()] if isinstance(grid, Mapping) else list(grid or [])
     options = SweepOptions(

@@ -24,9 +24,9 @@ LAYERS = [
     ["optcli.passes.base"],
     ["optcli.passes.*"],  # the pass families
     ["optcli.passes"],  # the registry
-    ["optcli.recipe", "optcli.catalog"],
+    ["optcli.recipe", "optcli.verbs.catalog"],
     ["optcli.steps", "optcli.owned", "optcli.gates"],
-    ["optcli.runner", "optcli.inspect", "optcli.bench", "optcli.compare", "optcli.starter", "optcli.sweeper"],
+    ["optcli.runner", "optcli.verbs"],  # the single-verb cores (inspect, bench, compare, init, sweep)
     ["optcli.api"],  # run / validate / sweep for Python callers; the package face re-exports it lazily (PEP 562)
     ["optcli.cli", "optcli.__main__", "optcli.examples"],
 ]

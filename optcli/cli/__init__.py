@@ -387,7 +387,7 @@ def inspect(
     """Parameters, sparsity, dtypes, ops, inputs and outputs of a model file."""
 
     def body():
-        from optcli.inspect import inspect_model
+        from optcli.verbs.inspection import inspect_model
         from optcli.report.terminal import render_inspection, show
 
         info = inspect_model(model, trust_pickle=trust_pickle)
@@ -412,7 +412,7 @@ def bench(
     """Latency percentiles and throughput of a model file (ONNX Runtime or torch)."""
 
     def body():
-        from optcli.bench import bench_model
+        from optcli.verbs.bench import bench_model
         from optcli.report.terminal import render_bench, show
 
         result = bench_model(model, shapes=shape, batch_sizes=batch, threads=threads, warmup=warmup, runs=runs)
@@ -424,7 +424,7 @@ def bench(
 @app.command(cls=PlainCommand)
 def passes(json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_HELP)):
     """Every pass with its options, types and defaults."""
-    from optcli.catalog import pass_catalog
+    from optcli.verbs.catalog import pass_catalog
     from optcli.report.terminal import render_pass_catalog, show
 
     catalog = pass_catalog()
@@ -468,7 +468,7 @@ def init(
 
     def body():
         from optcli.errors import BadInput, writing
-        from optcli.starter import starter_recipe
+        from optcli.verbs.starter import starter_recipe
 
         if output is not None and any(p is not None and output.resolve() == p.resolve() for p in (model, data)):
             raise BadInput(f"--output {output} is an input of init; give the recipe a name of its own (recipe.yaml)")
@@ -529,7 +529,7 @@ def compare(
     """What changed between two runs' final artifacts (size, latency, accuracy, fidelity); with --max-* limits, exit 1 when the new run regressed against the baseline."""  # noqa: E501 (one paragraph: Rich keeps docstring line breaks)
 
     def body():
-        from optcli.compare import compare_reports, explain, regression_checks
+        from optcli.verbs.compare import compare_reports, explain, regression_checks
         from optcli.report.terminal import render_checks, render_comparison, show
 
         result = compare_reports(report, baseline)
@@ -592,7 +592,7 @@ def sweep(
     def body():
         from optcli import api
         from optcli.report.terminal import console, feedback, render_sweep, show
-        from optcli.sweeper import exit_code
+        from optcli.verbs.sweeper import exit_code
 
         err = console()
         progress = feedback(quiet)
