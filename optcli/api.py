@@ -166,17 +166,17 @@ def run(
     from optcli.passes.finetune.launch import cli_overrides
     from optcli.recipe import load_recipe
     from optcli.runner import RunOptions, run_recipe
+    from optcli.settings import RunSettings
 
     rec = load_recipe(recipe, overrides=set_items(overrides))
     launch = cli_overrides(rec, **(distributed or {}))
+    settings = RunSettings(
+        overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, debug=debug, distributed=launch
+    )
     options = RunOptions(
         out=Path(out),
-        overwrite=overwrite,
-        resume=resume,
-        quiet=quiet,
-        trust_pickle=trust_pickle,
+        settings=settings,
         log=log or (lambda m: None),
-        extra={"distributed": launch, "debug": debug},
         progress=progress,
         recipe_path=Path(recipe),
     )
