@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import TESTS, digits_recipe, run_cli, write_recipe
 
-CORPUS = Path(__file__).parent / "corpus"
+CORPUS = TESTS / "corpus"
 QUIET = ("-q",)
 
 
