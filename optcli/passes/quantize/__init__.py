@@ -174,7 +174,7 @@ def _calibration_batches(model, config: Config, ctx: Context):
 def apply(model, config: Config, ctx: Context):
     from optcli.onnx_check import place
     from optcli.passes.quantize.isa import choose_int8
-    from optcli.passes.quantize.ort import Settings, count_quant_ops, preprocess, quantize_onnx, resolve_exclude
+    from optcli.passes.quantize.ort import count_quant_ops, preprocess, resolve_exclude
 
     if config.weights is not None:
         return _weight_only(model, config, ctx)
@@ -232,49 +232,56 @@ def apply(model, config: Config, ctx: Context):
 
         run_search(model, config, ctx, source, target, exclude, calib)
     else:
-        settings = Settings(
-            config.mode,
-            config.per_channel,
-            config.calibration.method,
-            config.smoothquant,
-            frozenset(exclude),
-            tuple(config.op_types) if config.op_types else None,
-        )
-        smooth_batches = calib or (
-            _eval_head(ctx, model, config.calibration.samples) if config.smoothquant is not None else None
-        )
-        try:
-            quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
-        except Exception as e:
-            if not into_bodies:
-                raise
-            # Subgraph quantization is the younger path of ORT's quantizer: where it breaks, the bodies stay float
-            # (and the count of what stayed float below says how much) rather than the whole step failing.
-            from optcli.onnx_check import reason
-
-            ctx.warn(
-                f"int8 inside If/Loop/Scan bodies failed in ONNX Runtime's quantizer ({reason(e, 200)}): retried without"
-            )
-            options = {k: v for k, v in config.extra_options.items() if k != "EnableSubgraph"}
-            config = config.model_copy(update={"extra_options": options})
-            target.unlink(missing_ok=True)
-            quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
-        if ctx.details.get("per_channel_off"):
-            ctx.warn(f"per-tensor int8 used: {ctx.details['per_channel_off']}")
-        for note in (ctx.details.get("kept_fp32") or {}).values():
-            ctx.warn(note)
-        if ctx.details.get("nonfinite_tensors"):
-            touched = ctx.details.pop("nonfinite_nodes")
-            ctx.warn(
-                f"{len(ctx.details['nonfinite_tensors'])} tensors hold inf/NaN/huge values on calibration data (e.g. attention masks); "
-                f"left {len(touched)} nodes touching them in float: {', '.join(touched[:5])}"
-            )
-        if calib is not None and config.mode == "static":
-            ctx.details["calibration_samples"] = calib.samples
+        _quantize_once(model, config, ctx, source, target, exclude, calib, into_bodies)
     ctx.details["quantized_ops"] = count_quant_ops(target)
     _say_float_in_subgraphs(target, config.mode, ctx)
     shutil.rmtree(work, ignore_errors=True)
     return model.with_(path=target)
+
+
+def _quantize_once(model, config: Config, ctx: Context, source, target, exclude: set[str], calib, into_bodies: bool):
+    """The pass without a target: one int8 model as the recipe says, its warnings in ctx."""
+    from optcli.passes.quantize.ort import Settings, quantize_onnx
+
+    settings = Settings(
+        config.mode,
+        config.per_channel,
+        config.calibration.method,
+        config.smoothquant,
+        frozenset(exclude),
+        tuple(config.op_types) if config.op_types else None,
+    )
+    smooth_batches = calib or (
+        _eval_head(ctx, model, config.calibration.samples) if config.smoothquant is not None else None
+    )
+    try:
+        quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
+    except Exception as e:
+        if not into_bodies:
+            raise
+        # Subgraph quantization is the younger path of ORT's quantizer: where it breaks, the bodies stay float
+        # (and the count of what stayed float below says how much) rather than the whole step failing.
+        from optcli.onnx_check import reason
+
+        ctx.warn(
+            f"int8 inside If/Loop/Scan bodies failed in ONNX Runtime's quantizer ({reason(e, 200)}): retried without"
+        )
+        options = {k: v for k, v in config.extra_options.items() if k != "EnableSubgraph"}
+        config = config.model_copy(update={"extra_options": options})
+        target.unlink(missing_ok=True)
+        quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
+    if ctx.details.get("per_channel_off"):
+        ctx.warn(f"per-tensor int8 used: {ctx.details['per_channel_off']}")
+    for note in (ctx.details.get("kept_fp32") or {}).values():
+        ctx.warn(note)
+    if ctx.details.get("nonfinite_tensors"):
+        touched = ctx.details.pop("nonfinite_nodes")
+        ctx.warn(
+            f"{len(ctx.details['nonfinite_tensors'])} tensors hold inf/NaN/huge values on calibration data (e.g. attention masks); "
+            f"left {len(touched)} nodes touching them in float: {', '.join(touched[:5])}"
+        )
+    if calib is not None and config.mode == "static":
+        ctx.details["calibration_samples"] = calib.samples
 
 
 def _say_float_in_subgraphs(path, mode: str, ctx: Context) -> None:
