@@ -7,6 +7,7 @@ validating a recipe or printing `optcli passes` stays fast.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class Context:
 @dataclass(frozen=True)
 class PassSpec:
     type: str
-    config: type[PassConfig]
+    config: builtins.type[PassConfig]  # `type` is the field above inside this class body
     consumes: frozenset[str]
     apply: Callable[[Model, Any, Context], Model]
     summary: str
