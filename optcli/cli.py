@@ -432,8 +432,16 @@ def passes(json_out: bool = typer.Option(False, "--json", metavar="", help=JSON_
 
 
 @app.command(cls=PlainCommand)
-def schema():
-    """JSON Schema of recipes, for editor completion (yaml-language-server)."""
+def schema(
+    report: bool = typer.Option(False, "--report", help="the JSON Schema of report.json instead (for CI jobs)"),
+):
+    """JSON Schema of recipes, for editor completion (yaml-language-server); with --report, of report.json."""
+    if report:
+        from optcli.passes import all_passes
+        from optcli.report.model import report_json_schema
+
+        _print_json(report_json_schema({p.type: p.details for p in all_passes()}))
+        return
     from optcli.recipe import recipe_model
 
     _print_json(recipe_model().model_json_schema())

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any
 
+from optcli.report.model import Report, clean
 from optcli.report.summary import INCONCLUSIVE_HINT, baseline_index, step_comparisons
 
 DASH = "—"
@@ -100,22 +102,7 @@ def fmt_seconds(s: Any) -> str:
     return f"{s:.2f}" if finite(s) else DASH
 
 
-def clean(obj: Any) -> Any:
-    """A JSON-safe copy of obj: NaN/inf -> None, tuples -> lists, numpy values -> Python."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, dict):
-        return {k: clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays
-        return clean(obj.tolist())
-    return obj  # json.dumps(default=str) handles the rest (Path, datetime, ...)
-
-
-def render_json(report: dict) -> str:
+def render_json(report: Report | dict) -> str:
     """report.json's text: cleaned (no NaN), indented, one trailing newline."""
     return json.dumps(clean(report), indent=2, default=str, allow_nan=False) + "\n"
 
@@ -481,6 +468,10 @@ def graph_change_lines(step: dict) -> list[str]:
     return out
 
 
+def _on_off(flag: Any, yes: str, no: str) -> str:
+    return yes if flag else no
+
+
 def int8_settings_line(int8: dict) -> str:
     """The int8 types and reduce_range a quantize step ran with, who chose them and why (details.int8)."""
     by = int8.get("chosen_by") or {}
@@ -604,88 +595,10 @@ def _agreement(step: dict):
     return value if value is not None else dig(step, "fidelity", "neighbour_top1_agreement")
 
 
-def _on_off(flag: Any, yes: str, no: str) -> str:
-    return yes if flag else no
+# A figure (right-aligned, to compare down a column): 72.4 kB, 0.35×, 1,557, −0.28, 0.0%, 6.09 ms, —
+_FIGURE = re.compile(r"^(?:[−+-]?[\d.,]+(?:e[−+-]?\d+)?\s*(?:×|%|kB|MB|GB|B|ms|s|pt)?|—|-)$")
 
 
-def step_action(step: dict, config: dict) -> str:
-    """What one pass did, in a sentence: its settings as they ran and what it measured on the way."""
-    kind, details = step.get("type"), step.get("details") or {}
-    if kind == "quantize" and config.get("weights"):
-        return weight_only_action(config, details)
-    if kind == "quantize":
-        search = details.get("search")
-        if isinstance(search, dict):
-            chosen = next((c for c in search.get("candidates") or [] if c.get("chosen")), {})
-            return (
-                f"accuracy-aware int8 search over {len(search.get('candidates') or [])} candidates; kept "
-                f"{candidate_label(chosen, 0) if chosen else 'none'}"
-            )
-        mode = config.get("mode")
-        calibration = config.get("calibration") or {}
-        text = (
-            f"{'static QDQ' if mode == 'static' else 'dynamic'} int8, "
-            f"{(details.get('int8') or {}).get('weight_type') or config.get('weight_type') or 'int8'} weights "
-            f"{_on_off(config.get('per_channel'), 'per-channel', 'per-tensor')}"
-        )
-        if mode == "static":
-            used, asked = details.get("calibration_samples"), details.get("calibration_samples_requested")
-            text += f", calibration {calibration.get('method', 'minmax')} on {fmt_count(used)} samples"
-            if finite(asked) and finite(used) and asked != used:
-                text += f" ({fmt_count(asked)} requested)"
-        ops = details.get("quantized_ops") or {}
-        if ops:
-            text += "; " + " / ".join(f"{n} {op}" for op, n in ops.items())
-        excluded = details.get("excluded_nodes") or []
-        if excluded:
-            text += f"; {len(excluded)} nodes kept in float"
-        text += _on_off(config.get("preprocess", True), "", "; ONNX Runtime pre-processing off")
-        return text
-    if kind == "export":
-        return (
-            f"torch → ONNX opset {details.get('opset', config.get('opset'))} with the {details.get('exporter', '?')} "
-            f"exporter; max error vs torch {fmt_num(details.get('max_abs_error_vs_torch'), 3)} "
-            f"(limit {fmt_num(details.get('error_limit'), 3)})"
-        )
-    if kind == "prune":
-        return (
-            f"{config.get('structured', 'none')} magnitude pruning to sparsity {fmt_num(config.get('sparsity'))} "
-            f"({config.get('scope', 'global')})"
-        )
-    if kind == "finetune":
-        training = details.get("training") or {}
-        epochs = training.get("epochs") if isinstance(training.get("epochs"), list) else []
-        distill = " with distillation" if config.get("distill") else ""
-        return (
-            f"{len(epochs)} epochs of {config.get('optimizer', 'sgd')} at lr {fmt_num(config.get('lr'))}{distill}"
-            f"; best epoch {fmt_num(training.get('best_epoch'))}"
-        )
-    shown = {k: v for k, v in config.items() if k != "type" and v not in (None, [], {})}
-    return ", ".join(f"{k}={v}" for k, v in shown.items())
-
-
-def weight_only_action(config: dict, details: dict) -> str:
-    wo = details.get("weight_only") or {}
-    ops = wo.get("quantized_ops") or {}
-    text = (
-        f"weight-only {config.get('weights')} ({config.get('algorithm', 'rtn')}, block {config.get('block_size')}"
-        f"{', symmetric' if config.get('symmetric') else ''}); "
-        f"{fmt_count(ops.get('MatMulNBits', 0))} MatMulNBits / {fmt_count(ops.get('GatherBlockQuantized', 0))} "
-        "GatherBlockQuantized"
-    )
-    mixed = wo.get("mixed") or {}
-    if mixed.get("backup_nodes") is not None:
-        text += (
-            f"; {len(mixed['backup_nodes'])} of {fmt_count(mixed.get('matmuls'))} MatMuls (the most sensitive) in "
-            f"{mixed.get('backup')}, {fmt_num(mixed.get('low_bit_share'))} of the MatMul weights in {config.get('weights')}"
-        )
-    search = details.get("search")
-    if isinstance(search, dict):
-        text += f"; {len(search.get('candidates') or [])} mixes tried for target {fmt_num(search.get('target'))}"
-    return text
-
-
-def step_actions(report: dict) -> list[tuple[str, str]]:
-    """(step name, what it did) for every step after the original, from the resolved recipe and its details."""
-    configs = [c for c in dig(report, "recipe", "passes") or [] if isinstance(c, dict)]
-    return [(str(s.get("name")), step_action(s, c)) for s, c in zip(steps(report)[1:], configs, strict=False)]
+def is_figure(value: Any) -> bool:
+    """A cell that holds a figure (right-aligned in every table) rather than text."""
+    return bool(_FIGURE.match(str(value).strip()))
