@@ -28,29 +28,29 @@ def build_document(report: Report | dict) -> Document:
     typed = report_of(clean(report))
     raw = typed.to_dict()
     facts = summary(raw)
-    sections = [Section("steps", "Steps", [Table(*step_table(raw), wide=True), Text(ratio_legend(raw), "note")])]
+    sections = [Section("steps", "Steps", [Table(*step_table(typed), wide=True), Text(ratio_legend(typed), "note")])]
     actions = step_actions(typed)
     if actions:
         sections.append(Section("actions", "What each step did", [Items(actions)]))
-    sections.append(Section("gates", "Gates", [Checks(gate_lines(raw))]))
+    sections.append(Section("gates", "Gates", [Checks(gate_lines(typed))]))
     warnings = Items([(None, str(w)) for w in typed.warnings], empty="None.", tone="warn")
-    sections.append(Section("warnings", "Warnings", [warnings, Notes(latency_notes(raw))]))
-    sections.append(Section("charts", "Charts", [Charts([Chart("summary", raw)])]))
-    latency = latency_rows(raw)
+    sections.append(Section("warnings", "Warnings", [warnings, Notes(latency_notes(typed))]))
+    sections.append(Section("charts", "Charts", [Charts([Chart("summary", typed)])]))
+    latency = latency_rows(typed)
     if latency:
         sections.append(Section("latency", "Latency", [Table(LATENCY_HEADERS, latency)]))
     for step in typed.steps:
         sections += view_for(step.type).sections(step)
-    sections.append(Section("files", "Files", [Table(IO_HEADERS, io_rows(raw))]))
-    sections.append(Section("environment", "Environment", [Table(ENV_HEADERS, env_rows(raw))]))
+    sections.append(Section("files", "Files", [Table(IO_HEADERS, io_rows(typed))]))
+    sections.append(Section("environment", "Environment", [Table(ENV_HEADERS, env_rows(typed))]))
     return Document(
-        verdict=verdict(raw),
+        verdict=verdict(typed),
         passed=typed.passed,
         evaluation=typed.evaluation or None,
         sentence=facts["verdict"],
         caveats=[(kind, facts[kind]) for kind in ("slower", "busy") if facts[kind]],
-        compact=Table(*compact_step_table(raw)),
-        terminal_legend=ratio_legend(raw, terminal=True),
+        compact=Table(*compact_step_table(typed)),
+        terminal_legend=ratio_legend(typed, terminal=True),
         sections=sections,
     )
 

@@ -10,16 +10,12 @@ from optcli.report.model import Report
 from optcli.report.sections import Block, Chart, Charts, Checks, Items, Notes, Section, Table, Text
 from optcli.report.svg import svg_bar_chart, svg_loss_curve, svg_scatter
 from optcli.report.view import (
-    accuracy,
     batch_sizes,
-    dig,
     finite,
     fmt_ms,
     format_bytes,
     is_figure,
     metric_name,
-    p50,
-    steps,
 )
 
 _CSS = """
@@ -67,39 +63,29 @@ def html_table(
     return f"<table{table_cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _summary_charts(report: dict) -> list[str]:
+def _summary_charts(report: Report) -> list[str]:
     """Size, p50 per batch size and accuracy (or fidelity) of every step, as bar charts."""
-    all_steps = steps(report)
+    all_steps = report.steps
     if not all_steps:
         return []
-    names = [str(s.get("name")) for s in all_steps]
-    charts = [svg_bar_chart("size", "size on disk", names, [s.get("size_bytes") for s in all_steps], format_bytes)]
+    names = [str(s.name) for s in all_steps]
+    charts = [svg_bar_chart("size", "size on disk", names, [s.size_bytes for s in all_steps], format_bytes)]
     for b in batch_sizes(report):
         charts.append(
             svg_bar_chart(
                 f"latency-b{b}",
                 f"p50 latency, batch {b} (ms)",
                 names,
-                [p50(s, b) for s in all_steps],
+                [s.p50(b) for s in all_steps],
                 lambda v: f"{fmt_ms(v)} ms",
             )
         )
-    if any(finite(accuracy(s)) for s in all_steps):
-        charts.append(
-            svg_bar_chart(
-                "accuracy", metric_name(report), names, [accuracy(s) for s in all_steps], lambda v: f"{v:.4f}"
-            )
-        )
-    elif any(finite(dig(s, "fidelity", "cosine_mean")) for s in all_steps):
-        charts.append(
-            svg_bar_chart(
-                "fidelity",
-                "fidelity: cosine vs original",
-                names,
-                [dig(s, "fidelity", "cosine_mean") for s in all_steps],
-                lambda v: f"{v:.6f}",
-            )
-        )
+    if any(finite(s.accuracy_value) for s in all_steps):
+        values = [s.accuracy_value for s in all_steps]
+        charts.append(svg_bar_chart("accuracy", metric_name(report), names, values, lambda v: f"{v:.4f}"))
+    elif any(finite(s.cosine) for s in all_steps):
+        values = [s.cosine for s in all_steps]
+        charts.append(svg_bar_chart("fidelity", "fidelity: cosine vs original", names, values, lambda v: f"{v:.6f}"))
     return charts
 
 

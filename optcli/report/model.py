@@ -112,6 +112,7 @@ class Comparison(Open):
     accuracy_pt: Number | None = None
 
     def p50(self, batch: int) -> Any:
+        """The p50 time ratio at this batch size (a p50_batch_<n> key)."""
         return (self.model_extra or {}).get(f"p50_batch_{batch}")
 
 
@@ -147,8 +148,11 @@ class Step(Open):
     vs_previous: Comparison | None = None
     vs_baseline: Comparison | None = None
 
+    def latency_at(self, batch: int) -> Latency | None:
+        return self.latency.get(f"batch_{batch}")
+
     def p50(self, batch: int) -> Any:
-        entry = self.latency.get(f"batch_{batch}")
+        entry = self.latency_at(batch)
         return entry.p50_ms if entry is not None else None
 
     @property
