@@ -157,7 +157,16 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     defaults = "gates" not in recipe.model_fields_set or (bool(named) and named <= {"inconclusive"})
     base = baseline_index({"steps": steps})
     ab = _speed_ab(run, models, steps, base)
-    gates = check_gates(recipe.gates, steps, defaults, base, ab, recipe.gates.inconclusive, recipe.passes)
+    gates = check_gates(
+        recipe.gates,
+        steps,
+        defaults,
+        base,
+        ab,
+        recipe.gates.inconclusive,
+        recipe.passes,
+        recheck=lambda: _speed_ab(run, models, steps, base),
+    )
     report = {
         "schema_version": SCHEMA_VERSION,
         "optcli_version": __version__,

@@ -1,11 +1,13 @@
-"""The layers the README's Architecture section describes, checked on the code: an import only points down."""
+"""The layers the README's Architecture section describes, checked on the code: an import only points down; and the
+tests' own layout (docs/testing.md): every test file in a tier folder."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "optcli"
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "optcli"
 
 # Lowest first. A module may import its own layer or any layer below, never one above.
 LAYERS = [
@@ -105,6 +107,30 @@ def test_no_private_name_crosses_a_module_boundary():
     assert not wrong, (
         "private names imported from another module (make them public, named for that use):\n" + "\n".join(wrong)
     )
+
+
+TESTS = REPO / "tests"
+TIERS = ("unit", "e2e")
+
+
+def test_every_test_file_lives_in_a_tier_folder_laid_out_like_the_code():
+    wrong = [
+        str(path.relative_to(REPO))
+        for path in TESTS.rglob("test_*.py")
+        if path.relative_to(TESTS).parts[0] not in TIERS
+    ]
+    assert not wrong, (
+        "test files outside tests/unit or tests/e2e (move each with git mv to the tier and the folder of the code it "
+        "checks, e.g. tests/e2e/passes/prune/; see docs/testing.md):\n" + "\n".join(wrong)
+    )
+
+
+def test_test_file_names_are_unique_across_the_tiers():
+    # pytest imports test files by their bare name (no __init__.py in tests/), so two of one name would collide.
+    seen: dict[str, list[str]] = {}
+    for path in TESTS.rglob("test_*.py"):
+        seen.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    assert not [v for v in seen.values() if len(v) > 1], [v for v in seen.values() if len(v) > 1]
 
 
 # --------------------------------------------------------------------------- the report contract

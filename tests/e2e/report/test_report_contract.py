@@ -1,10 +1,9 @@
-"""report.json as a typed contract: its JSON Schema for CI users, compare refusing files it cannot read, a details
-model registered for every pass type, the runner checking a pass's details against it."""
+"""report.json as a typed contract, on a real run: its JSON Schema for CI users, compare refusing files it cannot
+read, the API returning the contract, the three renderers showing the same sections."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -188,56 +187,10 @@ def test_api_report_is_the_report_contract(finished):
     assert report.steps[-1].latency["batch_1"].p50_ms == report.data["steps"][-1]["latency"]["batch_1"]["p50_ms"]
 
 
-# --------------------------------------------------------------------------- the runner holds passes to it
-
-
-def test_a_pass_whose_details_break_its_model_fails_as_that_pass(tmp_path):
-    from optcli.errors import PassFailed
-    from optcli.passes import get_pass
-    from optcli.runner import check_details
-
-    check_details(get_pass("export"), "1-export", {"opset": 18, "exporter": "dynamo", "anything": [1]})
-    with pytest.raises(PassFailed, match=re.escape("pass 1-export failed") + ".*details.opset"):
-        check_details(get_pass("export"), "1-export", {"opset": "eighteen"})
-
-
 # --------------------------------------------------------------------------- one document, three renderers
 
 
-def _titles(report) -> tuple[list[str], list[str]]:
-    import html
+def test_markdown_html_and_terminal_show_the_same_sections_of_a_real_report(finished):
+    from report_sections import assert_same_sections
 
-    from optcli.report import render_html, render_markdown
-
-    md = [t.replace("&lt;", "<").replace("&gt;", ">") for t in re.findall(r"^## (.+)$", render_markdown(report), re.M)]
-    page = [html.unescape(t) for t in re.findall(r"<h2>(.*?)</h2>", render_html(report))]
-    return md, page
-
-
-def test_markdown_html_and_terminal_show_the_same_sections(finished):
-    import io
-
-    from rich.console import Console
-    from test_report_render import make_report
-
-    from optcli.report.document import build_document
-    from optcli.report.terminal import render_table
-
-    for report in (make_report(), json.loads(finished.read_text())):
-        md, page = _titles(report)
-        assert md == [t for t in page if t != "Charts"]  # the charts are the page's own
-        doc = build_document(report)
-        assert md == [s.title for s in doc.sections if s.key != "charts"]
-        console = Console(record=True, width=200, file=io.StringIO())
-        console.print(render_table(report))
-        text = " ".join(console.export_text().split())  # a title wider than its table wraps
-        for section in doc.sections:
-            if section.terminal:
-                assert " ".join(section.title.split()) in text
-            if section.brief:
-                assert " ".join(section.brief.split()) in text
-    titles = _titles(make_report())[0]
-    assert (
-        "2-prune<script>alert(1)</script>: most pruned layers" in titles
-        and "3-quantize: search (target 0.95)" in titles
-    )
+    assert_same_sections(json.loads(finished.read_text()))
