@@ -2,9 +2,9 @@
 details fill. Looked up by the step's type (VIEWS); a type without a view of its own (a new pass) gets StepView:
 its settings as a sentence and the sections any step's details may fill.
 
-Pure (no Rich, no HTML): sections are document.Section values every renderer draws alike. The keys read here are
-declared in the pass's details model (optcli/passes/<family>/details.py); tests/test_report_contract.py holds them
-to it.
+Pure (no Rich, no HTML): sections are sections.Section values every renderer draws alike. A view reads its step's
+details as the dict report.json holds (the details models sit beside the passes, above this package); each view's
+`reads` names the keys, and tests/unit/test_architecture.py holds them to the pass's details model.
 """
 
 from __future__ import annotations
