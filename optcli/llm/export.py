@@ -90,13 +90,13 @@ def export_decoder(
     if accuracy_level is not None:
         options["accuracy_level"] = accuracy_level
     cache = out_dir / ".builder-cache"  # the builder's scratch space stays inside our output, removed after
-    args = ["-m", BUILDER, "-i", str(hf_folder), "-o", str(out_dir), "-p", precision, "-e", execution_provider]
+    args = ["-i", str(hf_folder), "-o", str(out_dir), "-p", precision, "-e", execution_provider]
     args += ["-c", str(cache)]
     if options:
         args += ["--extra_options", *(f"{k}={_option(v)}" for k, v in options.items())]
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = run_child(args, env=OFFLINE_ENV, timeout=timeout)
+    result = run_child(BUILDER, args, env=OFFLINE_ENV, timeout=timeout)
     seconds = time.perf_counter() - t0
     shutil.rmtree(cache, ignore_errors=True)
     if result.returncode != 0 or not (out_dir / "genai_config.json").is_file():

@@ -96,7 +96,7 @@ def measure_in_child(folder: Path, prompts: list[list[int]], new_tokens: int, th
     path = Path(work) / "prompts.json"
     path.write_text(json.dumps(prompts))
     try:
-        result = run_child(["-m", "optcli.llm.generate", str(folder), str(path), str(new_tokens), str(threads or 0)])
+        result = run_child("optcli.llm.generate", [str(folder), str(path), str(new_tokens), str(threads or 0)])
     finally:
         path.unlink(missing_ok=True)
     if result.returncode != 0:

@@ -1,4 +1,4 @@
-"""Peak resident memory of a child process, and the refusal of a model that cannot fit before anything loads it.
+"""Peak resident memory of a child process (its own VmHWM), and the refusal of a model that cannot fit before anything loads it.
 
 Past the available memory Linux overcommits and the OOM killer ends the run (and maybe a neighbour) without a
 word, so the estimate is made from the weight files' headers, before transformers or the builder touch them.
@@ -69,44 +69,27 @@ class ChildResult:
     stderr: str
 
 
-def run_child(args: list[str], env: dict | None = None, timeout: float | None = None) -> ChildResult:
-    """Run `python args...`; its peak resident memory is the kernel's ru_maxrss for that one child (wait4)."""
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        # communicate() reaps the child itself; wait4 must come first to get its rusage, so read the pipes here.
-        out, err = _drain(proc, timeout)
-        _, status, usage = os.wait4(proc.pid, 0)
-    except BaseException:
-        proc.kill()
-        raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return ChildResult(proc.returncode, usage.ru_maxrss * 1024, out, err)  # Linux reports KiB
+def run_child(module: str, args: list[str], env: dict | None = None, timeout: float | None = None) -> ChildResult:
+    """Run `python -m module args...` in a child process; peak_rss_bytes is the child's own (optcli.llm.child)."""
+    import tempfile
 
-
-def _drain(proc: subprocess.Popen, timeout: float | None) -> tuple[str, str]:
-    import threading
-
-    chunks: dict[str, list[str]] = {"out": [], "err": []}
-
-    def read(stream, key):
-        for line in stream:
-            chunks[key].append(line)
-
-    threads = [
-        threading.Thread(target=read, args=(proc.stdout, "out"), daemon=True),
-        threading.Thread(target=read, args=(proc.stderr, "err"), daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    return "".join(chunks["out"]), "".join(chunks["err"])
+    with tempfile.TemporaryDirectory(prefix="optcli-peak-") as work:
+        peak = Path(work) / "peak"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "optcli.llm.child", str(peak), module, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        said = peak.read_text().strip() if peak.is_file() else ""
+    return ChildResult(proc.returncode, int(said) if said.isdigit() else 0, out, err)
 
 
 def peak_rss_self() -> int:
