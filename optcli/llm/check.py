@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 DECODE_STEPS = 8
-# fp32 export against fp32 transformers: the builder fuses attention (GroupQueryAttention) and rotary embeddings,
-# so sums run in another order; 1e-3 of the logits' range is orders above that and far below a wrong graph's.
-TOLERANCE = 1e-3
+# Largest logit error allowed, as a fraction of the largest logit. fp32 export against fp32 transformers: the
+# builder fuses attention (GroupQueryAttention) and rotary embeddings, so sums run in another order; the tiny
+# decoders of every architecture tested land near 5e-7, a wrong graph (a cache misread, a rotary off by one) near 1.
+TOLERANCE = 1e-4
 
 
 def check_logits(hf_folder: Path, decoder_dir: Path, prompt: list[int], steps: int = DECODE_STEPS) -> dict:

@@ -46,11 +46,17 @@ def apply(model, config: Config, ctx: Context):
     return model.with_(format=FORMAT, module=None, path=out, kind="onnxruntime-genai decoder")
 
 
+def check(config: Config, recipe, fmt: str) -> None:
+    if recipe.passes and recipe.passes[0] is not config:
+        raise ValueError("the decoder pass exports the model folder itself: make it the first pass")
+
+
 PASS = PassSpec(
     type="decoder",
     config=Config,
     consumes=frozenset({"torch"}),
     produces=FORMAT,
     apply=apply,
+    check=check,
     summary="causal-LM folder -> onnxruntime-genai decoder with KV cache (fp32 / int4 / int8 weights)",
 )
