@@ -92,8 +92,9 @@ def test_init_writes_an_int4_llm_recipe_and_run_reports_perplexity_speed_and_mem
         assert gen["ttft_ms"] > 0 and gen["decode_tokens_per_s"] > 0
         assert gen["peak_rss_bytes"] > 10 << 20 and step["details"]["export"]["peak_rss_bytes"] > 10 << 20
     assert 0 <= final["details"]["generation"]["greedy_agreement"] <= 1
-    speed = report["generation"]["decode_speedup"]
-    assert speed["interval"][0] <= speed["value"] <= speed["interval"][1]
+    for key in ("decode_speedup", "ttft_speedup"):
+        speed = report["generation"][key]
+        assert speed["interval"][0] <= speed["value"] <= speed["interval"][1] and speed["rounds"] == 2
     assert report["summary"]["verdict"] == report["generation"]["verdict"]
     assert "perplexity" in report["generation"]["verdict"]
 

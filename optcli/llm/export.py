@@ -17,7 +17,7 @@ from pathlib import Path
 from optcli.errors import BadInput, first_line
 from optcli.hf import OFFLINE_ENV
 from optcli.hf.folder import raw_config
-from optcli.llm.memory import run_child
+from optcli.llm.memory import export_need, run_child
 
 BUILDER = "onnxruntime_genai.models.builder"
 PRECISIONS = ("fp32", "int4", "int8")
@@ -76,7 +76,8 @@ def export_decoder(
 
     precision: fp32 | int4 | int8 (int4/int8: the builder's MatMulNBits weight-only quantization, round-to-nearest
     unless extra_options say otherwise); block_size, accuracy_level and extra_options are the builder's
-    --extra_options. Returns {"engine", "precision", "options", "seconds", "peak_rss_bytes"}; raises RuntimeError
+    --extra_options. Returns {"engine", "estimated_peak_bytes" (what memory.check_fits refused against),
+    "precision", "options", "seconds", "peak_rss_bytes"}; raises RuntimeError
     (the builder's last words) when the builder fails."""
     if precision not in PRECISIONS:
         raise BadInput(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
@@ -104,6 +105,7 @@ def export_decoder(
         raise RuntimeError(f"onnxruntime-genai's model builder failed: {first_line(said[-1] if said else '?')}")
     return {
         "engine": f"onnxruntime-genai {_version()} model builder",
+        "estimated_peak_bytes": export_need(hf_folder),
         "precision": precision,
         "options": options,
         "seconds": round(seconds, 3),

@@ -106,16 +106,30 @@ def measure_in_child(folder: Path, prompts: list[list[int]], new_tokens: int, th
     return {**row, "peak_rss_bytes": result.peak_rss_bytes}
 
 
-def decode_time_ratio(base: Path, new: Path, prompt: list[int], new_tokens: int, rounds: int, runs: int, threads=None):
-    """new/base decode time for the same tokens, interleaved in this process (abtest.Ratio; < 1: new is faster)."""
-    from optcli.abtest import measure_ratio
+def side_by_side(base: Path, new: Path, prompt: list[int], new_tokens: int, rounds: int, runs: int, threads=None):
+    """{"decode": Ratio, "ttft": Ratio}: new/base time of the decode and of the first token, from the same
+    generations, interleaved in this process (abtest: A B A B ..., order reversed every other round; < 1: new is
+    faster)."""
+    from optcli.abtest import interleaved, ratio_interval
 
     models = [load(base, threads), load(new, threads)]
+    first: list[list[float]] = [[], []]
 
-    def call(model):
-        return lambda: generate(model, prompt, new_tokens)[2]  # the decode seconds only: prefill is TTFT's
+    def call(i):
+        def generation():
+            _, ttft, decode = generate(models[i], prompt, new_tokens)
+            first[i].append(ttft)
+            return decode  # the decode seconds only: the prefill is the first token's
 
-    return measure_ratio(call(models[0]), call(models[1]), rounds, runs, warmup=1, timer=lambda c: c())
+        return generation
+
+    decode = interleaved([call(0), call(1)], rounds, runs, warmup=1, timer=lambda c: c())
+    # interleaved ran each model once to warm up, then `runs` times per round, round by round
+    ttft = np.array([np.median(np.reshape(f[1:], (rounds, runs)), axis=1) for f in first]).T
+    return {
+        "decode": ratio_interval(decode[:, 0], decode[:, 1], runs),
+        "ttft": ratio_interval(ttft[:, 0], ttft[:, 1], runs),
+    }
 
 
 def main(argv: list[str]) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from optcli.errors import BadInput
 
-# The builder holds the model in torch (as fp32 on CPU) and the ONNX tensors it writes: about twice the fp32
-# weights, plus the runtime and the libraries (measured on the tiny folders: ~0.7 GB of imports).
-EXPORT_FACTOR = 2.0
+# The builder holds the model in torch (in the checkpoint's dtype: transformers loads it as saved) while it writes
+# every weight as an fp32 ONNX tensor before quantizing them: the checkpoint's bytes + 4 bytes a parameter, plus the
+# runtime and libraries (~0.5 GB measured on the tiny folders) and headroom.
+FP32_BYTES = 4
 OVERHEAD_BYTES = 1 << 30
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def parameter_count(folder: Path) -> int | None:
@@ -44,10 +44,14 @@ def available_memory() -> int:
     return available()
 
 
+def weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
 def export_need(folder: Path) -> int | None:
     """Bytes the builder is expected to hold at its peak for this folder (None: no safetensors to read)."""
     params = parameter_count(folder)
-    return None if params is None else int(params * 4 * EXPORT_FACTOR + OVERHEAD_BYTES)
+    return None if params is None else int(weight_bytes(folder) + params * FP32_BYTES + OVERHEAD_BYTES)
 
 
 def check_fits(folder: Path) -> None:
@@ -55,8 +59,8 @@ def check_fits(folder: Path) -> None:
     if need is not None and need > have:
         params = parameter_count(folder) or 0
         raise BadInput(
-            f"{folder}: a {params / 1e9:.2f}B-parameter model needs about {need / 1e9:.1f} GB to export "
-            f"(fp32 weights twice over, the builder's peak), more than the {have / 1e9:.1f} GB available; "
+            f"{folder}: a {params / 1e9:.2f}B-parameter model needs about {need / 1e9:.1f} GB to export (its "
+            f"weights as saved plus an fp32 copy, the builder's peak), more than the {have / 1e9:.1f} GB available; "
             "free memory or use a machine with more"
         )
 

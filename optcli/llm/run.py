@@ -283,7 +283,7 @@ def decoder_bytes(folder: Path) -> int:
 
 def _generation_block(run: _Run, models: list, steps: list[dict]) -> dict:
     """report.json "generation": the settings, the final decoder's decode speed-up over fp32 timed side by side."""
-    from optcli.llm.generate import decode_time_ratio
+    from optcli.llm.generate import side_by_side
 
     llm = run.llm
     block = {
@@ -295,22 +295,29 @@ def _generation_block(run: _Run, models: list, steps: list[dict]) -> dict:
         "context": llm.context,
         "stride": llm.stride,
         "decode_speedup": None,
+        "ttft_speedup": None,
         "verdict": "",
     }
     if len(models) > 1:
-        run.options.log(f"timing {steps[-1]['name']}'s decode against {steps[0]['name']}'s side by side")
-        r = decode_time_ratio(
+        run.options.log(f"timing {steps[-1]['name']}'s generation against {steps[0]['name']}'s side by side")
+        ratios = side_by_side(
             models[0].path, models[-1].path, run.prepared.prompts[0], llm.new_tokens, llm.rounds, 2, llm.threads
         )
-        block["decode_speedup"] = {
-            "value": round(1 / r.value, 4),
-            "interval": [round(1 / r.high, 4), round(1 / r.low, 4)] if r.low > 0 else [0.0, math.inf],
-            "rounds": r.rounds,
-            "runs": r.runs,
-            "confidence": 0.95,
-        }
+        block["decode_speedup"] = speedup(ratios["decode"])
+        block["ttft_speedup"] = speedup(ratios["ttft"])
     block["verdict"] = verdict(steps, block)
     return block
+
+
+def speedup(r) -> dict:
+    """An abtest.Ratio of times (new/base) as a speed-up (base/new) with its 95% interval."""
+    return {
+        "value": round(1 / r.value, 4),
+        "interval": [round(1 / r.high, 4), round(1 / r.low, 4)] if r.low > 0 else [0.0, math.inf],
+        "rounds": r.rounds,
+        "runs": r.runs,
+        "confidence": 0.95,
+    }
 
 
 def verdict(steps: list[dict], block: dict) -> str:
@@ -325,6 +332,9 @@ def verdict(steps: list[dict], block: dict) -> str:
     if speed:
         low, high = speed["interval"]
         parts.append(f"decodes {speed['value']:.2f}× as fast (95% interval {low:.2f}–{high:.2f}×)")
+    first_token = block.get("ttft_speedup")
+    if first_token:
+        parts.append(f"first token {first_token['value']:.2f}× as fast")
     p0, p1 = first["accuracy"]["value"], last["accuracy"]["value"]
     cost = f"perplexity {p0:.4g} → {p1:.4g} ({(p1 - p0) / p0:+.1%})"
     agree = last["details"].get("generation", {}).get("greedy_agreement")

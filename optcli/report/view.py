@@ -403,6 +403,10 @@ def generation_line(report: dict) -> str:
             f"; decode speed-up of {gen.get('final')} over {gen.get('baseline')}: {fmt_num(speed['value'], 3)}× "
             f"[{fmt_num(low, 3)}–{fmt_num(high, 3)}] (interleaved A/B, {speed.get('rounds')} rounds)"
         )
+    first = gen.get("ttft_speedup")
+    if isinstance(first, dict) and finite(first.get("value")):
+        low, high = (first.get("interval") or [None, None])[:2]
+        line += f"; time to first token: {fmt_num(first['value'], 3)}× as fast [{fmt_num(low, 3)}–{fmt_num(high, 3)}]"
     return line
 
 
