@@ -20,13 +20,23 @@ LAYERS = [
         "optcli.layers",
         "optcli.hf",
         "optcli.textdata",
+        "optcli.llm",  # decoder LLMs: export, measurement (its run and starter sit with the runner)
     ],
     ["optcli.passes.base"],
     ["optcli.passes.*"],  # the pass families
     ["optcli.passes"],  # the registry
     ["optcli.recipe", "optcli.catalog"],
     ["optcli.steps", "optcli.owned", "optcli.gates"],
-    ["optcli.runner", "optcli.inspect", "optcli.bench", "optcli.compare", "optcli.starter", "optcli.sweeper"],
+    [
+        "optcli.runner",
+        "optcli.inspect",
+        "optcli.bench",
+        "optcli.compare",
+        "optcli.starter",
+        "optcli.sweeper",
+        "optcli.llm.run",
+        "optcli.llm.starter",
+    ],
     ["optcli.api"],  # run / validate / sweep for Python callers; the package face re-exports it lazily (PEP 562)
     ["optcli.cli", "optcli.__main__", "optcli.examples"],
 ]

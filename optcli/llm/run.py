@@ -121,8 +121,8 @@ def run_llm(recipe, options) -> dict:
 def _run(run: _Run) -> dict:
     from optcli import __version__
     from optcli.environment import environment
-    from optcli.llm.passes import Config as DecoderConfig
     from optcli.model import Model
+    from optcli.passes.decoder import Config as DecoderConfig
     from optcli.report.summary import summary
     from optcli.steps import input_key, sha256_file, step_key, write_final
 
