@@ -176,6 +176,18 @@ def test_a_model_larger_than_memory_is_refused_before_loading(llama, tmp_path, m
     assert "GB to export" in said and "0.1 GB available" in said
 
 
+def test_validate_checks_an_llm_recipe_without_exporting_and_refuses_the_decoder_after_another_pass(llama, tmp_path):
+    recipe = write_recipe(tmp_path, _recipe(llama, llama / "llama"))
+    result = run_cli("validate", recipe)
+    assert result.exit_code == 0, result.stderr
+    assert "valid (original -> 1-decoder)" in result.stderr
+    assert not any(p.name != "recipe.yaml" for p in tmp_path.iterdir())  # nothing exported, nothing written
+
+    late = _recipe(llama, llama / "llama", passes=[{"type": "prune", "sparsity": 0.5}, {"type": "decoder"}])
+    result = run_cli("validate", write_recipe(tmp_path, late))
+    assert result.exit_code == 2 and "make it the first pass" in result.stderr
+
+
 def test_perplexity_windows_score_every_token_but_the_first_exactly_once():
     from optcli.llm.perplexity import windows
 
