@@ -142,12 +142,24 @@ def _refused(tmp_path, recipe) -> str:
     return lines[0]
 
 
-def test_an_architecture_the_builder_cannot_export_is_refused_naming_it(llama, tmp_path):
-    tiny_gpt2(tmp_path / "gpt2")
-    said = _refused(tmp_path, _recipe(llama, tmp_path / "gpt2"))
-    assert "GPT2LMHeadModel" in said and "LlamaForCausalLM" in said
+def _tiny_bloom(folder):
+    import torch
+    from hf_models import bpe_tokenizer
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer, vocab = bpe_tokenizer()
+    BloomForCausalLM(BloomConfig(vocab_size=vocab, hidden_size=32, n_layer=2, n_head=2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_an_architecture_no_decoder_export_takes_is_refused_naming_it(llama, tmp_path):
+    _tiny_bloom(tmp_path / "bloom")
+    said = _refused(tmp_path, _recipe(llama, tmp_path / "bloom"))
+    assert "BloomForCausalLM" in said and "LlamaForCausalLM" in said and "GPT2LMHeadModel" in said
     # init keeps writing the one-pass recipe (export + int8, perplexity) for it
-    result = run_cli("init", tmp_path / "gpt2")
+    result = run_cli("init", tmp_path / "bloom")
     assert result.exit_code == 0, result.stderr
     assert [p["type"] for p in yaml.safe_load(result.stdout)["passes"]] == ["export", "quantize"]
 
@@ -209,10 +221,11 @@ def test_greedy_agreement_is_the_share_of_identical_positions_in_the_first_32_to
 
 @pytest.mark.parametrize(
     "arch",
-    ["qwen2", *(pytest.param(a, marks=pytest.mark.slow) for a in ("qwen3", "mistral", "phi3"))],
+    [pytest.param(a, marks=pytest.mark.slow) for a in ("qwen2", "qwen3", "mistral", "phi3")],
 )
 def test_decoder_logits_match_transformers_in_prefill_and_eight_decode_steps(arch, tmp_path):
-    """Llama is checked by the CLI test above (the reference step checks its own export); the others here."""
+    """Llama is checked by the CLI test above (the reference step checks its own export); the others, which take
+    the same builder path, in the slow run (pytest -m slow)."""
     from optcli.llm.check import check_logits
     from optcli.llm.export import export_decoder
 
@@ -223,3 +236,34 @@ def test_decoder_logits_match_transformers_in_prefill_and_eight_decode_steps(arc
     check = check_logits(tmp_path / "hf", tmp_path / "fp32", [5, 17, 33, 80, 2, 9, 100, 4])
     assert check["steps"] == 8
     assert check["relative_error"] <= check["tolerance"], check
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int4", marks=pytest.mark.slow)])
+def test_gpt2_exports_through_torch_export_with_its_cache_and_generates_in_onnxruntime_genai(precision, tmp_path):
+    """GPT-2 is not the builder's: torch.export writes its decoder with the cache as inputs/outputs."""
+    import onnx
+
+    from optcli.llm.check import check_logits
+    from optcli.llm.export import export_decoder
+    from optcli.llm.generate import measure_generation
+
+    tiny_gpt2(tmp_path / "gpt2")
+    done = export_decoder(tmp_path / "gpt2", tmp_path / "out", precision, block_size=32)
+    assert done["engine"].startswith("torch.export")
+    check = check_logits(tmp_path / "gpt2", tmp_path / "out", [5, 17, 33, 80, 2, 9, 100, 4])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
+    if precision == "fp32":
+        assert check["relative_error"] <= check["tolerance"], check
+    else:
+        assert ops.count("MatMulNBits") == 8  # 4 projections per layer x 2 layers (Conv1D, written as Gemm)
+        assert check["relative_error"] < 0.2
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    prompt = [5, 17, 33, 80]
+    model = GPT2LMHeadModel.from_pretrained(str(tmp_path / "gpt2"), local_files_only=True).eval()
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 4:]
+    got = measure_generation(tmp_path / "out", [prompt], 8)
+    assert got["decode_tokens_per_s"] > 0
+    if precision == "fp32":
+        assert got["tokens"] == [expected.tolist()]

@@ -1,8 +1,9 @@
 """A causal-LM Hugging Face folder -> an onnxruntime-genai decoder folder, through onnxruntime-genai's model builder.
 
 The builder is the engine of the field (GroupQueryAttention, rotary embeddings, MatMulNBits int4/int8, external
-data, genai_config.json and the tokenizer files beside the model). It runs in a child process: its peak resident
-memory is then its own (measured by the kernel), and a crash cannot take optcli down with it.
+data, genai_config.json and the tokenizer files beside the model). An architecture it does not take but
+torch_export.py does (GPT-2) goes through torch.export instead. Either runs in a child process: its peak resident
+memory is then its own, and a crash cannot take optcli down with it.
 """
 
 from __future__ import annotations
@@ -40,18 +41,32 @@ def architecture(folder: Path) -> str:
     return str(archs[0]) if archs else ""
 
 
+def supported_architectures() -> tuple[str, ...]:
+    """Causal LMs either export takes: the builder's, then the torch.export ones (optcli.llm.torch_export)."""
+    from optcli.llm.torch_export import ARCHITECTURES
+
+    builder = [a for a in builder_architectures() if not a.startswith("Whisper")]
+    return (*builder, *(a for a in ARCHITECTURES if a not in builder))
+
+
+def engine_for(arch: str) -> str:
+    """ "builder" (onnxruntime-genai's model builder) where it exports the architecture, else "torch.export"."""
+    return "builder" if arch in builder_architectures() else "torch.export"
+
+
 def check_exportable(folder: Path) -> str:
-    """The folder's architecture when the builder exports it and a tokenizer is beside it; else one sentence."""
+    """The folder's architecture when an export supports it and a tokenizer is beside it; else one sentence."""
     folder = Path(folder)
     if importlib.util.find_spec("onnxruntime_genai") is None:
         raise BadInput("exporting a decoder for generation needs onnxruntime-genai: pip install 'optcli[llm]'")
     arch = architecture(folder)
-    supported = [a for a in builder_architectures() if not a.startswith("Whisper")]
+    supported = supported_architectures()
     if arch not in supported:
-        causal = [a for a in supported if a.endswith("ForCausalLM")]
+        causal = [a for a in supported if a.endswith(("ForCausalLM", "LMHeadModel"))]
         raise BadInput(
-            f"{folder}: architecture {arch or '(none in config.json)'} is not one onnxruntime-genai's model builder "
-            f"exports, and optcli has no other decoder export with a KV cache; supported: {', '.join(causal)}"
+            f"{folder}: architecture {arch or '(none in config.json)'} has no decoder export with a KV cache "
+            f"(neither onnxruntime-genai's model builder nor optcli's torch.export path takes it); supported: "
+            f"{', '.join(causal)}"
         )
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise BadInput(
@@ -82,7 +97,7 @@ def export_decoder(
     if precision not in PRECISIONS:
         raise BadInput(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     hf_folder, out_dir = Path(hf_folder), Path(out_dir)
-    check_exportable(hf_folder)
+    arch = check_exportable(hf_folder)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BadInput(f"{out_dir}: not empty; the decoder export writes a folder of its own")
     options = dict(extra_options or {})
@@ -91,20 +106,29 @@ def export_decoder(
     if accuracy_level is not None:
         options["accuracy_level"] = accuracy_level
     cache = out_dir / ".builder-cache"  # the builder's scratch space stays inside our output, removed after
-    args = ["-i", str(hf_folder), "-o", str(out_dir), "-p", precision, "-e", execution_provider]
-    args += ["-c", str(cache)]
-    if options:
-        args += ["--extra_options", *(f"{k}={_option(v)}" for k, v in options.items())]
+    if engine_for(arch) == "builder":
+        module, engine = BUILDER, f"onnxruntime-genai {_version()} model builder"
+        args = ["-i", str(hf_folder), "-o", str(out_dir), "-p", precision, "-e", execution_provider]
+        args += ["-c", str(cache)]
+        if options:
+            args += ["--extra_options", *(f"{k}={_option(v)}" for k, v in options.items())]
+    else:
+        unknown = sorted(set(options) - {"block_size", "accuracy_level"})
+        if unknown:
+            raise BadInput(f"{arch} exports through torch.export, which takes no builder option {', '.join(unknown)}")
+        module, engine = "optcli.llm.torch_export", "torch.export + ONNX Runtime MatMulNBits quantizer"
+        level = options.get("accuracy_level")
+        args = [str(hf_folder), str(out_dir), precision, str(options.get("block_size", 32)), str(level or "none")]
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = run_child(BUILDER, args, env=OFFLINE_ENV, timeout=timeout)
+    result = run_child(module, args, env=OFFLINE_ENV, timeout=timeout)
     seconds = time.perf_counter() - t0
     shutil.rmtree(cache, ignore_errors=True)
     if result.returncode != 0 or not (out_dir / "genai_config.json").is_file():
         said = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
-        raise RuntimeError(f"onnxruntime-genai's model builder failed: {first_line(said[-1] if said else '?')}")
+        raise RuntimeError(f"the decoder export ({engine}) failed: {first_line(said[-1] if said else '?')}")
     return {
-        "engine": f"onnxruntime-genai {_version()} model builder",
+        "engine": engine,
         "estimated_peak_bytes": export_need(hf_folder),
         "precision": precision,
         "options": options,
