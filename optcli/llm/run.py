@@ -123,7 +123,7 @@ def _run(run: _Run) -> dict:
     from optcli.environment import environment
     from optcli.model import Model
     from optcli.passes.decoder import Config as DecoderConfig
-    from optcli.report.summary import summary
+    from optcli.report.summary import step_comparisons, summary
     from optcli.steps import input_key, sha256_file, step_key, write_final
 
     t0 = time.perf_counter()
@@ -168,6 +168,8 @@ def _run(run: _Run) -> dict:
         "reused_steps": run.reused,
     }
     report["summary"] = summary(report)
+    for step, versus in zip(steps, step_comparisons(report), strict=True):
+        step.update(versus)
     return report
 
 
