@@ -342,7 +342,7 @@ def verdict(steps: list[dict], block: dict) -> str:
     agree = last["details"].get("generation", {}).get("greedy_agreement")
     if agree is not None:
         cost += f", {agree:.0%} of the first greedy tokens unchanged"
-    return f"{last['name']}: {', '.join(parts)} than the fp32 decoder; {cost}"
+    return f"{last['name']} against the fp32 decoder: {', '.join(parts)}; {cost}"
 
 
 def _gates(recipe, steps: list[dict], generation: dict) -> list[dict]:
