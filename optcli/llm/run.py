@@ -107,7 +107,7 @@ def run_llm(recipe, options) -> dict:
     prepared = preflight_llm(recipe)
     inputs = [Path(recipe.model.path), prepared.text]
     inputs += [options.recipe_path] if options.recipe_path is not None else []
-    folder = OutputFolder(options.out, options.overwrite, options.resume, inputs)
+    folder = OutputFolder(options.out, options.settings.overwrite, options.settings.resume, inputs)
     try:
         report = _run(_Run(recipe, options, folder, prepared, settings(recipe)))
         folder.record("report.json", "report.md", "report.html")
@@ -181,7 +181,7 @@ def _step(run: _Run, name: str, config, key: str, model):
 
     options, folder = run.options, run.folder
     done = folder.root / "steps" / name / "step.json"
-    record = finished_step(done, key) if options.resume else None
+    record = finished_step(done, key) if options.settings.resume else None
     if record is not None:
         options.log(f"{name}: unchanged since the last run, reusing it (--resume)")
         run.reused[name] = "resume"
@@ -200,8 +200,9 @@ def _step(run: _Run, name: str, config, key: str, model):
         reference=run.reference or model,
         data=run.prepared,
         seed=run.recipe.seed,
-        quiet=options.quiet,
         log=options.log,
+        settings=options.settings,
+        resume_dir=folder.root / "steps" / name,
         **({"progress": options.progress} if options.progress is not None else {}),
     )
     started = time.perf_counter()
