@@ -10,11 +10,14 @@ from optcli.report.sections import Chart, Charts, Checks, Document, Items, Notes
 from optcli.report.summary import summary
 from optcli.report.view import (
     ENV_HEADERS,
+    GENERATION_HEADERS,
     IO_HEADERS,
     LATENCY_HEADERS,
     compact_step_table,
     env_rows,
     gate_lines,
+    generation_line,
+    generation_rows,
     io_rows,
     latency_notes,
     latency_rows,
@@ -39,6 +42,10 @@ def build_document(report: Report | dict) -> Document:
     latency = latency_rows(typed)
     if latency:
         sections.append(Section("latency", "Latency", [Table(LATENCY_HEADERS, latency)]))
+    generation = generation_rows(typed)
+    if generation:
+        blocks = [Table(GENERATION_HEADERS, generation), Text(generation_line(typed), "note")]
+        sections.append(Section("generation", "Generation", blocks, terminal=True))
     for step in typed.steps:
         sections += view_for(step.type).sections(step)
     sections.append(Section("files", "Files", [Table(IO_HEADERS, io_rows(typed))]))

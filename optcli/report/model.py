@@ -214,6 +214,31 @@ class Speed(Open):
     __pydantic_extra__: dict[str, SpeedRatio]  # type: ignore[assignment]
 
 
+class Speedup(Open):
+    """A speed-up (base time / new time) timed side by side, with its interval."""
+
+    value: Number | None = None
+    interval: list[Number | None] | None = None
+    rounds: int | None = None
+    runs: int | None = None
+    confidence: Number | None = None
+
+
+class Generation(Open):
+    """A decoder LLM's generation, measured as LLM users do: batch 1, greedy, with the KV cache (optcli.llm.run)."""
+
+    baseline: str | None = None
+    final: str | None = None
+    prompt_tokens: int | None = None
+    new_tokens: int | None = None
+    prompts: int | None = None
+    context: int | None = None  # perplexity: sliding windows of this many tokens
+    stride: int | None = None
+    decode_speedup: Speedup | None = None  # decode tokens/s of final over baseline
+    ttft_speedup: Speedup | None = None  # time to first token, baseline over final
+    verdict: str | None = None
+
+
 class Summary(Open):
     """The verdict sentence, the baseline step, and the caveats (empty strings when none)."""
 
@@ -246,6 +271,7 @@ class Report(Open):
     evaluation: str | None = None  # what accuracy and fidelity were measured on, in words
     steps: list[Step] = []
     speed: Speed | None = None
+    generation: Generation | None = None  # decoder LLMs only
     gates: list[Gate] = []
     passed: bool | None = None
     warnings: list[str] = []

@@ -398,3 +398,44 @@ _FIGURE = re.compile(r"^(?:[−+-]?[\d.,]+(?:e[−+-]?\d+)?\s*(?:×|%|kB|MB|GB|B
 def is_figure(value: Any) -> bool:
     """A cell that holds a figure (right-aligned in every table) rather than text."""
     return bool(_FIGURE.match(str(value).strip()))
+
+
+GENERATION_HEADERS = ["step", "perplexity", "TTFT ms", "decode tok/s", "greedy agreement", "export RSS", "generate RSS"]
+
+
+def generation_rows(report: Report) -> list[list[str]]:
+    """Decoder LLMs: one row per step of perplexity, generation timings, agreement and peak RSS (GENERATION_HEADERS)."""
+    rows = []
+    for step in report.steps:
+        gen = step.details.get("generation")
+        if not isinstance(gen, dict):
+            continue
+        agreement = gen.get("greedy_agreement")
+        rows.append(
+            [
+                str(step.name),
+                fmt_num(step.accuracy_value),
+                fmt_ms(gen.get("ttft_ms")),
+                fmt_rate(gen.get("decode_tokens_per_s")),
+                fmt_pct(agreement) if finite(agreement) else DASH,
+                format_bytes(dig(step.details, "export", "peak_rss_bytes")),
+                format_bytes(gen.get("peak_rss_bytes")),
+            ]
+        )
+    return rows
+
+
+def generation_line(report: Report) -> str:
+    """Decoder LLMs: how generation was measured, and the speed-ups timed side by side."""
+    gen = report.generation
+    if gen is None:
+        return ""
+    line = (
+        f"generation: batch 1, greedy, {gen.new_tokens} new tokens after {gen.prompt_tokens}-token prompts "
+        f"({gen.prompts} from the eval text); perplexity: windows of {gen.context} tokens, stride {gen.stride}"
+    )
+    for label, speed in (("decode speed-up", gen.decode_speedup), ("time to first token", gen.ttft_speedup)):
+        if speed is not None and finite(speed.value):
+            low, high = ((speed.interval or []) + [None, None])[:2]
+            line += f"; {label} of {gen.final} over {gen.baseline}: {fmt_num(speed.value, 3)}× [{fmt_num(low, 3)}–{fmt_num(high, 3)}]"
+    return line

@@ -23,13 +23,15 @@ LAYERS = [
         "optcli.layers",
         "optcli.hf",
         "optcli.textdata",
+        "optcli.llm",  # decoder LLMs: export, measurement (its run and starter sit with the runner)
     ],
     ["optcli.passes.base"],
     ["optcli.passes.*"],  # the pass families
     ["optcli.passes"],  # the registry
     ["optcli.recipe", "optcli.verbs.catalog"],
     ["optcli.steps", "optcli.owned", "optcli.gates"],
-    ["optcli.runner", "optcli.verbs"],  # the single-verb cores (inspect, bench, compare, init, sweep)
+    # the single-verb cores (inspect, bench, compare, init, sweep); an LLM recipe's run and init sit beside them
+    ["optcli.runner", "optcli.verbs", "optcli.llm.run", "optcli.llm.starter"],
     ["optcli.api"],  # run / validate / sweep for Python callers; the package face re-exports it lazily (PEP 562)
     ["optcli.cli", "optcli.__main__", "optcli.examples"],  # the command line: one module per verb
 ]
