@@ -14,6 +14,7 @@ from pydantic import Field
 
 from optcli.onnxgraph import load_model
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.passes.convert.details import ConvertDetails
 
 
 class Config(PassConfig):
@@ -241,4 +242,5 @@ PASS = PassSpec(
     apply=apply,
     check=check,
     summary="fp16 / bf16: ONNX through ONNX Runtime's converter with an fp16-overflow guard, torch modules cast (inputs/outputs kept float32)",
+    details=ConvertDetails,
 )
