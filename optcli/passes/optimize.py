@@ -16,6 +16,7 @@ from pydantic import Field
 
 from optcli.errors import BadInput
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.report.model import StepDetails
 
 EXTERNAL_DATA_BYTES = 256 << 20  # above this the optimized model keeps its weights in a side file
 
@@ -35,11 +36,10 @@ class Config(PassConfig):
 
 
 def _op_counts(path: Path) -> collections.Counter:
-    import onnx
+    from optcli.onnxgraph import graph_view
 
-    proto = onnx.load(str(path), load_external_data=False)
     return collections.Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in proto.graph.node
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph_view(path).nodes
     )
 
 
@@ -132,10 +132,21 @@ def apply(model, config: Config, ctx: Context):
     return model.with_(path=final)
 
 
+class OptimizeDetails(StepDetails):
+    """What an optimize step writes under "details" in report.json (registered below as PassSpec.details)."""
+
+    applied: list[str] | None = None
+    kept: list[str] | None = None
+    nodes: dict[str, int] | None = None  # {before, after}
+    op_changes: dict[str, list[int]] | None = None  # op -> [count before, count after]
+    portable: bool | None = None
+
+
 PASS = PassSpec(
     type="optimize",
     config=Config,
     consumes=frozenset({"onnx"}),
     apply=apply,
     summary="fp32 graph optimization (onnxscript optimizer + ONNX Runtime offline basic/extended), checked numerically",
+    details=OptimizeDetails,
 )

@@ -33,6 +33,10 @@ def starter_recipe(
 
     recipe_dir = Path(os.path.abspath(recipe_dir or Path.cwd()))
     if path.is_dir():
+        from optcli.llm.starter import exportable, llm_recipe
+
+        if _is_causal_lm(path) and exportable(path):  # never loaded: a decoder LLM may not fit in memory
+            return Starter(llm_recipe(path, recipe_dir, data), [])
         return Starter(_folder_recipe(path, load_any(path), recipe_dir), [])
     if path.suffix.lower() == ".safetensors" and factory is None:
         raise BadInput(f"{path} holds only weights; pass --factory module:callable that builds the nn.Module")
@@ -130,6 +134,15 @@ def starter_recipe(
     return Starter(header + yaml.safe_dump(recipe, sort_keys=False), notes)
 
 
+def _is_causal_lm(path: Path) -> bool:
+    from optcli.hf import is_folder
+    from optcli.hf.folder import raw_config, task_of
+
+    if not is_folder(path):
+        return False
+    return any(task_of(str(a)) == "causal-lm" for a in raw_config(path).get("architectures") or [])
+
+
 def _shown(path: Path, recipe_dir: Path) -> str:
     """A path as the recipe writes it: relative to the recipe's folder (recipes resolve paths against it)."""
     if path.is_absolute():
@@ -218,10 +231,9 @@ CNN_QUANTIZE = {"type": "quantize", "target": {"metric": "cosine", "min_value": 
 def _is_cnn(model) -> bool:
     """Conv in the graph (ONNX) or a Conv module (torch): dynamic int8 would make it slower (ConvInteger)."""
     if model.format == "onnx":
-        import onnx
+        from optcli.onnxgraph import graph_view
 
-        graph = onnx.load(str(model.path), load_external_data=False).graph
-        return any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node)
+        return bool(graph_view(model.path).by_op("Conv", "ConvTranspose"))
     module = getattr(model, "module", None)
     if module is None:
         return False
@@ -241,11 +253,10 @@ def already_int8(model) -> str | None:
 
         if model.path is None or not holds_int8(model.path):
             return None
-        import onnx
-
         from optcli.onnx_check import QUANTIZED_OPS, all_nodes
+        from optcli.onnxgraph import graph_view
 
-        proto = onnx.load(str(model.path), load_external_data=False)
+        proto = graph_view(model.path).proto
         ops = Counter(n.op_type for n in all_nodes(proto) if n.op_type in QUANTIZED_OPS)
         return ", ".join(f"{k} {op}" for op, k in ops.most_common(3))
     import torch

@@ -19,7 +19,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from optcli.onnxgraph import load_model
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.passes.cluster.details import ClusterDetails
 
 # A layer already this sparse keeps its zeros as one of its shared values (pinned at 0 through training).
 SPARSE = 0.05
@@ -116,9 +118,9 @@ def preflight(config: Config, recipe, original) -> None:
     if any(p.type != "prune" for p in recipe.passes[:index]):
         return
     if original.format == "onnx":
-        import onnx
+        from optcli.onnxgraph import graph_view
 
-        proto = onnx.load(str(original.path), load_external_data=False)
+        proto = graph_view(original.path).proto
         layers, what = onnx_layers(proto, with_weights=False), f"the ONNX graph {original.path.name}"
     else:
         import torch
@@ -200,7 +202,7 @@ def _cluster_onnx(model, config: Config, ctx: Context):
     from optcli.passes.cluster.kmeans import cluster_values
     from optcli.passes.cluster.share import store_as_indices
 
-    proto = onnx.load(str(model.path), load_external_data=True)
+    proto = load_model(model.path)  # clustered in place below: its own copy
     inits = {t.name: t for t in proto.graph.initializer}
     plan = make_plan(
         onnx_layers(proto, with_weights=True), config, f"the ONNX graph {model.path.name}", "cluster", "clusters"
@@ -266,4 +268,5 @@ PASS = PassSpec(
     preflight=preflight,
     rerun_on_resume=True,  # seconds of work; the written artifact cannot carry the centroids a finetune trains
     summary="weight sharing: per-layer k-means into `clusters` shared values (torch modules, ONNX initializers); smaller compressed files, same latency",
+    details=ClusterDetails,
 )

@@ -19,6 +19,7 @@ from optcli.errors import BadInput, first_line
 from optcli.hf import is_folder
 from optcli.passes.base import Context, PassSpec
 from optcli.passes.finetune.config import Config, ModelRef, check_settings
+from optcli.passes.finetune.details import FinetuneDetails
 
 __all__ = ["PASS", "Config", "apply", "check"]
 
@@ -132,8 +133,8 @@ def apply(model, config: Config, ctx: Context):
     import torch
 
     from optcli.model import copy_module
+    from optcli.passes.finetune.job import TrainJob, freeze, replace_head
     from optcli.passes.finetune.launch import run_training
-    from optcli.passes.finetune.loop import TrainJob, freeze, replace_head
 
     seed = ctx.seed if config.seed is None else config.seed
     config = config.model_copy(update={"seed": seed})
@@ -232,7 +233,7 @@ def _check_fit(student, teacher, train_data, eval_data, names: list[str]) -> Non
 
 
 def _logits(module, inputs, role: str):
-    from optcli.passes.finetune.loop import eval_logits
+    from optcli.passes.finetune.job import eval_logits
 
     try:
         return eval_logits(module, inputs)
@@ -260,4 +261,5 @@ PASS = PassSpec(
     apply=apply,
     check=check,
     summary="fine-tune on data.train, optionally distilling from a teacher; recovers accuracy after pruning, or trains a new head",
+    details=FinetuneDetails,
 )

@@ -9,8 +9,10 @@ import shutil
 
 from optcli.errors import PassFailed
 from optcli.model import fixed_batch
+from optcli.onnxgraph import graph_view
 from optcli.passes.base import Context, PassSpec
 from optcli.passes.quantize.config import Config
+from optcli.passes.quantize.details import QuantizeDetails
 
 # Below this many elements int8 weights save less than the scales and Q/DQ nodes they add.
 MIN_WEIGHT_ELEMENTS = 256
@@ -171,11 +173,9 @@ def _calibration_batches(model, config: Config, ctx: Context):
 
 
 def apply(model, config: Config, ctx: Context):
-    import onnx
-
     from optcli.onnx_check import place
     from optcli.passes.quantize.isa import choose_int8
-    from optcli.passes.quantize.ort import Settings, count_quant_ops, preprocess, quantize_onnx, resolve_exclude
+    from optcli.passes.quantize.ort import count_quant_ops, preprocess, resolve_exclude
 
     if config.weights is not None:
         return _weight_only(model, config, ctx)
@@ -198,7 +198,7 @@ def apply(model, config: Config, ctx: Context):
     work = ctx.step_dir / "work"
     work.mkdir(exist_ok=True)
     source = preprocess(model.path, work, ctx) if config.preprocess else model.path
-    proto = onnx.load(str(source), load_external_data=False)
+    proto = graph_view(source).proto
     exclude = resolve_exclude(proto, config.exclude, ctx)
     largest = largest_weight(proto)
     into_bodies = has_subgraphs(proto) and "EnableSubgraph" not in config.extra_options
@@ -233,56 +233,61 @@ def apply(model, config: Config, ctx: Context):
 
         run_search(model, config, ctx, source, target, exclude, calib)
     else:
-        settings = Settings(
-            config.mode,
-            config.per_channel,
-            config.calibration.method,
-            config.smoothquant,
-            frozenset(exclude),
-            tuple(config.op_types) if config.op_types else None,
-        )
-        smooth_batches = calib or (
-            _eval_head(ctx, model, config.calibration.samples) if config.smoothquant is not None else None
-        )
-        try:
-            quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
-        except Exception as e:
-            if not into_bodies:
-                raise
-            # Subgraph quantization is the younger path of ORT's quantizer: where it breaks, the bodies stay float
-            # (and the count of what stayed float below says how much) rather than the whole step failing.
-            from optcli.onnx_check import reason
-
-            ctx.warn(
-                f"int8 inside If/Loop/Scan bodies failed in ONNX Runtime's quantizer ({reason(e, 200)}): retried without"
-            )
-            options = {k: v for k, v in config.extra_options.items() if k != "EnableSubgraph"}
-            config = config.model_copy(update={"extra_options": options})
-            target.unlink(missing_ok=True)
-            quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
-        if ctx.details.get("per_channel_off"):
-            ctx.warn(f"per-tensor int8 used: {ctx.details['per_channel_off']}")
-        for note in (ctx.details.get("kept_fp32") or {}).values():
-            ctx.warn(note)
-        if ctx.details.get("nonfinite_tensors"):
-            touched = ctx.details.pop("nonfinite_nodes")
-            ctx.warn(
-                f"{len(ctx.details['nonfinite_tensors'])} tensors hold inf/NaN/huge values on calibration data (e.g. attention masks); "
-                f"left {len(touched)} nodes touching them in float: {', '.join(touched[:5])}"
-            )
-        if calib is not None and config.mode == "static":
-            ctx.details["calibration_samples"] = calib.samples
+        _quantize_once(model, config, ctx, source, target, exclude, calib, into_bodies)
     ctx.details["quantized_ops"] = count_quant_ops(target)
     _say_float_in_subgraphs(target, config.mode, ctx)
     shutil.rmtree(work, ignore_errors=True)
     return model.with_(path=target)
 
 
+def _quantize_once(model, config: Config, ctx: Context, source, target, exclude: set[str], calib, into_bodies: bool):
+    """The pass without a target: one int8 model as the recipe says, its warnings in ctx."""
+    from optcli.passes.quantize.ort import Settings, quantize_onnx
+
+    settings = Settings(
+        config.mode,
+        config.per_channel,
+        config.calibration.method,
+        config.smoothquant,
+        frozenset(exclude),
+        tuple(config.op_types) if config.op_types else None,
+    )
+    smooth_batches = calib or (
+        _eval_head(ctx, model, config.calibration.samples) if config.smoothquant is not None else None
+    )
+    try:
+        quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
+    except Exception as e:
+        if not into_bodies:
+            raise
+        # Subgraph quantization is the younger path of ORT's quantizer: where it breaks, the bodies stay float
+        # (and the count of what stayed float below says how much) rather than the whole step failing.
+        from optcli.onnx_check import reason
+
+        ctx.warn(
+            f"int8 inside If/Loop/Scan bodies failed in ONNX Runtime's quantizer ({reason(e, 200)}): retried without"
+        )
+        options = {k: v for k, v in config.extra_options.items() if k != "EnableSubgraph"}
+        config = config.model_copy(update={"extra_options": options})
+        target.unlink(missing_ok=True)
+        quantize_onnx(source, target, settings, config, calib, smooth_batches, ctx, ctx.details)
+    if ctx.details.get("per_channel_off"):
+        ctx.warn(f"per-tensor int8 used: {ctx.details['per_channel_off']}")
+    for note in (ctx.details.get("kept_fp32") or {}).values():
+        ctx.warn(note)
+    if ctx.details.get("nonfinite_tensors"):
+        touched = ctx.details.pop("nonfinite_nodes")
+        ctx.warn(
+            f"{len(ctx.details['nonfinite_tensors'])} tensors hold inf/NaN/huge values on calibration data (e.g. attention masks); "
+            f"left {len(touched)} nodes touching them in float: {', '.join(touched[:5])}"
+        )
+    if calib is not None and config.mode == "static":
+        ctx.details["calibration_samples"] = calib.samples
+
+
 def _say_float_in_subgraphs(path, mode: str, ctx: Context) -> None:
     """Weights inside If / Loop bodies that int8 did not reach: counted in the details and said in a warning."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = graph_view(path).proto
     if not has_subgraphs(proto):
         return
     count, nbytes = float_weights_in_subgraphs(proto)
@@ -299,12 +304,11 @@ def _say_float_in_subgraphs(path, mode: str, ctx: Context) -> None:
 
 
 def _weight_only(model, config: Config, ctx: Context):
-    import onnx
-
     from optcli.passes.quantize.ort import resolve_exclude
-    from optcli.passes.quantize.weight_only import nothing_done, quantize_weights
+    from optcli.passes.quantize.weight_only import nothing_done
+    from optcli.passes.quantize.weight_pass import quantize_weights
 
-    exclude = resolve_exclude(onnx.load(str(model.path), load_external_data=False), config.exclude, ctx)
+    exclude = resolve_exclude(graph_view(model.path).proto, config.exclude, ctx)
     target = ctx.step_dir / "model.onnx"
     if config.target is not None:
         from optcli.passes.quantize.weight_mix import run_search
@@ -341,12 +345,9 @@ def preflight(config: Config, recipe, model) -> None:
     """A CNN's search tries static int8 only (dynamic Conv is ConvInteger, slower than fp32): it needs calibration."""
     if config.target is None or recipe.data.calibration is not None or model.format != "onnx" or model.path is None:
         return
-    import onnx
-
     from optcli.errors import BadInput
 
-    graph = onnx.load(str(model.path), load_external_data=False).graph
-    if any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node):
+    if graph_view(model.path).by_op("Conv", "ConvTranspose"):
         raise BadInput(
             "quantize target on a CNN needs data.calibration (static int8; dynamic int8 on Conv is slower than fp32): "
             "add data.calibration: {path: samples.npz, samples: 128}"
@@ -372,4 +373,5 @@ PASS = PassSpec(
     makes_int8=True,
     machine_key=machine_key,
     summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration; int4/int8 weight-only (MatMulNBits)",
+    details=QuantizeDetails,
 )

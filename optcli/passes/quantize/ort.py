@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optcli.onnxgraph import graph_view, load_model
 from optcli.passes.base import Context
 from optcli.passes.quantize.config import Config
 
@@ -176,7 +177,7 @@ def nonfinite_tensors(path: Path, batches: Iterable[dict]) -> tuple[set[str], in
     import onnxruntime as ort
     from onnx import TensorProto, numpy_helper
 
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    proto = onnx.shape_inference.infer_shapes(load_model(path))
     bad = {
         t.name
         for t in proto.graph.initializer
@@ -251,98 +252,31 @@ def quantize_onnx(
     batches are read lazily (CalibrationBatches) and, past CALIB_CHUNK_BYTES of intermediate outputs, fed to ORT
     chunk by chunk.
     """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from optcli.artifact import ONNX_EXTERNAL_THRESHOLD, artifact_files
+    from optcli.passes.quantize.isa import choose_int8
 
     details = {} if details is None else details
     source, target = Path(source).resolve(), Path(target).resolve()  # the quantizer runs in a scratch cwd
     if settings.smooth_alpha is not None:
-        from optcli.passes.quantize.smoothquant import smooth
-
-        key = ("smooth", str(source), settings.smooth_alpha)
-        if cache is None or key not in cache:
-            smoothed = (
-                cache["dir"] / f"smoothed_{settings.smooth_alpha:g}.onnx"
-                if cache is not None
-                else target.with_name("smoothed.onnx")
-            )
-            info = smooth(source, smoothed, smooth_batches or calib_batches or [], settings.smooth_alpha)
-            if cache is None:
-                details["smoothquant"] = info
-            else:
-                cache[key] = (smoothed, info)
-        if cache is not None:
-            smoothed, details["smoothquant"] = cache[key]
-        source = smoothed
+        source = smoothed_source(source, target, settings, calib_batches, smooth_batches, details, cache)
     exclude = set(settings.exclude)
     large = sum(f.stat().st_size for f in artifact_files(Path(source))) > ONNX_EXTERNAL_THRESHOLD
     qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     extra = dict(config.extra_options)
     op_types = list(settings.op_types) if settings.op_types else None
-    per_channel = settings.per_channel
-    if per_channel:
-        from optcli.onnx_check import MIN_OPSET, default_opset
-
-        opset = default_opset(onnx.load(str(source), load_external_data=False))
-        if opset < MIN_OPSET:
-            # ORT writes per-axis DequantizeLinear for opset 11/12 anyway, a model it then refuses to load.
-            per_channel = False
-            details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
-    from optcli.passes.quantize.isa import choose_int8
-
+    per_channel = settings.per_channel and per_channel_allowed(source, details)
     int8 = choose_int8(
         config, ctx.recipe.report.target if ctx.recipe is not None else "cpu"
     )  # the types and reduce_range the recipe left to the CPU
     reduce_range = int8.reduce_range if settings.reduce_range is None else settings.reduce_range
-    chunk = None  # calibration batches per chunk (None: all in one)
-    ranges = None  # a search's file of this calibration's ranges (ORT's calibration cache)
+    static = None
     if settings.mode == "static":
-        key, size_key = ("inf", str(source)), ("batch_bytes", str(source))
-        if cache is not None and key in cache:
-            inf, batch_bytes = cache[key], cache[size_key]
-        else:
-            inf, batch_bytes = nonfinite_tensors(Path(source), calib_batches)
-        if cache is not None:
-            cache[key], cache[size_key] = inf, batch_bytes
-        if inf:
-            touched = nodes_touching(onnx.load(str(source), load_external_data=False), inf)
-            exclude.update(touched)
-            details["nonfinite_tensors"] = sorted(inf)
-            details["nonfinite_nodes"] = sorted(touched)
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }
-        if settings.calibration == "percentile":
-            extra.setdefault("CalibPercentile", config.calibration.percentile)
-        symmetric = (
-            config.symmetric_activation if settings.activation_symmetric is None else settings.activation_symmetric
-        )
-        extra.setdefault("ActivationSymmetric", symmetric)
-        if inf:
-            # Ranges are still collected for every tensor of a quantizable op; keep the inf ones out of the calibrator.
-            extra.setdefault("CalibTensorRangeSymmetric", False)
-        chunk = calibration_chunk(batch_bytes, len(calib_batches), settings.calibration, extra)
-        if chunk is not None and "CalibStridedMinMax" not in extra:
-            extra["CalibStridedMinMax"] = 1  # one chunk of the reader per collect_data
-            details["calibration_chunks"] = len(CalibrationReader(calib_batches, chunk))
-        if cache is not None:
-            ranges = ranges_file(Path(cache["dir"]).resolve(), source, op_types, settings.calibration, chunk, extra)
-        warned = ("warned", "CalibMaxIntermediateOutputs")
-        if "CalibMaxIntermediateOutputs" in extra and (cache is None or warned not in cache):
-            if cache is not None:
-                cache[warned] = True  # once per search, not once per trial
-            ctx.warn(
-                "extra_options CalibMaxIntermediateOutputs: ONNX Runtime 1.32 clears the outputs it collected without "
-                "merging them (onnxruntime issue #18893), so ranges come from the last samples only; drop it "
-                "(optcli feeds calibration in chunks already)"
-            )
+        static = static_setup(source, settings, config, calib_batches, op_types, exclude, extra, details, ctx, cache)
 
     def write(exclude: set[str]) -> None:
-        if settings.mode == "dynamic":
+        if static is None:
             quantize_dynamic(
                 str(source),
                 str(target),
@@ -355,13 +289,13 @@ def quantize_onnx(
                 extra_options=extra,
             )
             return
-        cached = ranges is not None and ranges.exists()
+        cached = static.ranges is not None and static.ranges.exists()
         title = f"{ctx.step_name}: calibration" + (" (ranges cached)" if cached else "")
         with ctx.progress.task(title, total=0 if cached else len(calib_batches or [])) as task:
             quantize_static(
                 str(source),
                 str(target),
-                CalibrationReader(calib_batches, chunk, task.advance),
+                CalibrationReader(calib_batches, static.chunk, task.advance),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=op_types,
                 per_channel=per_channel,
@@ -370,9 +304,9 @@ def quantize_onnx(
                 weight_type=qtype[int8.weight_type],
                 nodes_to_exclude=sorted(exclude),
                 use_external_data_format=large,
-                calibrate_method=method[settings.calibration],
+                calibrate_method=static.method,
                 extra_options=extra,
-                calibration_cache_path=ranges,
+                calibration_cache_path=static.ranges,
             )
 
     write_with_fallback(write, source, target, exclude, details)
@@ -381,6 +315,93 @@ def quantize_onnx(
             f.unlink(missing_ok=True)
     details["excluded_nodes"] = sorted(exclude)
     return details
+
+
+def smoothed_source(source: Path, target: Path, settings, calib_batches, smooth_batches, details: dict, cache) -> Path:
+    """The SmoothQuant-ed graph to quantize (once per source and alpha in a search, whose cache keeps it)."""
+    from optcli.passes.quantize.smoothquant import smooth
+
+    key = ("smooth", str(source), settings.smooth_alpha)
+    if cache is None or key not in cache:
+        smoothed = (
+            cache["dir"] / f"smoothed_{settings.smooth_alpha:g}.onnx"
+            if cache is not None
+            else target.with_name("smoothed.onnx")
+        )
+        info = smooth(source, smoothed, smooth_batches or calib_batches or [], settings.smooth_alpha)
+        if cache is None:
+            details["smoothquant"] = info
+        else:
+            cache[key] = (smoothed, info)
+    if cache is not None:
+        smoothed, details["smoothquant"] = cache[key]
+    return smoothed
+
+
+def per_channel_allowed(source: Path, details: dict) -> bool:
+    from optcli.onnx_check import MIN_OPSET, default_opset
+
+    opset = default_opset(graph_view(source).proto)
+    if opset < MIN_OPSET:
+        # ORT writes per-axis DequantizeLinear for opset 11/12 anyway, a model it then refuses to load.
+        details["per_channel_off"] = f"the graph is opset {opset}; per-channel int8 needs opset >= {MIN_OPSET}"
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class StaticSetup:
+    method: object  # onnxruntime.quantization.CalibrationMethod
+    chunk: int | None  # calibration batches per chunk (None: all in one)
+    ranges: Path | None  # a search's file of this calibration's ranges (ORT's calibration cache)
+
+
+def static_setup(source: Path, settings, config, calib_batches, op_types, exclude, extra, details, ctx, cache):
+    """Static QDQ's calibration: nodes touching inf/NaN tensors kept float (added to `exclude`), the calibrator's
+    options (added to `extra`), chunking past CALIB_CHUNK_BYTES and the search's cached ranges."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    key, size_key = ("inf", str(source)), ("batch_bytes", str(source))
+    if cache is not None and key in cache:
+        inf, batch_bytes = cache[key], cache[size_key]
+    else:
+        inf, batch_bytes = nonfinite_tensors(Path(source), calib_batches)
+    if cache is not None:
+        cache[key], cache[size_key] = inf, batch_bytes
+    if inf:
+        touched = nodes_touching(graph_view(source).proto, inf)
+        exclude.update(touched)
+        details["nonfinite_tensors"] = sorted(inf)
+        details["nonfinite_nodes"] = sorted(touched)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if settings.calibration == "percentile":
+        extra.setdefault("CalibPercentile", config.calibration.percentile)
+    symmetric = config.symmetric_activation if settings.activation_symmetric is None else settings.activation_symmetric
+    extra.setdefault("ActivationSymmetric", symmetric)
+    if inf:
+        # Ranges are still collected for every tensor of a quantizable op; keep the inf ones out of the calibrator.
+        extra.setdefault("CalibTensorRangeSymmetric", False)
+    chunk = calibration_chunk(batch_bytes, len(calib_batches), settings.calibration, extra)
+    if chunk is not None and "CalibStridedMinMax" not in extra:
+        extra["CalibStridedMinMax"] = 1  # one chunk of the reader per collect_data
+        details["calibration_chunks"] = len(CalibrationReader(calib_batches, chunk))
+    ranges = None
+    if cache is not None:
+        ranges = ranges_file(Path(cache["dir"]).resolve(), source, op_types, settings.calibration, chunk, extra)
+    warned = ("warned", "CalibMaxIntermediateOutputs")
+    if "CalibMaxIntermediateOutputs" in extra and (cache is None or warned not in cache):
+        if cache is not None:
+            cache[warned] = True  # once per search, not once per trial
+        ctx.warn(
+            "extra_options CalibMaxIntermediateOutputs: ONNX Runtime 1.32 clears the outputs it collected without "
+            "merging them (onnxruntime issue #18893), so ranges come from the last samples only; drop it "
+            "(optcli feeds calibration in chunks already)"
+        )
+    return StaticSetup(method[settings.calibration], chunk, ranges)
 
 
 def ranges_file(folder: Path, source: Path, op_types, method: str, chunk: int | None, extra: dict) -> Path:
@@ -397,11 +418,10 @@ def ranges_file(folder: Path, source: Path, op_types, method: str, chunk: int | 
 
 
 def count_quant_ops(path: Path) -> dict:
-    import onnx
 
     from optcli.onnx_check import all_nodes
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = graph_view(path).proto
     counts: dict[str, int] = {}
     for node in all_nodes(proto):  # If / Loop bodies too: dynamic int8 quantizes inside them
         if node.op_type in (
@@ -429,8 +449,6 @@ def write_with_fallback(write, source: Path, target: Path, exclude: set[str], de
     import contextlib
     import tempfile
 
-    import onnx
-
     from optcli.onnx_check import reason, session
     from optcli.passes.quantize.fallback import culprit
 
@@ -444,7 +462,7 @@ def write_with_fallback(write, source: Path, target: Path, exclude: set[str], de
             session(target)
             break
         except Exception as e:
-            proto = proto or onnx.load(str(source), load_external_data=False)
+            proto = proto or graph_view(source).proto
             blamed = culprit(proto, e)
             if blamed is None or blamed[0] in exclude or len(kept) >= MAX_FALLBACKS:
                 raise

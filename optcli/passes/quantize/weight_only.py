@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from optcli.errors import PassFailed
+from optcli.onnxgraph import load_model
 
 OPS = ("MatMul", "Gather")
 # Ops the quantizer writes, counted for the report.
@@ -38,12 +39,11 @@ def _quiet_import():
 
 def prepared(source: Path, config, ctx) -> tuple[object, tuple[str, ...], dict]:
     """The graph the quantizer reads (opset raised for Gather where needed), the op types to quantize, the opset note."""
-    import onnx
 
     ops = tuple(config.op_types) if config.op_types else (("MatMul",) if config.algorithm == "hqq" else OPS)
     from optcli.onnx_check import name_nodes
 
-    proto, opset = _opset_for_gather(onnx.load(str(source)), ops, ctx)
+    proto, opset = _opset_for_gather(load_model(source), ops, ctx)  # nodes named below: its own copy
     name_nodes(proto)  # a mixed precision names the MatMuls it keeps in backup
     if "not_upgraded" in opset:
         ops = tuple(o for o in ops if o != "Gather")
@@ -120,26 +120,6 @@ def matmul_weights(proto, exclude: set[str]) -> dict[str, int]:
         for n in proto.graph.node
         if n.op_type == "MatMul" and n.name and n.name not in exclude and len(shapes.get(n.input[1], [])) == 2
     }
-
-
-def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dict:
-    """The pass without a search: every weight at `weights`, or with ratio < 1 the most sensitive MatMuls at backup."""
-    from optcli.artifact import save_onnx
-
-    proto, ops, opset = prepared(model.path, config, ctx)
-    backup, mix = frozenset(), None
-    if config.ratio < 1:
-        from optcli.passes.quantize.weight_mix import backup_for_ratio
-
-        backup, mix = backup_for_ratio(model, proto, config, exclude, ctx)
-    before = float_weight_bytes(proto)
-    out = write(proto, config, ops, exclude, backup, ctx)
-    save_onnx(out, target)
-    details = describe(out, config, ops, opset, before)
-    warn_if_nothing(details, ops, ctx)
-    if mix is not None:
-        details["mixed"] = mix
-    return details
 
 
 def describe(out, config, ops: tuple[str, ...], opset: dict, before: int) -> dict:
