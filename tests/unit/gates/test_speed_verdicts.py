@@ -127,6 +127,10 @@ def test_a_tiny_models_rounds_last_long_enough_to_sample_the_machine():
     from optcli.abtest import MIN_ROUND_SECONDS, runs_per_round
 
     fast = [lambda: 50e-6, lambda: 60e-6]  # 50 us per call: 30 calls would fit inside one burst of other work
-    assert runs_per_round(fast, 6, timer=lambda call: call()) * 50e-6 >= MIN_ROUND_SECONDS
+    assert runs_per_round(fast, 6, timer=lambda call: call()) * (50e-6 + 60e-6) >= MIN_ROUND_SECONDS
     slow = [lambda: 0.2, lambda: 0.3]  # a real model: the recipe's runs already take long enough
     assert runs_per_round(slow, 6, timer=lambda call: call()) == 6
+    # one tiny model against a heavy one: sized on the pair, not on the tiny one (500 calls of the heavy one would
+    # make a round last 15 s)
+    lopsided = [lambda: 50e-6, lambda: 0.03]
+    assert runs_per_round(lopsided, 1, timer=lambda call: call()) == 1
