@@ -1,0 +1,186 @@
+"""`optcli sweep` as an Optuna study: the space read from YAML, the front over the study's objectives, workers
+(processes here, machines elsewhere) sharing one study in a journal file or PostgreSQL, a killed or interrupted
+worker's trial failed and retried, never a half-written folder taken as finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import digits_recipe, write_recipe
+
+from optcli.errors import BadInput
+from optcli.study import StudyOptions, run_study
+from optcli.study.front import dominates, front_indices, hypervolume
+from optcli.study.space import Param, grid_space, load_space, parse_param, values_to_overrides
+
+FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
+PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
+# Four grid points; metric and size only: both are deterministic, so every run of the study finds the same front
+SPACE = "passes.1.per_channel: [true, false]\npasses.1.reduce_range: [false, true]\nobjectives_note: null\n"
+GRID_SPACE = {"passes.1.per_channel": [True, False], "passes.1.reduce_range": [False, True]}
+
+
+# --------------------------------------------------------------------------- the space, with no model at all
+
+
+def test_space_reads_ranges_log_ranges_integers_choices_and_pass_switches(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "space:\n"
+        "  passes.1.lr: {low: 1.0e-5, high: 1.0e-2, log: true}\n"
+        "  passes.1.epochs: {low: 2, high: 12}\n"
+        "  passes.0.sparsity: {low: 0.3, high: 0.7, step: 0.1}\n"
+        "  passes.3: [true, false]\n"
+        "  passes.3.mode: {choices: [dynamic, static]}\n"
+    )
+    params = {p.key: p for p in load_space(space, {"passes.2.opset": [17, 18]})}
+    lr, epochs, sparsity = params["passes.1.lr"], params["passes.1.epochs"], params["passes.0.sparsity"]
+    assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-5, 1e-2, True)
+    assert (epochs.kind, epochs.low, epochs.high) == ("int", 2, 12)
+    assert sparsity.grid_values() == [0.3, 0.4, 0.5, 0.6, 0.7]
+    assert params["passes.3.mode"].switch == "passes.3" and params["passes.3"].choices == (True, False)
+    assert params["passes.2.opset"].choices == (17, 18)  # --grid keys join the space as choices
+    assert epochs.grid_values() == list(range(2, 13))
+    with pytest.raises(BadInput, match="passes.1.lr.*step"):  # a grid cannot enumerate a continuous range
+        grid_space([lr])
+
+
+@pytest.mark.parametrize(
+    ("key", "spec", "says"),
+    [
+        ("passes.1.lr", {"low": 1e-2, "high": 1e-5}, "low <= high"),
+        ("passes.1.lr", {"low": 0, "high": 1, "log": True}, "log range needs low > 0"),
+        ("passes.1.lr", {"low": 1, "hi": 2}, "unknown: hi"),
+        ("passes.1.mode", [], "one choice or more"),
+        ("passes.1.mode", [{"a": 1}], "plain values"),
+        ("passes.1.mode", ["static", "static"], "listed twice"),
+        ("lr", [1], "recipe path"),
+        ("passes.1.lr", "fast", "list of choices or a range"),
+    ],
+)
+def test_space_mistakes_name_the_key_and_how_to_write_it(key, spec, says):
+    with pytest.raises(BadInput, match=says) as e:
+        parse_param(key, spec)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_trial_values_become_set_items_and_a_dropped_pass_takes_its_keys_with_it():
+    values = {"passes.1.lr": 0.001, "passes.1.epochs": 3, "passes.3": False, "passes.3.mode": "static", "passes.2": True}
+    assert values_to_overrides(values) == ["passes.1.lr=0.001", "passes.1.epochs=3", "passes.3=null"]
+
+
+def test_pareto_front_over_three_objectives_on_known_points():
+    dirs = ["maximize", "minimize", "minimize"]  # accuracy up, latency down, size down
+    points = [
+        [0.95, 1.0, 100],  # 0: best accuracy
+        [0.90, 0.5, 100],  # 1: fastest
+        [0.90, 0.6, 50],  # 2: smallest
+        [0.89, 0.6, 60],  # 3: beaten by 2 on every objective
+        None,  # 4: failed trial: on no front
+        [0.90, 0.5, 100],  # 5: equal to 1: both stay
+    ]
+    assert front_indices(points, dirs) == [0, 1, 2, 5]
+    assert dominates([0.9, 0.6, 50], [0.89, 0.6, 60], [1, -1, -1])
+    assert not dominates([0.9, 0.5, 100], [0.9, 0.5, 100], [1, -1, -1])
+    assert front_indices([[1.0, 2.0], [2.0, 1.0]], ["minimize", "minimize"]) == [0, 1]
+
+
+def test_hypervolume_of_a_front_is_the_area_it_dominates():
+    # accuracy up, size down, reference (0, 10): two boxes 0.5x8 and 0.9x4 overlapping in 0.5x4 -> 4 + 3.6 - 2
+    hv = hypervolume([[0.5, 2.0], [0.9, 6.0]], ["maximize", "minimize"], [0.0, 10.0])
+    assert hv == pytest.approx(0.5 * 8 + 0.9 * 4 - 0.5 * 4)
+    assert hypervolume([[0.5, 12.0]], ["maximize", "minimize"], [0.0, 10.0]) == 0.0  # beyond the reference
+
+
+def test_budget_counts_retries_once_and_ignores_trials_refused_as_over_budget():
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    from optcli.study.worker import counted
+
+    def t(number, state, user=None, system=None):
+        return SimpleNamespace(number=number, state=state, user_attrs=user or {}, system_attrs=system or {})
+
+    trials = [
+        t(0, TrialState.COMPLETE),
+        t(1, TrialState.FAIL),  # killed, retried as 3
+        t(2, TrialState.FAIL, user={"error": "pass 2-quantize failed"}),  # a real failure: spends budget
+        t(3, TrialState.RUNNING, system={"failed_trial": 1, "retry_history": [1]}),
+        t(4, TrialState.PRUNED, user={"over_budget": True}),
+    ]
+    assert [x.number for x in counted(trials)] == [0, 2, 3]
+
+
+def test_grid_values_of_an_int_range_with_a_step():
+    assert Param("passes.1.epochs", "int", 1, 9, step=4).grid_values() == [1, 5, 9]
+
+
+# --------------------------------------------------------------------------- studies on the digits CNN
+
+
+@pytest.fixture
+def study_recipe(digits, tmp_path):
+    return write_recipe(tmp_path, digits_recipe(digits, PASSES, report=FAST, gates={"max_accuracy_drop": 0.05}))
+
+
+def grid_file(tmp_path: Path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(json.dumps(GRID_SPACE))  # JSON is YAML
+    return path
+
+
+def fronts(out: Path) -> tuple[set, dict]:
+    """The front as the set of trial values, and every finished trial's (metric, size) by its values."""
+    sweep = json.loads((out / "sweep.json").read_text())
+    key = lambda r: json.dumps(r["values"], sort_keys=True)  # noqa: E731
+    done = {key(r): (r["metric"], r["size_bytes"]) for r in sweep["variants"] if r["state"] == "complete"}
+    return {key(r) for r in sweep["variants"] if r["pareto"]}, done
+
+
+@pytest.fixture
+def one_worker_front(study_recipe, tmp_path):
+    out = tmp_path / "one"
+    sweep = run_study(study_recipe, StudyOptions(out=out, space=grid_file(tmp_path), objectives=["metric", "size"]))
+    assert sweep["study"]["counts"]["complete"] == 4 and sweep["study"]["sampler"] == "grid"
+    return fronts(out)
+
+
+def check_study_folder(out: Path, trials: int) -> dict:
+    """Every trial once, each a complete run in its own folder, the export computed once for all."""
+    sweep = json.loads((out / "sweep.json").read_text())
+    rows = sweep["variants"]
+    assert [r["state"] for r in rows] == ["complete"] * trials, rows
+    assert len({json.dumps(r["values"], sort_keys=True) for r in rows}) == trials  # no grid point run twice
+    for r in rows:
+        report = json.loads((out / r["folder"] / "report.json").read_text())
+        assert report["steps"][-1]["size_bytes"] == r["size_bytes"] == (out / r["folder"] / "model.onnx").stat().st_size
+        quant = report["recipe"]["passes"][1]
+        assert quant["per_channel"] == r["values"]["passes.1.per_channel"]
+    assert sum("1-export" in r["ran_steps"] for r in rows) == 1, rows  # the step cache shared it between workers
+    assert len(list((out / "cache").glob("1-export-*/model.onnx"))) == 1
+    if sweep["best"]:
+        assert (out / "best").resolve() == (out / sweep["best"]).resolve()
+    return sweep
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_sharing_a_journal_file_find_the_same_front_as_one_worker(
+    study_recipe, tmp_path, workers, one_worker_front
+):
+    out = tmp_path / f"jobs{workers}"
+    run_study(
+        study_recipe,
+        StudyOptions(out=out, space=grid_file(tmp_path), objectives=["metric", "size"], jobs=workers),
+    )
+    check_study_folder(out, 4)
+    assert fronts(out) == one_worker_front
+    pids = {json.loads((out / "study.journal").read_text().splitlines()[0]).get("worker_id")}
+    assert pids  # the journal is Optuna's: one JSON operation per line
