@@ -558,11 +558,11 @@ def compare(
 
 @app.command(cls=PlainCommand)
 def sweep(
-    recipe: Path = typer.Argument(
-        ..., metavar="RECIPE", help="YAML recipe (its sweep: grid: block, if any, is merged with --grid)"
+    recipe: Path | None = typer.Argument(
+        None, metavar="RECIPE", help="YAML recipe (its sweep: grid: block, if any, is merged with --grid)"
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", metavar="DIR", help="output folder: one run per variant inside, sweep.json/md/html"
+    out: Path | None = typer.Option(
+        None, "--out", "-o", metavar="DIR", help="output folder: one run per variant inside, sweep.json/md/html"
     ),
     grid: list[str] = typer.Option(
         [],
@@ -586,30 +586,109 @@ def sweep(
         None, "--junit", metavar="FILE", help=JUNIT_HELP + " (one test suite per variant)"
     ),
     inconclusive: Inconclusive | None = _inconclusive_option(),
+    space: Path | None = typer.Option(
+        None,
+        "--space",
+        metavar="FILE",
+        help="search space YAML: recipe keys -> ranges {low, high, log, step} or choices",
+    ),
+    sampler: str | None = typer.Option(
+        None, "--sampler", metavar="NAME", help="grid, random, tpe or nsga2 (default: grid for lists, else tpe)"
+    ),
+    trials: int | None = typer.Option(
+        None, "--trials", min=1, metavar="N", help="the study's budget, all workers together (default: the grid, or 20)"
+    ),
+    time_budget: float | None = typer.Option(
+        None, "--time-budget", min=1, metavar="SECONDS", help="this worker starts no trial after that"
+    ),
+    storage: str | None = typer.Option(
+        None,
+        "--storage",
+        metavar="URL",
+        help="the study's storage: a journal file (default OUT/study.journal), sqlite:///F, postgresql://...",
+    ),
+    study: str | None = typer.Option(None, "--study", metavar="NAME", help="the study's name (default: OUT's name)"),
+    objective: list[str] = typer.Option(
+        [],
+        "--objective",
+        metavar="NAME",
+        help="metric, latency, size or compressed (repeatable; default: metric latency size)",
+    ),
+    worker: bool = typer.Option(
+        False, "--worker", help="join the study in OUT and run trials until its budget is spent"
+    ),
+    status: Path | None = typer.Option(
+        None, "--status", metavar="OUT", help="print a study's progress and front, run nothing"
+    ),
+    heartbeat: int = typer.Option(10, "--heartbeat", min=1, hidden=True, metavar="S"),
+    grace: int = typer.Option(60, "--grace", min=1, hidden=True, metavar="S"),
 ):
-    """Run every combination of a grid of recipe values as its own run; print the table, the Pareto front and the best variant under the recipe's gates (OUT/best links to it). Exit 0 when a variant passes every gate."""  # noqa: E501
+    """Run variants of a recipe, each as its own run; print the table, the Pareto front and the best variant under the recipe's gates (OUT/best links to it). --grid alone runs every combination; --space, --sampler, --trials, --storage or --worker make it an Optuna study that workers on any machine sharing OUT can join. Exit 0 when a variant passes every gate."""  # noqa: E501
 
     def body():
         from optcli import api
+        from optcli.errors import BadInput
         from optcli.report.terminal import console, feedback, render_sweep, show
         from optcli.sweeper import exit_code
 
+        if status is not None:
+            from optcli.report.sweep import progress_line
+            from optcli.study import study_status
+
+            result = study_status(status, storage)
+            _print_json(result) if json_out else show(render_sweep(result))
+            if not json_out:
+                show(progress_line(result))
+            return EXIT_OK
+        if recipe is None or out is None:
+            raise BadInput("optcli sweep: give RECIPE and -o OUT (or --status OUT)")
+        is_study = (
+            any(x is not None for x in (space, sampler, trials, time_budget, storage, study)) or worker or objective
+        )
         err = console()
         progress = feedback(quiet)
         try:
-            result = api.sweep(
-                recipe,
-                out,
-                grid,
-                [*set_, *_inconclusive_set(inconclusive)],
-                jobs=jobs,
-                overwrite=overwrite,
-                resume=resume,
-                quiet=quiet,
-                trust_pickle=trust_pickle,
-                log=progress.log,
-                progress=progress,
-            ).data
+            if is_study:
+                from optcli.study import StudyOptions, run_study
+
+                if resume:
+                    raise BadInput("a study resumes by running the same command again: drop --resume")
+                options = StudyOptions(
+                    out=out,
+                    space=space,
+                    grid=grid,
+                    overrides=[*set_, *_inconclusive_set(inconclusive)],
+                    sampler=sampler,
+                    trials=trials,
+                    time_budget=time_budget,
+                    storage=storage,
+                    study=study,
+                    objectives=objective or None,
+                    jobs=jobs,
+                    worker=worker,
+                    overwrite=overwrite,
+                    heartbeat=heartbeat,
+                    grace=grace,
+                    quiet=quiet,
+                    trust_pickle=trust_pickle,
+                    log=progress.log,
+                    progress=progress,
+                )
+                result = run_study(recipe, options)
+            else:
+                result = api.sweep(
+                    recipe,
+                    out,
+                    grid,
+                    [*set_, *_inconclusive_set(inconclusive)],
+                    jobs=jobs,
+                    overwrite=overwrite,
+                    resume=resume,
+                    quiet=quiet,
+                    trust_pickle=trust_pickle,
+                    log=progress.log,
+                    progress=progress,
+                ).data
         finally:
             progress.close()  # the live display ends before anything else is printed
         crashed = {"name": "run", "limit": None, "value": None, "passed": False}  # a variant whose pass failed
@@ -620,6 +699,7 @@ def sweep(
                 r.get("seconds"),
             )
             for r in result["variants"]
+            if r.get("state", "complete") in ("complete", "failed") and r.get("retried_as") is None
         ]
         _ci_results(junit, suites, out / "sweep.md")
         if json_out:
@@ -628,6 +708,10 @@ def sweep(
                 err.print(render_sweep(result))
         elif not quiet:
             show(render_sweep(result))
+            if result.get("study"):
+                from optcli.report.sweep import progress_line
+
+                show(progress_line(result))
             show(
                 f"wrote {out}/sweep.{{json,md,html}}" + (f"; {out}/best -> {result['best']}" if result["best"] else "")
             )

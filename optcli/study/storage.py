@@ -75,6 +75,7 @@ def open_storage(storage: str | None, out: Path, interval: int, grace: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         # The open(O_EXCL) lock holds on NFSv3+ too, where flock may not: workers on several machines share OUT.
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    storage = _driver(storage)
     try:
         return RDBStorage(
             storage,
@@ -91,6 +92,16 @@ def open_storage(storage: str | None, out: Path, interval: int, grace: int):
     except (optuna.exceptions.StorageInternalError, Exception) as e:  # sqlalchemy's OperationalError and kin
         first = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BadInput(f"--storage {shown_url(storage)}: cannot open it ({first})") from None
+
+
+def _driver(url: str) -> str:
+    """postgresql:// means psycopg2 to SQLAlchemy; with only psycopg (3) installed, use that one."""
+    import importlib.util
+
+    find = importlib.util.find_spec
+    if url.startswith("postgresql://") and find("psycopg2") is None and find("psycopg") is not None:
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
 
 
 def uses_optuna_heartbeat(storage) -> bool:
