@@ -375,7 +375,7 @@ def postgres(tmp_path_factory):
 
 @pytest.mark.parametrize("workers", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_workers_sharing_a_postgresql_study_find_the_same_front_as_one_worker(
-    study_recipe, tmp_path, workers, postgres, one_worker_front
+    postgres, study_recipe, tmp_path, workers, one_worker_front
 ):
     from conftest import run_cli
 
