@@ -29,18 +29,18 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "digits_prune_kd_int8.yaml"
 SPACE = {
     "passes.1.lr": {"low": 1.0e-4, "high": 2.0e-2, "log": True},
-    "passes.1.epochs": {"low": 2, "high": 12},
+    "passes.1.epochs": {"low": 5, "high": 12},
     "passes.0.sparsity": {"low": 0.25, "high": 0.75},
 }
 GRIDS = {  # the same ranges, enumerated: 4 x 2 x 5 = 40 points, or 3 x 2 x 2 = 12 with --quick
     40: {
         "passes.1.lr": [1e-4, 1e-3, 5e-3, 2e-2],
-        "passes.1.epochs": [2, 12],
+        "passes.1.epochs": [5, 12],
         "passes.0.sparsity": [0.25, 0.375, 0.5, 0.625, 0.75],
     },
-    12: {"passes.1.lr": [1e-4, 2e-3, 2e-2], "passes.1.epochs": [2, 12], "passes.0.sparsity": [0.25, 0.75]},
+    12: {"passes.1.lr": [1e-4, 2e-3, 2e-2], "passes.1.epochs": [5, 12], "passes.0.sparsity": [0.25, 0.75]},
 }
-SMALL = {"passes.1.epochs": [2], "passes.0.sparsity": [0.25, 0.5, 0.625, 0.75]}  # throughput: 4 distinct trials
+SMALL = {"passes.1.epochs": [5], "passes.0.sparsity": [0.25, 0.5, 0.625, 0.75]}  # throughput: 4 distinct trials
 
 
 def sets(example: Path) -> list[str]:

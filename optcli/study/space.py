@@ -73,7 +73,9 @@ class Param:
 
     def edge_values(self) -> list:
         """The values that prove the key is valid in the recipe: both ends of a range, every choice."""
-        return list(self.choices) if self.kind == "choice" else [self.low, self.high]
+        if self.kind == "choice":
+            return list(self.choices)
+        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
 
 
 def _number(x) -> bool:
