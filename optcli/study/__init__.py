@@ -143,8 +143,11 @@ def run_study(path: str | Path, options: StudyOptions) -> dict:
         "minimize": minimize,
         "fingerprint": _fingerprint(path, options, params, objectives, sampler),
     }
+    # A database is reached before OUT is touched (a wrong URL leaves nothing behind); a journal file lives in
+    # OUT, so it is opened once OUT is ours.
+    storage = None if journal is not None else open_storage(options.storage, out, options.heartbeat, options.grace)
     joined = outdir.prepare(out, options.overwrite, options.worker, meta)
-    storage = open_storage(options.storage, out, options.heartbeat, options.grace)
+    storage = storage or open_storage(options.storage, out, options.heartbeat, options.grace)
     if options.overwrite and not joined and journal is None:
         try:
             optuna.delete_study(study_name=name, storage=storage)  # --overwrite starts the study afresh
@@ -186,10 +189,8 @@ def run_study(path: str | Path, options: StudyOptions) -> dict:
         log=options.log if options.jobs <= 1 else None,
         progress=options.progress if options.jobs <= 1 else None,
     )
-    try:
-        run_local(job, options.jobs)
-    finally:
-        options.log("writing the study's summary")
+    run_local(job, options.jobs)
+    options.log("writing the study's summary")
     sweep = write_summary(study, meta, out)
     sweep["seconds"] = round(time.perf_counter() - t0, 3)
     return sweep
@@ -225,7 +226,7 @@ def study_status(out: str | Path, storage: str | None = None) -> dict:
     import optuna
 
     from optcli.study import outdir
-    from optcli.study.storage import open_storage
+    from optcli.study.storage import journal_path, open_storage
     from optcli.study.summary import summarize_study
 
     out = Path(out)
@@ -235,6 +236,9 @@ def study_status(out: str | Path, storage: str | None = None) -> dict:
     if storage is None and "://" in meta["storage"] and "***" in meta["storage"]:
         raise BadInput(f"{out}: the study's database URL needs its password: pass --storage URL")
     url = storage or meta["storage"]
+    journal = journal_path(url, out)
+    if journal is not None and not journal.is_file():
+        raise BadInput(f"{out}: the study's journal {journal} is missing; give --storage where the study lives")
     try:
         study = optuna.load_study(study_name=meta["study"], storage=open_storage(url, out, 10, 60))
     except KeyError:

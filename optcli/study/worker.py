@@ -163,7 +163,12 @@ def objective(job: StudyJob, study, trial, log, current: list) -> list[float]:
     for key, value in {**owner(), "error": None, "exit_code": None, "row": None}.items():
         storage.set_trial_user_attr(trial._trial_id, key, value)
     values = suggest(trial, job.params)
-    name = trial_folder(trial.number, values, job.labels)
+    # A folder of its own, always: an earlier study's killed run may have left a locked one of this name
+    # (--overwrite keeps a folder whose lock names a run it cannot prove gone).
+    base = name = trial_folder(trial.number, values, job.labels)
+    n = 2
+    while (job.out / name).exists() or (job.out / name).is_symlink():
+        name, n = f"{base}-{n}", n + 1
     storage.set_trial_user_attr(trial._trial_id, "folder", name)
     storage.set_trial_user_attr(trial._trial_id, "values", values)
     record(job.out, name)
