@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -393,3 +394,71 @@ def test_workers_sharing_a_postgresql_study_find_the_same_front_as_one_worker(
     status = run_cli("sweep", "--status", out, "--json")  # study.json names the database: --status finds it
     assert status.exit_code == 0, status.stderr
     assert json.loads(status.stdout)["study"]["counts"]["complete"] == 4
+
+
+def test_study_page_draws_the_front_history_and_importances_and_says_why_the_best_was_chosen():
+    from optcli.report.sweep import progress_line, render_sweep_html, render_sweep_markdown
+
+    def row(trial, metric, latency, size, state="complete", **extra):
+        done = state == "complete"
+        gates = (
+            [{"name": "max_accuracy_drop", "limit": 0.05, "value": 0.98 - metric, "passed": metric > 0.93}]
+            if done
+            else []
+        )
+        return {
+            "name": f"t{trial:03d}",
+            "folder": f"t{trial:03d}",
+            "trial": trial,
+            "state": state,
+            "values": {"passes.0.sparsity": 0.1 * trial},
+            "metric": metric,
+            "latency_ms": latency,
+            "size_bytes": size,
+            "x": size,
+            "gates": gates,
+            "passed": done and metric > 0.93,
+            "pareto": False,
+            "best": False,
+            **extra,
+        }
+
+    rows = [
+        row(0, 0.97, 1.0, 9000, pareto=True),
+        row(1, 0.95, 0.5, 4000, pareto=True, best=True),
+        row(2, 0.90, 0.4, 3000, pareto=True),  # smaller, but fails the gate
+        row(3, None, None, None, state="failed", error="its worker stopped", retried_as=4),
+        row(4, None, None, None, state="running"),
+    ]
+    sweep = {
+        "recipe": "r.yaml",
+        "grid": {"passes.0.sparsity": None},
+        "minimize": "size",
+        "metric": "accuracy",
+        "variants": rows,
+        "pareto": ["t000", "t001", "t002"],
+        "best": "t001",
+        "passed": True,
+        "errors": [],
+        "importances": {"metric": {"passes.0.sparsity": 1.0}},
+        "study": {
+            "name": "s",
+            "storage": "study.journal",
+            "sampler": "tpe",
+            "trials": 10,
+            "objectives": ["metric", "latency", "size"],
+            "directions": ["maximize", "minimize", "minimize"],
+            "counts": {"complete": 3, "running": 1, "waiting": 0, "failed": 1, "retried": 1},
+        },
+    }
+    assert progress_line(sweep) == "3/10 trials done, 1 running, 1 failed (1 retried), Pareto front: 3"
+    html = render_sweep_html(sweep)
+    for chart in ("pareto", "history", "importance"):
+        assert f'data-chart="{chart}"' in html
+    assert html.count('class="variant') == 3  # the finished trials only; radius grows with size
+    radii = [float(x) for x in re.findall(r'class="variant[^"]*" cx="[\d.]+" cy="[\d.]+" r="([\d.]+)"', html)]
+    assert radii[0] > radii[1] > radii[2]
+    assert html.count('class="failed"') == 1  # the killed trial, in the history
+    assert "smallest size on disk" in html and "t001 passes every gate" in html
+    md = render_sweep_markdown(sweep)
+    assert "failed, retried as trial 4" in md and "| running |" in md

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +59,9 @@ def make_sampler(job: StudyJob):
     if job.sampler == "grid":
         # Every worker, on every machine, must shuffle the grid alike: trial N takes grid point N of that order.
         return optuna.samplers.GridSampler(grid_space(job.params), seed=job.seed or 0)
-    seed = None if job.seed is None else job.seed + job.worker  # workers with one seed would ask the same points
+    # Each process a seed of its own: a worker joining from another shell is worker 0 too, and two samplers
+    # seeded alike ask the same first (random) points. Parallel studies are not reproducible anyway.
+    seed = None if job.seed is None else zlib.crc32(f"{job.seed}:{socket.gethostname()}:{os.getpid()}".encode())
     if job.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if job.sampler == "nsga2":
