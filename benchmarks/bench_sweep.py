@@ -3,6 +3,7 @@ fronts' hypervolume side by side, and trials per minute with 1, 2 and 4 workers.
 
     python benchmarks/bench_sweep.py                 # 40 TPE trials (--jobs 2, then a third worker joins) vs a 40-point grid
     python benchmarks/bench_sweep.py --quick         # 12 vs 12, 4 trials per throughput run: minutes, not an hour
+    python benchmarks/bench_sweep.py --tiny          # 4 vs 4 (a 2 x 1 x 2 grid), for a loaded shared machine
 
 Trains the example CNN (width 32) once, then drives the optcli CLI as a user would: `optcli sweep --space ...
 --sampler tpe --jobs 2`, a third `optcli sweep ... --worker` started from another process while those run, and
@@ -39,6 +40,7 @@ GRIDS = {  # the same ranges, enumerated: 4 x 2 x 5 = 40 points, or 3 x 2 x 2 = 
         "passes.0.sparsity": [0.25, 0.375, 0.5, 0.625, 0.75],
     },
     12: {"passes.1.lr": [1e-4, 2e-3, 2e-2], "passes.1.epochs": [5, 12], "passes.0.sparsity": [0.25, 0.75]},
+    4: {"passes.1.lr": [1e-3, 1e-2], "passes.1.epochs": [5], "passes.0.sparsity": [0.25, 0.75]},
 }
 SMALL = {"passes.1.epochs": [5], "passes.0.sparsity": [0.25, 0.5, 0.625, 0.75]}  # throughput: 4 distinct trials
 
@@ -87,11 +89,13 @@ def front(out: Path) -> tuple[list[list[float]], list[str], dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="12 trials each, 4 per throughput run")
+    parser.add_argument("--tiny", action="store_true", help="4 trials each (a loaded shared machine)")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--workers", default="1,2,4", help="worker counts for the throughput runs")
     args = parser.parse_args()
-    trials = args.trials or (12 if args.quick else 40)
-    grid = GRIDS[12 if args.quick else 40]
+    size = 4 if args.tiny else 12 if args.quick else 40
+    trials = args.trials or size
+    grid = GRIDS[size]
 
     from optcli.examples.digits import make_example
     from optcli.study.front import hypervolume
@@ -133,15 +137,15 @@ def main() -> None:
     ref = [1.1] * len(dirs)
     hv = {k: hypervolume([norm(p) for p in pts], mdirs, ref) for k, (pts, _, _) in fronts.items()}
 
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}")
-    print(f"space: {json.dumps(SPACE)}")
-    print(f"{'study':<28}{'trials done':>12}{'front':>7}{'hypervolume':>13}{'wall s':>9}")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"space: {json.dumps(SPACE)}", flush=True)
+    print(f"{'study':<28}{'trials done':>12}{'front':>7}{'hypervolume':>13}{'wall s':>9}", flush=True)
     for key, label, secs in (
         ("tpe", "TPE, --jobs 2 + 1 worker", tpe_s),
         ("grid", f"grid ({len(list(_points(grid)))} points), --jobs 2", grid_s),
     ):
         pts, _, counts = fronts[key]
-        print(f"{label:<28}{counts['complete']:>12}{len(pts):>7}{hv[key]:>13.4f}{secs:>9.0f}")
+        print(f"{label:<28}{counts['complete']:>12}{len(pts):>7}{hv[key]:>13.4f}{secs:>9.0f}", flush=True)
     print(
         f"hypervolume TPE / grid: {hv['tpe'] / hv['grid']:.3f} (objectives {', '.join(json.loads((tpe / 'sweep.json').read_text())['study']['objectives'])}, normalized, reference 1.1)"
     )
@@ -154,9 +158,9 @@ def main() -> None:
         minutes = (time.perf_counter() - t0) / 60
         rates[n] = front(out)[2]["complete"] / minutes
     base = rates[min(rates)]
-    print("workers  trials/min  vs 1 worker")
+    print("workers  trials/min  vs 1 worker", flush=True)
     for n, r in rates.items():
-        print(f"{n:>7}  {r:>10.2f}  {r / base:>10.2f}x")
+        print(f"{n:>7}  {r:>10.2f}  {r / base:>10.2f}x", flush=True)
 
 
 def _points(grid: dict):
