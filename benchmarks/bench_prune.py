@@ -98,6 +98,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float
 def optcli_run(folder: Path, model: dict, passes: list[dict], eval_npz: Path, threads: int) -> dict:
     from optcli.recipe import load_recipe
     from optcli.runner import RunOptions, run_recipe
+    from optcli.settings import RunSettings
 
     recipe = {
         "model": model,
@@ -108,7 +109,7 @@ def optcli_run(folder: Path, model: dict, passes: list[dict], eval_npz: Path, th
     path = folder / "recipe.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return run_recipe(load_recipe(path), RunOptions(out=folder / "out", overwrite=True, quiet=True))
+    return run_recipe(load_recipe(path), RunOptions(folder / "out", RunSettings(overwrite=True, quiet=True)))
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ def main() -> None:
     grid = GRIDS[size]
 
     from optcli.examples.digits import make_example
-    from optcli.study.front import hypervolume
+    from optcli.verbs.study.front import hypervolume
 
     work = Path(tempfile.mkdtemp(prefix="optcli-bench-sweep-"))
     example = work / "example"

@@ -24,6 +24,12 @@ from optcli.report.summary import INCONCLUSIVE_HINT  # noqa: F401 (said with eve
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 CONFIDENCE = 0.95
 MIN_ROUNDS, MAX_ROUNDS = 5, 20
+# Each round runs a model at least this long. The t-interval assumes rounds see independent states of the machine;
+# a tiny model's 30 calls take ~2 ms, so a whole A/B fitted inside one burst of other work (or one CPU frequency
+# step) and gave intervals that excluded each other run to run (digits CNN at b1: 0.97 [0.95-0.99], then
+# 1.03 [1.02-1.04]). Spread over >= 20 rounds x 2 x 25 ms, the rounds sample the machine's states.
+MIN_ROUND_SECONDS = 0.025
+MAX_RUNS_PER_ROUND = 2000
 
 
 def rounds_for(runs: int) -> tuple[int, int]:
@@ -167,6 +173,15 @@ def takes_batch(inputs, batch: int) -> bool:
     return batch_refusal(inputs, batch) is None
 
 
+def runs_per_round(calls: Sequence[Callable[[], object]], runs: int, timer=_wall) -> int:
+    """At least `runs`, and enough that a round of the faster model lasts MIN_ROUND_SECONDS (a probe of 3 calls
+    each, after the warm-up, sizes it)."""
+    cost = min(float(np.median([timer(call) for _ in range(3)])) for call in calls)
+    if cost <= 0 or not math.isfinite(cost):
+        return runs
+    return max(runs, min(MAX_RUNS_PER_ROUND, math.ceil(MIN_ROUND_SECONDS / cost)))
+
+
 def compare_runners(base, new, batch_sizes: Sequence[int], warmup: int, runs: int, timer=_wall) -> dict[str, Ratio]:
     """new/base time ratio per batch size the models take (measure.Runner objects on the same inputs)."""
     rounds, per_round = rounds_for(runs)
@@ -176,5 +191,10 @@ def compare_runners(base, new, batch_sizes: Sequence[int], warmup: int, runs: in
             continue
         feeds = feeds_for(base.inputs, batch)
         calls = [functools.partial(base, feeds), functools.partial(new, feeds)]
-        out[f"batch_{batch}"] = measure_ratio(*calls, rounds, per_round, max(1, min(warmup, 10)), timer)
+        warm = max(1, min(warmup, 10))
+        for call in calls:
+            for _ in range(warm):
+                call()
+        per_batch = runs_per_round(calls, per_round, timer)
+        out[f"batch_{batch}"] = measure_ratio(*calls, rounds, per_batch, 0, timer)
     return out

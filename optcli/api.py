@@ -110,7 +110,7 @@ class SweepReport:
 
     @property
     def exit_code(self) -> int:
-        from optcli.sweeper import exit_code
+        from optcli.verbs.sweeper import exit_code
 
         return exit_code(self.data)
 
@@ -166,17 +166,17 @@ def run(
     from optcli.passes.finetune.launch import cli_overrides
     from optcli.recipe import load_recipe
     from optcli.runner import RunOptions, run_recipe
+    from optcli.settings import RunSettings
 
     rec = load_recipe(recipe, overrides=set_items(overrides))
     launch = cli_overrides(rec, **(distributed or {}))
+    settings = RunSettings(
+        overwrite=overwrite, resume=resume, quiet=quiet, trust_pickle=trust_pickle, debug=debug, distributed=launch
+    )
     options = RunOptions(
         out=Path(out),
-        overwrite=overwrite,
-        resume=resume,
-        quiet=quiet,
-        trust_pickle=trust_pickle,
+        settings=settings,
         log=log or (lambda m: None),
-        extra={"distributed": launch, "debug": debug},
         progress=progress,
         recipe_path=Path(recipe),
     )
@@ -198,7 +198,7 @@ def sweep(
     progress=None,
 ) -> SweepReport:
     """Run every combination of the grid (merged over the recipe's sweep: block) as its own run under OUT."""
-    from optcli.sweeper import SweepOptions, sweep_recipe
+    from optcli.verbs.sweeper import SweepOptions, sweep_recipe
 
     items = [f"{k}={json.dumps(list(v))}" for k, v in grid.items()] if isinstance(grid, Mapping) else list(grid or [])
     options = SweepOptions(

@@ -12,6 +12,7 @@ from pydantic import Field, ValidationError, create_model
 from optcli.config import ONNX_SUFFIXES, TORCH_SUFFIXES, DataSource, ModelSpec, StrictModel, unknown_suffix
 from optcli.errors import BadInput
 from optcli.passes import all_passes, get_pass
+from optcli.passes.base import PassConfig
 
 
 class DataSpec(StrictModel):
@@ -80,25 +81,27 @@ class SweepSpec(StrictModel):
     )
 
 
+class Recipe(StrictModel):
+    """A validated recipe as the type checker sees it: every section but the passes is static.
+
+    `passes` is narrowed at run time by recipe_model() to the union of the registered passes' configs (each
+    `type:` picks its own class); here it is the pass contract every config shares."""
+
+    model: ModelSpec
+    data: DataSpec = DataSpec()
+    passes: list[PassConfig] = Field(default_factory=list)
+    report: ReportSpec = ReportSpec()
+    gates: Gates = Gates()
+    sweep: SweepSpec | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+
+
 @functools.cache
-def recipe_model() -> type[StrictModel]:
+def recipe_model() -> type[Recipe]:
     """The Recipe class, built from the registered passes so each `type:` picks its own config class."""
     configs = tuple(p.config for p in all_passes())
     PassUnion = Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007 (runtime tuple)
-    return create_model(
-        "Recipe",
-        __base__=StrictModel,
-        model=(ModelSpec, ...),
-        data=(DataSpec, DataSpec()),
-        passes=(list[PassUnion], Field(default_factory=list)),
-        report=(ReportSpec, ReportSpec()),
-        gates=(Gates, Gates()),
-        sweep=(SweepSpec | None, None),
-        seed=(Annotated[int, Field(ge=0, le=2**32 - 1)], 0),
-    )
-
-
-Recipe = Any  # an instance of recipe_model(); kept loose for type hints in other modules
+    return create_model("Recipe", __base__=Recipe, passes=(list[PassUnion], Field(default_factory=list)))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_files: bool = True) -> Recipe:

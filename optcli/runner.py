@@ -28,6 +28,7 @@ from optcli.passes import get_pass
 from optcli.passes.base import Context
 from optcli.report import write_reports
 from optcli.report.summary import baseline_index, step_comparisons, summary
+from optcli.settings import RunSettings
 from optcli.steps import (
     OutputFolder,
     StepCache,
@@ -47,12 +48,8 @@ LOW_DISK = 16 << 20  # bytes free below which a failing pass is reported as a fu
 @dataclass
 class RunOptions:
     out: Path
-    overwrite: bool = False
-    resume: bool = False
-    quiet: bool = False
-    trust_pickle: bool = False
+    settings: RunSettings = field(default_factory=RunSettings)
     log: Callable[[str], None] = lambda msg: None
-    extra: dict = field(default_factory=dict)  # per-pass runtime options (distributed flags ...)
     step_cache: StepCache | None = None  # finished steps shared with other runs (a sweep's variants)
     progress: Any = None  # a report.terminal.Feedback (bars on a terminal, lines in CI); None: silent
     recipe_path: Path | None = None  # an input like the model: an output folder holding it is refused
@@ -93,11 +90,11 @@ def first_output_shape(path: Path) -> tuple | None:
 
 
 def run_recipe(recipe, options: RunOptions) -> dict:
-    original, data = preflight(recipe, options.trust_pickle)
+    original, data = preflight(recipe, options.settings.trust_pickle)
     sources = [s for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None]
     inputs = [recipe.model.path] + [p for s in sources for p in (s.path, s.text) if p is not None]
     inputs += [options.recipe_path] if options.recipe_path is not None else []
-    folder = OutputFolder(options.out, options.overwrite, options.resume, inputs)
+    folder = OutputFolder(options.out, options.settings.overwrite, options.settings.resume, inputs)
     try:
         report = _run(recipe, options, folder, original, data)
         # Written while the folder is still locked, so a concurrent --overwrite run cannot interleave with them.
@@ -150,7 +147,16 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     defaults = "gates" not in recipe.model_fields_set or (bool(named) and named <= {"inconclusive"})
     base = baseline_index({"steps": steps})
     ab = _speed_ab(run, models, steps, base)
-    gates = check_gates(recipe.gates, steps, defaults, base, ab, recipe.gates.inconclusive, recipe.passes)
+    gates = check_gates(
+        recipe.gates,
+        steps,
+        defaults,
+        base,
+        ab,
+        recipe.gates.inconclusive,
+        recipe.passes,
+        recheck=lambda: _speed_ab(run, models, steps, base),
+    )
     report = {
         "optcli_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
@@ -239,7 +245,7 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     options, folder = run.options, run.folder
     spec = get_pass(config.type)
     done = folder.root / "steps" / name / "step.json"
-    record = finished_step(done, key) if options.resume and not spec.rerun_on_resume else None
+    record = finished_step(done, key) if options.settings.resume and not spec.rerun_on_resume else None
     if record is not None:
         options.log(f"{name}: unchanged since the last run, reusing it (--resume)")
         run.reused[name] = "resume"
@@ -258,9 +264,9 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
         reference=run.original,
         data=run.data,
         seed=run.recipe.seed,
-        quiet=options.quiet,
         log=options.log,
-        options=dict(options.extra, resume_dir=str(folder.root / "steps" / name)),
+        settings=options.settings,
+        resume_dir=folder.root / "steps" / name,
         **({"progress": options.progress} if options.progress is not None else {}),
     )
     started = time.perf_counter()

@@ -1,4 +1,6 @@
-"""Shared fixtures: a small digits CNN in every format, built once per test session, and a CLI driver."""
+"""Shared fixtures: a small digits CNN in every format, built once per test session, the tiers' markers, and a CLI
+driver. The helper modules beside this file (models.py, hf_models.py, ...) import the same way from every tier: pytest
+puts this folder on sys.path for its conftest."""
 
 from __future__ import annotations
 
@@ -15,7 +17,15 @@ from typer.testing import CliRunner
 
 from optcli.cli import app
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+TIERS = ("unit", "e2e")  # tests/<tier>/...: each test gets its tier's marker (pytest -m unit, or pytest tests/unit)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.is_relative_to(TESTS) and item.path.relative_to(TESTS).parts[0] in TIERS:
+            item.add_marker(item.path.relative_to(TESTS).parts[0])
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from optcli.config import StrictModel
+from optcli.settings import RunSettings
 
 if TYPE_CHECKING:
     from optcli.model import Model
@@ -38,15 +39,21 @@ class Context:
     reference: Model
     data: Any  # optcli.data.DataCatalog
     seed: int = 0
-    quiet: bool = False
     log: Callable[[str], None] = print
     # Anything the pass wants in its report step (exporter used, max error, training curve ...).
     details: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    # Filled by the runner for passes that resume (fine-tune epochs); empty otherwise.
-    options: dict = field(default_factory=dict)
+    # The run's flags (--quiet, --debug, --nproc-per-node ...), typed.
+    settings: RunSettings = field(default_factory=RunSettings)
+    # The step's folder once finished, set by the runner: a pass that resumes (fine-tune epochs) keeps its state
+    # beside it. None outside a run.
+    resume_dir: Path | None = None
     # A report.terminal.Feedback: `with ctx.progress.task("calibration", total=n) as t: ... t.advance()`.
     progress: Any = field(default_factory=lambda: silent_feedback())
+
+    @property
+    def quiet(self) -> bool:
+        return self.settings.quiet
 
     def warn(self, message: str) -> None:
         self.warnings.append(f"{self.step_name}: {message}")

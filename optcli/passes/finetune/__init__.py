@@ -163,7 +163,7 @@ def apply(model, config: Config, ctx: Context):
 
     _check_fit(student, teacher, train_data, eval_data, names)
 
-    checkpoints = Path(ctx.options["resume_dir"] + ".ckpt") if ctx.options.get("resume_dir") else None
+    checkpoints = Path(f"{ctx.resume_dir}.ckpt") if ctx.resume_dir is not None else None
     job = TrainJob(
         config=config,
         student=student,

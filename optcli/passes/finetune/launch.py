@@ -199,7 +199,7 @@ def run_training(job, config, ctx) -> tuple[Any, dict]:
 
     from optcli.passes.finetune.loop import Env, train
 
-    dist_cfg = with_overrides(config.distributed, ctx.options.get("distributed"))
+    dist_cfg = with_overrides(config.distributed, dict(ctx.settings.distributed))
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = config.device if config.device != "auto" else ("cuda" if cuda_count else "cpu")
     nproc = nproc_for(dist_cfg, device, cuda_count)
@@ -223,7 +223,7 @@ def run_training(job, config, ctx) -> tuple[Any, dict]:
         "device": device,
         "backend": dist_cfg.backend,
         "quiet": ctx.quiet,
-        "debug": bool(ctx.options.get("debug")),
+        "debug": ctx.settings.debug,
     }
     result, info = launch(job, dist_cfg, nproc, settings, ctx.step_dir, ctx.step_name, ctx.log)
     return result, _world_figures(result, world, nproc, info["backend"], info["devices"], config, job)

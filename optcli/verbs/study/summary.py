@@ -12,7 +12,7 @@ import math
 import warnings
 from pathlib import Path
 
-from optcli.study.front import front_indices, row_values
+from optcli.verbs.study.front import front_indices, row_values
 
 STATES = ("complete", "running", "waiting", "failed")
 
@@ -23,7 +23,7 @@ def _state(t) -> str:
 
 
 def trial_rows(study) -> list[dict]:
-    from optcli.study.worker import counted
+    from optcli.verbs.study.worker import counted
 
     trials = study.get_trials(deepcopy=False)
     keep = {t.number for t in counted(trials)} | {t.number for t in trials if t.state.name == "FAIL"}
@@ -85,8 +85,8 @@ def importances(study, objectives: list[str]) -> dict[str, dict[str, float]]:
 def summarize_study(study, meta: dict, out: Path, with_importances: bool = True) -> dict:
     """The sweep dict of the study now; meta is study.json (recipe, objectives, minimize, sampler, budget)."""
     from optcli import __version__
-    from optcli.study.front import directions
-    from optcli.sweeper import choose_best, original_figures, sweep_busy
+    from optcli.verbs.study.front import directions
+    from optcli.verbs.sweeper import choose_best, original_figures, sweep_busy
 
     objectives = meta["objectives"]
     rows = trial_rows(study)

@@ -347,5 +347,5 @@ def test_epoch_progress_shows_epoch_loss_metric_and_rate_and_is_silent_when_disa
     quiet.close()
 
 
-if __name__ == "__main__":  # render a preview: python tests/test_report_render.py /tmp/report_preview.html
+if __name__ == "__main__":  # render a preview: python tests/unit/report/test_report_render.py /tmp/report_preview.html
     Path(sys.argv[1] if len(sys.argv) > 1 else "report_preview.html").write_text(rep.render_html(make_report()))

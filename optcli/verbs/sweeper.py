@@ -249,6 +249,7 @@ def run_variant(job: VariantJob, log: Callable[[str], None] | None = None, progr
     """One variant's run; errors come back as values ({error, exit_code}): a worker's exception may not unpickle."""
     from optcli.recipe import load_recipe
     from optcli.runner import RunOptions, run_recipe
+    from optcli.settings import RunSettings
     from optcli.steps import StepCache
 
     if log is None:  # a worker process: plain lines (bars from parallel processes would overwrite each other)
@@ -261,9 +262,7 @@ def run_variant(job: VariantJob, log: Callable[[str], None] | None = None, progr
         recipe = load_recipe(job.recipe, overrides=job.overrides)
         options = RunOptions(
             out=job.out,
-            resume=job.resume,
-            quiet=job.quiet,
-            trust_pickle=job.trust_pickle,
+            settings=RunSettings(resume=job.resume, quiet=job.quiet, trust_pickle=job.trust_pickle),
             log=log,
             step_cache=cache,
             progress=progress,

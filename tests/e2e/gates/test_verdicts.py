@@ -108,6 +108,35 @@ def test_default_speed_gate_fails_only_a_model_slower_with_confidence_and_not_we
     assert "max_slowdown (default)" not in {g["name"] for g in allowed}
 
 
+def test_default_speed_gate_fails_only_when_a_second_ab_confirms_the_slowdown():
+    slower, quiet = {"batch_1": _ratio(1.8, 1.6, 2.0)}, {"batch_1": _ratio(1.0, 0.9, 1.1)}
+    (confirmed,) = [
+        g for g in default_gates(_steps(), 0, slower, speed=True, recheck=lambda: slower) if "slowdown" in g["name"]
+    ]
+    assert confirmed["verdict"] == FAILS and not confirmed["passed"] and "two A/B" in confirmed["note"]
+    (burst,) = [
+        g for g in default_gates(_steps(), 0, slower, speed=True, recheck=lambda: quiet) if "slowdown" in g["name"]
+    ]
+    assert burst["verdict"] == INCONCLUSIVE and burst["passed"] and "re-measurement did not" in burst["note"]
+    assert burst["value"] == pytest.approx(1.0)  # the gate shows the measurement it ended on
+
+
+def test_default_speed_gate_forgives_a_few_percent_a_busy_machine_cannot_resolve():
+    # 1.07x [1.06-1.08]: slower with confidence, but under the 10 % minimum effect the default gate asks for.
+    slightly = {"batch_1": _ratio(1.07, 1.06, 1.08)}
+    (gate,) = [g for g in default_gates(_steps(), 0, slightly, speed=True) if "slowdown" in g["name"]]
+    assert gate["verdict"] == HOLDS and gate["passed"]
+
+
+def test_a_tiny_models_rounds_last_long_enough_to_sample_the_machine():
+    from optcli.abtest import MIN_ROUND_SECONDS, runs_per_round
+
+    fast = [lambda: 50e-6, lambda: 60e-6]  # 50 us per call: 30 calls would fit inside one burst of other work
+    assert runs_per_round(fast, 6, timer=lambda call: call()) * 50e-6 >= MIN_ROUND_SECONDS
+    slow = [lambda: 0.2, lambda: 0.3]  # a real model: the recipe's runs already take long enough
+    assert runs_per_round(slow, 6, timer=lambda call: call()) == 6
+
+
 # --------------------------------------------------------------------------- the CLI, as a user runs it
 
 

@@ -237,8 +237,8 @@ def test_signal_outside_a_guarded_command_still_exits_130():
     for sig in ("SIGINT", "SIGTERM"):
         code = (
             "import os, signal, sys\n"
-            "import optcli.catalog\n"
-            f"optcli.catalog.pass_catalog = lambda: os.kill(os.getpid(), signal.{sig})\n"
+            "import optcli.verbs.catalog\n"
+            f"optcli.verbs.catalog.pass_catalog = lambda: os.kill(os.getpid(), signal.{sig})\n"
             "from optcli.cli import main\n"
             "sys.argv = ['optcli', 'passes']\n"
             "main()\n"

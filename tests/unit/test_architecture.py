@@ -1,15 +1,18 @@
-"""The layers the README's Architecture section describes, checked on the code: an import only points down."""
+"""The layers the README's Architecture section describes, checked on the code: an import only points down; and the
+tests' own layout (docs/testing.md): every test file in a tier folder."""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "optcli"
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "optcli"
 
 # Lowest first. A module may import its own layer or any layer below, never one above.
 LAYERS = [
-    ["optcli", "optcli.config", "optcli.errors"],
+    ["optcli", "optcli.config", "optcli.errors", "optcli.settings"],
     ["optcli.model", "optcli.library_warnings", "optcli.environment", "optcli.report"],
     [
         "optcli.artifact",
@@ -24,12 +27,15 @@ LAYERS = [
     ["optcli.passes.base"],
     ["optcli.passes.*"],  # the pass families
     ["optcli.passes"],  # the registry
-    ["optcli.recipe", "optcli.catalog"],
+    ["optcli.recipe", "optcli.verbs.catalog"],
     ["optcli.steps", "optcli.owned", "optcli.gates"],
-    ["optcli.runner", "optcli.inspect", "optcli.bench", "optcli.compare", "optcli.starter", "optcli.sweeper"],
+    ["optcli.runner", "optcli.verbs"],  # the single-verb cores (inspect, bench, compare, init, sweep)
     ["optcli.api"],  # run / validate / sweep for Python callers; the package face re-exports it lazily (PEP 562)
-    ["optcli.cli", "optcli.__main__", "optcli.examples"],
+    ["optcli.cli", "optcli.__main__", "optcli.examples"],  # the command line: one module per verb
 ]
+
+# Named like a standard-library module before this rule; renaming them is left to the branches that own them.
+STDLIB_NAMED_BEFORE_THE_RULE = {"optcli/report/html.py", "optcli/passes/quantize/profile.py"}
 
 
 def module_name(path: Path) -> str:
@@ -105,3 +111,39 @@ def test_no_private_name_crosses_a_module_boundary():
     assert not wrong, (
         "private names imported from another module (make them public, named for that use):\n" + "\n".join(wrong)
     )
+
+
+def test_no_module_is_named_like_a_standard_library_module():
+    # optcli/inspect.py once shadowed `inspect` for anything run with optcli/ on sys.path (a script beside it,
+    # a debugger, a tool's import mode); a name of our own never does.
+    stdlib = {name for name in sys.stdlib_module_names if not name.startswith("_")}
+    wrong = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in [*PACKAGE.rglob("*.py"), *(p for p in PACKAGE.rglob("*") if p.is_dir())]
+        if path.stem in stdlib and str(path.relative_to(PACKAGE.parent)) not in STDLIB_NAMED_BEFORE_THE_RULE
+    ]
+    assert not wrong, "modules named like a standard-library module (rename them): " + ", ".join(sorted(wrong))
+
+
+TESTS = REPO / "tests"
+TIERS = ("unit", "e2e")
+
+
+def test_every_test_file_lives_in_a_tier_folder_laid_out_like_the_code():
+    wrong = [
+        str(path.relative_to(REPO))
+        for path in TESTS.rglob("test_*.py")
+        if path.relative_to(TESTS).parts[0] not in TIERS
+    ]
+    assert not wrong, (
+        "test files outside tests/unit or tests/e2e (move each with git mv to the tier and the folder of the code it "
+        "checks, e.g. tests/e2e/passes/prune/; see docs/testing.md):\n" + "\n".join(wrong)
+    )
+
+
+def test_test_file_names_are_unique_across_the_tiers():
+    # pytest imports test files by their bare name (no __init__.py in tests/), so two of one name would collide.
+    seen: dict[str, list[str]] = {}
+    for path in TESTS.rglob("test_*.py"):
+        seen.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    assert not [v for v in seen.values() if len(v) > 1], [v for v in seen.values() if len(v) > 1]

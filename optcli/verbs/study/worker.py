@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optcli.study.space import Param, suggest, trial_folder, values_to_overrides
+from optcli.verbs.study.space import Param, suggest, trial_folder, values_to_overrides
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TrialFailed(Exception):
 def make_sampler(job: StudyJob):
     import optuna
 
-    from optcli.study.space import grid_space
+    from optcli.verbs.study.space import grid_space
 
     if job.sampler == "grid":
         # Every worker, on every machine, must shuffle the grid alike: trial N takes grid point N of that order.
@@ -72,7 +72,7 @@ def make_sampler(job: StudyJob):
 def load(job: StudyJob):
     import optuna
 
-    from optcli.study.storage import open_storage
+    from optcli.verbs.study.storage import open_storage
 
     storage = open_storage(job.storage, job.out, job.interval, job.grace)
     return optuna.load_study(study_name=job.study, storage=storage, sampler=make_sampler(job))
@@ -110,7 +110,7 @@ def work(job: StudyJob) -> int:
     trials popped first, a database's heartbeat thread and stale-trial check, the grid sampler's stop."""
     from optuna.trial import TrialState
 
-    from optcli.study.storage import fail_stale_trials
+    from optcli.verbs.study.storage import fail_stale_trials
 
     log = _log(job)
     study = load(job)
@@ -152,10 +152,10 @@ def objective(job: StudyJob, study, trial, log, current: list) -> list[float]:
     """One trial: its values, its run in OUT/<folder>, its objective values (TrialFailed when it has none)."""
     import optuna
 
-    from optcli.study.front import row_values
-    from optcli.study.outdir import record
-    from optcli.study.storage import Heartbeat, owner, uses_optuna_heartbeat
-    from optcli.sweeper import Variant, VariantJob, run_variant, variant_row
+    from optcli.verbs.study.front import row_values
+    from optcli.verbs.study.outdir import record
+    from optcli.verbs.study.storage import Heartbeat, owner, uses_optuna_heartbeat
+    from optcli.verbs.sweeper import Variant, VariantJob, run_variant, variant_row
 
     storage = study._storage
     current.append(trial._trial_id)
@@ -220,7 +220,7 @@ def objective(job: StudyJob, study, trial, log, current: list) -> list[float]:
 
 def worker_process(job: StudyJob) -> None:
     """A --jobs process: Ctrl-C is the parent's to decide; its SIGTERM stops the trial here (re-queued)."""
-    from optcli.sweeper import worker_init
+    from optcli.verbs.sweeper import worker_init
 
     worker_init()
     try:

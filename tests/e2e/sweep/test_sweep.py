@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import digits_recipe, run_cli, write_recipe
 
-from optcli.sweeper import choose_best, expand, pareto_front, parse_grid
+from optcli.verbs.sweeper import choose_best, expand, pareto_front, parse_grid
 
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
 PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]

@@ -1,7 +1,7 @@
 """`optcli sweep` as an Optuna study: a search space, a sampler, a budget, and storage that any number of workers
 (here or on other machines sharing OUT) open to run trials, each a complete optcli run.
 
-    from optcli.study import StudyOptions, run_study, study_status
+    from optcli.verbs.study import StudyOptions, run_study, study_status
     sweep = run_study("recipe.yaml", StudyOptions(out=Path("out"), space=Path("space.yaml"), trials=40, jobs=2))
 
 space.py reads the space, front.py compares trials, storage.py opens the study's storage and finds dead workers,
@@ -53,9 +53,9 @@ def _plan(path: Path, options: StudyOptions):
 
     from optcli.measure import higher_is_better
     from optcli.recipe import load_recipe
-    from optcli.study.front import DEFAULT_OBJECTIVES, check_objectives
-    from optcli.study.space import grid_size, load_space, values_to_overrides
-    from optcli.sweeper import key_label, parse_grid
+    from optcli.verbs.study.front import DEFAULT_OBJECTIVES, check_objectives
+    from optcli.verbs.study.space import grid_size, load_space, values_to_overrides
+    from optcli.verbs.sweeper import key_label, parse_grid
 
     base = load_recipe(path, overrides=options.overrides)
     spec = base.sweep
@@ -108,10 +108,10 @@ def run_study(path: str | Path, options: StudyOptions) -> dict:
 
     from optcli.runner import preflight
     from optcli.steps import inside
-    from optcli.study import outdir
-    from optcli.study.front import directions
-    from optcli.study.storage import journal_path, open_storage, shown_url
-    from optcli.study.worker import StudyJob, run_local
+    from optcli.verbs.study import outdir
+    from optcli.verbs.study.front import directions
+    from optcli.verbs.study.storage import journal_path, open_storage, shown_url
+    from optcli.verbs.study.worker import StudyJob, run_local
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -208,9 +208,9 @@ def _spec(p) -> Any:
 def write_summary(study, meta: dict, out: Path) -> dict:
     """sweep.json|md|html and OUT/best from the study now (under the folder's flock: workers finish at once)."""
     from optcli.report.sweep import write_sweep_reports
-    from optcli.study import outdir
-    from optcli.study.summary import summarize_study
-    from optcli.sweeper import point_best
+    from optcli.verbs.study import outdir
+    from optcli.verbs.study.summary import summarize_study
+    from optcli.verbs.sweeper import point_best
 
     sweep = summarize_study(study, meta, out)
     with outdir.locked(out):
@@ -225,9 +225,9 @@ def study_status(out: str | Path, storage: str | None = None) -> dict:
     the current front, the best so far. Reads; writes nothing."""
     import optuna
 
-    from optcli.study import outdir
-    from optcli.study.storage import journal_path, open_storage
-    from optcli.study.summary import summarize_study
+    from optcli.verbs.study import outdir
+    from optcli.verbs.study.storage import journal_path, open_storage
+    from optcli.verbs.study.summary import summarize_study
 
     out = Path(out)
     meta = outdir.read_study_file(out)

@@ -21,14 +21,13 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import REPO, CliResult, run_cli, write_recipe
+from conftest import REPO, TESTS, CliResult, run_cli, write_recipe
 
 from optcli.errors import BadInput
 from optcli.passes.finetune import launch as D
 from optcli.passes.finetune import loop
 from optcli.passes.finetune.config import DistributedConfig
 
-TESTS = Path(__file__).resolve().parent
 TRAIN_SAMPLES, GLOBAL_BATCH = 512, 32  # 16 global steps per epoch; 512 % 32 == 0, so no rank gets padded samples
 STEPS_PER_EPOCH = TRAIN_SAMPLES // GLOBAL_BATCH
 

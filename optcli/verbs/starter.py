@@ -252,7 +252,7 @@ def already_int8(model) -> str | None:
 
     module = model.module
     if isinstance(module, torch.jit.ScriptModule):
-        from optcli.inspect import node_kinds
+        from optcli.verbs.inspection import node_kinds
 
         ops = Counter(k for k in node_kinds(module.inlined_graph) if k.startswith("quantized::"))
         return ", ".join(f"{k} {op}" for op, k in ops.most_common(3)) or None

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import run_cli, write_recipe
+from conftest import REPO, run_cli, write_recipe
 from hf_models import SENTENCES, tiny_bert, write_text
 
 LATENCY = {"latency": {"batch_sizes": [4], "warmup": 1, "runs": 3, "threads": 1}}
@@ -218,7 +218,7 @@ def test_the_shipped_minilm_recipe_runs_from_a_sentence_transformers_folder(tmp_
     import yaml
     from hf_models import sentence_transformers_layout
 
-    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "minilm_hf_int8.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "configs" / "minilm_hf_int8.yaml").read_text())
     folder = sentence_transformers_layout(tiny_bert(tmp_path / "bert"), tmp_path / "minilm-like")
     write_text(tmp_path / "calib.txt", SENTENCES * 3)
     write_text(tmp_path / "eval.txt", SENTENCES * 2)
@@ -251,7 +251,7 @@ def test_the_shipped_minilm_int4_recipe_meets_its_target_with_int8_where_it_must
     import yaml
     from hf_models import sentence_transformers_layout
 
-    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "minilm_hf_int4.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "configs" / "minilm_hf_int4.yaml").read_text())
     folder = sentence_transformers_layout(tiny_bert(tmp_path / "bert"), tmp_path / "minilm-like")
     write_text(tmp_path / "eval.txt", SENTENCES * 2)
     shipped["model"]["path"] = str(folder)
