@@ -4,6 +4,7 @@ fronts' hypervolume side by side, and trials per minute with 1, 2 and 4 workers.
     python benchmarks/bench_sweep.py                 # 40 TPE trials (--jobs 2, then a third worker joins) vs a 40-point grid
     python benchmarks/bench_sweep.py --quick         # 12 vs 12, 4 trials per throughput run: minutes, not an hour
     python benchmarks/bench_sweep.py --tiny          # 4 vs 4 (a 2 x 1 x 2 grid), for a loaded shared machine
+    python benchmarks/bench_sweep.py --throughput-only   # trials/min only, on a cheap recipe (no fine-tune)
 
 Trains the example CNN (width 32) once, then drives the optcli CLI as a user would: `optcli sweep --space ...
 --sampler tpe --jobs 2`, a third `optcli sweep ... --worker` started from another process while those run, and
@@ -92,6 +93,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="4 trials each (a loaded shared machine)")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--workers", default="1,2,4", help="worker counts for the throughput runs")
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only trials/min with 1, 2, 4 workers, on a cheap recipe (export + dynamic int8 of the digits CNN, "
+        "8 grid points): for a machine too loaded for the fine-tuning recipe",
+    )
     args = parser.parse_args()
     size = 4 if args.tiny else 12 if args.quick else 40
     trials = args.trials or size
@@ -102,6 +109,10 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="optcli-bench-sweep-"))
     example = work / "example"
+    if args.throughput_only:
+        make_example(example, width=16, epochs=4, formats=("pt",))
+        cheap_throughput(work, example, [int(x) for x in args.workers.split(",")])
+        return
     make_example(example, width=32, epochs=8, formats=("pt",))
     (work / "space.yaml").write_text(json.dumps(SPACE))
     (work / "grid.yaml").write_text(json.dumps(grid))
@@ -157,6 +168,44 @@ def main() -> None:
         run(sweep_cmd(out, work / "small.yaml", example, "--sampler", "grid", "--jobs", str(n)))
         minutes = (time.perf_counter() - t0) / 60
         rates[n] = front(out)[2]["complete"] / minutes
+    base = rates[min(rates)]
+    print("workers  trials/min  vs 1 worker", flush=True)
+    for n, r in rates.items():
+        print(f"{n:>7}  {r:>10.2f}  {r / base:>10.2f}x", flush=True)
+
+
+def cheap_throughput(work: Path, example: Path, workers: list[int]) -> None:
+    import yaml
+
+    recipe = {
+        "model": {
+            "path": str(example / "digits_cnn.pt"),
+            "factory": "optcli.examples.digits:build_cnn",
+            "factory_kwargs": {"width": 16},
+            "inputs": [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32"}],
+        },
+        "data": {
+            "calibration": {"path": str(example / "digits_calib.npz"), "samples": 64},
+            "eval": {"path": str(example / "digits_test.npz"), "labels": "y"},
+        },
+        "passes": [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}],
+        "report": {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 10, "threads": 1}},
+    }
+    (work / "cheap.yaml").write_text(yaml.safe_dump(recipe))
+    space = {"passes.1.per_channel": [True, False], "passes.1.reduce_range": [False, True], "passes.0.opset": [17, 18]}
+    (work / "cheap-space.yaml").write_text(json.dumps(space))
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}", flush=True)
+    print("recipe: export + dynamic int8 of the digits CNN (width 16); 8 grid points per run", flush=True)
+    rates = {}
+    for n in workers:
+        out = work / f"cheap-{n}"
+        cmd = [sys.executable, "-m", "optcli", "sweep", str(work / "cheap.yaml"), "-o", str(out)]
+        cmd += ["--space", str(work / "cheap-space.yaml"), "--sampler", "grid", "--jobs", str(n), "-q"]
+        t0 = time.perf_counter()
+        run(cmd)
+        minutes = (time.perf_counter() - t0) / 60
+        rates[n] = front(out)[2]["complete"] / minutes
+        print(f"{n} workers: {front(out)[2]['complete']} trials in {minutes * 60:.0f} s", flush=True)
     base = rates[min(rates)]
     print("workers  trials/min  vs 1 worker", flush=True)
     for n, r in rates.items():

@@ -101,8 +101,8 @@ SweepJunit = Annotated[
 
 
 def sweep(
-    recipe: SweepRecipe,
-    out: SweepOut,
+    recipe: SweepRecipe = None,
+    out: SweepOut = None,
     grid: Grid = [],  # noqa: B006 (never mutated: Typer reads it as the default)
     set_: EverySet = [],  # noqa: B006
     jobs: Jobs = 1,

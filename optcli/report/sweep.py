@@ -29,6 +29,8 @@ def _value(v) -> str:
         return "on"
     if v is False:
         return "off"
+    if isinstance(v, float):
+        return f"{v:.4g}"  # a sampler's float (0.000383971698752...) read at a glance
     if isinstance(v, dict):
         return json.dumps(v, sort_keys=True)
     return str(v)
@@ -81,6 +83,8 @@ def sweep_table(sweep: dict) -> tuple[list[str], list[list[str]]]:
         )
     for r in rows:
         mark = ("★ best" if r.get("best") else "") + (" ◆" if r.get("pareto") else "")
+        if r.get("state") in ("running", "waiting", "failed"):  # a study's trial not (or never) finished
+            mark = r["state"]
         out.append(
             [
                 r["name"],
