@@ -18,68 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optcli.report.model import Gate, Paths, Report, Step
+
+__all__ = ["Gate", "Paths", "Report", "Step", "SweepReport", "Variant", "run", "sweep", "validate"]
+
 Overrides = Mapping[str, Any] | list[str] | tuple[str, ...] | None
-
-
-@dataclass(frozen=True)
-class Gate:
-    name: str
-    limit: Any
-    value: Any
-    passed: bool
-    note: str | None = None
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    type: str | None
-    format: str
-    path: str
-    size_bytes: int
-    compressed_bytes: int
-    parameters: int | None
-    sparsity: float | None
-    latency: dict
-    accuracy: dict | None
-    fidelity: dict | None
-    seconds: float
-    details: dict
-
-
-@dataclass(frozen=True)
-class Paths:
-    out: Path
-    model: Path
-    report_json: Path
-    report_md: Path
-    report_html: Path
-
-
-@dataclass(frozen=True)
-class Report:
-    """A run's report: typed views of report.json (steps, gates) plus the whole of it as `data`."""
-
-    steps: list[Step]
-    gates: list[Gate]
-    passed: bool
-    paths: Paths
-    data: dict
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.passed else 1
-
-    @classmethod
-    def from_dict(cls, data: dict, out: Path) -> Report:
-        out = Path(out)
-        return cls(
-            steps=[Step(**{k: s.get(k) for k in Step.__dataclass_fields__}) for s in data["steps"]],
-            gates=[Gate(**{k: g.get(k) for k in Gate.__dataclass_fields__}) for g in data["gates"]],
-            passed=bool(data["passed"]),
-            paths=Paths(out, Path(data["output"]["path"]), out / "report.json", out / "report.md", out / "report.html"),
-            data=data,
-        )
 
 
 @dataclass(frozen=True)
@@ -165,7 +108,7 @@ def run(
     log: called with each progress line; progress: a report.terminal.Feedback (default: silent)."""
     from optcli.passes.finetune.launch import cli_overrides
     from optcli.recipe import load_recipe
-    from optcli.runner import RunOptions, run_recipe
+    from optcli.runner import RunOptions, run_report
     from optcli.settings import RunSettings
 
     rec = load_recipe(recipe, overrides=set_items(overrides))
@@ -180,7 +123,7 @@ def run(
         progress=progress,
         recipe_path=Path(recipe),
     )
-    return Report.from_dict(run_recipe(rec, options), Path(out))
+    return run_report(rec, options)
 
 
 def sweep(

@@ -27,6 +27,7 @@ from optcli.onnx_check import Unloadable
 from optcli.passes import get_pass
 from optcli.passes.base import Context
 from optcli.report import write_reports
+from optcli.report.model import SCHEMA_VERSION, Report
 from optcli.report.summary import baseline_index, step_comparisons, summary
 from optcli.settings import RunSettings
 from optcli.steps import (
@@ -57,6 +58,11 @@ class RunOptions:
 
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
+    from optcli.llm.run import is_llm_recipe, preflight_llm
+
+    if is_llm_recipe(recipe):  # a decoder LLM is never loaded here: it may not fit (optcli.llm.run)
+        preflight_llm(recipe)
+        return None, None
     check_target(recipe.report.target)  # a provider that is not installed: exit 2 naming the package
     original = load_model(recipe.model, trust_pickle=trust_pickle, sequence_length=text_length(recipe.data))
     check_feedable(original.inputs, recipe.model.path)
@@ -90,6 +96,16 @@ def first_output_shape(path: Path) -> tuple | None:
 
 
 def run_recipe(recipe, options: RunOptions) -> dict:
+    """run_report's report.json as a dict (a sweep's variants hand it across processes)."""
+    return run_report(recipe, options).data
+
+
+def run_report(recipe, options: RunOptions) -> Report:
+    """Apply the recipe's passes into options.out and write report.json|md|html there; return the Report."""
+    from optcli.llm.run import is_llm_recipe, run_llm
+
+    if is_llm_recipe(recipe):
+        return run_llm(recipe, options)
     original, data = preflight(recipe, options.settings.trust_pickle)
     sources = [s for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None]
     inputs = [recipe.model.path] + [p for s in sources for p in (s.path, s.text) if p is not None]
@@ -121,7 +137,7 @@ class _Run:
     reused: dict = field(default_factory=dict)  # step name -> "resume" | "step cache"
 
 
-def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, data: DataCatalog) -> dict:
+def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, data: DataCatalog) -> Report:
     t0 = time.perf_counter()
     evaluator = Evaluator(recipe, original, data, options.log, progress=options.progress)
     run = _Run(recipe, options, folder, original, data, evaluator)
@@ -158,6 +174,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
         recheck=lambda: _speed_ab(run, models, steps, base),
     )
     report = {
+        "schema_version": SCHEMA_VERSION,
         "optcli_version": __version__,
         "recipe": recipe.model_dump(mode="json"),
         "environment": environment(recipe.report.latency.threads, recipe.report.target),
@@ -180,7 +197,7 @@ def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, dat
     report["summary"] = summary(report)
     for step, versus in zip(steps, step_comparisons(report), strict=True):
         step.update(versus)
-    return report
+    return Report.from_dict(report, options.out)
 
 
 def _speed_ab(run: _Run, models: list[Model], steps: list[dict], base: int) -> dict | None:
@@ -286,6 +303,7 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     except Exception as e:
         raise _in_user_terms(_failure(name, e, tmp, folder.root), name, model, run) from e
     seconds = time.perf_counter() - started
+    check_details(spec, name, ctx.details)
     options.log(f"{name}: measuring {model.path.name}")
     try:
         row = run.evaluator.measure(model.path, model)
@@ -314,6 +332,20 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     if cache is not None:
         cache.store(name, key, final_dir)
     return model.with_(path=final_dir / model.path.name), step, record
+
+
+def check_details(spec, name: str, details: dict) -> None:
+    """A step's details against its pass type's details model (the report contract): a pass that wrote a declared key
+    with the wrong shape is a bug of that pass, said as its failure rather than as a report no reader can trust."""
+    from pydantic import ValidationError
+
+    try:
+        spec.details.model_validate(details)
+    except ValidationError as e:
+        where = ".".join(str(x) for x in e.errors()[0]["loc"])
+        raise PassFailed(
+            name, f"its report details break the contract at details.{where}: {e.errors()[0]['msg']}"
+        ) from None
 
 
 def _in_user_terms(error: OptcliError, name: str, model: Model, run: _Run) -> OptcliError:

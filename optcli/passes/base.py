@@ -7,12 +7,14 @@ validating a recipe or printing `optcli passes` stays fast.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from optcli.config import StrictModel
+from optcli.report.model import StepDetails
 from optcli.settings import RunSettings
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ class Context:
 @dataclass(frozen=True)
 class PassSpec:
     type: str
-    config: type[PassConfig]
+    config: builtins.type[PassConfig]  # `type` is the field above inside this class body
     consumes: frozenset[str]
     apply: Callable[[Model, Any, Context], Model]
     summary: str
@@ -79,6 +81,9 @@ class PassSpec:
     # What the step's output depends on besides its config and input: a decision made from this machine (the int8
     # types chosen from the CPU). It joins the --resume key, so a step is never reused from a CPU that decides otherwise.
     machine_key: Callable[[Any, Recipe], str] | None = None
+    # The keys its step writes under "details" in report.json (a StepDetails model declared beside the pass): the
+    # runner validates each step's details with it and `optcli schema --report` publishes it.
+    details: type[StepDetails] = StepDetails
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format

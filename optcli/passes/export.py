@@ -8,7 +8,7 @@ import logging
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -16,6 +16,7 @@ from pydantic import Field
 from optcli.errors import first_line
 from optcli.library_warnings import quiet_loggers
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.report.model import Number, StepDetails
 
 
 class Config(PassConfig):
@@ -311,6 +312,19 @@ def apply(model, config: Config, ctx: Context):
     return model.with_(format="onnx", module=None, path=target, output_names=output_names)
 
 
+class ExportDetails(StepDetails):
+    """What an export step writes under "details" in report.json (registered below as PassSpec.details)."""
+
+    exporter: str | None = None
+    opset: int | None = None
+    max_abs_error_vs_torch: Number | None = None
+    error_limit: Number | None = None
+    exporter_choice: str | None = None
+    exporters_ms: dict[str, Number] | None = None
+    exporter_errors: Any = None
+    tracer_warning: str | None = None
+
+
 PASS = PassSpec(
     type="export",
     config=Config,
@@ -318,4 +332,5 @@ PASS = PassSpec(
     produces="onnx",
     apply=apply,
     summary="torch -> ONNX (both exporters, the faster graph kept), output checked against torch",
+    details=ExportDetails,
 )

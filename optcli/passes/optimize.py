@@ -16,6 +16,7 @@ from pydantic import Field
 
 from optcli.errors import BadInput
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.report.model import StepDetails
 
 EXTERNAL_DATA_BYTES = 256 << 20  # above this the optimized model keeps its weights in a side file
 
@@ -132,10 +133,21 @@ def apply(model, config: Config, ctx: Context):
     return model.with_(path=final)
 
 
+class OptimizeDetails(StepDetails):
+    """What an optimize step writes under "details" in report.json (registered below as PassSpec.details)."""
+
+    applied: list[str] | None = None
+    kept: list[str] | None = None
+    nodes: dict[str, int] | None = None  # {before, after}
+    op_changes: dict[str, list[int]] | None = None  # op -> [count before, count after]
+    portable: bool | None = None
+
+
 PASS = PassSpec(
     type="optimize",
     config=Config,
     consumes=frozenset({"onnx"}),
     apply=apply,
     summary="fp32 graph optimization (onnxscript optimizer + ONNX Runtime offline basic/extended), checked numerically",
+    details=OptimizeDetails,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.report.model import StepDetails
 
 
 class Config(PassConfig):
@@ -25,6 +26,12 @@ def apply(model, config: Config, ctx: Context):
     return model.with_(path=target)
 
 
+class SaveDetails(StepDetails):
+    """What a save step writes under "details" in report.json (registered below as PassSpec.details)."""
+
+    layout: str | None = None
+
+
 PASS = PassSpec(
     type="save",
     config=Config,
@@ -32,4 +39,5 @@ PASS = PassSpec(
     apply=apply,
     check=check,
     summary="write the torch model back as a Hugging Face folder (format: hf, save_pretrained layout)",
+    details=SaveDetails,
 )

@@ -2,7 +2,11 @@
 
 Layers inside the package, each importing only those below it:
   write.py     one atomic write (standard library only; any module may use it)
-  view.py      the report dict as rows, cells and strings (pure; no Rich, no HTML)
+  model.py     report.json as typed models, declared once (pydantic only): the contract every reader holds to
+  sections.py  the kinds of block a document is made of (plain data)
+  summary.py   the verdict sentence and its caveats       view.py   the typed report as rows, cells and strings
+  passviews.py each pass type's sentence and sections, looked up by type
+  document.py  the report's sections, built once from the typed report
   svg.py       the chart kit of the HTML page            markdown.py  report.md
   html.py      report.html                               terminal.py  every Rich call of optcli
 This face imports neither Rich nor torch: the runner loads it, and `optcli --help` never does.
@@ -14,11 +18,13 @@ from pathlib import Path
 
 from optcli.report.html import render_html
 from optcli.report.markdown import render_markdown
+from optcli.report.model import Report
 from optcli.report.view import format_bytes, ratio, render_json
 from optcli.report.write import atomic_path, atomic_write_text, atomic_write_texts
 
 __all__ = [
     "REPORT_FILES",
+    "Report",
     "atomic_path",
     "atomic_write_text",
     "atomic_write_texts",
@@ -33,7 +39,7 @@ __all__ = [
 REPORT_FILES = ("report.json", "report.md", "report.html")
 
 
-def write_reports(report: dict, out_dir: Path) -> list[Path]:
+def write_reports(report: Report | dict, out_dir: Path) -> list[Path]:
     """Write report.json, report.md and report.html into out_dir atomically; return their paths.
 
     All three are rendered before any file is touched, then written together: on any error

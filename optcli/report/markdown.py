@@ -1,45 +1,13 @@
-"""report.md: the report as GitHub-flavoured Markdown tables, safe for any step or layer name."""
+"""report.md: the report's document (document.py) as GitHub-flavoured Markdown, safe for any step or layer name."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-from optcli.report.summary import summary
-from optcli.report.view import (
-    ENV_HEADERS,
-    FIDELITY_HEADERS,
-    INT8_OP_HEADERS,
-    IO_HEADERS,
-    LATENCY_HEADERS,
-    SEARCH_HEADERS,
-    TRAINING_HEADERS,
-    clean,
-    env_rows,
-    fidelity_rows,
-    fmt_num,
-    gate_lines,
-    graph_change_lines,
-    int8_op_rows,
-    int8_profile_summary,
-    io_rows,
-    latency_notes,
-    latency_rows,
-    pruned_rows,
-    ratio_legend,
-    search_candidates,
-    search_rows,
-    sensitivity_headers,
-    sensitivity_rows,
-    step_actions,
-    step_table,
-    steps,
-    training_epochs,
-    training_rows,
-    training_summary,
-    verdict,
-    warning_lines,
-)
+from optcli.report.document import build_document
+from optcli.report.model import Report
+from optcli.report.sections import Block, Charts, Checks, Items, Notes, Section, Table, Text
 
 
 def md_cell(x: Any) -> str:
@@ -54,81 +22,46 @@ def md_table(headers: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: dict) -> str:
-    report = clean(report)
-    out = [f"# optcli report: {verdict(report)}", ""]
-    if report.get("evaluation"):
-        out += [f"Evaluation: {md_cell(report['evaluation'])}", ""]
-    facts = summary(report)
-    if facts["verdict"]:
-        out += [f"**{md_cell(facts['verdict'])}**", ""]
-    for caveat in (facts["slower"], facts["busy"]):
-        if caveat:
-            out += [f"> **⚠ {md_cell(caveat)}**", ""]
-    headers, rows = step_table(report)
-    out += ["## Steps", "", md_table(headers, rows), "", md_cell(ratio_legend(report)), ""]
-    actions = step_actions(report)
-    if actions:
-        out += ["## What each step did", ""] + [f"- **{md_cell(n)}**: {md_cell(a)}" for n, a in actions] + [""]
-    out += ["## Gates", ""]
-    gates = gate_lines(report)
-    out += [md_table(["gate"], [[g] for _, g in gates]) if gates else "No gates.", ""]
-    out += ["## Warnings", ""]
-    out += [f"- {md_cell(w)}" for w in warning_lines(report)] or ["None."]
-    out.append("")
-    for name, note in latency_notes(report):
-        out += [f"> latency note ({md_cell(name)}): {md_cell(note)}", ""]
-    lat = latency_rows(report)
-    if lat:
-        out += ["## Latency", "", md_table(LATENCY_HEADERS, lat), ""]
-    for step in steps(report):
-        out += _step_details(step)
-    out += ["## Files", "", md_table(IO_HEADERS, io_rows(report)), ""]
-    out += ["## Environment", "", md_table(ENV_HEADERS, env_rows(report)), ""]
+def render_markdown(report: Report | dict) -> str:
+    doc = build_document(report)
+    out = [f"# optcli report: {doc.verdict}", ""]
+    if doc.evaluation:
+        out += [f"Evaluation: {md_cell(doc.evaluation)}", ""]
+    if doc.sentence:
+        out += [f"**{md_cell(doc.sentence)}**", ""]
+    for _, caveat in doc.caveats:
+        out += [f"> **⚠ {md_cell(caveat)}**", ""]
+    for section in doc.sections:
+        out += md_section(section)
     return "\n".join(out)
 
 
-def _step_details(step: dict) -> list[str]:
-    name = md_cell(step.get("name"))
-    out: list[str] = []
-    fid = fidelity_rows(step)
-    if fid:
-        out += [f"## {name}: fidelity per output", "", md_table(FIDELITY_HEADERS, fid), ""]
-    pruned = pruned_rows(step)
-    if pruned:
-        out += [f"## {name}: most pruned layers", "", md_table(["layer", "sparsity"], pruned), ""]
-    if training_epochs(step):
-        summary = training_summary(step)
-        out += [
-            f"## {name}: training",
-            "",
-            *([md_cell(summary), ""] if summary else []),
-            md_table(TRAINING_HEADERS, training_rows(step)),
-            "",
-        ]
-    changes = graph_change_lines(step)
-    if changes:
-        out += [f"## {name}: graph changes", "", *[f"- {md_cell(c)}" for c in changes], ""]
-    cands, target = search_candidates(step)
-    if cands:
-        out += [f"## {name}: search (target {fmt_num(target)})", "", md_table(SEARCH_HEADERS, search_rows(step)), ""]
-    out += _int8_sections(step, name)
+def md_section(section: Section) -> list[str]:
+    """A section as "## title" and its blocks, each followed by a blank line; nothing where no block shows."""
+    blocks = [lines for lines in map(md_block, section.blocks) if lines]
+    if not blocks:
+        return []
+    out = [f"## {md_cell(section.title)}", ""]
+    for lines in blocks:
+        out += [*lines, ""]
     return out
 
 
-def _int8_sections(step: dict, name: str) -> list[str]:
-    out: list[str] = []
-    ops = int8_op_rows(step)
-    if ops:
-        out += [
-            f"## {name}: int8 per op type",
-            "",
-            md_cell(int8_profile_summary(step)),
-            "",
-            md_table(INT8_OP_HEADERS, ops),
-            "",
+def md_block(block: Block) -> list[str]:
+    if isinstance(block, Text):
+        return [md_cell(block.text)]
+    if isinstance(block, Table):
+        caption = [md_cell(block.caption), ""] if block.caption is not None else []
+        return [*caption, md_table(block.headers, block.rows)]  # a chart is the HTML page's
+    if isinstance(block, Items):
+        items = [
+            f"- **{md_cell(label)}**: {md_cell(text)}" if label else f"- {md_cell(text)}" for label, text in block.items
         ]
-    sens = sensitivity_rows(step)
-    if sens:
-        out += [f"## {name}: per-node sensitivity", "", md_table(sensitivity_headers(step), sens), ""]
-    return out
+        return items or ([block.empty] if block.empty else [])
+    if isinstance(block, Checks):
+        return [md_table(["gate"], [[line] for _, line in block.lines]) if block.lines else block.empty]
+    if isinstance(block, Notes):
+        lines = [f"> latency note ({md_cell(name)}): {md_cell(note)}" for name, note in block.notes]
+        return [part for i, line in enumerate(lines) for part in ([""] if i else []) + [line]]
+    assert isinstance(block, Charts)
+    return []

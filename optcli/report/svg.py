@@ -10,7 +10,8 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
-from optcli.report.view import candidate_label, dig, finite, fmt_ms, fmt_num, search_candidates, training_epochs
+from optcli.report.passviews import candidate_label, search_candidates, training_epochs
+from optcli.report.view import dig, finite, fmt_ms, fmt_num
 
 BAR = "#4f7cba"
 BAR_ORIGINAL = "#9aa5b1"

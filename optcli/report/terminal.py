@@ -17,23 +17,11 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from optcli.report.summary import summary
-from optcli.report.view import (
-    INT8_OP_HEADERS,
-    clean,
-    compact_step_table,
-    format_bytes,
-    gate_lines,
-    graph_change_lines,
-    int8_op_rows,
-    int8_profile_summary,
-    latency_notes,
-    pruned_rows,
-    ratio_legend,
-    steps,
-    verdict,
-    warning_lines,
-)
+from optcli.report.document import build_document
+from optcli.report.model import clean
+from optcli.report.sections import Checks, Items, Notes, Section
+from optcli.report.sections import Table as DocTable
+from optcli.report.view import format_bytes, is_figure
 
 # --------------------------------------------------------------------------- consoles
 
@@ -69,60 +57,52 @@ def step_log(out: Console) -> Callable[[str], None]:
 # --------------------------------------------------------------------------- optcli run
 
 
-def render_table(report: dict) -> Group:
-    """A rich renderable: verdict, the steps table (fits 100 columns), what each ratio means, the verdict
-    sentence and its caveats, then gates, warnings, notes and per-layer sparsity."""
-
-    report = clean(report)
-    table = _FittedTable(*compact_step_table(report))
-    passed = report.get("passed")
-    style = "bold green" if passed is True else "bold red" if passed is False else "bold"
-    parts: list[Any] = [Text(f"optcli report: {verdict(report)}", style=style), table]
-    parts.append(Text(ratio_legend(report, terminal=True), style="dim"))
-    facts = summary(report)
-    if facts["verdict"]:
-        parts.append(Text(facts["verdict"], style="bold"))
-    if facts["slower"]:
-        parts.append(Text(f"⚠ {facts['slower']}", style="bold yellow"))
-    if facts["busy"]:
-        parts.append(Text(f"⚠ {facts['busy']}", style="yellow"))
-    if report.get("evaluation"):
-        parts.append(Text(f"evaluation: {report['evaluation']}", style="dim"))
-    for passed_gate, line in gate_lines(report):
-        parts.append(Text(line, style="green" if passed_gate else "bold red"))
-    for w in warning_lines(report):
-        parts.append(Text(f"⚠ {w}", style="yellow"))
-    for name, note in latency_notes(report):
-        parts.append(Text(f"note ({name}): {note}", style="dim"))
-    for step in steps(report):
-        changes = graph_change_lines(step)
-        if changes:
-            parts.append(Text(f"{step.get('name')}: {'; '.join(changes[:4])}", style="dim"))
-    for step in steps(report):
-        pruned = pruned_rows(step)
-        if pruned:
-            t = Table(title=Text(f"{step.get('name')}: most pruned layers"), title_justify="left")
-            t.add_column("layer")
-            t.add_column("sparsity", justify="right")
-            for layer, sparsity in pruned:
-                t.add_row(Text(layer), sparsity)
-            parts.append(t)
-        parts += _int8_tables(step)
+def render_table(report) -> Group:
+    """A rich renderable of the report's document (a Report or its dict): verdict, the steps table (fits 100
+    columns), what each ratio means, the verdict sentence and its caveats, then gates, warnings, notes, each step's
+    graph changes in a line, and the step sections that fit a terminal (most pruned layers, int8 per op type)."""
+    doc = build_document(report)
+    style = "bold green" if doc.passed is True else "bold red" if doc.passed is False else "bold"
+    parts: list[Any] = [Text(f"optcli report: {doc.verdict}", style=style)]
+    parts += [_FittedTable(doc.compact.headers, doc.compact.rows), Text(doc.terminal_legend, style="dim")]
+    if doc.sentence:
+        parts.append(Text(doc.sentence, style="bold"))
+    for kind, caveat in doc.caveats:
+        parts.append(Text(f"⚠ {caveat}", style="bold yellow" if kind == "slower" else "yellow"))
+    if doc.evaluation:
+        parts.append(Text(f"evaluation: {doc.evaluation}", style="dim"))
+    for section in (doc.section("gates"), doc.section("warnings")):
+        for block in section.blocks if section is not None else []:
+            parts += _lines(block)
+    parts += [Text(s.brief, style="dim") for s in doc.sections if s.brief]
+    parts += [table for s in doc.sections if s.terminal for table in _tables(s)]
     return Group(*parts)
 
 
-def _int8_tables(step: dict) -> list[Any]:
-    ops = int8_op_rows(step)
-    if not ops:
-        return []
-    t = Table(
-        title=Text(f"{step.get('name')}: int8 per op type"), title_justify="left", caption=int8_profile_summary(step)
-    )
-    for i, h in enumerate(INT8_OP_HEADERS):
-        t.add_column(h, justify="left" if i in (0, 5) else "right")
-    for row in ops:
-        t.add_row(*(Text(c) for c in row))
-    return [t]
+def _lines(block) -> list[Text]:
+    if isinstance(block, Checks):
+        return [Text(line, style="green" if ok else "bold red") for ok, line in block.lines]
+    if isinstance(block, Items):
+        return [Text(f"⚠ {text}", style="yellow") for _, text in block.items]
+    if isinstance(block, Notes):
+        return [Text(f"note ({name}): {note}", style="dim") for name, note in block.notes]
+    return []
+
+
+def _tables(section: Section) -> list[Table]:
+    """A section's tables, titled; figure columns right-aligned, text left (as in report.html)."""
+    out = []
+    for block in section.blocks:
+        if not isinstance(block, DocTable):
+            continue
+        t = Table(title=Text(section.title), title_justify="left", caption=block.caption)
+        for i, h in enumerate(block.headers):
+            figures = i > 0 and bool(block.rows) and all(is_figure(r[i]) for r in block.rows if i < len(r))
+            t.add_column(h, justify="right" if figures else "left")
+        for row in block.rows:
+            t.add_row(*(Text(c) for c in row))
+        out.append(t)
+    return out
 
 
 class _FittedTable:

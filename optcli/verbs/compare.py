@@ -10,14 +10,50 @@ from optcli.measure import higher_is_better
 
 
 def _load(path: Path) -> dict:
+    """A report.json validated against the report contract (optcli.report.model), as a dict."""
+    from pydantic import ValidationError
+
+    from optcli.report import model
+
     try:
-        report = json.loads(path.read_text())
-        report["steps"][-1]
-        return report
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise BadInput(f"{path} not found") from None
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise BadInput(f"{path} is not an optcli report.json") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(
+            f"{path} is not an optcli report.json ({type(e).__name__}): pass the report.json of an optcli run"
+        ) from None
+    if not isinstance(data, dict) or "steps" not in data or "optcli_version" not in data:
+        raise BadInput(
+            f"{path} is not an optcli report.json (no optcli_version and steps): pass the report.json of an optcli run"
+        )
+    version = data.get("schema_version", model.UNVERSIONED)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BadInput(f"{path}: schema_version {version!r} is not a number: pass the report.json of an optcli run")
+    if version > model.SCHEMA_VERSION:
+        raise BadInput(
+            f"{path} has report schema_version {version}, newer than this optcli reads ({model.SCHEMA_VERSION}): "
+            "upgrade optcli to compare it"
+        )
+    while version < model.SCHEMA_VERSION:
+        if version not in model.MIGRATIONS:
+            raise BadInput(
+                f"{path} has report schema_version {version}, older than this optcli reads "
+                f"({model.SCHEMA_VERSION}): rerun that recipe with this optcli to compare with it"
+            )
+        data, version = model.MIGRATIONS[version](data), version + 1
+    data["schema_version"] = model.SCHEMA_VERSION
+    try:
+        report = model.Report.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise BadInput(
+            f"{path} is not a valid optcli report.json: {where}: {first['msg']}: pass the report.json of an optcli run"
+        ) from None
+    if not report.steps or report.steps[-1].size_bytes is None:
+        raise BadInput(f"{path} is not an optcli report.json (no measured step): pass the report.json of an optcli run")
+    return data
 
 
 def _final(report: dict) -> dict:

@@ -23,13 +23,15 @@ LAYERS = [
         "optcli.layers",
         "optcli.hf",
         "optcli.textdata",
+        "optcli.llm",  # decoder LLMs: export, measurement (its run and starter sit with the runner)
     ],
     ["optcli.passes.base"],
     ["optcli.passes.*"],  # the pass families
     ["optcli.passes"],  # the registry
     ["optcli.recipe", "optcli.verbs.catalog"],
     ["optcli.steps", "optcli.owned", "optcli.gates"],
-    ["optcli.runner", "optcli.verbs"],  # the single-verb cores (inspect, bench, compare, init, sweep)
+    # the single-verb cores (inspect, bench, compare, init, sweep); an LLM recipe's run and init sit beside them
+    ["optcli.runner", "optcli.verbs", "optcli.llm.run", "optcli.llm.starter"],
     ["optcli.api"],  # run / validate / sweep for Python callers; the package face re-exports it lazily (PEP 562)
     ["optcli.cli", "optcli.__main__", "optcli.examples"],  # the command line: one module per verb
 ]
@@ -147,3 +149,65 @@ def test_test_file_names_are_unique_across_the_tiers():
     for path in TESTS.rglob("test_*.py"):
         seen.setdefault(path.name, []).append(str(path.relative_to(REPO)))
     assert not [v for v in seen.values() if len(v) > 1], [v for v in seen.values() if len(v) > 1]
+
+
+# --------------------------------------------------------------------------- the report contract
+
+
+def _dict_keys(path: Path, marker: str) -> list[tuple[str, int]]:
+    """The constant keys of every dict literal in the file that has the key `marker`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Dict):
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+            if marker in keys:
+                found += [(k, node.lineno) for k in keys]
+    return found
+
+
+def test_report_keys_are_declared_once_in_the_report_model():
+    """report.json's keys live in optcli/report/model.py: what the runner and the gates write is declared there."""
+    from optcli.report.model import Gate, Report, Speed, Step
+
+    undeclared = []
+    for path, marker, model in (
+        (PACKAGE / "runner.py", "optcli_version", Report),
+        (PACKAGE / "runner.py", "details", Step),
+        (PACKAGE / "runner.py", "confidence", Speed),
+        (PACKAGE / "measure.py", "size_bytes", Step),
+        (PACKAGE / "measure.py", "nonzero_parameters", Step),
+        (PACKAGE / "gates.py", "limit", Gate),
+    ):
+        for key, line in _dict_keys(path, marker):
+            if key not in model.model_fields:
+                undeclared.append(f"{path.name}:{line} {key!r} is not declared on report.model.{model.__name__}")
+    assert not undeclared, "report keys written but not declared in optcli/report/model.py:\n" + "\n".join(undeclared)
+
+
+def test_the_report_contract_imports_nothing_of_optcli():
+    """At the bottom: the runner, the passes' details models, compare and the API all build on it."""
+    assert not optcli_imports(PACKAGE / "report" / "model.py")
+    assert not optcli_imports(PACKAGE / "report" / "sections.py")
+
+
+def test_every_pass_type_registers_a_details_model_declared_beside_it():
+    from optcli.passes import get_pass, pass_types
+    from optcli.report.model import StepDetails
+
+    for kind in pass_types():
+        spec = get_pass(kind)
+        assert issubclass(spec.details, StepDetails) and spec.details is not StepDetails, (
+            f"pass {kind}: declare its details model beside it and register it (PassSpec(details=...))"
+        )
+        assert family(spec.details.__module__) == family(spec.apply.__module__), (kind, spec.details.__module__)
+        assert spec.details.model_config.get("extra") == "allow", kind  # a pass may record more than it declares
+
+
+def test_report_views_read_only_details_keys_their_pass_declares():
+    from optcli.passes import get_pass
+    from optcli.report.passviews import VIEWS
+
+    for kind, view in VIEWS.items():
+        declared = get_pass(kind).details.model_fields
+        missing = [key for key in view.reads if key not in declared]
+        assert not missing, f"{type(view).__name__} reads details keys {missing} that {kind}'s details model lacks"

@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.passes.cluster.details import ClusterDetails
 
 # A layer already this sparse keeps its zeros as one of its shared values (pinned at 0 through training).
 SPARSE = 0.05
@@ -266,4 +267,5 @@ PASS = PassSpec(
     preflight=preflight,
     rerun_on_resume=True,  # seconds of work; the written artifact cannot carry the centroids a finetune trains
     summary="weight sharing: per-layer k-means into `clusters` shared values (torch modules, ONNX initializers); smaller compressed files, same latency",
+    details=ClusterDetails,
 )

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.passes.convert.details import ConvertDetails
 
 
 class Config(PassConfig):
@@ -240,4 +241,5 @@ PASS = PassSpec(
     apply=apply,
     check=check,
     summary="fp16 / bf16: ONNX through ONNX Runtime's converter with an fp16-overflow guard, torch modules cast (inputs/outputs kept float32)",
+    details=ConvertDetails,
 )

@@ -19,6 +19,7 @@ from optcli.errors import BadInput, first_line
 from optcli.hf import is_folder
 from optcli.passes.base import Context, PassSpec
 from optcli.passes.finetune.config import Config, ModelRef, check_settings
+from optcli.passes.finetune.details import FinetuneDetails
 
 __all__ = ["PASS", "Config", "apply", "check"]
 
@@ -260,4 +261,5 @@ PASS = PassSpec(
     apply=apply,
     check=check,
     summary="fine-tune on data.train, optionally distilling from a teacher; recovers accuracy after pruning, or trains a new head",
+    details=FinetuneDetails,
 )

@@ -15,6 +15,7 @@ from optcli.config import StrictModel
 from optcli.errors import first_line
 from optcli.layers import onnx_layers, torch_layers
 from optcli.passes.base import Context, PassConfig, PassSpec, attach_training_hook
+from optcli.passes.prune.details import PruneDetails
 
 
 class Schedule(StrictModel):
@@ -347,4 +348,5 @@ PASS = PassSpec(
     preflight=preflight,
     rerun_on_resume=True,  # seconds of work; reloading the .pt2 would lose the masks and the schedule a finetune needs
     summary="magnitude pruning: unstructured masks (torch, ONNX initializers) or whole channels removed with torch-pruning",
+    details=PruneDetails,
 )

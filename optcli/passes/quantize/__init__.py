@@ -11,6 +11,7 @@ from optcli.errors import PassFailed
 from optcli.model import fixed_batch
 from optcli.passes.base import Context, PassSpec
 from optcli.passes.quantize.config import Config
+from optcli.passes.quantize.details import QuantizeDetails
 
 # Below this many elements int8 weights save less than the scales and Q/DQ nodes they add.
 MIN_WEIGHT_ELEMENTS = 256
@@ -372,4 +373,5 @@ PASS = PassSpec(
     makes_int8=True,
     machine_key=machine_key,
     summary="int8 with onnxruntime.quantization: dynamic, or static QDQ calibrated on data.calibration; int4/int8 weight-only (MatMulNBits)",
+    details=QuantizeDetails,
 )

@@ -18,6 +18,7 @@ from pydantic import Field
 from optcli.errors import BadInput
 from optcli.onnx_check import MIN_OPSET
 from optcli.passes.base import Context, PassConfig, PassSpec
+from optcli.passes.quantize.details import PrepareDetails
 
 RUNGS = ("full", "no_symbolic_shape", "no_optimization", "none")
 # Ops that only reshape or retype a constant: a weight built by them is a weight in all but storage.
@@ -342,4 +343,5 @@ PASS = PassSpec(
     apply=apply,
     preflight=preflight,
     summary="graph preparation for int8 (constants lifted, opset upgraded, ONNX Runtime pre-processing), checked numerically",
+    details=PrepareDetails,
 )
