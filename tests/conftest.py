@@ -129,18 +129,24 @@ def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     return path
 
 
+def allow_slower(passes: list[dict]) -> list[dict]:
+    """allow_slower: true on the int8 quantize passes of a test that is not about speed: on the suite's tiny models
+    int8 kernels can be slower than fp32, which the default speed gate rightly fails. Weight-only passes have no
+    speed gate and refuse the key."""
+    return [
+        {**p, "allow_slower": True}
+        if p.get("type") == "quantize" and "weights" not in p and "allow_slower" not in p
+        else p
+        for p in passes
+    ]
+
+
 def digits_recipe(digits: Path, passes: list[dict], speed_gate: bool = False, **extra) -> dict:
     """A recipe on the suite's digits CNN. Its width-16 net is so small that static int8 runs ~1.15x slower than fp32
     at batch 1 and dynamic int8 ~2x: the default speed gate rightly fails those runs. A test about something else
     gets allow_slower: true on its int8 quantize passes; speed_gate=True keeps the gate (the speed tests)."""
     if not speed_gate:
-        # int8 activation modes only: weight-only int4/int8 has no speed gate and refuses the key.
-        passes = [
-            {**p, "allow_slower": True}
-            if p.get("type") == "quantize" and "weights" not in p and "allow_slower" not in p
-            else p
-            for p in passes
-        ]
+        passes = allow_slower(passes)
     recipe = {
         "model": {
             "path": str(digits / "digits_cnn.pt"),

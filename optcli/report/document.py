@@ -44,7 +44,8 @@ def build_document(report: Report | dict) -> Document:
         sections.append(Section("latency", "Latency", [Table(LATENCY_HEADERS, latency)]))
     generation = generation_rows(typed)
     if generation:
-        blocks = [Table(GENERATION_HEADERS, generation), Text(generation_line(typed), "note")]
+        table = Table(GENERATION_HEADERS, generation, drop=("export RSS", "greedy agreement"))
+        blocks = [table, Text(generation_line(typed), "note")]
         sections.append(Section("generation", "Generation", blocks, terminal=True))
     for step in typed.steps:
         sections += view_for(step.type).sections(step)

@@ -30,6 +30,7 @@ class Table:
     wide: bool = False  # many columns: smaller type, scrolls sideways in HTML
     caption: str | None = None  # said before the table (under it in the terminal)
     chart: Chart | None = None  # drawn beside it where a renderer can
+    drop: tuple[str, ...] = ()  # columns a narrow terminal may leave out (and say so), least needed first
 
 
 @dataclass

@@ -91,11 +91,14 @@ def _lines(block) -> list[Text]:
     return []
 
 
-def _tables(section: Section) -> list[Table]:
+def _tables(section: Section) -> list[Any]:
     """A section's tables, titled; figure columns right-aligned, text left (as in report.html)."""
     out = []
     for block in section.blocks:
         if not isinstance(block, DocTable):
+            continue
+        if block.drop:  # whole figures on 80 columns rather than wrapped headers and cut cells
+            out.append(_FittedTable(block.headers, block.rows, drop=block.drop, title=Text(section.title)))
             continue
         t = Table(title=Text(section.title), title_justify="left", caption=block.caption)
         for i, h in enumerate(block.headers):

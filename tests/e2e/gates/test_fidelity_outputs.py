@@ -55,12 +55,12 @@ def _probability_model(folder, with_state: bool = False):
 
 
 def _run(folder, model, **extra):
-    from tests.conftest import run_cli, write_recipe
+    from tests.conftest import allow_slower, run_cli, write_recipe
 
     recipe = {
         "model": {"path": str(model)},
         "data": {"eval": {"path": str(folder / "x.npz"), "batch_size": 256}},  # one batch, as _outputs runs it
-        "passes": [{"type": "quantize", "mode": "dynamic"}],
+        "passes": allow_slower([{"type": "quantize", "mode": "dynamic"}]),
         "report": {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 3, "threads": 1}},
         **extra,
     }

@@ -99,3 +99,17 @@ def test_bench_says_the_machine_was_busy(quantized, monkeypatch):
     assert "timings not trustworthy: the machine was busy" in " ".join(result.stdout.split())
     quiet = run_cli("bench", tmp / "out" / "model.onnx", "--runs", "5", "--json")
     assert "load average 64.0" in quiet.json()["busy"]
+
+
+def test_default_speed_gate_fails_an_int8_model_clearly_slower_than_fp32(digits, tmp_path):
+    # Dynamic int8 of the suite's tiny CNN at batch 1: ConvInteger plus dynamic quantize of every activation, on
+    # 8x8 inputs, is about twice fp32's time - far past the gate's 10 %, so both A/B measurements say so.
+    passes = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
+    report = {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 10, "threads": 1}}
+    recipe = write_recipe(tmp_path, digits_recipe(digits, passes, speed_gate=True, report=report))
+    result = run_cli("run", recipe, "-o", tmp_path / "out", "--quiet", "--json")
+    assert result.exit_code == 1, result.stderr
+    (gate,) = [g for g in result.json()["gates"] if g["name"] == "max_slowdown (default)"]
+    assert gate["verdict"] == FAILS and not gate["passed"]
+    assert gate["value"] > gate["limit"] and gate["interval"][0] > gate["limit"]
+    assert "slower in two A/B measurements" in gate["note"]

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli, write_recipe
+from conftest import allow_slower, run_cli, write_recipe
 from hf_models import SENTENCES, sentence_transformers_layout, tiny_bert, tiny_gpt2, write_text
 
 LATENCY = {"latency": {"batch_sizes": [4], "warmup": 1, "runs": 3, "threads": 1}}
@@ -53,7 +53,7 @@ def test_sentence_transformers_folder_exports_int8_with_the_embedding_it_ships(f
             "calibration": {"text": str(folders / "sentences.txt"), "samples": 32, "max_length": 16},
             "eval": {"text": str(folders / "sentences.txt"), "max_length": 16},
         },
-        "passes": [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "per_channel": True}],
+        "passes": allow_slower([{"type": "export"}, {"type": "quantize", "mode": "dynamic", "per_channel": True}]),
         "report": LATENCY,
         "gates": {"min_fidelity_cosine": 0.99},
     }
@@ -93,7 +93,7 @@ def test_causal_lm_perplexity_matches_transformers_loss_and_gates_int8(folders, 
             "calibration": {"text": str(folders / "sentences.txt"), "samples": 16, "max_length": 16},
             "eval": {"text": str(folders / "sentences.txt"), "samples": 12, "max_length": 16},
         },
-        "passes": [{"type": "quantize", "mode": "dynamic", "per_channel": True}],
+        "passes": allow_slower([{"type": "quantize", "mode": "dynamic", "per_channel": True}]),
         "report": LATENCY,
         "gates": {"max_perplexity_increase": 0.05},
     }
