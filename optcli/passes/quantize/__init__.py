@@ -99,6 +99,14 @@ def check(config: Config, recipe, input_format: str) -> None:
         )
     preset_mode = target in TARGET_PRESETS and "mode" not in config.model_fields_set
     config = for_target(config, target)
+    if config.weights is not None and config.algorithm == "gptq":
+        from optcli.passes.quantize.decoder import text_source
+
+        if text_source(recipe) is None:
+            raise ValueError(
+                "algorithm: gptq calibrates on text: add data.calibration.text (or data.eval.text), a text file "
+                "the decoder's tokenizer reads"
+            )
     if config.weights is not None and config.ratio < 1 and recipe.data.eval is None:
         raise ValueError(
             "ratio < 1 ranks MatMuls by how far their low-bit weights move the outputs: add data.eval (inputs only; "
@@ -190,6 +198,8 @@ def apply(model, config: Config, ctx: Context):
     ctx.details["int8"] = int8.record()
     if int8.contradiction():
         ctx.warn(int8.contradiction())
+    if _decoder(model.path):
+        return _decoder_int8(model, config, int8, ctx)
     if target == "cuda":
         ctx.warn(
             "int8 on the plain CUDA execution provider is often slower than fp32 (onnxruntime issue #24807): "
@@ -312,6 +322,7 @@ def _weight_only(model, config: Config, ctx: Context):
         ctx.details["weight_only"] = run_search(model, config, ctx, model.path, target, exclude)
     else:
         ctx.details["weight_only"] = quantize_weights(model, target, config, exclude, ctx)
+    _beside_decoder(model.path, target, ctx)
     if nothing_done(ctx.details["weight_only"]):
         # The opset upgrade alone made the copy bigger: a no-op keeps the input's bytes, so no size gate trips on it.
         from optcli.artifact import artifact_files
@@ -326,6 +337,39 @@ def _weight_only(model, config: Config, ctx: Context):
     return model.with_(path=target)
 
 
+def _decoder(path) -> bool:
+    if path is None or path.suffix != ".onnx":
+        return False
+    import onnx
+
+    from optcli.passes.quantize.decoder import is_decoder
+
+    return is_decoder(onnx.load(str(path), load_external_data=False))
+
+
+def _decoder_int8(model, config: Config, int8, ctx: Context):
+    from optcli.passes.quantize.decoder import int8_dynamic
+    from optcli.passes.quantize.ort import count_quant_ops
+
+    target = ctx.step_dir / "model.onnx"
+    ctx.details["decoder_int8"] = int8_dynamic(model.path, target, config, int8, ctx)
+    ctx.details["quantized_ops"] = count_quant_ops(target)
+    _beside_decoder(model.path, target, ctx)
+    return model.with_(path=target)
+
+
+def _beside_decoder(source, target, ctx: Context) -> None:
+    """A decoder's genai_config.json and tokenizer files follow it, so onnxruntime-genai loads the step's folder."""
+    from optcli.passes.quantize.decoder import GENAI_CONFIG, copy_side_files
+
+    if source is None or not (source.parent / GENAI_CONFIG).is_file() or source.parent == target.parent:
+        return
+    from optcli.artifact import artifact_files
+
+    names = {f.name for f in artifact_files(source)}
+    ctx.details["decoder_files"] = copy_side_files(source.parent, target.parent, names)
+
+
 def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
     """SmoothQuant needs activation ranges; without data.calibration they come from data.eval."""
     data = ctx.data.eval
@@ -338,7 +382,17 @@ def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
 
 
 def preflight(config: Config, recipe, model) -> None:
-    """A CNN's search tries static int8 only (dynamic Conv is ConvInteger, slower than fp32): it needs calibration."""
+    """A CNN's search tries static int8 only (dynamic Conv is ConvInteger, slower than fp32): it needs calibration.
+    A decoder takes dynamic int8 or weight-only only."""
+    if config.weights is None and model.format == "onnx" and _decoder(model.path):
+        if config.mode == "static" or config.target is not None or config.smoothquant is not None:
+            from optcli.errors import BadInput
+
+            raise BadInput(
+                "a decoder with a KV cache takes dynamic int8 (mode: dynamic, no target, no smoothquant) or weight-only "
+                "quantization (weights: int4 with a perplexity target); static int8 of its activations is not offered"
+            )
+        return
     if config.target is None or recipe.data.calibration is not None or model.format != "onnx" or model.path is None:
         return
     import onnx
