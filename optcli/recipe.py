@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError, create_model
 
 from optcli.config import ONNX_SUFFIXES, TORCH_SUFFIXES, DataSource, ModelSpec, StrictModel, unknown_suffix
 from optcli.errors import BadInput
+from optcli.llm.config import LlmReport
 from optcli.passes import all_passes, get_pass
 
 
@@ -35,6 +36,9 @@ class ReportSpec(StrictModel):
     )
     fidelity_samples: int = Field(
         default=64, ge=1, le=100_000, description="inputs compared with the original model when there is no eval data"
+    )
+    llm: LlmReport | None = Field(
+        default=None, description="decoder LLMs (a decoder pass): perplexity window and generation settings"
     )
 
 
@@ -61,6 +65,9 @@ class Gates(StrictModel):
     min_speedup: float | None = Field(default=None, gt=0)
     max_perplexity_increase: float | None = Field(
         default=None, ge=0, description="causal LM: perplexity may rise by at most this fraction of fp32's (0.02 = 2%)"
+    )
+    min_decode_speedup: float | None = Field(
+        default=None, gt=0, description="decoder LLMs: decode tokens/s over the fp32 decoder, timed side by side"
     )
     inconclusive: Literal["pass", "fail"] = Field(
         default="pass",

@@ -60,6 +60,11 @@ class RunOptions:
 
 def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
     """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
+    from optcli.llm.run import is_llm_recipe, preflight_llm
+
+    if is_llm_recipe(recipe):  # a decoder LLM is never loaded here: it may not fit (optcli.llm.run)
+        preflight_llm(recipe)
+        return None, None
     check_target(recipe.report.target)  # a provider that is not installed: exit 2 naming the package
     original = load_model(recipe.model, trust_pickle=trust_pickle, sequence_length=text_length(recipe.data))
     check_feedable(original.inputs, recipe.model.path)
@@ -93,6 +98,10 @@ def first_output_shape(path: Path) -> tuple | None:
 
 
 def run_recipe(recipe, options: RunOptions) -> dict:
+    from optcli.llm.run import is_llm_recipe, run_llm
+
+    if is_llm_recipe(recipe):
+        return run_llm(recipe, options)
     original, data = preflight(recipe, options.trust_pickle)
     sources = [s for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None]
     inputs = [recipe.model.path] + [p for s in sources for p in (s.path, s.text) if p is not None]

@@ -33,6 +33,10 @@ def starter_recipe(
 
     recipe_dir = Path(os.path.abspath(recipe_dir or Path.cwd()))
     if path.is_dir():
+        from optcli.llm.starter import exportable, llm_recipe
+
+        if _is_causal_lm(path) and exportable(path):  # never loaded: a decoder LLM may not fit in memory
+            return Starter(llm_recipe(path, recipe_dir, data), [])
         return Starter(_folder_recipe(path, load_any(path), recipe_dir), [])
     if path.suffix.lower() == ".safetensors" and factory is None:
         raise BadInput(f"{path} holds only weights; pass --factory module:callable that builds the nn.Module")
@@ -128,6 +132,15 @@ def starter_recipe(
         header += "# model.trust_pickle: loading this file runs code from it (you passed --trust-pickle).\n"
     header += "# `optcli passes` lists every option; `optcli validate` checks this file.\n"
     return Starter(header + yaml.safe_dump(recipe, sort_keys=False), notes)
+
+
+def _is_causal_lm(path: Path) -> bool:
+    from optcli.hf import is_folder
+    from optcli.hf.folder import raw_config, task_of
+
+    if not is_folder(path):
+        return False
+    return any(task_of(str(a)) == "causal-lm" for a in raw_config(path).get("architectures") or [])
 
 
 def _shown(path: Path, recipe_dir: Path) -> str:

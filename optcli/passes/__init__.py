@@ -16,6 +16,7 @@ _MODULES = {
     "cluster": "optcli.passes.cluster",
     "convert": "optcli.passes.convert",
     "save": "optcli.passes.save",
+    "decoder": "optcli.llm.passes",
 }
 
 

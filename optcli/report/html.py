@@ -11,6 +11,7 @@ from optcli.report.svg import svg_bar_chart, svg_loss_curve, svg_scatter
 from optcli.report.view import (
     ENV_HEADERS,
     FIDELITY_HEADERS,
+    GENERATION_HEADERS,
     INT8_OP_HEADERS,
     IO_HEADERS,
     LATENCY_HEADERS,
@@ -27,6 +28,8 @@ from optcli.report.view import (
     fmt_num,
     format_bytes,
     gate_lines,
+    generation_line,
+    generation_rows,
     graph_change_lines,
     int8_op_rows,
     int8_profile_summary,
@@ -227,6 +230,10 @@ def render_html(report: dict) -> str:
     lat = latency_rows(report)
     if lat:
         body += ["<h2>Latency</h2>", html_table(LATENCY_HEADERS, lat)]
+    gen = generation_rows(report)
+    if gen:
+        body += ["<h2>Generation</h2>", html_table(GENERATION_HEADERS, gen)]
+        body.append(f'<p class="note">{escape(generation_line(report))}</p>')
     for step in steps(report):
         body += _step_details(step)
     body += ["<h2>Files</h2>", html_table(IO_HEADERS, io_rows(report))]

@@ -9,6 +9,7 @@ from optcli.report.summary import summary
 from optcli.report.view import (
     ENV_HEADERS,
     FIDELITY_HEADERS,
+    GENERATION_HEADERS,
     INT8_OP_HEADERS,
     IO_HEADERS,
     LATENCY_HEADERS,
@@ -19,6 +20,8 @@ from optcli.report.view import (
     fidelity_rows,
     fmt_num,
     gate_lines,
+    generation_line,
+    generation_rows,
     graph_change_lines,
     int8_op_rows,
     int8_profile_summary,
@@ -81,6 +84,9 @@ def render_markdown(report: dict) -> str:
     lat = latency_rows(report)
     if lat:
         out += ["## Latency", "", md_table(LATENCY_HEADERS, lat), ""]
+    gen = generation_rows(report)
+    if gen:
+        out += ["## Generation", "", md_table(GENERATION_HEADERS, gen), "", md_cell(generation_line(report)), ""]
     for step in steps(report):
         out += _step_details(step)
     out += ["## Files", "", md_table(IO_HEADERS, io_rows(report)), ""]

@@ -90,6 +90,9 @@ def _batch(key: str) -> str:
 
 def verdict_sentence(report: dict) -> str:
     """ "2-quantize: 2.8× smaller, 1.78× faster at b32 and 1.03× slower at b1 than 1-export, accuracy −0.0 pt"."""
+    said = (report.get("generation") or {}).get("verdict")
+    if said:  # a decoder LLM's: speed is decode tokens/s, cost is perplexity and agreement (optcli.llm.run)
+        return str(said)
     all_steps = _steps(report)
     if len(all_steps) < 2:
         return ""

@@ -19,11 +19,14 @@ from rich.text import Text
 
 from optcli.report.summary import summary
 from optcli.report.view import (
+    GENERATION_HEADERS,
     INT8_OP_HEADERS,
     clean,
     compact_step_table,
     format_bytes,
     gate_lines,
+    generation_line,
+    generation_rows,
     graph_change_lines,
     int8_op_rows,
     int8_profile_summary,
@@ -86,6 +89,9 @@ def render_table(report: dict) -> Group:
         parts.append(Text(f"⚠ {facts['slower']}", style="bold yellow"))
     if facts["busy"]:
         parts.append(Text(f"⚠ {facts['busy']}", style="yellow"))
+    if generation_rows(report):
+        parts.append(_FittedTable(GENERATION_HEADERS, generation_rows(report), drop=("export RSS",)))
+        parts.append(Text(generation_line(report), style="dim"))
     if report.get("evaluation"):
         parts.append(Text(f"evaluation: {report['evaluation']}", style="dim"))
     for passed_gate, line in gate_lines(report):

@@ -361,6 +361,51 @@ def latency_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+GENERATION_HEADERS = ["step", "perplexity", "TTFT ms", "decode tok/s", "greedy agreement", "export RSS", "generate RSS"]
+
+
+def generation_rows(report: dict) -> list[list[str]]:
+    """Decoder LLMs: one row per step of perplexity, generation timings, agreement and peak RSS (GENERATION_HEADERS)."""
+    rows = []
+    for step in steps(report):
+        gen = dig(step, "details", "generation")
+        if not isinstance(gen, dict):
+            continue
+        agreement = gen.get("greedy_agreement")
+        rows.append(
+            [
+                str(step.get("name")),
+                fmt_num(accuracy(step)),
+                fmt_ms(gen.get("ttft_ms")),
+                fmt_rate(gen.get("decode_tokens_per_s")),
+                fmt_pct(agreement) if finite(agreement) else DASH,
+                format_bytes(dig(step, "details", "export", "peak_rss_bytes")),
+                format_bytes(gen.get("peak_rss_bytes")),
+            ]
+        )
+    return rows
+
+
+def generation_line(report: dict) -> str:
+    """Decoder LLMs: how generation was measured, and the decode speed-up timed side by side."""
+    gen = report.get("generation")
+    if not isinstance(gen, dict):
+        return ""
+    line = (
+        f"generation: batch 1, greedy, {gen.get('new_tokens')} new tokens after {gen.get('prompt_tokens')}-token "
+        f"prompts ({gen.get('prompts')} from the eval text); perplexity: windows of {gen.get('context')} tokens, "
+        f"stride {gen.get('stride')}"
+    )
+    speed = gen.get("decode_speedup")
+    if isinstance(speed, dict) and finite(speed.get("value")):
+        low, high = (speed.get("interval") or [None, None])[:2]
+        line += (
+            f"; decode speed-up of {gen.get('final')} over {gen.get('baseline')}: {fmt_num(speed['value'], 3)}× "
+            f"[{fmt_num(low, 3)}–{fmt_num(high, 3)}] (interleaved A/B, {speed.get('rounds')} rounds)"
+        )
+    return line
+
+
 def pruned_rows(step: dict) -> list[list[str]]:
     """["layer", "sparsity"] rows of the most pruned layers."""
     return [[layer, fmt_pct(s)] for layer, s in top_pruned(step)]
