@@ -6,6 +6,7 @@ The pass itself; the int8 write is ort.py, the accuracy-aware search search.py, 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from optcli.errors import PassFailed
 from optcli.model import fixed_batch
@@ -86,7 +87,24 @@ def for_target(config: Config, target: str) -> Config:
     return config.model_copy(update=preset) if preset else config
 
 
+def _check_decoder(config: Config, input_format: str) -> None:
+    """A decoder takes weight-only quantization (with a perplexity target) or dynamic int8 of its MatMuls."""
+    perplexity = config.target is not None and config.target.metric == "perplexity"
+    if input_format != DECODER_FORMAT:
+        if perplexity:
+            raise ValueError("target metric perplexity scores a decoder: put a decoder pass (precision: fp32) first")
+        return
+    if config.weights is None and (config.mode == "static" or config.target is not None or config.smoothquant):
+        raise ValueError(
+            "a decoder takes dynamic int8 (mode: dynamic, no target, no smoothquant) or weight-only quantization "
+            "(weights: int4, a perplexity target); static int8 of its activations is not offered"
+        )
+    if config.target is not None and not perplexity:
+        raise ValueError(f"a decoder's target is scored by perplexity: metric: perplexity, not {config.target.metric}")
+
+
 def check(config: Config, recipe, input_format: str) -> None:
+    _check_decoder(config, input_format)
     target = recipe.report.target
     if (
         target == "tensorrt"
@@ -99,14 +117,10 @@ def check(config: Config, recipe, input_format: str) -> None:
         )
     preset_mode = target in TARGET_PRESETS and "mode" not in config.model_fields_set
     config = for_target(config, target)
-    if config.weights is not None and config.algorithm == "gptq":
-        from optcli.passes.quantize.decoder import text_source
-
-        if text_source(recipe) is None:
-            raise ValueError(
-                "algorithm: gptq calibrates on text: add data.calibration.text (or data.eval.text), a text file "
-                "the decoder's tokenizer reads"
-            )
+    if config.weights is not None and config.algorithm == "gptq" and input_format != DECODER_FORMAT:
+        raise ValueError(
+            "algorithm: gptq calibrates on a decoder's text (a decoder pass first); for other models use rtn or hqq"
+        )
     if config.weights is not None and config.ratio < 1 and recipe.data.eval is None:
         raise ValueError(
             "ratio < 1 ranks MatMuls by how far their low-bit weights move the outputs: add data.eval (inputs only; "
@@ -185,6 +199,8 @@ def apply(model, config: Config, ctx: Context):
     from optcli.passes.quantize.isa import choose_int8
     from optcli.passes.quantize.ort import Settings, count_quant_ops, preprocess, quantize_onnx, resolve_exclude
 
+    if model.format == DECODER_FORMAT:
+        return _decoder_step(model, config, ctx)
     if config.weights is not None:
         return _weight_only(model, config, ctx)
     target = ctx.recipe.report.target
@@ -198,8 +214,6 @@ def apply(model, config: Config, ctx: Context):
     ctx.details["int8"] = int8.record()
     if int8.contradiction():
         ctx.warn(int8.contradiction())
-    if _decoder(model.path):
-        return _decoder_int8(model, config, int8, ctx)
     if target == "cuda":
         ctx.warn(
             "int8 on the plain CUDA execution provider is often slower than fp32 (onnxruntime issue #24807): "
@@ -322,7 +336,6 @@ def _weight_only(model, config: Config, ctx: Context):
         ctx.details["weight_only"] = run_search(model, config, ctx, model.path, target, exclude)
     else:
         ctx.details["weight_only"] = quantize_weights(model, target, config, exclude, ctx)
-    _beside_decoder(model.path, target, ctx)
     if nothing_done(ctx.details["weight_only"]):
         # The opset upgrade alone made the copy bigger: a no-op keeps the input's bytes, so no size gate trips on it.
         from optcli.artifact import artifact_files
@@ -337,37 +350,40 @@ def _weight_only(model, config: Config, ctx: Context):
     return model.with_(path=target)
 
 
-def _decoder(path) -> bool:
-    if path is None or path.suffix != ".onnx":
-        return False
-    import onnx
-
-    from optcli.passes.quantize.decoder import is_decoder
-
-    return is_decoder(onnx.load(str(path), load_external_data=False))
+DECODER_FORMAT = "genai"  # optcli.llm.FORMAT: a decoder folder (model.onnx, genai_config.json, tokenizer)
+DECODER_DIR = "decoder"  # the folder a decoder step writes, as the decoder pass names it
 
 
-def _decoder_int8(model, config: Config, int8, ctx: Context):
-    from optcli.passes.quantize.decoder import int8_dynamic
+def _decoder_step(model, config: Config, ctx: Context):
+    """A decoder folder in, a decoder folder out: weight-only (int4 / int8, a perplexity target) or dynamic int8 of
+    its model.onnx, with genai_config.json and the tokenizer files beside it."""
+    from optcli.passes.quantize.decoder import copy_side_files, int8_dynamic
+    from optcli.passes.quantize.isa import choose_int8
     from optcli.passes.quantize.ort import count_quant_ops
 
-    target = ctx.step_dir / "model.onnx"
-    ctx.details["decoder_int8"] = int8_dynamic(model.path, target, config, int8, ctx)
-    ctx.details["quantized_ops"] = count_quant_ops(target)
-    _beside_decoder(model.path, target, ctx)
-    return model.with_(path=target)
+    folder = Path(model.path)
+    out = ctx.step_dir / DECODER_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    source = folder / "model.onnx"
+    target = out / "model.onnx"
+    if config.weights is not None:
+        from optcli.passes.quantize.weight_mix import run_search
+        from optcli.passes.quantize.weight_only import quantize_weights
 
-
-def _beside_decoder(source, target, ctx: Context) -> None:
-    """A decoder's genai_config.json and tokenizer files follow it, so onnxruntime-genai loads the step's folder."""
-    from optcli.passes.quantize.decoder import GENAI_CONFIG, copy_side_files
-
-    if source is None or not (source.parent / GENAI_CONFIG).is_file() or source.parent == target.parent:
-        return
-    from optcli.artifact import artifact_files
-
-    names = {f.name for f in artifact_files(source)}
-    ctx.details["decoder_files"] = copy_side_files(source.parent, target.parent, names)
+        inner = model.with_(format="onnx", path=source)
+        exclude = set(config.exclude)
+        if config.target is not None:
+            ctx.details["weight_only"] = run_search(inner, config, ctx, source, target, exclude)
+        else:
+            ctx.details["weight_only"] = quantize_weights(inner, target, config, exclude, ctx)
+    else:
+        int8 = choose_int8(config, ctx.recipe.report.target)
+        ctx.details["int8"] = int8.record()
+        ctx.details["decoder_int8"] = int8_dynamic(source, target, config, int8, ctx)
+        ctx.details["quantized_ops"] = count_quant_ops(target)
+    names = {f.name for f in out.iterdir()}
+    ctx.details["decoder_files"] = copy_side_files(folder, out, names | {"model.onnx", "model.onnx.data"})
+    return model.with_(path=out)
 
 
 def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
@@ -382,17 +398,7 @@ def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
 
 
 def preflight(config: Config, recipe, model) -> None:
-    """A CNN's search tries static int8 only (dynamic Conv is ConvInteger, slower than fp32): it needs calibration.
-    A decoder takes dynamic int8 or weight-only only."""
-    if config.weights is None and model.format == "onnx" and _decoder(model.path):
-        if config.mode == "static" or config.target is not None or config.smoothquant is not None:
-            from optcli.errors import BadInput
-
-            raise BadInput(
-                "a decoder with a KV cache takes dynamic int8 (mode: dynamic, no target, no smoothquant) or weight-only "
-                "quantization (weights: int4 with a perplexity target); static int8 of its activations is not offered"
-            )
-        return
+    """A CNN's search tries static int8 only (dynamic Conv is ConvInteger, slower than fp32): it needs calibration."""
     if config.target is None or recipe.data.calibration is not None or model.format != "onnx" or model.path is None:
         return
     import onnx
@@ -419,7 +425,7 @@ def machine_key(config: Config, recipe) -> str:
 PASS = PassSpec(
     type="quantize",
     config=Config,
-    consumes=frozenset({"onnx"}),
+    consumes=frozenset({"onnx", DECODER_FORMAT}),
     apply=apply,
     check=check,
     preflight=preflight,

@@ -1,12 +1,10 @@
-"""Weight-only quantization of a decoder LLM (an onnxruntime-genai folder): its text, its feeds, its perplexity.
+"""Weight-only quantization of a decoder LLM (an onnxruntime-genai folder): its parts, its calibration, its score.
 
 A decoder written by onnxruntime-genai's model builder takes input_ids, attention_mask and past key/values and
 returns logits and the present key/values; genai_config.json and the tokenizer files sit beside model.onnx and
-must follow the quantized copy for onnxruntime-genai to load it. Calibration (GPTQ's Hessians) and the mixed
-search's scores both read the text file of the recipe, tokenized by the folder's own tokenizer.json.
-
-Perplexity here is the search's inner score (one prefill per window with an empty cache, numpy log-softmax):
-sliding windows of `context` tokens moved by `stride`, each window scoring only the tokens the previous one did not.
+must follow every quantized copy (the search's trials too) for onnxruntime-genai, and optcli.llm's perplexity, to
+load it. GPTQ's calibration and the mixed search's perplexity read the LLM run's text (ctx.data.tokens, read by
+optcli.llm.run at preflight) with the run's window (report.llm context / stride).
 """
 
 from __future__ import annotations
@@ -57,30 +55,15 @@ def copy_side_files(source_dir: Path, target_dir: Path, model_names: set[str]) -
     return copied
 
 
-def token_ids(text_path: Path, tokenizer_dir: Path) -> np.ndarray:
-    """The whole text file as one token stream (lines joined by newlines), through tokenizer.json of the folder."""
-    from tokenizers import Tokenizer
-
-    file = tokenizer_dir / "tokenizer.json"
-    if not file.is_file():
-        raise BadInput(f"{tokenizer_dir}: no tokenizer.json beside the decoder; export it with its tokenizer")
-    text = Path(text_path).read_text(encoding="utf-8", errors="replace")
-    return np.asarray(Tokenizer.from_file(str(file)).encode(text).ids, dtype=np.int64)
-
-
-def windows(ids: np.ndarray, context: int, stride: int, limit: int | None = None) -> list[tuple[np.ndarray, int]]:
-    """(window, first scored position) pairs: each window scores only the tokens the one before did not."""
-    if len(ids) < context + 1:
-        raise BadInput(
-            f"the text holds {len(ids)} tokens, fewer than one window of {context + 1}: use a longer text file "
-            "or a shorter context"
-        )
-    out, begin, scored_to = [], 0, 0
-    while begin + context <= len(ids) and (limit is None or len(out) < limit):
-        out.append((ids[begin : begin + context], max(1, scored_to - begin)))
-        scored_to = begin + context
-        begin += stride
-    return out
+def trial_path(work: Path, name: str, source: Path | None) -> Path:
+    """Where a trial copy of `source` is written: a folder with the decoder's side files for a decoder (its perplexity
+    loads the folder), a plain file otherwise."""
+    if source is None or not (Path(source).parent / GENAI_CONFIG).is_file():
+        return Path(work) / f"{name}.onnx"
+    folder = Path(work) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    copy_side_files(Path(source).parent, folder, {Path(source).name, Path(source).name + ".data"})
+    return folder / Path(source).name
 
 
 def head_size(model_dir: Path) -> int | None:
@@ -94,7 +77,7 @@ def head_size(model_dir: Path) -> int | None:
 
 
 def feeds(inputs, window: np.ndarray, head: int | None = None) -> dict[str, np.ndarray]:
-    """One prefill of `window` with an empty cache, for a session's (or graph's) inputs."""
+    """One prefill of `window` with an empty cache, for a graph's inputs (GPTQ's calibration batches)."""
     out = {}
     n = len(window)
     for i in inputs:
@@ -106,13 +89,14 @@ def feeds(inputs, window: np.ndarray, head: int | None = None) -> dict[str, np.n
         elif name == "position_ids":
             out[name] = np.arange(n, dtype=np.int64)[None]
         elif name.startswith("past_key"):
-            shape = _dims(i)
-            last = shape[3] if isinstance(shape[3], int) and shape[3] > 0 else head
-            if not isinstance(shape[1], int) or last is None:
+            dims = [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+            last = dims[3] if isinstance(dims[3], int) and dims[3] > 0 else head
+            if not isinstance(dims[1], int) or last is None:
                 raise BadInput(
-                    f"decoder input {name}: cache shape {shape} is not fixed and no genai_config.json says it"
+                    f"decoder input {name}: cache shape {dims} is not fixed and no genai_config.json says it"
                 )
-            out[name] = np.zeros([1, shape[1], 0, last], dtype=_float(i))
+            dtype = np.float16 if i.type.tensor_type.elem_type == 10 else np.float32
+            out[name] = np.zeros([1, dims[1], 0, last], dtype=dtype)
         else:
             raise BadInput(
                 f"decoder input {name!r} is not one optcli knows how to feed (input_ids, attention_mask, ...)"
@@ -120,110 +104,85 @@ def feeds(inputs, window: np.ndarray, head: int | None = None) -> dict[str, np.n
     return out
 
 
-def _dims(i) -> list:
-    if hasattr(i, "shape"):  # an onnxruntime NodeArg
-        return list(i.shape)
-    return [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+def llm_settings(recipe):
+    from optcli.llm.run import settings
+
+    return settings(recipe)
 
 
-def _float(i):
-    kind = getattr(i, "type", None)
-    if isinstance(kind, str):
-        return np.float16 if "float16" in kind else np.float32
-    return np.float16 if i.type.tensor_type.elem_type == 10 else np.float32
+def eval_tokens(ctx) -> np.ndarray:
+    """The eval text's tokens: what the LLM run read at preflight (ctx.data.tokens)."""
+    tokens = getattr(ctx.data, "tokens", None)
+    if tokens is None:
+        raise BadInput("a decoder's weight-only search scores perplexity on data.eval.text: set it in the recipe")
+    return np.asarray(tokens, dtype=np.int64)
 
 
-def nll(logits: np.ndarray, window: np.ndarray, first: int) -> tuple[float, int]:
-    """Summed negative log-likelihood of window[first:] under logits (predicting token t from position t-1)."""
-    x = logits[0, first - 1 : len(window) - 1].astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    target = window[first:]
-    return float(-logp[np.arange(len(target)), target].sum()), len(target)
-
-
-def perplexity(path: Path, chunks: list[tuple[np.ndarray, int]], threads: int = 2, head: int | None = None) -> float:
-    """Perplexity of the decoder at path over chunks; `head`: the cache's head size where no genai_config.json is
-    beside path (the search's trial copies)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    total, count = 0.0, 0
-    head = head or head_size(Path(path).parent)
-    for window, first in chunks:
-        logits = session.run(["logits"], feeds(session.get_inputs(), window, head))[0]
-        s, k = nll(logits, window, first)
-        total, count = total + s, count + k
-    return float(np.exp(total / max(count, 1)))
+def span(context: int, stride: int, windows: int | None) -> int | None:
+    """Tokens that `windows` sliding windows cover (None: all)."""
+    return None if windows is None else context + stride * (max(1, windows) - 1)
 
 
 @dataclass
 class PerplexityEvaluation:
-    """The weight-only search's evaluation for a decoder: `measure` scores an artifact, `reference` is the
-    original's perplexity (`score` is the identity so the search reads the baseline the way it reads a metric's)."""
+    """The weight-only search's evaluation for a decoder: `measure` scores a trial's model.onnx (its folder holds the
+    decoder's side files), on the first `subset` windows; `reference` is the input decoder's perplexity on all of
+    them (`score` is the identity so the search reads the baseline the way it reads a metric's)."""
 
-    chunks: list[tuple[np.ndarray, int]]
-    reference_path: Path | None = None
-    threads: int = 2
-    head: int | None = None
+    tokens: np.ndarray
+    reference_dir: Path
+    context: int
+    stride: int
+    threads: int | None = None
     metric: str = "perplexity"
     reference: float = 0.0
     _baselines: dict = field(default_factory=dict)
 
     def measure(self, path: Path, subset: int | None = None, timed: bool = False) -> tuple[float, None]:
-        chunks = self.chunks if subset is None else self.chunks[: max(1, subset)]
-        return perplexity(path, chunks, self.threads, self.head), None
+        from optcli.llm.perplexity import perplexity
+
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        n = span(self.context, self.stride, subset)
+        return perplexity(folder, self.tokens[:n], self.context, self.stride, threads=self.threads), None
 
     def baseline(self, subset: int | None = None) -> float:
         """The reference's perplexity on the same windows a trial was scored on (a rise compares like with like)."""
-        key = None if subset is None or subset >= len(self.chunks) else max(1, subset)
-        if key not in self._baselines:
-            self._baselines[key] = self.measure(self.reference_path, key)[0]
-        return self._baselines[key]
+        if subset not in self._baselines:
+            self._baselines[subset] = self.measure(self.reference_dir, subset)[0]
+        return self._baselines[subset]
 
     def score(self, value: float) -> float:
         return value
 
 
-def text_source(recipe):
-    """The recipe's text file for a decoder: data.eval.text, else data.calibration.text."""
-    for name in ("eval", "calibration"):
-        source = getattr(recipe.data, name, None)
-        if source is not None and getattr(source, "text", None) is not None:
-            return source
-    return None
-
-
-def evaluation(model_path: Path, reference_path: Path, recipe, samples: int | None) -> PerplexityEvaluation:
-    """Perplexity of the reference decoder on the recipe's text, windows of data.eval.max_length, half overlap."""
-    source = text_source(recipe)
-    if source is None:
-        raise BadInput("a perplexity target on a decoder needs data.eval.text (a text file to score perplexity on)")
-    context = source.max_length
-    chunks = windows(token_ids(source.text, Path(model_path).parent), context, max(1, context // 2), samples)
-    threads = recipe.report.latency.threads or 2
-    ev = PerplexityEvaluation(chunks, Path(reference_path), threads, head_size(Path(reference_path).parent))
+def evaluation(model_dir: Path, ctx, windows: int | None) -> PerplexityEvaluation:
+    """Perplexity of the input decoder on the eval text, with the run's window (report.llm context / stride)."""
+    llm = llm_settings(ctx.recipe)
+    tokens = eval_tokens(ctx)
+    n = span(llm.context, llm.stride, windows)
+    ev = PerplexityEvaluation(tokens[:n], Path(model_dir), llm.context, llm.stride, llm.threads)
     ev.reference = ev.baseline()
     return ev
 
 
-def calibration_feeds(model_path: Path, recipe, samples: int) -> list[dict[str, np.ndarray]]:
-    """GPTQ's calibration: `samples` windows of the text file (data.calibration.text, else data.eval.text)."""
+def calibration_feeds(model_dir: Path, ctx, samples: int) -> list[dict[str, np.ndarray]]:
+    """GPTQ's calibration: `samples` windows of report.llm.context tokens from data.calibration.text when the recipe
+    has one (through the decoder's tokenizer), else from the eval text."""
     import onnx
 
-    source = getattr(recipe.data, "calibration", None)
-    if source is None or getattr(source, "text", None) is None:
-        source = text_source(recipe)
-    if source is None:
-        raise BadInput("algorithm: gptq calibrates on text: add data.calibration.text (or data.eval.text)")
-    context = source.max_length
-    chunks = windows(token_ids(source.text, Path(model_path).parent), context, context, samples)
-    graph_inputs = onnx.load(str(model_path), load_external_data=False).graph.input
-    head = head_size(Path(model_path).parent)
-    return [feeds(graph_inputs, w, head) for w, _ in chunks]
+    source = getattr(ctx.recipe.data, "calibration", None)
+    if source is not None and getattr(source, "text", None) is not None:
+        from optcli.llm.perplexity import text_tokens
+
+        tokens = text_tokens(Path(source.tokenizer or model_dir), Path(source.text))
+    else:
+        tokens = eval_tokens(ctx)
+    context = llm_settings(ctx.recipe).context
+    starts = range(0, max(1, len(tokens) - context + 1), context)
+    chunks = [tokens[s : s + context] for s in list(starts)[:samples]]
+    graph_inputs = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False).graph.input
+    head = head_size(model_dir)
+    return [feeds(graph_inputs, np.asarray(w), head) for w in chunks]
 
 
 def int8_dynamic(source: Path, target: Path, config, int8, ctx) -> dict:

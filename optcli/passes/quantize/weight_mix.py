@@ -92,7 +92,11 @@ def rank(
 ) -> tuple[list[str], dict[str, float], dict[str, int]]:
     """MatMuls ordered for promotion, their sensitivities and weight counts."""
     from optcli.artifact import save_onnx
+    from optcli.passes.quantize.decoder import trial_path
     from optcli.passes.quantize.weight_only import roles
+
+    # A decoder's trials are folders with its side files (perplexity loads them); others plain files.
+    source = Path(ev.reference_dir) / "model.onnx" if hasattr(ev, "reference_dir") else None
 
     t0 = time.perf_counter()
     fixed = roles(proto, config, ("MatMul",))
@@ -112,7 +116,7 @@ def rank(
                 )
                 break
             alone = write(proto, config, ("MatMul",), exclude | (set(names) - {name}), frozenset(), ctx, calibration)
-            path = save_onnx(alone, Path(work) / "one.onnx")
+            path = save_onnx(alone, trial_path(Path(work), "one", source))
             value, _ = ev.measure(path, subset=subset, timed=False)
             loss[name] = loss_of(ev, value, subset)
             bar.advance(node=name)
@@ -126,7 +130,7 @@ def sensitivity_evaluation(model, config, ctx):
     from optcli.passes.quantize.decoder import evaluation, is_decoder
 
     if is_decoder(onnx.load(str(model.path), load_external_data=False)):
-        return evaluation(model.path, model.path, ctx.recipe, config.search.eval_samples)
+        return evaluation(model.path.parent, ctx, config.search.eval_samples)
     return cosine_evaluation(model, config, ctx)
 
 
@@ -168,6 +172,7 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
 
     from optcli.artifact import save_onnx
     from optcli.measure import size_on_disk
+    from optcli.passes.quantize.decoder import trial_path
     from optcli.passes.quantize.search import evaluation_for, make_goal
     from optcli.passes.quantize.weight_only import (
         calibration_for,
@@ -193,7 +198,7 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
         if k not in tried:
             start = time.perf_counter()
             mixed = write(proto, config, ops, exclude, frozenset(order[:k]), ctx, calibration)
-            path = save_onnx(mixed, work / f"mix_{k}.onnx")
+            path = save_onnx(mixed, trial_path(work, f"mix_{k}", source))
             value, _ = ev.measure(path, subset=config.search.eval_samples, timed=False)
             tried[k] = Mix(k, path, size_on_disk(path)["size_bytes"], value, goal.meets(value))
             tried[k].seconds = time.perf_counter() - start

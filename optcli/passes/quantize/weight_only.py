@@ -265,7 +265,7 @@ def calibration_for(model, config, ctx) -> list[dict] | None:
 
     source = getattr(ctx.recipe.data, "calibration", None)
     samples = (source.samples if source is not None else None) or GPTQ_WINDOWS
-    return calibration_feeds(model.path, ctx.recipe, samples)
+    return calibration_feeds(Path(model.path).parent, ctx, samples)
 
 
 def describe(out, config, ops: tuple[str, ...], opset: dict, before: int) -> dict:
