@@ -96,6 +96,7 @@ class _Run:
     llm: LlmReport
     reused: dict = field(default_factory=dict)
     reference_tokens: list | None = None
+    reference: object = None  # the fp32 decoder (a Model), once its step ran
 
 
 def run_llm(recipe, options) -> dict:
@@ -131,6 +132,7 @@ def _run(run: _Run) -> dict:
     original = Model(format="torch", inputs=[], path=source, kind=f"hf {run.prepared.arch}", task="causal-lm")
     inputs_key = input_key(recipe) + llm.model_dump_json()
     reference, first = _step(run, REFERENCE, DecoderConfig(precision="fp32"), step_key(inputs_key, llm), original)
+    run.reference = reference
     steps, models, warnings = [first], [reference], []
     model, previous = original, ""
     for index, config in enumerate(recipe.passes, start=1):
@@ -191,8 +193,10 @@ def _step(run: _Run, name: str, config, key: str, model):
         recipe=run.recipe,
         step_name=name,
         step_dir=tmp,
-        reference=model,
-        data=None,
+        # A pass after the export (a quantizer, a search) gets the fp32 decoder as its reference and the eval
+        # text's tokens and prompts as its data (Prepared); recipe.report.llm says the perplexity window.
+        reference=run.reference or model,
+        data=run.prepared,
         seed=run.recipe.seed,
         quiet=options.quiet,
         log=options.log,
