@@ -154,11 +154,33 @@ def _main(proto, config, bits: int, ops: tuple[str, ...], exclude: set[str], ctx
     with _quiet_import():
         from onnxruntime.quantization.neural_compressor import gptq_quantize, rtn_quantize
     scheme = "sym" if config.symmetric else "asym"
-    layers = {
-        n.name: {"bits": bits, "group_size": config.block_size, "scheme": scheme}
-        for n in proto.graph.node
-        if n.op_type == "MatMul"
-    }
+    depth = {t.name: t.dims[0] for t in proto.graph.initializer if len(t.dims) == 2}
+
+    def block(k: int | None) -> int:
+        # INC's GPTQ / k-quant fail on a block longer than the layer (ORT's RTN pads it), and with 4-bit zero points
+        # on an odd number of blocks per column (make_matmul_weight_only_node packs two columns' zero points into
+        # one byte, then reshapes per column): halve the block until the count is even.
+        g = config.block_size
+        if not k:
+            return g
+        while g > 16 and (g > k or bits == 4 and -(-k // g) % 2):
+            g //= 2
+        return g
+
+    layers = {}
+    changed = {}
+    for n in proto.graph.node:
+        if n.op_type == "MatMul":
+            k = depth.get(n.input[1])
+            layers[n.name] = {"bits": bits, "group_size": block(k), "scheme": scheme}
+            if k and layers[n.name]["group_size"] != config.block_size:
+                changed[n.name] = layers[n.name]["group_size"]
+            if k and bits == 4 and -(-k // layers[n.name]["group_size"]) % 2:
+                layers[n.name]["scheme"] = "sym"  # no zero points to pack (GPTQ); k-quant always writes them
+                if config.algorithm == "k_quant":
+                    raise PassFailed(ctx.step_name, f"k_quant cannot write {n.name} (K={k}): use rtn or gptq")
+    if changed and hasattr(ctx, "details"):
+        ctx.details["block_size_by_layer"] = changed
     layers.update({name: "fp32" for name in exclude if name in layers})
     level = config.accuracy_level or 0
     log = io.StringIO()
