@@ -8,10 +8,11 @@ The model is the small Qwen2 decoder llm_quality_model.py trains here on the sta
 text scored is its held-out split (modules it never saw). Rows, all from the same folder in one run:
   fp32              onnxruntime-genai's model builder, -p fp32 -e cpu (the reference for perplexity and agreement)
   builder int4      the builder's -p int4 -e cpu as it ships (round-to-nearest, block 32, symmetric, lm_head int4)
-  optcli int4       optcli's weight-only int4 on the fp32 export with the decoder defaults documented in
-                    docs/llm-int4.md (GPTQ calibrated on the training text, block 32, lm_head int8, embeddings int4)
-  optcli int4 target   the same with target {metric: perplexity, max_drop: half the builder's rise}: the fewest
-                    MatMuls in int8, ranked by their measured perplexity rise
+  optcli int4       optcli's weight-only int4 on the fp32 export, `weights: int4` alone: the decoder defaults of
+                    docs/llm-int4.md (ORT's round-to-nearest, block 32, lm_head int8, embeddings int4)
+  optcli int4 gptq  algorithm: gptq, calibrated on a slice of the training text (never the held-out one)
+  optcli int4 target   gptq with target {metric: perplexity, max_drop: half the builder's rise}: the fewest
+                    MatMuls in int8 (the lm_head among the candidates), ranked by their measured perplexity rise
   int8 dynamic      optcli's dynamic int8 of the decoder's MatMuls
 Columns: size (model files on disk), peak RSS of a process that loads the model and generates, time to first token
 (prompt of --prompt tokens), decode tokens/s (--new tokens, batch 1, KV cache, greedy), perplexity on the held-out
@@ -37,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The generation children import optcli: this checkout's, not whichever the interpreter has installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
 PY = sys.executable
 THREADS = 2
 
@@ -133,14 +136,16 @@ def main() -> None:
 
     scores = {"fp32": ppl("fp32"), "builder int4": ppl("builder int4")}
     rise = scores["builder int4"] - scores["fp32"]
-    defaults = {"weights": "int4", "algorithm": "gptq", "block_size": 32, "lm_head": "int8", "embeddings": "int4"}
     notes = {}
     for name, settings in (
-        ("optcli int4", defaults),
+        ("optcli int4", {"weights": "int4"}),  # the decoder defaults: rtn, block 32, lm_head int8, embeddings int4
+        ("optcli int4 gptq", {"weights": "int4", "algorithm": "gptq", "embeddings": "int4"}),
         (
             "optcli int4 target",
             {
-                **{k: v for k, v in defaults.items() if k != "lm_head"},  # the search decides the lm_head too
+                "weights": "int4",
+                "algorithm": "gptq",
+                "embeddings": "int4",
                 "target": {"metric": "perplexity", "max_drop": max(rise / 2, 1e-6)},
                 "search": {"eval_samples": args.windows, "sensitivity_samples": max(4, args.windows // 4)},
             },

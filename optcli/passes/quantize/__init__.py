@@ -354,6 +354,21 @@ DECODER_FORMAT = "genai"  # optcli.llm.FORMAT: a decoder folder (model.onnx, gen
 DECODER_DIR = "decoder"  # the folder a decoder step writes, as the decoder pass names it
 
 
+# A decoder's weight-only defaults where the recipe leaves them unset: the builder's block of 32 (a 4.5-bit int4
+# weight), the lm_head in int8 (the largest, most output-sensitive MatMul: llama.cpp's Q4_K_M keeps it at 6 bits),
+# the embedding table in int4 (the builder leaves it fp32: most of a small model's bytes, read one row a token).
+DECODER_DEFAULTS = {"block_size": 32, "lm_head": "int8", "embeddings": "int4"}
+
+
+def decoder_defaults(config: Config) -> Config:
+    unset = {k: v for k, v in DECODER_DEFAULTS.items() if k not in config.model_fields_set}
+    if config.op_types:
+        unset.pop("embeddings", None)  # op_types says what is quantized
+    if config.weights == "int8" or config.target is not None:
+        unset.pop("lm_head", None)  # int8 weights: nothing to keep; a target: the search decides the lm_head
+    return config.model_copy(update=unset)
+
+
 def _decoder_step(model, config: Config, ctx: Context):
     """A decoder folder in, a decoder folder out: weight-only (int4 / int8, a perplexity target) or dynamic int8 of
     its model.onnx, with genai_config.json and the tokenizer files beside it."""
@@ -370,6 +385,8 @@ def _decoder_step(model, config: Config, ctx: Context):
         from optcli.passes.quantize.weight_mix import run_search
         from optcli.passes.quantize.weight_only import quantize_weights
 
+        config = decoder_defaults(config)
+        ctx.details["decoder_defaults"] = {k: getattr(config, k) for k in DECODER_DEFAULTS}
         inner = model.with_(format="onnx", path=source)
         exclude = set(config.exclude)
         if config.target is not None:
