@@ -266,9 +266,9 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _onnx_weights(path: Path) -> tuple[int, int]:
-    import onnx
+    from optcli.onnxgraph import load_model
 
-    proto = onnx.load(str(path), load_external_data=True)
+    proto = load_model(path)
     total = nonzero = 0
     for _, arr in onnx_weight_tensors(proto):
         total += arr.size
@@ -307,8 +307,8 @@ def latency(
     runner: Runner, batch_sizes: list[int], warmup: int, runs: int, progress=None, label: str = "latency"
 ) -> tuple[dict, list[str]]:
     """p50/p90/p99 and throughput per batch size; batch sizes the model cannot take are skipped with a note.
-    progress: a report.terminal.Feedback, shown one task per batch size."""
-    from optcli.report.terminal import SILENT
+    progress: an optcli.progress.Feedback, shown one task per batch size."""
+    from optcli.progress import SILENT
 
     results, notes = {}, []
     for batch in batch_sizes:

@@ -77,9 +77,9 @@ def session_or_upgraded(path: Path, opts, providers: list[str] | None = None) ->
     try:
         return session(path, opts=opts, providers=providers), None
     except Unloadable as e:
-        import onnx
+        from optcli.onnxgraph import load_model
 
-        proto = onnx.load(str(path))
+        proto = load_model(path)
         opset = default_opset(proto)
         if not 0 < opset < MIN_OPSET:
             raise

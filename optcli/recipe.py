@@ -459,9 +459,9 @@ def holds_int8(path: Path) -> bool:
     """An ONNX model that is already quantized (Q/DQ or integer ops); False where it cannot be read here.
     `optcli init` asks the same question, so it never writes a quantize step this check would refuse."""
     try:
-        import onnx
+        from optcli.onnxgraph import graph_view
 
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = graph_view(path).proto
     except Exception:  # a broken file is refused, in its own words, when the model is loaded
         return False
     from optcli.onnx_check import holds_int8 as graph_holds_int8

@@ -231,10 +231,9 @@ CNN_QUANTIZE = {"type": "quantize", "target": {"metric": "cosine", "min_value": 
 def _is_cnn(model) -> bool:
     """Conv in the graph (ONNX) or a Conv module (torch): dynamic int8 would make it slower (ConvInteger)."""
     if model.format == "onnx":
-        import onnx
+        from optcli.onnxgraph import graph_view
 
-        graph = onnx.load(str(model.path), load_external_data=False).graph
-        return any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node)
+        return bool(graph_view(model.path).by_op("Conv", "ConvTranspose"))
     module = getattr(model, "module", None)
     if module is None:
         return False
@@ -254,11 +253,10 @@ def already_int8(model) -> str | None:
 
         if model.path is None or not holds_int8(model.path):
             return None
-        import onnx
-
         from optcli.onnx_check import QUANTIZED_OPS, all_nodes
+        from optcli.onnxgraph import graph_view
 
-        proto = onnx.load(str(model.path), load_external_data=False)
+        proto = graph_view(model.path).proto
         ops = Counter(n.op_type for n in all_nodes(proto) if n.op_type in QUANTIZED_OPS)
         return ", ".join(f"{k} {op}" for op, k in ops.most_common(3))
     import torch

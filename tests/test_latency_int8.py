@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from optcli.abtest import Ratio
 from optcli.passes.quantize import profile as prof
 from optcli.passes.quantize import search
+from optcli.passes.quantize.search import evaluation
 
 
 def conv(name, x, y, cin, cout, k, rng):
@@ -84,7 +85,9 @@ def injected_profile(path, feeds, threads, runs=10, warmup=2):
 def injected(monkeypatch):
     monkeypatch.setattr(prof, "profile", injected_profile)
     # The latency a trial is judged by: the same cost model, so which candidate is fastest is fixed by the test.
-    monkeypatch.setattr(search, "time_p50", lambda path, ev, runner=None: injected_profile(path, None, 1).total_ms())
+    monkeypatch.setattr(
+        evaluation, "time_p50", lambda path, ev, runner=None: injected_profile(path, None, 1).total_ms()
+    )
     # And the side-by-side int8/fp32 ratio the "int8 faster than fp32" gate decides on (no noise: a point interval).
     monkeypatch.setattr(search, "time_ratio", injected_ratio)
 

@@ -182,9 +182,9 @@ def test_torchscript_python_argument_without_value_is_refused_by_validate(tmp_pa
 
 
 def test_search_with_no_latency_measured_ranks_by_its_metric_and_says_so(tmp_path, monkeypatch):
-    import optcli.passes.quantize.search as search
+    import optcli.passes.quantize.search.evaluation as evaluation
 
-    monkeypatch.setattr(search, "time_p50", lambda *a, **k: None)  # every candidate untimed
+    monkeypatch.setattr(evaluation, "time_p50", lambda *a, **k: None)  # every candidate untimed
     model = Path(save(recurrent_state(), tmp_path / "speaker.onnx"))
     x = np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)
     np.savez(tmp_path / "frames.npz", x=x, h=np.zeros((2, 1, 32), np.float32))

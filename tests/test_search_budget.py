@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 from conftest import digits_recipe, run_cli, write_recipe
 
-from optcli.passes.quantize import search as search_module
 from optcli.passes.quantize.config import Search as SearchSpace
 from optcli.passes.quantize.ort import Settings
 from optcli.passes.quantize.search import Goal, Search, estimate_s, plan_line
+from optcli.passes.quantize.search import engine as search_engine
 
 
 def test_estimate_is_seconds_per_trial_times_planned_trials_capped_by_the_budget():
@@ -61,12 +61,12 @@ class Ctx:
 
 def fake_search(tmp_path, monkeypatch, budget: float, trial_s: float, value: float = 1.0, max_trials: int = 24):
     clock = FakeClock()
-    monkeypatch.setattr(search_module, "size_on_disk", lambda path: {"size_bytes": path.stat().st_size})
+    monkeypatch.setattr(search_engine, "size_on_disk", lambda path: {"size_bytes": path.stat().st_size})
     model = tmp_path / "model.onnx"
     model.write_bytes(b"0" * 10)
 
     class Timed(Search):
-        def _write(self, settings, tag):
+        def write_candidate(self, settings, tag):
             target = self.work / tag / "model.onnx"
             target.parent.mkdir(exist_ok=True)
             target.write_bytes(b"0" * 5)

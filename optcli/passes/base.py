@@ -45,7 +45,7 @@ class Context:
     warnings: list[str] = field(default_factory=list)
     # Filled by the runner for passes that resume (fine-tune epochs); empty otherwise.
     options: dict = field(default_factory=dict)
-    # A report.terminal.Feedback: `with ctx.progress.task("calibration", total=n) as t: ... t.advance()`.
+    # An optcli.progress.Feedback: `with ctx.progress.task("calibration", total=n) as t: ... t.advance()`.
     progress: Any = field(default_factory=lambda: silent_feedback())
 
     def warn(self, message: str) -> None:
@@ -121,6 +121,6 @@ def training_hooks(module: Any) -> TrainingHooks | None:
 
 def silent_feedback():
     """Progress that shows nothing (a Context built outside a run: tests, scripts)."""
-    from optcli.report.terminal import SILENT
+    from optcli.progress import SILENT
 
     return SILENT

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from optcli.errors import first_line
 from optcli.library_warnings import quiet_loggers
+from optcli.onnxgraph import graph_view, load_model
 from optcli.passes.base import Context, PassConfig, PassSpec
 
 
@@ -183,7 +184,6 @@ def kernels(path: Path) -> dict[str, int]:
     import tempfile
     from collections import Counter
 
-    import onnx
     import onnxruntime as ort
 
     from optcli.onnx_check import session
@@ -193,7 +193,7 @@ def kernels(path: Path) -> dict[str, int]:
         opts.log_severity_level = 3
         opts.optimized_model_filepath = str(Path(tmp) / "session.onnx")
         session(path, opts=opts)
-        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+        graph = load_model(opts.optimized_model_filepath, external_data=False).graph
     return dict(Counter(n.op_type for n in graph.node if n.op_type not in _LAYOUT_OPS))
 
 
@@ -218,7 +218,6 @@ def _time_interleaved(paths: dict[str, Path], inputs, feeds: dict, threads: int,
 def apply(model, config: Config, ctx: Context):
     import shutil
 
-    import onnx
     import torch
 
     from optcli.errors import PassFailed
@@ -307,7 +306,7 @@ def apply(model, config: Config, ctx: Context):
     ctx.details["opset"] = config.opset
     ctx.details["max_abs_error_vs_torch"] = max_err
     ctx.details["error_limit"] = limit
-    output_names = [o.name for o in onnx.load(str(target), load_external_data=False).graph.output]
+    output_names = list(graph_view(target).outputs)
     return model.with_(format="onnx", module=None, path=target, output_names=output_names)
 
 

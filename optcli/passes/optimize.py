@@ -35,11 +35,10 @@ class Config(PassConfig):
 
 
 def _op_counts(path: Path) -> collections.Counter:
-    import onnx
+    from optcli.onnxgraph import graph_view
 
-    proto = onnx.load(str(path), load_external_data=False)
     return collections.Counter(
-        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in proto.graph.node
+        n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph_view(path).nodes
     )
 
 

@@ -17,6 +17,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from optcli.progress import SILENT, Feedback, ProgressTask
+from optcli.progress import EpochProgress as EpochProgress  # the protocol's home is optcli.progress; kept importable
 from optcli.report.summary import summary
 from optcli.report.view import (
     GENERATION_HEADERS,
@@ -168,36 +170,6 @@ class _FittedTable:
                 f"({', '.join(left_out)} left out to fit {options.max_width} columns; the .md report has all)",
                 style="dim",
             )
-
-
-class EpochProgress:
-    """The training progress (loss, metric, samples/s per epoch) through a Feedback; silent when not enabled.
-
-    enabled: a Feedback (the run's, in-process) or a bool (a worker process makes its own)."""
-
-    def __init__(self, enabled, epochs: int):
-        self.feedback = enabled if isinstance(enabled, Feedback) else feedback(quiet=not enabled)
-        self.epochs, self.current = epochs, None
-
-    def epoch(self, epoch: int, steps: int):
-        self.close()
-        self.current = self.feedback.task(f"train epoch {epoch}/{self.epochs}", total=steps)
-        return self.current
-
-    def update(self, task, advance: int = 0, **fields):
-        shown = {}
-        if "loss" in fields:
-            shown["loss"] = f"{fields['loss']:.4f}"
-        if fields.get("metric"):
-            shown[""] = fields["metric"]  # already "accuracy 0.9712"
-        if "rate" in fields:
-            shown["samples/s"] = f"{fields['rate']:.0f}"
-        task.advance(advance, **shown)
-
-    def close(self):
-        if self.current is not None:
-            self.current.close()
-            self.current = None
 
 
 # --------------------------------------------------------------------------- the other commands
@@ -403,38 +375,6 @@ def render_checks(checks: list[dict]) -> Group:
 
 
 # --------------------------------------------------------------------------- progress on long work
-
-
-class ProgressTask:
-    """One piece of long work (calibration, search trials, an epoch, benchmarking): advance() it, set() its fields."""
-
-    def advance(self, n: int = 1, **fields) -> None: ...
-
-    def set(self, **fields) -> None: ...
-
-    def close(self) -> None: ...
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class Feedback:
-    """What a run tells the person waiting for it, all on stderr: log lines and progress. Silent with --quiet;
-    a Rich live bar on a terminal; elsewhere (CI logs, pipes) one plain line per task at most every few seconds
-    and when it ends. Passes get it through their Context (ctx.progress) and never print themselves."""
-
-    def log(self, message: str) -> None: ...
-
-    def task(self, description: str, total: int | None = None, **fields) -> ProgressTask:
-        return ProgressTask()
-
-    def close(self) -> None: ...
-
-
-SILENT = Feedback()
 
 
 def _fields_text(fields: dict) -> str:

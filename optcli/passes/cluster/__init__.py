@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from optcli.onnxgraph import load_model
 from optcli.passes.base import Context, PassConfig, PassSpec
 
 # A layer already this sparse keeps its zeros as one of its shared values (pinned at 0 through training).
@@ -116,9 +117,9 @@ def preflight(config: Config, recipe, original) -> None:
     if any(p.type != "prune" for p in recipe.passes[:index]):
         return
     if original.format == "onnx":
-        import onnx
+        from optcli.onnxgraph import graph_view
 
-        proto = onnx.load(str(original.path), load_external_data=False)
+        proto = graph_view(original.path).proto
         layers, what = onnx_layers(proto, with_weights=False), f"the ONNX graph {original.path.name}"
     else:
         import torch
@@ -200,7 +201,7 @@ def _cluster_onnx(model, config: Config, ctx: Context):
     from optcli.passes.cluster.kmeans import cluster_values
     from optcli.passes.cluster.share import store_as_indices
 
-    proto = onnx.load(str(model.path), load_external_data=True)
+    proto = load_model(model.path)  # clustered in place below: its own copy
     inits = {t.name: t for t in proto.graph.initializer}
     plan = make_plan(
         onnx_layers(proto, with_weights=True), config, f"the ONNX graph {model.path.name}", "cluster", "clusters"

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from optcli.onnxgraph import load_model
 from optcli.passes.base import Context, PassConfig, PassSpec
 
 
@@ -106,7 +107,7 @@ def _convert_onnx(model, config: Config, ctx: Context):
     with _quiet_converter():
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(model.path)))
+    proto = onnx.shape_inference.infer_shapes(load_model(model.path))
     name_nodes(proto)
     names = {n.name for n in proto.graph.node}
     for name in config.node_block_list:

@@ -132,8 +132,8 @@ def apply(model, config: Config, ctx: Context):
     import torch
 
     from optcli.model import copy_module
+    from optcli.passes.finetune.job import TrainJob, freeze, replace_head
     from optcli.passes.finetune.launch import run_training
-    from optcli.passes.finetune.loop import TrainJob, freeze, replace_head
 
     seed = ctx.seed if config.seed is None else config.seed
     config = config.model_copy(update={"seed": seed})
@@ -232,7 +232,7 @@ def _check_fit(student, teacher, train_data, eval_data, names: list[str]) -> Non
 
 
 def _logits(module, inputs, role: str):
-    from optcli.passes.finetune.loop import eval_logits
+    from optcli.passes.finetune.job import eval_logits
 
     try:
         return eval_logits(module, inputs)

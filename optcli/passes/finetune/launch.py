@@ -417,7 +417,7 @@ def _rank0_checkpoint(job, rank: int):
     """
     import torch.distributed as dist
 
-    from optcli.passes.finetune.loop import latest_checkpoint
+    from optcli.passes.finetune.checkpoint import latest_checkpoint
 
     folder = Path(job.checkpoint_dir) if job.checkpoint_dir else None
     payload: list = [None]

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from optcli.config import StrictModel
 from optcli.errors import first_line
 from optcli.layers import onnx_layers, torch_layers
+from optcli.onnxgraph import graph_view, load_model
 from optcli.passes.base import Context, PassConfig, PassSpec, attach_training_hook
 
 
@@ -99,15 +100,13 @@ def check(config: Config, recipe, input_format: str) -> None:
 
 def _check_onnx_layers(config: Config, path) -> None:
     """Globs and prunable layers can be checked before any work when the pass reads the recipe's own ONNX file."""
-    import onnx
-
     from optcli.errors import BadInput
     from optcli.passes.prune.plan import make_plan
 
     if not path.is_file():
         return  # check_recipe reports the missing file
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = graph_view(path).proto
     except Exception:
         return  # the loader reports an unreadable file with its own message
     try:
@@ -296,7 +295,7 @@ def _prune_onnx(model, config: Config, ctx: Context):
     from optcli.errors import PassFailed
     from optcli.passes.prune.plan import apply_plan, layer_sparsity, make_plan
 
-    proto = onnx.load(str(model.path), load_external_data=True)
+    proto = load_model(model.path)  # pruned in place below: its own copy
     inits = {t.name: t for t in proto.graph.initializer}
     layers = onnx_layers(proto, with_weights=True)
     plan = make_plan(layers, config, f"the ONNX graph {model.path.name}")

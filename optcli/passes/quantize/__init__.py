@@ -10,6 +10,7 @@ from pathlib import Path
 
 from optcli.errors import PassFailed
 from optcli.model import fixed_batch
+from optcli.onnxgraph import graph_view
 from optcli.passes.base import Context, PassSpec
 from optcli.passes.quantize.config import Config
 
@@ -193,8 +194,6 @@ def _calibration_batches(model, config: Config, ctx: Context):
 
 
 def apply(model, config: Config, ctx: Context):
-    import onnx
-
     from optcli.onnx_check import place
     from optcli.passes.quantize.isa import choose_int8
     from optcli.passes.quantize.ort import Settings, count_quant_ops, preprocess, quantize_onnx, resolve_exclude
@@ -222,7 +221,7 @@ def apply(model, config: Config, ctx: Context):
     work = ctx.step_dir / "work"
     work.mkdir(exist_ok=True)
     source = preprocess(model.path, work, ctx) if config.preprocess else model.path
-    proto = onnx.load(str(source), load_external_data=False)
+    proto = graph_view(source).proto
     exclude = resolve_exclude(proto, config.exclude, ctx)
     largest = largest_weight(proto)
     into_bodies = has_subgraphs(proto) and "EnableSubgraph" not in config.extra_options
@@ -304,9 +303,7 @@ def apply(model, config: Config, ctx: Context):
 
 def _say_float_in_subgraphs(path, mode: str, ctx: Context) -> None:
     """Weights inside If / Loop bodies that int8 did not reach: counted in the details and said in a warning."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = graph_view(path).proto
     if not has_subgraphs(proto):
         return
     count, nbytes = float_weights_in_subgraphs(proto)
@@ -323,12 +320,11 @@ def _say_float_in_subgraphs(path, mode: str, ctx: Context) -> None:
 
 
 def _weight_only(model, config: Config, ctx: Context):
-    import onnx
-
     from optcli.passes.quantize.ort import resolve_exclude
-    from optcli.passes.quantize.weight_only import nothing_done, quantize_weights
+    from optcli.passes.quantize.weight_only import nothing_done
+    from optcli.passes.quantize.weight_pass import quantize_weights
 
-    exclude = resolve_exclude(onnx.load(str(model.path), load_external_data=False), config.exclude, ctx)
+    exclude = resolve_exclude(graph_view(model.path).proto, config.exclude, ctx)
     target = ctx.step_dir / "model.onnx"
     if config.target is not None:
         from optcli.passes.quantize.weight_mix import run_search
@@ -383,7 +379,7 @@ def _decoder_step(model, config: Config, ctx: Context):
     target = out / "model.onnx"
     if config.weights is not None:
         from optcli.passes.quantize.weight_mix import run_search
-        from optcli.passes.quantize.weight_only import quantize_weights
+        from optcli.passes.quantize.weight_pass import quantize_weights
 
         config = decoder_defaults(config)
         ctx.details["decoder_defaults"] = {k: getattr(config, k) for k in DECODER_DEFAULTS}
@@ -418,12 +414,9 @@ def preflight(config: Config, recipe, model) -> None:
     """A CNN's search tries static int8 only (dynamic Conv is ConvInteger, slower than fp32): it needs calibration."""
     if config.target is None or recipe.data.calibration is not None or model.format != "onnx" or model.path is None:
         return
-    import onnx
-
     from optcli.errors import BadInput
 
-    graph = onnx.load(str(model.path), load_external_data=False).graph
-    if any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node):
+    if graph_view(model.path).by_op("Conv", "ConvTranspose"):
         raise BadInput(
             "quantize target on a CNN needs data.calibration (static int8; dynamic int8 on Conv is slower than fp32): "
             "add data.calibration: {path: samples.npz, samples: 128}"

@@ -168,7 +168,7 @@ def evaluation(model_dir: Path, ctx, windows: int | None) -> PerplexityEvaluatio
 def calibration_feeds(model_dir: Path, ctx, samples: int) -> list[dict[str, np.ndarray]]:
     """GPTQ's calibration: `samples` windows of report.llm.context tokens from data.calibration.text when the recipe
     has one (through the decoder's tokenizer), else from the eval text."""
-    import onnx
+    from optcli.onnxgraph import load_model
 
     source = getattr(ctx.recipe.data, "calibration", None)
     if source is not None and getattr(source, "text", None) is not None:
@@ -180,7 +180,7 @@ def calibration_feeds(model_dir: Path, ctx, samples: int) -> list[dict[str, np.n
     context = llm_settings(ctx.recipe).context
     starts = range(0, max(1, len(tokens) - context + 1), context)
     chunks = [tokens[s : s + context] for s in list(starts)[:samples]]
-    graph_inputs = onnx.load(str(Path(model_dir) / "model.onnx"), load_external_data=False).graph.input
+    graph_inputs = load_model(Path(model_dir) / "model.onnx", external_data=False).graph.input
     head = head_size(model_dir)
     return [feeds(graph_inputs, np.asarray(w), head) for w in chunks]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optcli.onnxgraph import graph_view, load_model
 from optcli.passes.base import Context
 from optcli.passes.quantize.config import Config
 
@@ -176,7 +177,7 @@ def nonfinite_tensors(path: Path, batches: Iterable[dict]) -> tuple[set[str], in
     import onnxruntime as ort
     from onnx import TensorProto, numpy_helper
 
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    proto = onnx.shape_inference.infer_shapes(load_model(path))
     bad = {
         t.name
         for t in proto.graph.initializer
@@ -251,7 +252,6 @@ def quantize_onnx(
     batches are read lazily (CalibrationBatches) and, past CALIB_CHUNK_BYTES of intermediate outputs, fed to ORT
     chunk by chunk.
     """
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from optcli.artifact import ONNX_EXTERNAL_THRESHOLD, artifact_files
@@ -285,7 +285,7 @@ def quantize_onnx(
     if per_channel:
         from optcli.onnx_check import MIN_OPSET, default_opset
 
-        opset = default_opset(onnx.load(str(source), load_external_data=False))
+        opset = default_opset(graph_view(source).proto)
         if opset < MIN_OPSET:
             # ORT writes per-axis DequantizeLinear for opset 11/12 anyway, a model it then refuses to load.
             per_channel = False
@@ -307,7 +307,7 @@ def quantize_onnx(
         if cache is not None:
             cache[key], cache[size_key] = inf, batch_bytes
         if inf:
-            touched = nodes_touching(onnx.load(str(source), load_external_data=False), inf)
+            touched = nodes_touching(graph_view(source).proto, inf)
             exclude.update(touched)
             details["nonfinite_tensors"] = sorted(inf)
             details["nonfinite_nodes"] = sorted(touched)
@@ -397,11 +397,10 @@ def ranges_file(folder: Path, source: Path, op_types, method: str, chunk: int | 
 
 
 def count_quant_ops(path: Path) -> dict:
-    import onnx
 
     from optcli.onnx_check import all_nodes
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = graph_view(path).proto
     counts: dict[str, int] = {}
     for node in all_nodes(proto):  # If / Loop bodies too: dynamic int8 quantizes inside them
         if node.op_type in (
@@ -429,8 +428,6 @@ def write_with_fallback(write, source: Path, target: Path, exclude: set[str], de
     import contextlib
     import tempfile
 
-    import onnx
-
     from optcli.onnx_check import reason, session
     from optcli.passes.quantize.fallback import culprit
 
@@ -444,7 +441,7 @@ def write_with_fallback(write, source: Path, target: Path, exclude: set[str], de
             session(target)
             break
         except Exception as e:
-            proto = proto or onnx.load(str(source), load_external_data=False)
+            proto = proto or graph_view(source).proto
             blamed = culprit(proto, e)
             if blamed is None or blamed[0] in exclude or len(kept) >= MAX_FALLBACKS:
                 raise

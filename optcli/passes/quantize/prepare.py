@@ -17,6 +17,7 @@ from pydantic import Field
 
 from optcli.errors import BadInput
 from optcli.onnx_check import MIN_OPSET
+from optcli.onnxgraph import graph_view, load_model
 from optcli.passes.base import Context, PassConfig, PassSpec
 
 RUNGS = ("full", "no_symbolic_shape", "no_optimization", "none")
@@ -190,7 +191,6 @@ def preprocess_ladder(current: Path, work: Path, reference, feeds, rtol: float, 
 
 def prepare(source: Path, step_dir: Path, feeds: list[dict], config: Config) -> tuple[Path, dict]:
     """Write the prepared model into step_dir; returns its path and what changed (for the report)."""
-    import onnx
 
     from optcli.onnx_check import Unloadable, default_opset, mismatch, model_bytes, outputs_of, place, reason, upgrade
 
@@ -199,7 +199,7 @@ def prepare(source: Path, step_dir: Path, feeds: list[dict], config: Config) -> 
     try:
         size = model_bytes(source)
         details: dict = {"changes": [], "not_applied": []}
-        scan = onnx.load(str(source), load_external_data=False)
+        scan = graph_view(source).proto  # read only
         opset = default_opset(scan)
         details["opset"] = {"from": opset, "to": opset}
         unused, init_inputs = unused_opsets(scan), initializer_inputs(scan)
@@ -229,7 +229,7 @@ def prepare(source: Path, step_dir: Path, feeds: list[dict], config: Config) -> 
 
         current = source
         if unused or init_inputs or constants or old:
-            proto = onnx.load(str(source))
+            proto = load_model(source)  # edited below: its own copy
             if unused:
                 keep = [o for o in proto.opset_import if o.domain not in unused]
                 del proto.opset_import[:]
@@ -304,9 +304,8 @@ def prepare(source: Path, step_dir: Path, feeds: list[dict], config: Config) -> 
 
 
 def unloadable_domains(path: Path) -> list[str]:
-    import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = graph_view(path).proto
     return sorted({n.domain for n in _nodes(proto.graph) if n.domain in UNLOADABLE_DOMAINS})
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from optcli.onnxgraph import graph_view, load_model
+
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Names ORT gives the nodes it creates from one of ours (QDQ fusion, NCHWc layout, Q/DQ the quantizer inserted).
 _DERIVED = re.compile(r"(_token_\d+|_nchwc|_QuantizeLinear|_DequantizeLinear|_quantized|_output_\d+)$")
@@ -49,7 +51,6 @@ class Profile:
 
 def profile(path: Path, feeds: dict, threads: int, runs: int = 10, warmup: int = 2) -> Profile:
     """Run the model `runs` times under ORT's profiler; every file it writes goes to a temp dir removed after."""
-    import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="optcli-profile-") as tmp:
@@ -69,7 +70,7 @@ def profile(path: Path, feeds: dict, threads: int, runs: int = 10, warmup: int =
         events = json.loads(Path(session.end_profiling()).read_text())
         session_ops = {}
         if small and (Path(tmp) / "session.onnx").exists():
-            optimized = onnx.load(str(Path(tmp) / "session.onnx"), load_external_data=False)
+            optimized = load_model(Path(tmp) / "session.onnx", external_data=False)
             session_ops = dict(Counter(n.op_type for n in optimized.graph.node))
     times: dict[str, list[float]] = defaultdict(list)
     ops: dict[str, str] = {}
@@ -97,10 +98,8 @@ class Regions:
     """Which compute op of a graph each of its nodes (and tensors) belongs to."""
 
     def __init__(self, path: Path):
-        import onnx
 
-        graph = onnx.load(str(path), load_external_data=False).graph
-        nodes = list(graph.node)
+        nodes = list(graph_view(path).nodes)
         producer = {o: n for n in nodes for o in n.output if o}
         consumers: dict[str, list] = defaultdict(list)
         for n in nodes:

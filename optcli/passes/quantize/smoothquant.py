@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from optcli.onnxgraph import load_model
+
 
 def _groups(proto) -> dict[str, list]:
     """Activation tensor -> MatMuls that multiply it by a constant 2-D float weight (all of them share one s)."""
@@ -41,7 +43,7 @@ def channel_absmax(path: Path, tensors: list[str], batches: list[dict]) -> dict[
     import onnx
     import onnxruntime as ort
 
-    proto = onnx.load(str(path))
+    proto = load_model(path)  # outputs are added below: its own copy
     have = {o.name for o in proto.graph.output}
     proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in tensors if n not in have)
     opts = ort.SessionOptions()
@@ -65,7 +67,7 @@ def smooth(source: Path, target: Path, batches: list[dict], alpha: float = 0.5) 
 
     from optcli.artifact import save_onnx
 
-    proto = onnx.load(str(source))
+    proto = load_model(source)  # smoothed in place below: its own copy
     groups = _groups(proto)
     if not groups:
         save_onnx(proto, target)

@@ -50,7 +50,7 @@ class Mix:
 
 def cosine_evaluation(model, config, ctx):
     """data.eval scored by cosine to the original (the sensitivity measure, whatever the target's metric)."""
-    from optcli.passes.quantize.search import evaluation_for
+    from optcli.passes.quantize.search.evaluation import evaluation_for
 
     return evaluation_for(model, config, ctx, metric="cosine")
 
@@ -125,11 +125,10 @@ def rank(
 
 def sensitivity_evaluation(model, config, ctx):
     """What ranks the MatMuls: a decoder's perplexity on its text, else cosine on data.eval."""
-    import onnx
-
+    from optcli.onnxgraph import load_model
     from optcli.passes.quantize.decoder import evaluation, is_decoder
 
-    if is_decoder(onnx.load(str(model.path), load_external_data=False)):
+    if is_decoder(load_model(model.path, external_data=False)):
         return evaluation(model.path.parent, ctx, config.search.eval_samples)
     return cosine_evaluation(model, config, ctx)
 
@@ -168,12 +167,12 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     """The fewest promoted MatMuls meeting config.target; writes target, records the search; returns the details."""
     import shutil
 
-    import onnx
-
     from optcli.artifact import save_onnx
     from optcli.measure import size_on_disk
+    from optcli.onnxgraph import load_model
     from optcli.passes.quantize.decoder import trial_path
-    from optcli.passes.quantize.search import evaluation_for, make_goal
+    from optcli.passes.quantize.search.evaluation import evaluation_for
+    from optcli.passes.quantize.search.goal import make_goal
     from optcli.passes.quantize.weight_only import (
         calibration_for,
         describe,
@@ -212,18 +211,30 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
             ranking = ev if goal.metric in ("cosine", "perplexity") else cosine_evaluation(model, config, ctx)
             order, loss, counts = rank(proto, config, exclude, ranking, ctx, calibration)
             chosen = trial(fewest_promoted(len(order), lambda k: trial(k).meets))
-        save_onnx(onnx.load(str(chosen.path)), target)
+        save_onnx(load_model(chosen.path), target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    details = describe(onnx.load(str(target)), config, ops, opset, float_weight_bytes(proto))
+    details = describe(load_model(target, external_data=False), config, ops, opset, float_weight_bytes(proto))
     warn_if_nothing(details, ops, ctx)
+    details["mixed"] = _mix_details(config, order, loss, counts, order[: chosen.promoted], time.perf_counter() - t0)
+    record_search(ctx, config, goal, chosen, tried, order, loss, counts, time.perf_counter() - t0)
+    if not chosen.meets:
+        ctx.warn(
+            f"no mix met {goal.metric} {goal.relation()} {goal.threshold:.6g}, not even with every MatMul in {config.backup} "
+            f"({goal.metric} {chosen.metric:.6g}); kept that one. What stays at {config.weights} is the rest of "
+            f"op_types ({', '.join(o for o in ops if o != 'MatMul') or 'none'}): leave those out of op_types, "
+            "or use a smaller block_size"
+        )
+    return details
+
+
+def record_search(ctx, config, goal, chosen: Mix, tried: dict[int, Mix], order, loss, counts, seconds: float) -> None:
+    """ctx.details["search"] (the same block shape as the int8 search's) and the target's gate."""
     total = sum(counts.values()) or 1
 
     def share(k: int) -> float:
         return 1 - sum(counts[n] for n in order[:k]) / total
 
-    details["mixed"] = _mix_details(config, order, loss, counts, order[: chosen.promoted], time.perf_counter() - t0)
-    relation = ">=" if goal.higher_better else "<="
     ctx.details["search"] = {
         "metric": goal.metric,
         "target": goal.threshold,
@@ -238,21 +249,13 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
         "quantized_as": config.weights,
         "kept_in": config.backup,
         "trials": len(tried) + len(loss),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
     }
     ctx.details["gates"] = [
         {
-            "name": f"target {goal.metric} {relation} {goal.threshold:.6g}",
+            "name": f"target {goal.metric} {goal.relation()} {goal.threshold:.6g}",
             "limit": goal.threshold,
             "value": None if chosen.metric is None else round(chosen.metric, 6),
             "passed": chosen.meets,
         }
     ]
-    if not chosen.meets:
-        ctx.warn(
-            f"no mix met {goal.metric} {relation} {goal.threshold:.6g}, not even with every MatMul in {config.backup} "
-            f"({goal.metric} {chosen.metric:.6g}); kept that one. What stays at {config.weights} is the rest of "
-            f"op_types ({', '.join(o for o in ops if o != 'MatMul') or 'none'}): leave those out of op_types, "
-            "or use a smaller block_size"
-        )
-    return details

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optcli.errors import PassFailed
+from optcli.onnxgraph import load_model
 
 OPS = ("MatMul", "Gather")
 # Ops the quantizer writes, counted for the report.
@@ -42,14 +43,13 @@ def _quiet_import():
 
 def prepared(source: Path, config, ctx) -> tuple[object, tuple[str, ...], dict]:
     """The graph the quantizer reads (opset raised for Gather where needed), the op types to quantize, the opset note."""
-    import onnx
 
     ops = tuple(config.op_types) if config.op_types else (("MatMul",) if config.algorithm in MATMUL_ONLY else OPS)
     if config.embeddings is not None and not config.op_types:
         ops = ("MatMul", "Gather") if config.embeddings != "fp32" else ("MatMul",)
     from optcli.onnx_check import name_nodes
 
-    proto, opset = _opset_for_gather(onnx.load(str(source)), ops, ctx)
+    proto, opset = _opset_for_gather(load_model(source), ops, ctx)  # nodes named below: its own copy
     name_nodes(proto)  # a mixed precision names the MatMuls it keeps in backup
     if "not_upgraded" in opset:
         ops = tuple(o for o in ops if o != "Gather")
@@ -253,27 +253,6 @@ def matmul_weights(proto, exclude: set[str]) -> dict[str, int]:
         for n in proto.graph.node
         if n.op_type == "MatMul" and n.name and n.name not in exclude and len(shapes.get(n.input[1], [])) == 2
     }
-
-
-def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dict:
-    """The pass without a search: every weight at `weights`, or with ratio < 1 the most sensitive MatMuls at backup."""
-    from optcli.artifact import save_onnx
-
-    proto, ops, opset = prepared(model.path, config, ctx)
-    calibration = calibration_for(model, config, ctx)
-    backup, mix = frozenset(), None
-    if config.ratio < 1:
-        from optcli.passes.quantize.weight_mix import backup_for_ratio
-
-        backup, mix = backup_for_ratio(model, proto, config, exclude, ctx, calibration)
-    before = float_weight_bytes(proto)
-    out = write(proto, config, ops, exclude, backup, ctx, calibration)
-    save_onnx(out, target)
-    details = describe(out, config, ops, opset, before)
-    warn_if_nothing(details, ops, ctx)
-    if mix is not None:
-        details["mixed"] = mix
-    return details
 
 
 GPTQ_WINDOWS = 16  # calibration windows when data.calibration.samples is unset
