@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,12 @@ SIZES = {
     # Qwen2-1.5B and Qwen2.5-3B config.json dimensions (tied embeddings, 151936-token vocabulary).
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12},
     "3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16},
+    "smoke": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    },  # the script
 }
 
 
@@ -58,17 +65,65 @@ def write_folder(size: str, folder: str) -> None:
     bpe_tokenizer()[0].save_pretrained(folder)
 
 
+def export_watched(folder: Path, out: Path, limit: int) -> dict:
+    """The builder's int4 export (-p int4 -e cpu, block 32) in a child whose resident memory is read every 0.2 s:
+    past `limit` it is stopped (on a shared 24 GB machine the OOM killer would pick a neighbour), and the peak
+    where it stopped is reported. The child's own VmHWM is the peak when it finishes."""
+    import tempfile
+
+    from optcli.llm.export import BUILDER, OFFLINE_ENV
+
+    cache = out / ".builder-cache"
+    args = ["-i", str(folder), "-o", str(out), "-p", "int4", "-e", "cpu", "-c", str(cache)]
+    args += ["--extra_options", "block_size=32"]
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        peak_file = Path(work) / "peak"
+        command = [sys.executable, "-m", "optcli.llm.child", str(peak_file), BUILDER, *args]
+        proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE_ENV}
+        )
+        watched, stopped = 0, False
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                rss = next(int(x.split()[1]) * 1024 for x in status.read_text().splitlines() if x.startswith("VmRSS"))
+            except (OSError, StopIteration):
+                rss = 0
+            watched = max(watched, rss)
+            if rss > limit:
+                proc.kill()
+                stopped = True
+                break
+            time.sleep(0.2)
+        _, err = proc.communicate()
+        said = peak_file.read_text().strip() if peak_file.is_file() else ""
+    shutil.rmtree(cache, ignore_errors=True)
+    seconds = round(time.perf_counter() - t0, 1)
+    if stopped:
+        return {"finished": False, "stopped_at_rss_bytes": watched, "limit_bytes": limit, "seconds": seconds}
+    if proc.returncode != 0:
+        lines = [line for line in err.splitlines() if line.strip()]
+        return {"finished": False, "failed": lines[-1] if lines else f"exit {proc.returncode}", "seconds": seconds}
+    files = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))
+    peak = int(said) if said.isdigit() else watched
+    return {"finished": True, "peak_rss_bytes": peak, "seconds": seconds, "decoder_bytes": files}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="1.5b")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("OPTCLI_BENCH_CACHE", "/tmp/optcli-bench")))
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument(
+        "--rss-limit-gb", type=float, default=12.0, help="stop the export past this resident memory (shared machine)"
+    )
     parser.add_argument("--child-write", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_write:
         write_folder(*args.child_write)
         return
-    from optcli.llm.export import export_decoder
     from optcli.llm.memory import available_memory, export_need, parameter_count, run_child
 
     folder = args.cache / f"qwen2-{args.size}-random"
@@ -86,17 +141,10 @@ def main() -> None:
     out["builder_estimate_bytes"] = export_need(folder)
     decoder = args.cache / f"qwen2-{args.size}-int4"
     shutil.rmtree(decoder, ignore_errors=True)
-    try:
-        done = export_decoder(folder, decoder, "int4", block_size=32)
-        files = sum(f.stat().st_size for f in decoder.iterdir() if f.name.startswith("model.onnx"))
-        out["int4_export"] = {
-            **done,
-            "decoder_bytes": files,
-            "peak_over_weights": round(done["peak_rss_bytes"] / weights, 2),
-        }
-    except RuntimeError as e:
-        out["int4_export"] = {"failed": str(e)}
-    if not args.skip_generate and "peak_rss_bytes" in out["int4_export"]:
+    out["int4_export"] = export_watched(folder, decoder, int(args.rss_limit_gb * 2**30))
+    if "peak_rss_bytes" in out["int4_export"]:
+        out["int4_export"]["peak_over_weights"] = round(out["int4_export"]["peak_rss_bytes"] / weights, 2)
+    if not args.skip_generate and out["int4_export"].get("finished"):
         from optcli.llm.generate import measure_in_child
 
         row = measure_in_child(decoder, [list(range(1, 33))], 16, 2, args.cache)
