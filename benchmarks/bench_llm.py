@@ -9,7 +9,8 @@ text scored is its held-out split (modules it never saw). Rows, all from the sam
   fp32              onnxruntime-genai's model builder, -p fp32 -e cpu (the reference for perplexity and agreement)
   builder int4      the builder's -p int4 -e cpu as it ships (round-to-nearest, block 32, symmetric, lm_head int4)
   optcli int4       optcli's weight-only int4 on the fp32 export, `weights: int4` alone: the decoder defaults of
-                    docs/llm-int4.md (ORT's round-to-nearest, block 32, lm_head int8, embeddings int4)
+                    docs/llm-int4.md (the builder's int4 -- RTN, symmetric blocks of 32, accuracy_level 4 -- with
+                    the lm_head in int8)
   optcli int4 gptq  algorithm: gptq, calibrated on a slice of the training text (never the held-out one)
   optcli int4 target   gptq with target {metric: perplexity, max_drop: half the builder's rise}: the fewest
                     MatMuls in int8 (the lm_head among the candidates), ranked by their measured perplexity rise
@@ -138,14 +139,13 @@ def main() -> None:
     rise = scores["builder int4"] - scores["fp32"]
     notes = {}
     for name, settings in (
-        ("optcli int4", {"weights": "int4"}),  # the decoder defaults: rtn, block 32, lm_head int8, embeddings int4
-        ("optcli int4 gptq", {"weights": "int4", "algorithm": "gptq", "embeddings": "int4"}),
+        ("optcli int4", {"weights": "int4"}),  # the decoder defaults: the builder's int4 with lm_head int8
+        ("optcli int4 gptq", {"weights": "int4", "algorithm": "gptq"}),
         (
             "optcli int4 target",
             {
                 "weights": "int4",
                 "algorithm": "gptq",
-                "embeddings": "int4",
                 "target": {"metric": "perplexity", "max_drop": max(rise / 2, 1e-6)},
                 "search": {"eval_samples": args.windows, "sensitivity_samples": max(4, args.windows // 4)},
             },

@@ -81,7 +81,8 @@ def test_each_int4_algorithm_writes_matmulnbits_weights_and_a_decoder_that_runs(
     eight = [n.name for n in written if _bits(n) != 4]
     assert len(eight) == 1 and "lm_head" in eight[0] and all(_bits(n) in (4, 8) for n in written)  # the default
     assert not [n for n in _nodes(out) if n.op_type == "MatMul"]
-    assert [n for n in _nodes(out) if n.op_type == "GatherBlockQuantized"]  # embeddings int4 by default
+    assert not [n for n in _nodes(out) if n.op_type == "GatherBlockQuantized"]  # embeddings float by default
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in written)
     assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
     before, after = _perplexity(qwen2.fp32, qwen2.tokens), _perplexity(out, qwen2.tokens)
     assert np.isfinite(after) and abs(after / before - 1) < 0.1  # int4 moves a decoder's perplexity, a little

@@ -350,10 +350,18 @@ DECODER_FORMAT = "genai"  # optcli.llm.FORMAT: a decoder folder (model.onnx, gen
 DECODER_DIR = "decoder"  # the folder a decoder step writes, as the decoder pass names it
 
 
-# A decoder's weight-only defaults where the recipe leaves them unset: the builder's block of 32 (a 4.5-bit int4
-# weight), the lm_head in int8 (the largest, most output-sensitive MatMul: llama.cpp's Q4_K_M keeps it at 6 bits),
-# the embedding table in int4 (the builder leaves it fp32: most of a small model's bytes, read one row a token).
-DECODER_DEFAULTS = {"block_size": 32, "lm_head": "int8", "embeddings": "int4"}
+# A decoder's weight-only defaults where the recipe leaves them unset: the builder's int4 (symmetric blocks of 32,
+# accuracy_level 4: int8 activations in the kernel, without which MatMulNBits decoded slower than fp32 here), the
+# embedding table left float (as the builder leaves it: int4 there cost 10x the perplexity of all the MatMuls on
+# the bench's model), and the lm_head in int8 (the largest, most output-sensitive MatMul: llama.cpp's Q4_K_M keeps
+# it at 6 bits, the builder's k_quant_last in int8).
+DECODER_DEFAULTS = {
+    "block_size": 32,
+    "symmetric": True,
+    "accuracy_level": 4,
+    "lm_head": "int8",
+    "embeddings": "fp32",
+}
 
 
 def decoder_defaults(config: Config) -> Config:

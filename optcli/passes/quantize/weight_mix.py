@@ -101,6 +101,8 @@ def rank(
     t0 = time.perf_counter()
     fixed = roles(proto, config, ("MatMul",))
     counts = matmul_weights(proto, exclude | fixed.int8 | fixed.fp32)
+    # A layer's trial quantizes that layer alone: no embedding table, no lm_head in its own precision.
+    alone_config = config.model_copy(update={"embeddings": "fp32", "lm_head": None})
     names = list(counts)
     loss: dict[str, float] = {}
     subset = config.search.sensitivity_samples
@@ -115,7 +117,8 @@ def rank(
                     f"{len(loss)} of {len(names)} MatMuls; the rest are promoted last, by size"
                 )
                 break
-            alone = write(proto, config, ("MatMul",), exclude | (set(names) - {name}), frozenset(), ctx, calibration)
+            kept = exclude | fixed.int8 | fixed.fp32 | (set(names) - {name})
+            alone = write(proto, alone_config, ("MatMul",), kept, frozenset(), ctx, calibration)
             path = save_onnx(alone, trial_path(Path(work), "one", source))
             value, _ = ev.measure(path, subset=subset, timed=False)
             loss[name] = loss_of(ev, value, subset)

@@ -123,7 +123,19 @@ def write(
             rtn = config.model_copy(update={"algorithm": "rtn", "block_size": block})
             others = exclude | {name for name, b in blocks.items() if b != block}
             out = _run(out, _algo(rtn, 8, ("MatMul",)), others, ctx)  # the int4 MatMuls are MatMulNBits by now
+    if config.accuracy_level is not None:
+        _set_accuracy_level(out, config.accuracy_level)
     return out
+
+
+def _set_accuracy_level(proto, level: int) -> None:
+    """ORT's HQQ config takes no accuracy_level, so its MatMulNBits run the default (fp32) kernel: the recipe's
+    level is written on every MatMulNBits that lacks one."""
+    from onnx import helper
+
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
 
 
 def _algo(config, bits: int, ops: tuple[str, ...]):
