@@ -81,9 +81,9 @@ def export_watched(folder: Path, out: Path, limit: int) -> dict:
     with tempfile.TemporaryDirectory() as work:
         peak_file = Path(work) / "peak"
         command = [sys.executable, "-m", "optcli.llm.child", str(peak_file), BUILDER, *args]
-        proc = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE_ENV}
-        )
+        # The builder's progress bars go to a file: a pipe nobody reads while polling fills up and blocks it.
+        log = (Path(work) / "log").open("w+")
+        proc = subprocess.Popen(command, stdout=log, stderr=log, text=True, env={**os.environ, **OFFLINE_ENV})
         watched, stopped = 0, False
         status = Path(f"/proc/{proc.pid}/status")
         while proc.poll() is None:
@@ -97,7 +97,10 @@ def export_watched(folder: Path, out: Path, limit: int) -> dict:
                 stopped = True
                 break
             time.sleep(0.2)
-        _, err = proc.communicate()
+        proc.wait()
+        log.seek(0)
+        err = log.read()[-20000:]
+        log.close()
         said = peak_file.read_text().strip() if peak_file.is_file() else ""
     shutil.rmtree(cache, ignore_errors=True)
     seconds = round(time.perf_counter() - t0, 1)
