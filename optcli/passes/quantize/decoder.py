@@ -105,9 +105,10 @@ def feeds(inputs, window: np.ndarray, head: int | None = None) -> dict[str, np.n
 
 
 def llm_settings(recipe):
-    from optcli.llm.run import settings
+    """report.llm as the LLM run reads it (optcli.llm.run.settings; imported from config: run sits a layer up)."""
+    from optcli.llm.config import LlmReport
 
-    return settings(recipe)
+    return getattr(recipe.report, "llm", None) or LlmReport()
 
 
 def eval_tokens(ctx) -> np.ndarray:
