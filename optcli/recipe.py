@@ -484,7 +484,7 @@ def with_implicit_exports(recipe: Recipe) -> Recipe:
             passes.append(export_config(type="export"))
             fmt = "onnx"
             prepared_by = "export"  # our own export: initializers, a recent opset; quantize pre-processes it itself
-        if cfg.type == "quantize":
+        if cfg.type == "quantize" and fmt != "genai":  # a decoder folder is quantized as the builder wrote it
             if prepared_by is None:
                 # `preprocess: false` written on quantize turns off the ORT rung of the implicit step too.
                 off = "preprocess" in cfg.model_fields_set and not cfg.preprocess

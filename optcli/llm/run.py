@@ -28,7 +28,8 @@ DEFAULT_GATES = {"max_perplexity_increase": 0.05}
 def is_llm_recipe(recipe) -> bool:
     from optcli.passes import get_pass
 
-    return any(get_pass(c.type).produces == FORMAT or FORMAT in get_pass(c.type).consumes for c in recipe.passes)
+    # The pass that makes a decoder folder says so; a pass that also takes one (quantize) does not make the recipe an LLM's.
+    return any(get_pass(c.type).produces == FORMAT for c in recipe.passes)
 
 
 def settings(recipe) -> LlmReport:

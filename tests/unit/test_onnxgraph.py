@@ -108,7 +108,7 @@ def test_weight_only_preparation_names_nodes_on_its_own_copy(tmp_path):
     onnx.save(model, str(path))
     settled(path)
     view = graph_view(path)
-    config = SimpleNamespace(op_types=["MatMul"], algorithm="rtn")
+    config = SimpleNamespace(op_types=["MatMul"], algorithm="rtn", embeddings=None)
     proto, _, _ = prepared(path, config, SimpleNamespace(warn=lambda m: None))
     assert all(n.name for n in proto.graph.node)
     assert graph_view(path) is view and not any(n.name for n in view.proto.graph.node)

@@ -6,6 +6,7 @@ The pass itself; the int8 write is ort.py, the accuracy-aware search search.py, 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from optcli.errors import PassFailed
 from optcli.model import fixed_batch
@@ -88,7 +89,24 @@ def for_target(config: Config, target: str) -> Config:
     return config.model_copy(update=preset) if preset else config
 
 
+def _check_decoder(config: Config, input_format: str) -> None:
+    """A decoder takes weight-only quantization (with a perplexity target) or dynamic int8 of its MatMuls."""
+    perplexity = config.target is not None and config.target.metric == "perplexity"
+    if input_format != DECODER_FORMAT:
+        if perplexity:
+            raise ValueError("target metric perplexity scores a decoder: put a decoder pass (precision: fp32) first")
+        return
+    if config.weights is None and (config.mode == "static" or config.target is not None or config.smoothquant):
+        raise ValueError(
+            "a decoder takes dynamic int8 (mode: dynamic, no target, no smoothquant) or weight-only quantization "
+            "(weights: int4, a perplexity target); static int8 of its activations is not offered"
+        )
+    if config.target is not None and not perplexity:
+        raise ValueError(f"a decoder's target is scored by perplexity: metric: perplexity, not {config.target.metric}")
+
+
 def check(config: Config, recipe, input_format: str) -> None:
+    _check_decoder(config, input_format)
     target = recipe.report.target
     if (
         target == "tensorrt"
@@ -101,6 +119,10 @@ def check(config: Config, recipe, input_format: str) -> None:
         )
     preset_mode = target in TARGET_PRESETS and "mode" not in config.model_fields_set
     config = for_target(config, target)
+    if config.weights is not None and config.algorithm == "gptq" and input_format != DECODER_FORMAT:
+        raise ValueError(
+            "algorithm: gptq calibrates on a decoder's text (a decoder pass first); for other models use rtn or hqq"
+        )
     if config.weights is not None and config.ratio < 1 and recipe.data.eval is None:
         raise ValueError(
             "ratio < 1 ranks MatMuls by how far their low-bit weights move the outputs: add data.eval (inputs only; "
@@ -177,6 +199,8 @@ def apply(model, config: Config, ctx: Context):
     from optcli.passes.quantize.isa import choose_int8
     from optcli.passes.quantize.ort import count_quant_ops, preprocess, resolve_exclude
 
+    if model.format == DECODER_FORMAT:
+        return _decoder_step(model, config, ctx)
     if config.weights is not None:
         return _weight_only(model, config, ctx)
     target = ctx.recipe.report.target
@@ -330,6 +354,67 @@ def _weight_only(model, config: Config, ctx: Context):
     return model.with_(path=target)
 
 
+DECODER_FORMAT = "genai"  # optcli.llm.FORMAT: a decoder folder (model.onnx, genai_config.json, tokenizer)
+DECODER_DIR = "decoder"  # the folder a decoder step writes, as the decoder pass names it
+
+
+# A decoder's weight-only defaults where the recipe leaves them unset: the builder's int4 (symmetric blocks of 32,
+# accuracy_level 4: int8 activations in the kernel, without which MatMulNBits decoded slower than fp32 here), the
+# embedding table left float (as the builder leaves it: int4 there cost 10x the perplexity of all the MatMuls on
+# the bench's model), and the lm_head in int8 (the largest, most output-sensitive MatMul: llama.cpp's Q4_K_M keeps
+# it at 6 bits, the builder's k_quant_last in int8).
+DECODER_DEFAULTS = {
+    "block_size": 32,
+    "symmetric": True,
+    "accuracy_level": 4,
+    "lm_head": "int8",
+    "embeddings": "fp32",
+}
+
+
+def decoder_defaults(config: Config) -> Config:
+    unset = {k: v for k, v in DECODER_DEFAULTS.items() if k not in config.model_fields_set}
+    if config.op_types:
+        unset.pop("embeddings", None)  # op_types says what is quantized
+    if config.weights == "int8" or config.target is not None:
+        unset.pop("lm_head", None)  # int8 weights: nothing to keep; a target: the search decides the lm_head
+    return config.model_copy(update=unset)
+
+
+def _decoder_step(model, config: Config, ctx: Context):
+    """A decoder folder in, a decoder folder out: weight-only (int4 / int8, a perplexity target) or dynamic int8 of
+    its model.onnx, with genai_config.json and the tokenizer files beside it."""
+    from optcli.passes.quantize.decoder import copy_side_files, int8_dynamic
+    from optcli.passes.quantize.isa import choose_int8
+    from optcli.passes.quantize.ort import count_quant_ops
+
+    folder = Path(model.path)
+    out = ctx.step_dir / DECODER_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    source = folder / "model.onnx"
+    target = out / "model.onnx"
+    if config.weights is not None:
+        from optcli.passes.quantize.weight_mix import run_search
+        from optcli.passes.quantize.weight_pass import quantize_weights
+
+        config = decoder_defaults(config)
+        ctx.details["decoder_defaults"] = {k: getattr(config, k) for k in DECODER_DEFAULTS}
+        inner = model.with_(format="onnx", path=source)
+        exclude = set(config.exclude)
+        if config.target is not None:
+            ctx.details["weight_only"] = run_search(inner, config, ctx, source, target, exclude)
+        else:
+            ctx.details["weight_only"] = quantize_weights(inner, target, config, exclude, ctx)
+    else:
+        int8 = choose_int8(config, ctx.recipe.report.target)
+        ctx.details["int8"] = int8.record()
+        ctx.details["decoder_int8"] = int8_dynamic(source, target, config, int8, ctx)
+        ctx.details["quantized_ops"] = count_quant_ops(target)
+    names = {f.name for f in out.iterdir()}
+    ctx.details["decoder_files"] = copy_side_files(folder, out, names | {"model.onnx", "model.onnx.data"})
+    return model.with_(path=out)
+
+
 def _eval_head(ctx: Context, model, samples: int) -> list[dict]:
     """SmoothQuant needs activation ranges; without data.calibration they come from data.eval."""
     data = ctx.data.eval
@@ -366,7 +451,7 @@ def machine_key(config: Config, recipe) -> str:
 PASS = PassSpec(
     type="quantize",
     config=Config,
-    consumes=frozenset({"onnx"}),
+    consumes=frozenset({"onnx", DECODER_FORMAT}),
     apply=apply,
     check=check,
     preflight=preflight,

@@ -23,7 +23,7 @@ class Target(StrictModel):
         default="cosine",
         description="cosine | top1_agreement | value_error (fidelity vs the original, no labels needed: the worst "
         "output's cosine, its argmax agreement, or a value output's max error over its range) | accuracy | top5 | mse "
-        "| module:callable(outputs, labels)",
+        "| perplexity (a decoder's, on data.eval.text; max_drop is the allowed rise) | module:callable(outputs, labels)",
     )
     max_drop: float | None = Field(
         default=None, ge=0, description="largest allowed drop vs the original (absolute; a rise for mse)"
@@ -34,10 +34,10 @@ class Target(StrictModel):
     def _one_bound(self) -> Target:
         if (self.max_drop is None) == (self.min_value is None):
             raise ValueError("give exactly one of max_drop (e.g. 0.01) or min_value (e.g. 0.995)")
-        known = ("cosine", "top1_agreement", "value_error", "accuracy", "top5", "mse")
+        known = ("cosine", "top1_agreement", "value_error", "accuracy", "top5", "mse", "perplexity")
         if self.metric not in known and ":" not in self.metric:
             raise ValueError(f"metric {self.metric!r} is not {', '.join(known)} or module:callable")
-        if self.metric in ("mse", "value_error") and self.min_value is not None:
+        if self.metric in ("mse", "value_error", "perplexity") and self.min_value is not None:
             raise ValueError(f"{self.metric} is lower-is-better: bound it with max_drop (the allowed rise)")
         if self.metric == "top1_agreement" and self.min_value is not None and not 0 <= self.min_value <= 1:
             raise ValueError(f"an agreement lies in [0, 1]; min_value {self.min_value} can never be met")
@@ -145,8 +145,19 @@ class Config(PassConfig):
         default=None,
         description="weights: MatMulNBits compute type (4: int8 activations, the fastest on CPU; null: ORT's default)",
     )
-    algorithm: Literal["rtn", "hqq"] = Field(
-        default="rtn", description="weights: rtn (round to nearest) | hqq (half-quadratic; MatMul only, int4 only)"
+    algorithm: Literal["rtn", "hqq", "gptq", "k_quant"] = Field(
+        default="rtn",
+        description="weights: rtn (round to nearest) | hqq (half-quadratic; MatMul only, int4 only) | gptq (ONNX "
+        "Runtime's GPTQ, calibrated on the text of a decoder; MatMul only, int4 only) | k_quant (llama.cpp's k-quant "
+        "scales, as the model builder offers; MatMul only)",
+    )
+    lm_head: Literal["int4", "int8", "fp32"] | None = Field(
+        default=None, description="weights, decoders: precision of the MatMul writing the logits (null: as weights)"
+    )
+    embeddings: Literal["int4", "fp32"] | None = Field(
+        default=None,
+        description="weights: precision of embedding tables (Gather -> GatherBlockQuantized, int4 only in ONNX "
+        "Runtime; null: as op_types says)",
     )
     ratio: float = Field(
         default=1.0,
@@ -159,6 +170,16 @@ class Config(PassConfig):
         default="int8", description="weights: precision of the MatMuls ratio or a target keeps out of `weights`"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_awq(cls, data: Any) -> Any:
+        if isinstance(data, dict) and str(data.get("algorithm", "")).lower() == "awq":
+            raise ValueError(
+                "algorithm: awq is not available: ONNX Runtime ships no CPU AWQ (its nvidia_awq needs NVIDIA ModelOpt "
+                "and a Hugging Face dataset download), and onnx-neural-compressor's AWQ pins numpy<2; use gptq or hqq"
+            )
+        return data
+
     @model_validator(mode="after")
     def _weight_only_fits(self) -> Config:
         # Keys written with their default (a resolved recipe from report.json, read back) are not a clash.
@@ -167,7 +188,16 @@ class Config(PassConfig):
             for k in self.model_fields_set
             if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)
         }
-        weight_keys = {"block_size", "symmetric", "accuracy_level", "algorithm", "ratio", "backup"} & written
+        weight_keys = {
+            "block_size",
+            "symmetric",
+            "accuracy_level",
+            "algorithm",
+            "ratio",
+            "backup",
+            "lm_head",
+            "embeddings",
+        } & written
         if self.weights is None:
             if weight_keys:
                 raise ValueError(
@@ -207,6 +237,13 @@ class Config(PassConfig):
             raise ValueError(
                 f"weights: op_types can be MatMul and Gather only (got {', '.join(sorted(ops - {'MatMul', 'Gather'}))})"
             )
+        if self.algorithm in ("gptq", "k_quant") and "Gather" in ops:
+            raise ValueError(
+                f"algorithm: {self.algorithm} quantizes MatMul only in ONNX Runtime; drop Gather from op_types (the "
+                "embeddings key sets the embedding table's precision)"
+            )
+        if self.algorithm == "gptq" and self.weights != "int4":
+            raise ValueError("algorithm: gptq writes int4 only in ONNX Runtime; use weights: int4 or algorithm: rtn")
         if self.algorithm == "hqq":
             if self.weights != "int4":
                 raise ValueError("algorithm: hqq writes int4 only; use weights: int4 or algorithm: rtn")

@@ -10,6 +10,10 @@ wins back about its own loss (the losses add up nearly linearly), which makes th
 
 With a target the search bisects the number of promoted layers for the fewest that meet it (promoting more never
 hurt in our runs; the bisection assumes it), so the chosen model is the smallest of the ones in that order.
+
+A decoder (a graph with a KV cache) is scored by perplexity on its text instead (decoder.py): a layer's sensitivity
+is the perplexity rise with that MatMul alone at `weights`, and layers are promoted by sensitivity alone, the most
+costly first, so a perplexity target is met with the fewest int8 layers (what a user reads in the table).
 """
 
 from __future__ import annotations
@@ -51,12 +55,54 @@ def cosine_evaluation(model, config, ctx):
     return evaluation_for(model, config, ctx, metric="cosine")
 
 
-def rank(proto, config, exclude: set[str], ev, ctx) -> tuple[list[str], dict[str, float], dict[str, int]]:
-    """MatMuls ordered for promotion (most loss per weight first), their sensitivities and weight counts."""
+def loss_of(ev, value: float, subset: int | None) -> float:
+    """A trial's loss against the original: perplexity rise for a decoder (on the same windows), 1 - cosine
+    otherwise."""
+    if getattr(ev, "metric", None) == "perplexity":
+        return max(0.0, value - ev.baseline(subset))
+    return max(0.0, 1.0 - value)
+
+
+def promotion_order(loss: dict[str, float], counts: dict[str, int], per_weight: bool) -> list[str]:
+    """The MatMuls in the order they go to backup: most loss (per weight, or outright) first; unmeasured last."""
+    if per_weight:
+        return sorted(counts, key=lambda n: (n not in loss, -loss.get(n, 0.0) / counts[n], counts[n]))
+    return sorted(counts, key=lambda n: (n not in loss, -loss.get(n, 0.0), counts[n]))
+
+
+def fewest_promoted(total: int, meets) -> int:
+    """The fewest leading layers of the order to promote so that meets(k) holds (bisection, assuming promoting more
+    never hurts); total when even promoting all of them misses (the caller reports it)."""
+    if meets(0):
+        return 0
+    lo, hi = 0, total
+    if not meets(hi):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def rank(
+    proto, config, exclude: set[str], ev, ctx, calibration: list[dict] | None = None
+) -> tuple[list[str], dict[str, float], dict[str, int]]:
+    """MatMuls ordered for promotion, their sensitivities and weight counts."""
     from optcli.artifact import save_onnx
+    from optcli.passes.quantize.decoder import trial_path
+    from optcli.passes.quantize.weight_only import roles
+
+    # A decoder's trials are folders with its side files (perplexity loads them); others plain files.
+    source = Path(ev.reference_dir) / "model.onnx" if hasattr(ev, "reference_dir") else None
 
     t0 = time.perf_counter()
-    counts = matmul_weights(proto, exclude)
+    fixed = roles(proto, config, ("MatMul",))
+    counts = matmul_weights(proto, exclude | fixed.int8 | fixed.fp32)
+    # A layer's trial quantizes that layer alone: no embedding table, no lm_head in its own precision.
+    alone_config = config.model_copy(update={"embeddings": "fp32", "lm_head": None})
     names = list(counts)
     loss: dict[str, float] = {}
     subset = config.search.sensitivity_samples
@@ -71,19 +117,32 @@ def rank(proto, config, exclude: set[str], ev, ctx) -> tuple[list[str], dict[str
                     f"{len(loss)} of {len(names)} MatMuls; the rest are promoted last, by size"
                 )
                 break
-            alone = write(proto, config, ("MatMul",), exclude | (set(names) - {name}), frozenset(), ctx)
-            path = save_onnx(alone, Path(work) / "one.onnx")
+            kept = exclude | fixed.int8 | fixed.fp32 | (set(names) - {name})
+            alone = write(proto, alone_config, ("MatMul",), kept, frozenset(), ctx, calibration)
+            path = save_onnx(alone, trial_path(Path(work), "one", source))
             value, _ = ev.measure(path, subset=subset, timed=False)
-            loss[name] = max(0.0, 1.0 - value)
+            loss[name] = loss_of(ev, value, subset)
             bar.advance(node=name)
-    order = sorted(names, key=lambda n: (n not in loss, -loss.get(n, 0.0) / counts[n], counts[n]))
-    return order, loss, counts
+    return promotion_order(loss, counts, per_weight=getattr(ev, "metric", None) != "perplexity"), loss, counts
 
 
-def backup_for_ratio(model, proto, config, exclude: set[str], ctx) -> tuple[frozenset[str], dict]:
+def sensitivity_evaluation(model, config, ctx):
+    """What ranks the MatMuls: a decoder's perplexity on its text, else cosine on data.eval."""
+    from optcli.onnxgraph import load_model
+    from optcli.passes.quantize.decoder import evaluation, is_decoder
+
+    if is_decoder(load_model(model.path, external_data=False)):
+        return evaluation(model.path.parent, ctx, config.search.eval_samples)
+    return cosine_evaluation(model, config, ctx)
+
+
+def backup_for_ratio(
+    model, proto, config, exclude: set[str], ctx, calibration: list[dict] | None = None
+) -> tuple[frozenset[str], dict]:
     """The fewest MatMuls, in promotion order, whose weights make up 1 - ratio of them: kept at backup."""
     t0 = time.perf_counter()
-    order, loss, counts = rank(proto, config, exclude, cosine_evaluation(model, config, ctx), ctx)
+    ev = sensitivity_evaluation(model, config, ctx)
+    order, loss, counts = rank(proto, config, exclude, ev, ctx, calibration)
     total = sum(counts.values())
     chosen, kept = [], 0
     for name in order:
@@ -114,13 +173,22 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     from optcli.artifact import save_onnx
     from optcli.measure import size_on_disk
     from optcli.onnxgraph import load_model
+    from optcli.passes.quantize.decoder import trial_path
     from optcli.passes.quantize.search.evaluation import evaluation_for
     from optcli.passes.quantize.search.goal import make_goal
-    from optcli.passes.quantize.weight_only import describe, float_weight_bytes, prepared, warn_if_nothing
+    from optcli.passes.quantize.weight_only import (
+        calibration_for,
+        describe,
+        float_weight_bytes,
+        prepared,
+        warn_if_nothing,
+    )
 
     t0 = time.perf_counter()
     proto, ops, opset = prepared(source, config, ctx)
-    ev = evaluation_for(model, config, ctx)
+    calibration = calibration_for(model, config, ctx)
+    decoder = config.target.metric == "perplexity"
+    ev = sensitivity_evaluation(model, config, ctx) if decoder else evaluation_for(model, config, ctx)
     goal = make_goal(config.target, ev.score(ev.reference))
     counts = matmul_weights(proto, exclude)
     order: list[str] = []
@@ -131,7 +199,8 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     def trial(k: int) -> Mix:
         if k not in tried:
             start = time.perf_counter()
-            path = save_onnx(write(proto, config, ops, exclude, frozenset(order[:k]), ctx), work / f"mix_{k}.onnx")
+            mixed = write(proto, config, ops, exclude, frozenset(order[:k]), ctx, calibration)
+            path = save_onnx(mixed, trial_path(work, f"mix_{k}", source))
             value, _ = ev.measure(path, subset=config.search.eval_samples, timed=False)
             tried[k] = Mix(k, path, size_on_disk(path)["size_bytes"], value, goal.meets(value))
             tried[k].seconds = time.perf_counter() - start
@@ -141,19 +210,11 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     try:
         chosen = trial(0)
         if not chosen.meets and counts:
-            # The target's own evaluation ranks too when it scores cosine: the reference outputs are not recomputed.
-            ranking = ev if goal.metric == "cosine" else cosine_evaluation(model, config, ctx)
-            order, loss, counts = rank(proto, config, exclude, ranking, ctx)
-            lo, hi = 0, len(order)
-            chosen = trial(hi)  # everything promoted: when even this misses, no mix can meet the target
-            while chosen.meets and hi - lo > 1:
-                mid = (lo + hi) // 2
-                if trial(mid).meets:
-                    hi = mid
-                else:
-                    lo = mid
-                chosen = trial(hi)
-        shutil.copyfile(chosen.path, target)
+            # The target's own evaluation ranks too when it scores cosine or perplexity: the reference is not recomputed.
+            ranking = ev if goal.metric in ("cosine", "perplexity") else cosine_evaluation(model, config, ctx)
+            order, loss, counts = rank(proto, config, exclude, ranking, ctx, calibration)
+            chosen = trial(fewest_promoted(len(order), lambda k: trial(k).meets))
+        save_onnx(load_model(chosen.path), target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     details = describe(load_model(target, external_data=False), config, ops, opset, float_weight_bytes(proto))

@@ -2,14 +2,18 @@
 
 MatMul weights become MatMulNBits (com.microsoft), Gather tables (embeddings) GatherBlockQuantized; activations stay
 float. `algorithm: rtn` is ORT's own blockwise round-to-nearest (its DefaultWeightOnlyQuantConfig), `hqq` its
-Half-Quadratic Quantization (MatMul only in ORT). ORT's GPTQ and its other RTN go through a vendored copy of Intel
-Neural Compressor that prints progress bars on stdout and dropped unnamed nodes of a graph we tried; not offered.
+Half-Quadratic Quantization (MatMul only in ORT). `gptq` and `k_quant` are the functions of the Intel Neural
+Compressor copy ORT ships (onnxruntime.quantization.neural_compressor, what MatMulNBitsQuantizer's GPTQ / k_quant
+configs call), called directly: the wrapper ignores nodes_to_exclude for GPTQ, and both print progress bars on
+stdout (sent to the log here). Their graphs need named nodes (name_nodes names them first). GPTQ calibrates on a
+decoder's text (decoder.calibration_feeds). A decoder's lm_head and embedding table get their own precision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from optcli.errors import PassFailed
@@ -40,7 +44,9 @@ def _quiet_import():
 def prepared(source: Path, config, ctx) -> tuple[object, tuple[str, ...], dict]:
     """The graph the quantizer reads (opset raised for Gather where needed), the op types to quantize, the opset note."""
 
-    ops = tuple(config.op_types) if config.op_types else (("MatMul",) if config.algorithm == "hqq" else OPS)
+    ops = tuple(config.op_types) if config.op_types else (("MatMul",) if config.algorithm in MATMUL_ONLY else OPS)
+    if config.embeddings is not None and not config.op_types:
+        ops = ("MatMul", "Gather") if config.embeddings != "fp32" else ("MatMul",)
     from optcli.onnx_check import name_nodes
 
     proto, opset = _opset_for_gather(load_model(source), ops, ctx)  # nodes named below: its own copy
@@ -50,14 +56,60 @@ def prepared(source: Path, config, ctx) -> tuple[object, tuple[str, ...], dict]:
     return proto, ops, opset
 
 
-def write(proto, config, ops: tuple[str, ...], exclude: set[str], backup: frozenset[str], ctx):
+# Algorithms ORT implements for MatMul only: embeddings (Gather) then go through its round-to-nearest.
+MATMUL_ONLY = ("hqq", "gptq", "k_quant")
+BITS = {"int4": 4, "int8": 8, "fp32": None}  # GatherBlockQuantized: 4 only (ORT)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """A decoder's lm_head and embedding tables with the precision the config gives them."""
+
+    int8: frozenset[str] = frozenset()  # MatMuls always int8 (lm_head: int8)
+    fp32: frozenset[str] = frozenset()  # MatMuls left float (lm_head: fp32)
+    gather_bits: int | None = None  # the embedding tables' bits; None: float
+
+
+def roles(proto, config, ops: tuple[str, ...]) -> Roles:
+    from optcli.passes.quantize.decoder import lm_head
+
+    head = lm_head(proto) if config.lm_head is not None else None
+    fixed = {config.lm_head: frozenset({head})} if head and config.lm_head != config.weights else {}
+    if config.embeddings is not None:
+        gather = BITS[config.embeddings]
+    else:
+        gather = 4 if "Gather" in ops and config.weights == "int4" else None  # ORT: GatherBlockQuantized 4-bit only
+    return Roles(fixed.get("int8", frozenset()), fixed.get("fp32", frozenset()), gather)
+
+
+def write(
+    proto,
+    config,
+    ops: tuple[str, ...],
+    exclude: set[str],
+    backup: frozenset[str],
+    ctx,
+    calibration: list[dict] | None = None,
+):
     """A quantized copy of proto: `weights` precision everywhere but `exclude` and `backup`; the backup MatMuls
-    then in int8 (config.backup: int8) or left float (fp32). The input proto is not changed."""
+    then in int8 (config.backup: int8) or left float (fp32); a decoder's lm_head and embeddings as the config says.
+    The input proto is not changed."""
     import onnx
 
     bits = 4 if config.weights == "int4" else 8
-    out = _run(onnx.ModelProto.FromString(proto.SerializeToString()), _algo(config, bits, ops), exclude | backup, ctx)
-    if backup and config.backup == "int8":
+    role = roles(proto, config, ops)
+    main_ops = tuple(o for o in ops if o != "Gather")
+    if "Gather" in ops and role.gather_bits == bits and config.algorithm not in MATMUL_ONLY:
+        main_ops = ops
+    kept = exclude | backup | role.int8 | role.fp32
+    out = _main(onnx.ModelProto.FromString(proto.SerializeToString()), config, bits, main_ops, kept, ctx, calibration)
+    if role.gather_bits and "Gather" not in main_ops:
+        rtn = config.model_copy(update={"algorithm": "rtn"})
+        out = _run(out, _algo(rtn, role.gather_bits, ("Gather",)), exclude, ctx)
+    # The second (int8) pass must not touch what stays float: fp32 backups and an fp32 lm_head are still MatMuls.
+    exclude = exclude | role.fp32 | (backup if config.backup == "fp32" else frozenset())
+    backup = (backup if config.backup == "int8" else frozenset()) | role.int8
+    if backup:
         # int8 needs no fine blocks (NNCF's int8 backup is per channel): block 128 costs 0.12 B less per weight
         # than block 32, which is what lets more layers into int8 within a size budget. A block longer than the
         # layer's K would be padded, so a narrow layer gets the largest power of two that fits.
@@ -71,7 +123,19 @@ def write(proto, config, ops: tuple[str, ...], exclude: set[str], backup: frozen
             rtn = config.model_copy(update={"algorithm": "rtn", "block_size": block})
             others = exclude | {name for name, b in blocks.items() if b != block}
             out = _run(out, _algo(rtn, 8, ("MatMul",)), others, ctx)  # the int4 MatMuls are MatMulNBits by now
+    if config.accuracy_level is not None:
+        _set_accuracy_level(out, config.accuracy_level)
     return out
+
+
+def _set_accuracy_level(proto, level: int) -> None:
+    """ORT's HQQ config takes no accuracy_level, so its MatMulNBits run the default (fp32) kernel: the recipe's
+    level is written on every MatMulNBits that lacks one."""
+    from onnx import helper
+
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("accuracy_level", level))
 
 
 def _algo(config, bits: int, ops: tuple[str, ...]):
@@ -90,6 +154,87 @@ def _algo(config, bits: int, ops: tuple[str, ...]):
         quant_axes=(("MatMul", 0), ("Gather", 1)),
         bits=bits,
     )
+
+
+def _main(proto, config, bits: int, ops: tuple[str, ...], exclude: set[str], ctx, calibration):
+    """The body of the model at `bits` with config.algorithm (ops without Gather for the MatMul-only ones)."""
+    if config.algorithm not in ("gptq", "k_quant") or bits != 4 and config.algorithm == "gptq":
+        return _run(proto, _algo(config, bits, ops), exclude, ctx)
+    import contextlib
+    import io
+
+    with _quiet_import():
+        from onnxruntime.quantization.neural_compressor import gptq_quantize, rtn_quantize
+    scheme = "sym" if config.symmetric else "asym"
+    depth = {t.name: t.dims[0] for t in proto.graph.initializer if len(t.dims) == 2}
+
+    def block(k: int | None) -> int:
+        # INC's GPTQ / k-quant fail on a block longer than the layer (ORT's RTN pads it), and with 4-bit zero points
+        # on an odd number of blocks per column (make_matmul_weight_only_node packs two columns' zero points into
+        # one byte, then reshapes per column): halve the block until the count is even.
+        g = config.block_size
+        if not k:
+            return g
+        while g > 16 and (g > k or bits == 4 and -(-k // g) % 2):
+            g //= 2
+        return g
+
+    layers = {}
+    changed = {}
+    for n in proto.graph.node:
+        if n.op_type == "MatMul":
+            k = depth.get(n.input[1])
+            layers[n.name] = {"bits": bits, "group_size": block(k), "scheme": scheme}
+            if k and layers[n.name]["group_size"] != config.block_size:
+                changed[n.name] = layers[n.name]["group_size"]
+            if k and bits == 4 and -(-k // layers[n.name]["group_size"]) % 2:
+                layers[n.name]["scheme"] = "sym"  # no zero points to pack (GPTQ); k-quant always writes them
+                if config.algorithm == "k_quant":
+                    raise PassFailed(ctx.step_name, f"k_quant cannot write {n.name} (K={k}): use rtn or gptq")
+    if changed and hasattr(ctx, "details"):
+        ctx.details["block_size_by_layer"] = changed
+    layers.update({name: "fp32" for name in exclude if name in layers})
+    level = config.accuracy_level or 0
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):  # INC's progress bars
+            if config.algorithm == "gptq":
+                if not calibration:
+                    raise ValueError("GPTQ needs calibration text (data.calibration.text or data.eval.text)")
+                model = gptq_quantize(
+                    proto,
+                    ((feeds, None) for feeds in calibration),
+                    weight_config=layers,
+                    num_bits=bits,
+                    group_size=config.block_size,
+                    scheme=scheme,
+                    n_samples=-1,
+                    accuracy_level=level,
+                )
+            else:
+                model = rtn_quantize(
+                    proto,
+                    weight_config=layers,
+                    num_bits=bits,
+                    group_size=config.block_size,
+                    scheme=scheme,
+                    accuracy_level=level,
+                    algorithm="k_quant",
+                )
+    except Exception as e:
+        raise PassFailed(
+            ctx.step_name, f"{config.algorithm} weight-only quantization failed: {type(e).__name__}: {str(e)[:300]}"
+        ) from None
+    out = model.model
+    if not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(onnx_opset("com.microsoft", 1))
+    return out
+
+
+def onnx_opset(domain: str, version: int):
+    from onnx import helper
+
+    return helper.make_opsetid(domain, version)
 
 
 def _run(proto, algo, exclude: set[str], ctx):
@@ -122,6 +267,20 @@ def matmul_weights(proto, exclude: set[str]) -> dict[str, int]:
     }
 
 
+GPTQ_WINDOWS = 16  # calibration windows when data.calibration.samples is unset
+
+
+def calibration_for(model, config, ctx) -> list[dict] | None:
+    """GPTQ's calibration feeds (windows of the decoder's text), read once per pass; None for the other algorithms."""
+    if config.algorithm != "gptq":
+        return None
+    from optcli.passes.quantize.decoder import calibration_feeds
+
+    source = getattr(ctx.recipe.data, "calibration", None)
+    samples = (source.samples if source is not None else None) or GPTQ_WINDOWS
+    return calibration_feeds(Path(model.path).parent, ctx, samples)
+
+
 def describe(out, config, ops: tuple[str, ...], opset: dict, before: int) -> dict:
     from optcli.onnx_check import all_nodes, nbits_counts
 
@@ -134,6 +293,8 @@ def describe(out, config, ops: tuple[str, ...], opset: dict, before: int) -> dic
         "block_size": config.block_size,
         "symmetric": config.symmetric,
         "accuracy_level": config.accuracy_level,
+        "lm_head": config.lm_head,
+        "embeddings": config.embeddings,
         "op_types": list(ops),
         "quantized_ops": counts,
         "matmul_bits": bits,

@@ -8,7 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from optcli.passes.quantize.weight_mix import backup_for_ratio
-from optcli.passes.quantize.weight_only import describe, float_weight_bytes, prepared, warn_if_nothing, write
+from optcli.passes.quantize.weight_only import (
+    calibration_for,
+    describe,
+    float_weight_bytes,
+    prepared,
+    warn_if_nothing,
+    write,
+)
 
 
 def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dict:
@@ -16,11 +23,12 @@ def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dic
     from optcli.artifact import save_onnx
 
     proto, ops, opset = prepared(model.path, config, ctx)
+    calibration = calibration_for(model, config, ctx)
     backup, mix = frozenset(), None
     if config.ratio < 1:
-        backup, mix = backup_for_ratio(model, proto, config, exclude, ctx)
+        backup, mix = backup_for_ratio(model, proto, config, exclude, ctx, calibration)
     before = float_weight_bytes(proto)
-    out = write(proto, config, ops, exclude, backup, ctx)
+    out = write(proto, config, ops, exclude, backup, ctx, calibration)
     save_onnx(out, target)
     details = describe(out, config, ops, opset, before)
     warn_if_nothing(details, ops, ctx)
