@@ -13,6 +13,7 @@ import pickle
 import re
 import sys
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from optcli.errors import BadInput, first_line
@@ -663,14 +664,17 @@ def parse_shape_arg(item: str) -> tuple[str, list[int], str]:
     return name, shape, dtype or "float32"
 
 
-def load_any(path: Path, shapes: list[str] = (), trust_pickle: bool = False, factory: str | None = None) -> Model:
+def load_any(path: Path, shapes: Sequence[str] = (), trust_pickle: bool = False, factory: str | None = None) -> Model:
     """Load a model file outside a recipe (inspect, bench, init), with --shape for unknown inputs."""
     from optcli.config import ModelSpec, TensorSpec, unknown_suffix
 
     if path.is_file() and unknown_suffix(path):  # the files `run` takes, no more, no fewer
         raise BadInput(f"model {unknown_suffix(path)}")
     try:
-        given = [TensorSpec(name=n, shape=s, dtype=d) for n, s, d in (parse_shape_arg(x) for x in shapes)]
+        given = [
+            TensorSpec.model_validate({"name": n, "shape": s, "dtype": d})
+            for n, s, d in (parse_shape_arg(x) for x in shapes)
+        ]
         spec = ModelSpec(path=path, factory=factory, inputs=given or None)
     except ValueError as e:
         raise BadInput(f"--shape/--factory: {str(e).splitlines()[-1].strip()}") from None

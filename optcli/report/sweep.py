@@ -10,6 +10,7 @@ import json
 import math
 from html import escape
 from pathlib import Path
+from typing import TypeGuard
 
 from optcli.report.html import html_page, html_table
 from optcli.report.svg import svg_pareto
@@ -20,7 +21,7 @@ SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.html")
 AXIS = {"size": "size on disk", "compressed": "compressed size", "latency": "p50 latency"}
 
 
-def _finite(x) -> bool:
+def _finite(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
