@@ -124,6 +124,7 @@ def flatten_outputs(out) -> list:
 
 def runner_for(model: Model, threads: int, providers: list[str] | None = None) -> Runner:
     if model.format == "onnx":
+        assert model.path is not None, "an ONNX model is always a file (ORT loads it from disk)"
         return onnx_runner(model.path, model.inputs, threads, providers)
     return torch_runner(model.module, model.inputs, threads)
 

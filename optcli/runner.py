@@ -215,12 +215,13 @@ def _speed_ab(run: _Run, models: list[Model], steps: list[dict], base: int) -> d
     providers = providers_for(recipe.report.target)
     run.options.log(f"timing {steps[-1]['name']} against {steps[base]['name']} side by side")
     # Each timed as its latency row was: the original as loaded, a step's artifact as written to disk.
-    runners = [
-        runner_for(m, spec.threads, providers)
-        if m is run.original or m.format == "onnx"
-        else load_written(m.path, m.inputs, spec.threads, providers, run.original.task)
-        for m in (models[base], models[-1])
-    ]
+    runners = []
+    for m in (models[base], models[-1]):
+        if m is run.original or m.format == "onnx":
+            runners.append(runner_for(m, spec.threads, providers))
+        else:
+            assert m.path is not None, "a step's torch model is the artifact it wrote"
+            runners.append(load_written(m.path, m.inputs, spec.threads, providers, run.original.task))
     return compare_runners(runners[0], runners[1], spec.batch_sizes, spec.warmup, spec.runs)
 
 
