@@ -311,11 +311,14 @@ def latency(
     progress: an optcli.progress.Feedback, shown one task per batch size."""
     from optcli.progress import SILENT
 
-    results, notes = {}, []
+    results: dict = {}
+    notes: list[str] = []
     for batch in batch_sizes:
         feeds = feeds_for_batch(runner.inputs, batch, seed=batch)
         if feeds is None:
-            notes.append(batch_refusal(runner.inputs, batch))
+            refusal = batch_refusal(runner.inputs, batch)
+            assert refusal is not None, "feeds_for_batch returns None exactly where batch_refusal says why"
+            notes.append(refusal)
             continue
         times = []
         with (progress or SILENT).task(f"{label} batch {batch}", total=warmup + runs) as task:
