@@ -170,10 +170,11 @@ def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str
 def numpy_cpu_flags() -> frozenset[str] | None:
     """The NUMPY_FLAGS numpy's CPUID probe found (the table np.show_runtime prints); None where numpy hides it."""
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features  # numpy >= 2
+        # numpy ships no stubs for its private C module: the ImportError branches are the check
+        from numpy._core._multiarray_umath import __cpu_features__ as features  # type: ignore[import-not-found]  # numpy >= 2
     except ImportError:
         try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features  # numpy 1.x
+            from numpy.core._multiarray_umath import __cpu_features__ as features  # type: ignore[no-redef]  # numpy 1.x
         except ImportError:
             return None
     return frozenset(ours for ours, theirs in NUMPY_FLAGS.items() if features.get(theirs))

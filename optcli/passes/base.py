@@ -83,7 +83,7 @@ class PassSpec:
     machine_key: Callable[[Any, Recipe], str] | None = None
     # The keys its step writes under "details" in report.json (a StepDetails model declared beside the pass): the
     # runner validates each step's details with it and `optcli schema --report` publishes it.
-    details: type[StepDetails] = StepDetails
+    details: builtins.type[StepDetails] = StepDetails  # `type` is the field above inside this class body
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format

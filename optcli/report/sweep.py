@@ -96,9 +96,7 @@ def sweep_table(sweep: dict) -> tuple[list[str], list[list[str]]]:
 def verdict(sweep: dict) -> str:
     n = len(sweep.get("variants") or [])
     if sweep.get("best"):
-        return (
-            f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(sweep.get('minimize'), '')}) of {n} variants"
-        )
+        return f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(str(sweep.get('minimize')), '')}) of {n} variants"
     return f"no variant of {n} passes every gate"
 
 
@@ -121,7 +119,7 @@ def render_sweep_markdown(sweep: dict) -> str:
         "|" + "|".join("---" for _ in headers) + "|",
         *("| " + " | ".join(_md(c) for c in row) + " |" for row in rows),
         "",
-        f"◆ Pareto front ({AXIS.get(sweep.get('minimize'), '')} vs {_md(sweep.get('metric') or 'metric')}): "
+        f"◆ Pareto front ({AXIS.get(str(sweep.get('minimize')), '')} vs {_md(sweep.get('metric') or 'metric')}): "
         + (", ".join(sweep.get("pareto") or []) or DASH),
     ]
     for e in sweep.get("errors") or []:
