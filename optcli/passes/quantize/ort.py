@@ -446,18 +446,18 @@ MAX_FALLBACKS = 8
 def write_with_fallback(write, source: Path, target: Path, exclude: set[str], details: dict) -> None:
     """Run the quantizer; when it breaks on a node (raises, or writes a model ONNX Runtime refuses), keep that node
     in fp32 with the reason in details["kept_fp32"] and try again. Raises what it cannot pin on one node."""
-    import contextlib
     import tempfile
 
     from optcli.onnx_check import reason, session
     from optcli.passes.quantize.fallback import culprit
+    from optcli.passes.quantize.prepare import working_dir
 
     kept = details.setdefault("kept_fp32", {})
     proto = None
     while True:
         try:
             # ORT's quantizer and calibrator write temp models relative to the working directory.
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch, contextlib.chdir(scratch):
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch, working_dir(Path(scratch)):
                 write(exclude)
             session(target)
             break
