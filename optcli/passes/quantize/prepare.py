@@ -251,6 +251,7 @@ def prepare(source: Path, step_dir: Path, feeds: list[dict], config: Config) -> 
                 details["changes"].append(f"unused opset imports removed: {', '.join(unused)}")
             if old:
                 target = config.upgrade_opset
+                assert target is not None, "old is only set against an upgrade_opset"
                 try:
                     converted = upgrade(proto, target)
                 except ValueError as e:

@@ -16,7 +16,8 @@ def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dic
     from optcli.artifact import save_onnx
 
     proto, ops, opset = prepared(model.path, config, ctx)
-    backup, mix = frozenset(), None
+    backup: frozenset[str] = frozenset()
+    mix = None
     if config.ratio < 1:
         backup, mix = backup_for_ratio(model, proto, config, exclude, ctx)
     before = float_weight_bytes(proto)

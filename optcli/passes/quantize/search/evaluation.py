@@ -41,6 +41,7 @@ class Evaluation:
         n = len(outputs[0])
         if self.metric in FIDELITY_METRICS:
             return fidelity_metric(self.metric, fidelity([r[:n] for r in self.reference], outputs))
+        assert self.labels is not None, "a metric other than fidelity is refused without labels (eval_set)"
         return metric_value(self.metric, outputs, self.labels[:n])
 
     def measure(self, path: Path, subset: int | None = None, timed: bool = True) -> tuple[float, float | None]:
