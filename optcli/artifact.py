@@ -53,7 +53,7 @@ def load_model(spec, trust_pickle: bool = False, sequence_length: int | None = N
         model = _from_state_dict(load_safetensors(path), spec, path)
     else:
         model = load_torch_file(path, spec, trust_pickle or spec.trust_pickle)
-    inputs = resolve_inputs(model.inputs, spec.inputs, path, sequence_length)
+    inputs = resolve_inputs(model.file_inputs, spec.inputs, path, sequence_length)
     return model.with_(inputs=inputs, output_names=spec.output_names or model.output_names)
 
 
@@ -105,7 +105,8 @@ def load_onnx(path: Path) -> Model:
     check_onnx_external_data(proto, path.parent, path)
     model = Model(
         format="onnx",
-        inputs=onnx_inputs(proto),
+        inputs=[],
+        file_inputs=onnx_inputs(proto),
         path=path,
         output_names=[o.name for o in proto.graph.output],
         kind="onnx",
@@ -203,7 +204,7 @@ def load_exported_program(path: Path) -> Model:
                     "dtype": str(val.dtype).removeprefix("torch.") if val is not None else "float32",
                 }
             )
-    return Model(format="torch", inputs=inputs, module=program.module(), path=path, kind="torch.export")
+    return Model(format="torch", inputs=[], file_inputs=inputs, module=program.module(), path=path, kind="torch.export")
 
 
 def load_safetensors(path: Path) -> dict:
@@ -246,7 +247,14 @@ def load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
                 f"{path}: could not load the TorchScript archive ({type(e).__name__}: {str(e)[:200]})"
             ) from None
         module = module.eval()
-        return Model(format="torch", inputs=torchscript_inputs(module), module=module, path=path, kind="torchscript")
+        return Model(
+            format="torch",
+            inputs=[],
+            file_inputs=torchscript_inputs(module),
+            module=module,
+            path=path,
+            kind="torchscript",
+        )
     if not _looks_like_torch_save(path):
         raise BadInput(
             f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a pickle); is it truncated or another format?"
@@ -486,7 +494,7 @@ def resolve_inputs(
                 )
             )
             continue
-        free = ()
+        free: tuple[int, ...] = ()
         if sequence_length and len(dims) == 2 and axis == 0 and not (isinstance(dims[1], int) and dims[1] > 0):
             dims[1], free = sequence_length, (1,)
         for a, d in enumerate(dims):

@@ -63,6 +63,8 @@ class Model:
     kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle, hf ...
     task: str = ""  # Hugging Face folders: feature-extraction, text-classification, token-classification, causal-lm
     notes: tuple[str, ...] = ()  # what loading it did that the user should read (keys model.strict: false ignored)
+    # the inputs as the file declares them ({name, shape, dtype...}), before load_model resolves them into `inputs`
+    file_inputs: list[dict] = field(default_factory=list)
 
     def with_(self, **changes) -> Model:
         return replace(self, **changes)
