@@ -19,7 +19,7 @@ _IGNORED = (DeprecationWarning, FutureWarning, PendingDeprecationWarning, Import
 
 
 class _Collector(logging.Handler):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
         self.messages: list[str] = []
 

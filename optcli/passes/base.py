@@ -101,7 +101,7 @@ TRAINING_HOOKS = "optcli_training_hooks"
 class TrainingHooks:
     """Every hook attached to one module, driven as one."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.hooks: list[Any] = []
 
     def step(self) -> None:
