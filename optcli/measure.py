@@ -596,6 +596,7 @@ class Evaluator:
         fixed = fixed_batch(inputs)
         if self.eval is not None:
             return (feeds for feeds, _ in self.eval.batches(batch_size=fixed))
+        assert self.generated is not None, "without eval data the inputs were generated"
         return iter(self.generated)
 
     def measure(self, path: Path, model: Model, runner=None) -> dict:
