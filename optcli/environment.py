@@ -170,11 +170,10 @@ def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str
 def numpy_cpu_flags() -> frozenset[str] | None:
     """The NUMPY_FLAGS numpy's CPUID probe found (the table np.show_runtime prints); None where numpy hides it."""
     try:
-        # numpy ships no stubs for its private C module: the ImportError branches are the check
-        from numpy._core._multiarray_umath import __cpu_features__ as features  # type: ignore[import-not-found]  # numpy >= 2
+        from numpy._core._multiarray_umath import __cpu_features__ as features  # numpy >= 2
     except ImportError:
         try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features  # type: ignore[no-redef]  # numpy 1.x
+            from numpy.core._multiarray_umath import __cpu_features__ as features  # type: ignore[no-redef]  # numpy 1.x: the same name from the other numpy's path
         except ImportError:
             return None
     return frozenset(ours for ours, theirs in NUMPY_FLAGS.items() if features.get(theirs))
