@@ -2,13 +2,20 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint fmt example quickstart bench clean ci-gate
+.PHONY: services install test lint fmt example quickstart bench clean ci-gate
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+services:  ## what the PostgreSQL study test needs (Debian, as root); without it that test skips and says why
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then echo "postgresql: installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -q postgresql >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null 2>&1)) \
+	  && echo "postgresql: installed" || echo "postgresql: could not be installed; the PostgreSQL study test will skip"; \
+	else echo "postgresql: not installed (needs root and apt-get); the PostgreSQL study test will skip"; fi
+
 install: $(BIN)/python  ## editable install with the tested versions pinned (hf: the Hugging Face folder tests need it)
-	$(BIN)/pip install -q -e ".[dev,hf]" -c constraints.txt
+	$(BIN)/pip install -q -e ".[dev,hf,postgres]" -c constraints.txt
 
 test: lint  ## the default test run (CI runs exactly this, after make install)
 	$(BIN)/python -m pytest -q -n 2

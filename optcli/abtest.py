@@ -27,7 +27,7 @@ MIN_ROUNDS, MAX_ROUNDS = 5, 20
 # Each round runs a model at least this long. The t-interval assumes rounds see independent states of the machine;
 # a tiny model's 30 calls take ~2 ms, so a whole A/B fitted inside one burst of other work (or one CPU frequency
 # step) and gave intervals that excluded each other run to run (digits CNN at b1: 0.97 [0.95-0.99], then
-# 1.03 [1.02-1.04]). Spread over >= 20 rounds x 2 x 25 ms, the rounds sample the machine's states.
+# 1.03 [1.02-1.04]). Spread over 5-20 rounds of >= 25 ms each, the rounds sample the machine's states.
 MIN_ROUND_SECONDS = 0.025
 MAX_RUNS_PER_ROUND = 2000
 
@@ -176,9 +176,10 @@ def takes_batch(inputs, batch: int) -> bool:
 
 
 def runs_per_round(calls: Sequence[Callable[[], object]], runs: int, timer=_wall) -> int:
-    """At least `runs`, and enough that a round of the faster model lasts MIN_ROUND_SECONDS (a probe of 3 calls
-    each, after the warm-up, sizes it)."""
-    cost = min(float(np.median([timer(call) for _ in range(3)])) for call in calls)
+    """At least `runs`, and enough that a round (every model, calls alternating) lasts MIN_ROUND_SECONDS; a probe of
+    3 calls each, after the warm-up, sizes it. Sized on the sum: a model 100x slower than the other is not run
+    100x more often, and the alternation spreads each model's calls over the whole round anyway."""
+    cost = sum(float(np.median([timer(call) for _ in range(3)])) for call in calls)
     if cost <= 0 or not math.isfinite(cost):
         return runs
     return max(runs, min(MAX_RUNS_PER_ROUND, math.ceil(MIN_ROUND_SECONDS / cost)))

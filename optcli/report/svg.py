@@ -174,22 +174,23 @@ def svg_loss_curve(step: dict) -> str:
     return "".join(out)
 
 
-def svg_pareto(points: list[dict], xlabel: str, ylabel: str, fmt_x: Callable[[Any], str]) -> str:
-    """A sweep's variants: x (size or latency) vs the metric; the Pareto front joined as a staircase, the best
-    variant ringed, variants failing a gate hollow, the original as a grey square.
+def svg_pareto(points: list[dict], xlabel: str, ylabel: str, fmt_x: Callable[[Any], str], stairs: bool = True) -> str:
+    """A sweep's variants: x (size or latency) vs the metric; the Pareto front joined as a staircase (stairs:
+    a front over two objectives), the best variant ringed, variants failing a gate hollow, the original as a grey
+    square.
 
-    points: {label, x, y, front, best, passed, original?} each."""
+    points: {label, x, y, front, best, passed, original?, r? (marker radius: a third objective)} each."""
     pts = [p for p in points if finite(p.get("x")) and finite(p.get("y"))]
     if not pts:
         return ""
     plot = _Plot([p["x"] for p in pts], [p["y"] for p in pts], width=560, height=340)
     out = plot.frame("pareto", f"{ylabel} vs {xlabel}", xlabel, ylabel)
     front = sorted((p for p in pts if p.get("front")), key=lambda p: p["x"])
-    if len(front) > 1:
-        stairs = [(front[0]["x"], front[0]["y"])]
+    if stairs and len(front) > 1:
+        steps = [(front[0]["x"], front[0]["y"])]
         for p in front[1:]:
-            stairs += [(p["x"], stairs[-1][1]), (p["x"], p["y"])]
-        line = " ".join(f"{plot.px(x):.1f},{plot.py(y):.1f}" for x, y in stairs)
+            steps += [(p["x"], steps[-1][1]), (p["x"], p["y"])]
+        line = " ".join(f"{plot.px(x):.1f},{plot.py(y):.1f}" for x, y in steps)
         out.append(f'<polyline class="front" points="{line}" fill="none" stroke="#15803d" stroke-width="2"/>')
     for p in pts:
         x, y = plot.px(p["x"]), plot.py(p["y"])
@@ -204,14 +205,49 @@ def svg_pareto(points: list[dict], xlabel: str, ylabel: str, fmt_x: Callable[[An
         color = "#15803d" if p.get("front") else BAR
         fill = color if p.get("passed") else "#fff"
         out.append(
-            f'<circle class="variant{" front" if p.get("front") else ""}" cx="{x:.1f}" cy="{y:.1f}" r="5" '
-            f'fill="{fill}" stroke="{color}" stroke-width="2">{tip}</circle>'
+            f'<circle class="variant{" front" if p.get("front") else ""}" cx="{x:.1f}" cy="{y:.1f}" '
+            f'r="{p.get("r", 5):.1f}" fill="{fill}" fill-opacity="0.8" stroke="{color}" stroke-width="2">{tip}</circle>'
         )
         if p.get("best"):
-            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="10" fill="none" stroke="#b45309" stroke-width="2"/>')
+            ring = p.get("r", 5) + 5
+            out.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{ring:.1f}" fill="none" stroke="#b45309" stroke-width="2"/>'
+            )
             out.append(
                 f'<text x="{x + 12:.1f}" y="{y - 8:.1f}" font-size="11" fill="#b45309">'
                 f"{escape('best: ' + _short(label, 40))}</text>"
             )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def svg_history(points: list[dict], ylabel: str) -> str:
+    """A study's trials in the order they finished: the metric of each (failed ones as red crosses at the
+    bottom), the best-so-far among finished ones as a line. points: {trial, y, failed} each."""
+    done = [p for p in points if finite(p.get("y"))]
+    if not points or not done:
+        return ""
+    plot = _Plot([p["trial"] for p in points], [p["y"] for p in done], width=560, height=300)
+    out = plot.frame("history", f"trial history: {ylabel}", "trial", ylabel)
+    low = plot.y0
+    for p in points:
+        x, n = plot.px(p["trial"]), p["trial"]
+        if not finite(p.get("y")):
+            y = plot.py(low) - 4
+            out.append(
+                f'<path class="failed" d="M{x - 4:.1f},{y - 4:.1f} l8,8 m0,-8 l-8,8" stroke="#b91c1c" stroke-width="2">'
+                f"<title>trial {escape(str(n))}: failed</title></path>"
+            )
+            continue
+        out.append(
+            f'<circle class="trial" cx="{x:.1f}" cy="{plot.py(p["y"]):.1f}" r="4" fill="{BAR}">'
+            f"<title>trial {escape(str(n))}: {escape(fmt_num(p['y']))}</title></circle>"
+        )
+    best, line = None, []
+    for p in sorted(done, key=lambda p: p["trial"]):
+        best = p["y"] if best is None or (p["y"] > best if p.get("higher", True) else p["y"] < best) else best
+        line.append(f"{plot.px(p['trial']):.1f},{plot.py(best):.1f}")
+    if len(line) > 1:
+        out.append(f'<polyline class="best-so-far" points="{" ".join(line)}" fill="none" stroke="#15803d"/>')
     out.append("</svg>")
     return "".join(out)

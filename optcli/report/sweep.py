@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TypeGuard
 
 from optcli.report.html import html_page, html_table
-from optcli.report.svg import svg_pareto
-from optcli.report.view import DASH, clean, fmt_ms, format_bytes, render_json
+from optcli.report.svg import svg_bar_chart, svg_history, svg_pareto
+from optcli.report.view import DASH, clean, fmt_ms, fmt_num, format_bytes, render_json
 from optcli.report.write import atomic_write_texts
 
 SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.html")
@@ -30,6 +30,8 @@ def _value(v) -> str:
         return "on"
     if v is False:
         return "off"
+    if isinstance(v, float):
+        return f"{v:.4g}"  # a sampler's float (0.000383971698752...) read at a glance
     if isinstance(v, dict):
         return json.dumps(v, sort_keys=True)
     return str(v)
@@ -44,6 +46,10 @@ def _metric(x) -> str:
 
 
 def gates_cell(row: dict) -> str:
+    if row.get("state") in ("running", "waiting"):
+        return row["state"]
+    if row.get("retried_as") is not None:
+        return f"failed, retried as trial {row['retried_as']}"
     if row.get("error"):
         return "error"
     gates = row.get("gates") or []
@@ -78,6 +84,8 @@ def sweep_table(sweep: dict) -> tuple[list[str], list[list[str]]]:
         )
     for r in rows:
         mark = ("★ best" if r.get("best") else "") + (" ◆" if r.get("pareto") else "")
+        if r.get("state") in ("running", "waiting", "failed"):  # a study's trial not (or never) finished
+            mark = r["state"]
         out.append(
             [
                 r["name"],
@@ -95,9 +103,53 @@ def sweep_table(sweep: dict) -> tuple[list[str], list[list[str]]]:
 
 def verdict(sweep: dict) -> str:
     n = len(sweep.get("variants") or [])
+    what = "variants"
+    if sweep.get("study"):
+        n, what = (sweep["study"].get("counts") or {}).get("complete", 0), "finished trials"
     if sweep.get("best"):
-        return f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(str(sweep.get('minimize')), '')}) of {n} variants"
-    return f"no variant of {n} passes every gate"
+        return f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(str(sweep.get('minimize')), '')}) of {n} {what}"
+    return f"no variant of {n} {what} passes every gate"
+
+
+def progress_line(sweep: dict) -> str:
+    """A study's progress: `12/40 trials done, 2 running, 1 failed (1 retried), front: 4`."""
+    study = sweep.get("study") or {}
+    c = study.get("counts") or {}
+    parts = [f"{c.get('complete', 0)}/{study.get('trials', '?')} trials done"]
+    parts += [f"{c[k]} {k}" for k in ("running", "waiting") if c.get(k)]
+    if c.get("failed"):
+        parts.append(f"{c['failed']} failed" + (f" ({c['retried']} retried)" if c.get("retried") else ""))
+    parts.append(f"Pareto front: {len(sweep.get('pareto') or [])}")
+    return ", ".join(parts)
+
+
+def why_best(sweep: dict) -> list[str]:
+    """Why the best variant was chosen, in sentences: its gates, the rule, where it sits on the front."""
+    rows = sweep.get("variants") or []
+    best = next((r for r in rows if r.get("best")), None)
+    if best is None:
+        return ["No finished variant passes every gate of the recipe: none is chosen, and OUT/best is absent."]
+    passing = [r for r in rows if r.get("passed") and not r.get("error")]
+    axis = AXIS.get(str(sweep.get("minimize")), "size")
+    lines = [
+        f"{best['name']} passes every gate of the recipe"
+        + (
+            ": "
+            + "; ".join(
+                f"{g['name']} {fmt_num(g.get('value'))} (limit {fmt_num(g.get('limit'))})"
+                for g in best.get("gates") or []
+            )
+            if best.get("gates")
+            else " (it has none)"
+        )
+        + ".",
+        f"Of the {len(passing)} variants that pass, it has the smallest {axis}"
+        + (" (ties go to the better metric)." if len(passing) > 1 else "."),
+        "It is on the Pareto front."
+        if best.get("pareto")
+        else "It is not on the Pareto front: a variant failing a gate beats it.",
+    ]
+    return lines
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -124,6 +176,16 @@ def render_sweep_markdown(sweep: dict) -> str:
     ]
     for e in sweep.get("errors") or []:
         lines.append(f"- {_md(e['variant'])}: {_md(e['error'])}")
+    if sweep.get("study"):
+        lines += [
+            "",
+            f"Study {_md(sweep['study'].get('name'))} ({_md(sweep['study'].get('sampler'))}): {_md(progress_line(sweep))}",
+        ]
+        lines += ["", *(_md(line) for line in why_best(sweep))]
+        for objective, imp in (sweep.get("importances") or {}).items():
+            lines.append(
+                f"- importance for {_md(objective)}: " + ", ".join(f"{_md(k)} {v:.2f}" for k, v in imp.items())
+            )
     if sweep.get("busy"):
         lines += ["", f"> ⚠ {_md(sweep['busy'])}"]
     return "\n".join(lines) + "\n"
@@ -164,7 +226,10 @@ def render_sweep_html(sweep: dict) -> str:
     if original:
         points.append({"label": "original", "x": original.get("x"), "y": original.get("metric"), "original": True})
     xlabel = AXIS.get(minimize, minimize) + (" (ms)" if minimize == "latency" else "")
-    chart = svg_pareto(points, xlabel, sweep.get("metric") or "metric", _x_text(minimize))
+    if sweep.get("study"):
+        chart = _study_charts(sweep, variants, original)
+    else:
+        chart = svg_pareto(points, xlabel, sweep.get("metric") or "metric", _x_text(minimize))
     vclass = "pass" if sweep.get("passed") else "fail"
     body = [
         f'<h1>optcli sweep <span class="verdict {vclass}">{escape(verdict(sweep))}</span></h1>',
@@ -177,6 +242,24 @@ def render_sweep_html(sweep: dict) -> str:
         "<h2>Variants</h2>",
         f'<div class="scroll">{html_table(headers, rows, row_class, wide=True)}</div>',
     ]
+    if sweep.get("study"):
+        study = sweep["study"]
+        body[2] = (
+            f"<p>Recipe: <code>{escape(str(sweep.get('recipe', '')))}</code>; study <code>{escape(str(study.get('name')))}</code> "
+            f"({escape(str(study.get('sampler')))} sampler, storage <code>{escape(str(study.get('storage')))}</code>): "
+            f"{escape(progress_line(sweep))}. Objectives: "
+            + ", ".join(
+                f"{escape(o)} ({escape(d)})"
+                for o, d in zip(study.get("objectives") or [], study.get("directions") or [], strict=False)
+            )
+            + ".</p>"
+        )
+        body.insert(
+            6,
+            "<h2>The chosen variant, and why</h2><ul>"
+            + "".join(f"<li>{escape(x)}</li>" for x in why_best(sweep))
+            + "</ul>",
+        )
     errors = sweep.get("errors") or []
     if errors:
         body += [
@@ -187,6 +270,66 @@ def render_sweep_html(sweep: dict) -> str:
         ]
     body.append("<p>Each variant's own report: <code>&lt;variant&gt;/report.html</code>.</p>")
     return html_page(f"optcli sweep: {verdict(sweep)}", body)
+
+
+def _study_charts(sweep: dict, variants: list[dict], original: dict | None) -> str:
+    """The Pareto front of a study: latency (x) vs the metric (y), size as the marker's area; the trial history;
+    Optuna's parameter importances per objective."""
+    sizes = [s for s in (r.get("size_bytes") for r in variants) if _finite(s)]
+    smax = max(sizes) if sizes else 1
+
+    def radius(size) -> float:
+        return 3 + 7 * math.sqrt(size / smax) if _finite(size) and smax > 0 else 5
+
+    points = [
+        {
+            "label": f"{r['name']} ({format_bytes(r.get('size_bytes'))})",
+            "x": r.get("latency_ms"),
+            "y": r.get("metric"),
+            "front": r.get("pareto"),
+            "best": r.get("best"),
+            "passed": r.get("passed"),
+            "r": radius(r.get("size_bytes")),
+        }
+        for r in variants
+        if r.get("state") == "complete"
+    ]
+    if original:
+        points.append(
+            {"label": "original", "x": original.get("latency_ms"), "y": original.get("metric"), "original": True}
+        )
+    metric = sweep.get("metric") or "metric"
+    objectives = (sweep.get("study") or {}).get("objectives") or []
+    charts = [
+        svg_pareto(
+            points,
+            "p50 latency (ms), marker area: size",
+            metric,
+            lambda v: f"{fmt_ms(v)} ms",
+            stairs=len(objectives) == 2,
+        )
+    ]
+    higher = sweep.get("higher_is_better", True)
+    history = sorted(
+        (
+            {"trial": r["trial"], "y": r.get("metric") if r.get("state") == "complete" else None, "higher": higher}
+            for r in variants
+            if r.get("state") in ("complete", "failed")
+        ),
+        key=lambda p: p["trial"],
+    )
+    charts.append(svg_history(history, metric))
+    for objective, imp in (sweep.get("importances") or {}).items():
+        charts.append(
+            svg_bar_chart(
+                "importance",
+                f"parameter importance for {objective} (Optuna)",
+                list(imp),
+                list(imp.values()),
+                lambda v: f"{v:.2f}",
+            )
+        )
+    return "".join(charts)
 
 
 def write_sweep_reports(sweep: dict, out: Path) -> list[Path]:

@@ -66,7 +66,7 @@ def check_grid(grid: dict[str, list]) -> None:
         )
 
 
-def _label(key: str, raw: dict) -> str:
+def key_label(key: str, raw: dict) -> str:
     parts = key.split(".")
     if len(parts) == 2 and parts[0] == "passes" and parts[1].isdigit():  # a whole pass on/off: name it by its type
         passes = raw.get("passes") or []
@@ -100,7 +100,7 @@ class Variant:
 def expand(grid: dict[str, list], raw: dict) -> list[Variant]:
     """Every combination, in grid order; folder names from the keys' last parts (whole keys where those clash)."""
     keys = list(grid)
-    labels = [_label(k, raw) for k in keys]
+    labels = [key_label(k, raw) for k in keys]
     if len(set(labels)) < len(labels):
         labels = [k for k in keys]
     variants, seen = [], set()
@@ -275,7 +275,7 @@ def run_variant(job: VariantJob, log: Callable[[str], None] | None = None, progr
         cache.release()
 
 
-def _worker_init() -> None:
+def worker_init() -> None:
     # Ctrl-C reaches the whole process group: the parent alone decides, and stops workers with one SIGTERM each,
     # raised as KeyboardInterrupt once so the run's own cleanup (temp steps, lock) is not interrupted in turn.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -293,7 +293,7 @@ def _run_parallel(jobs: list[VariantJob], workers: int, log) -> list[dict]:
 
     results: list[dict | None] = [None] * len(jobs)
     pool = cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init
     )
     try:
         futures = {pool.submit(run_variant, job): i for i, job in enumerate(jobs)}

@@ -1,0 +1,136 @@
+"""Speed verdicts decided on fake timings: an interleaved A/B ratio with a confidence interval, three outcomes (holds /
+fails / inconclusive), and the gates that read them. The CLI runs are in tests/e2e/gates/test_verdicts.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from optcli.abtest import FAILS, HOLDS, INCONCLUSIVE, measure_ratio, rounds_for, verdict_at_least, verdict_at_most
+from optcli.gates import check_gates, default_gates
+
+
+def fake_ratio(a_times, b_times, runs=1):
+    """measure_ratio on fake runners: each call returns the next of its given times, the timer takes it as the
+    time the call took (deterministic, no clock)."""
+    a, b = iter(a_times), iter(b_times)
+    rounds = len(a_times) // runs - 1  # the first value of each is the warm-up
+    return measure_ratio(lambda: next(a), lambda: next(b), rounds, runs, warmup=1, timer=lambda call: call())
+
+
+def test_clearly_faster_model_holds_a_speed_limit():
+    rng = np.random.default_rng(0)
+    a = 10 + rng.normal(0, 0.2, 11)
+    b = 5 + rng.normal(0, 0.2, 11)  # twice as fast, little noise
+    r = fake_ratio(a, b)
+    assert r.value == pytest.approx(0.5, rel=0.05) and r.low < r.value < r.high
+    assert verdict_at_most(r.low, r.high, 1.0) == HOLDS
+    assert verdict_at_least(1 / r.high, 1 / r.low, 1.5) == HOLDS  # a 1.5× speed-up holds with confidence
+
+
+def test_clearly_slower_model_fails_a_speed_limit():
+    rng = np.random.default_rng(1)
+    r = fake_ratio(10 + rng.normal(0, 0.2, 11), 18 + rng.normal(0, 0.2, 11))
+    assert r.low > 1.5
+    assert verdict_at_most(r.low, r.high, 1.05) == FAILS
+    assert verdict_at_least(1 / r.high, 1 / r.low, 1.0) == FAILS
+
+
+def test_noisy_rounds_around_the_limit_are_inconclusive_not_a_coin_flip():
+    # Same speed on average, but a busy machine makes each round's ratio swing from 0.6× to 1.7×.
+    swings = [0.6, 1.7, 0.8, 1.4, 0.7, 1.5, 0.9, 1.3]
+    r = fake_ratio([10.0] * (len(swings) + 1), [10.0] + [10 * s for s in swings])
+    assert r.low < 1.0 < r.high
+    assert verdict_at_most(r.low, r.high, 1.05) == INCONCLUSIVE
+    assert verdict_at_least(1 / r.high, 1 / r.low, 1.2) == INCONCLUSIVE
+
+
+def test_models_alternate_within_each_round_so_a_burst_hits_both():
+    order = []
+    measure_ratio(lambda: order.append("a") or 1.0, lambda: order.append("b") or 1.0, 2, 2, 0, lambda c: c())
+    assert order == ["a", "b", "a", "b", "b", "a", "b", "a"]  # every other round reversed
+
+
+def test_ab_cost_follows_report_latency_runs():
+    assert rounds_for(3) == (5, 1)  # a test recipe's few runs: a few calls per model
+    rounds, per_round = rounds_for(100)
+    assert rounds * per_round == 100
+
+
+def _steps(quantize_details=None):
+    step = {"latency": {"batch_1": {"p50_ms": 1.0}}, "fidelity": {"cosine_mean": 1.0}, "size_bytes": 10}
+    step["compressed_bytes"] = 10
+    return [
+        {**step, "name": "original", "type": None, "path": "m.onnx"},
+        {**step, "name": "1-quantize", "type": "quantize", "path": "s/m.onnx", "details": quantize_details or {}},
+    ]
+
+
+def _ratio(value, low, high):
+    return SimpleNamespace(value=value, low=low, high=high, rounds=5, runs=1, interval=[low, high])
+
+
+@pytest.mark.parametrize(
+    "ratio, policy, verdict, passed",
+    [
+        ((0.5, 0.45, 0.55), "pass", HOLDS, True),
+        ((2.0, 1.8, 2.2), "pass", FAILS, False),
+        ((0.8, 0.5, 1.3), "pass", INCONCLUSIVE, True),
+        ((0.8, 0.5, 1.3), "fail", INCONCLUSIVE, False),
+    ],
+)
+def test_min_speedup_gate_says_its_interval_and_inconclusive_follows_the_users_choice(ratio, policy, verdict, passed):
+    gates = SimpleNamespace(max_accuracy_drop=None, min_fidelity_cosine=None, max_size_bytes=None, min_speedup=1.2)
+    gates.max_perplexity_increase = None
+    (gate,) = check_gates(gates, _steps(), baseline=0, ab={"batch_1": _ratio(*ratio)}, inconclusive=policy)
+    assert gate["verdict"] == verdict and gate["passed"] is passed
+    assert gate["value"] == pytest.approx(1 / ratio[0], abs=1e-3)
+    assert gate["interval"] == [pytest.approx(1 / ratio[2], abs=1e-3), pytest.approx(1 / ratio[1], abs=1e-3)]
+
+
+def test_default_speed_gate_fails_only_a_model_slower_with_confidence_and_not_weight_only_int4():
+    slower = {"batch_1": _ratio(1.8, 1.6, 2.0)}
+    noisy = {"batch_1": _ratio(1.2, 0.8, 1.8)}
+    by_name = {g["name"]: g for g in default_gates(_steps(), 0, slower, speed=True)}
+    assert by_name["max_slowdown (default)"]["verdict"] == FAILS and not by_name["max_slowdown (default)"]["passed"]
+    by_name = {g["name"]: g for g in default_gates(_steps(), 0, noisy, speed=True)}
+    assert by_name["max_slowdown (default)"]["verdict"] == INCONCLUSIVE and by_name["max_slowdown (default)"]["passed"]
+    int4 = default_gates(_steps({"weight_only": {"bits": 4}}), 0, slower, speed=True)
+    assert "max_slowdown (default)" not in {g["name"] for g in int4}
+    allowed = default_gates(_steps(), 0, slower, passes=[SimpleNamespace(allow_slower=True)], speed=True)
+    assert "max_slowdown (default)" not in {g["name"] for g in allowed}
+
+
+def test_default_speed_gate_fails_only_when_a_second_ab_confirms_the_slowdown():
+    slower, quiet = {"batch_1": _ratio(1.8, 1.6, 2.0)}, {"batch_1": _ratio(1.0, 0.9, 1.1)}
+    (confirmed,) = [
+        g for g in default_gates(_steps(), 0, slower, speed=True, recheck=lambda: slower) if "slowdown" in g["name"]
+    ]
+    assert confirmed["verdict"] == FAILS and not confirmed["passed"] and "two A/B" in confirmed["note"]
+    (burst,) = [
+        g for g in default_gates(_steps(), 0, slower, speed=True, recheck=lambda: quiet) if "slowdown" in g["name"]
+    ]
+    assert burst["verdict"] == INCONCLUSIVE and burst["passed"] and "re-measurement did not" in burst["note"]
+    assert burst["value"] == pytest.approx(1.0)  # the gate shows the measurement it ended on
+
+
+def test_default_speed_gate_forgives_a_few_percent_a_busy_machine_cannot_resolve():
+    # 1.07x [1.06-1.08]: slower with confidence, but under the 10 % minimum effect the default gate asks for.
+    slightly = {"batch_1": _ratio(1.07, 1.06, 1.08)}
+    (gate,) = [g for g in default_gates(_steps(), 0, slightly, speed=True) if "slowdown" in g["name"]]
+    assert gate["verdict"] == HOLDS and gate["passed"]
+
+
+def test_a_tiny_models_rounds_last_long_enough_to_sample_the_machine():
+    from optcli.abtest import MIN_ROUND_SECONDS, runs_per_round
+
+    fast = [lambda: 50e-6, lambda: 60e-6]  # 50 us per call: 30 calls would fit inside one burst of other work
+    assert runs_per_round(fast, 6, timer=lambda call: call()) * (50e-6 + 60e-6) >= MIN_ROUND_SECONDS
+    slow = [lambda: 0.2, lambda: 0.3]  # a real model: the recipe's runs already take long enough
+    assert runs_per_round(slow, 6, timer=lambda call: call()) == 6
+    # one tiny model against a heavy one: sized on the pair, not on the tiny one (500 calls of the heavy one would
+    # make a round last 15 s)
+    lopsided = [lambda: 50e-6, lambda: 0.03]
+    assert runs_per_round(lopsided, 1, timer=lambda call: call()) == 1
