@@ -20,9 +20,10 @@ install: $(BIN)/python  ## editable install with the tested versions pinned (hf:
 test: lint  ## the default test run (CI runs exactly this, after make install)
 	$(BIN)/python -m pytest -q -n 2
 
-lint:  ## style held by tools: ruff lint + format check (make fmt fixes what can be fixed)
+lint:  ## style and types held by tools: ruff lint + format check (make fmt fixes what can be fixed), mypy on optcli/
 	$(BIN)/ruff check optcli tests benchmarks
 	$(BIN)/ruff format --check optcli tests benchmarks
+	$(BIN)/mypy
 
 fmt:
 	$(BIN)/ruff check --fix optcli tests benchmarks

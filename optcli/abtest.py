@@ -86,7 +86,9 @@ def interleaved(
     return medians
 
 
-def ratio_interval(a: Sequence[float], b: Sequence[float], runs: int = 1, confidence: float = CONFIDENCE) -> Ratio:
+def ratio_interval(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, runs: int = 1, confidence: float = CONFIDENCE
+) -> Ratio:
     """B/A from paired per-round times: a t-interval on the mean of the per-round log-ratios, exponentiated.
 
     Why t on log-ratios and not a bootstrap: the rounds are paired (A and B share the machine's state within a
@@ -197,5 +199,5 @@ def compare_runners(base, new, batch_sizes: Sequence[int], warmup: int, runs: in
             for _ in range(warm):
                 call()
         per_batch = runs_per_round(calls, per_round, timer)
-        out[f"batch_{batch}"] = measure_ratio(*calls, rounds, per_batch, 0, timer)
+        out[f"batch_{batch}"] = measure_ratio(calls[0], calls[1], rounds, per_batch, 0, timer)
     return out

@@ -13,6 +13,7 @@ import pickle
 import re
 import sys
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from optcli.errors import BadInput, first_line
@@ -52,7 +53,7 @@ def load_model(spec, trust_pickle: bool = False, sequence_length: int | None = N
         model = _from_state_dict(load_safetensors(path), spec, path)
     else:
         model = load_torch_file(path, spec, trust_pickle or spec.trust_pickle)
-    inputs = resolve_inputs(model.inputs, spec.inputs, path, sequence_length)
+    inputs = resolve_inputs(model.file_inputs, spec.inputs, path, sequence_length)
     return model.with_(inputs=inputs, output_names=spec.output_names or model.output_names)
 
 
@@ -104,7 +105,8 @@ def load_onnx(path: Path) -> Model:
     check_onnx_external_data(proto, path.parent, path)
     model = Model(
         format="onnx",
-        inputs=onnx_inputs(proto),
+        inputs=[],
+        file_inputs=onnx_inputs(proto),
         path=path,
         output_names=[o.name for o in proto.graph.output],
         kind="onnx",
@@ -202,7 +204,7 @@ def load_exported_program(path: Path) -> Model:
                     "dtype": str(val.dtype).removeprefix("torch.") if val is not None else "float32",
                 }
             )
-    return Model(format="torch", inputs=inputs, module=program.module(), path=path, kind="torch.export")
+    return Model(format="torch", inputs=[], file_inputs=inputs, module=program.module(), path=path, kind="torch.export")
 
 
 def load_safetensors(path: Path) -> dict:
@@ -245,7 +247,14 @@ def load_torch_file(path: Path, spec, trust_pickle: bool) -> Model:
                 f"{path}: could not load the TorchScript archive ({type(e).__name__}: {str(e)[:200]})"
             ) from None
         module = module.eval()
-        return Model(format="torch", inputs=torchscript_inputs(module), module=module, path=path, kind="torchscript")
+        return Model(
+            format="torch",
+            inputs=[],
+            file_inputs=torchscript_inputs(module),
+            module=module,
+            path=path,
+            kind="torchscript",
+        )
     if not _looks_like_torch_save(path):
         raise BadInput(
             f"{path}: not a PyTorch checkpoint (neither a torch.save zip nor a pickle); is it truncated or another format?"
@@ -485,7 +494,7 @@ def resolve_inputs(
                 )
             )
             continue
-        free = ()
+        free: tuple[int, ...] = ()
         if sequence_length and len(dims) == 2 and axis == 0 and not (isinstance(dims[1], int) and dims[1] > 0):
             dims[1], free = sequence_length, (1,)
         for a, d in enumerate(dims):
@@ -663,14 +672,17 @@ def parse_shape_arg(item: str) -> tuple[str, list[int], str]:
     return name, shape, dtype or "float32"
 
 
-def load_any(path: Path, shapes: list[str] = (), trust_pickle: bool = False, factory: str | None = None) -> Model:
+def load_any(path: Path, shapes: Sequence[str] = (), trust_pickle: bool = False, factory: str | None = None) -> Model:
     """Load a model file outside a recipe (inspect, bench, init), with --shape for unknown inputs."""
     from optcli.config import ModelSpec, TensorSpec, unknown_suffix
 
     if path.is_file() and unknown_suffix(path):  # the files `run` takes, no more, no fewer
         raise BadInput(f"model {unknown_suffix(path)}")
     try:
-        given = [TensorSpec(name=n, shape=s, dtype=d) for n, s, d in (parse_shape_arg(x) for x in shapes)]
+        given = [
+            TensorSpec.model_validate({"name": n, "shape": s, "dtype": d})
+            for n, s, d in (parse_shape_arg(x) for x in shapes)
+        ]
         spec = ModelSpec(path=path, factory=factory, inputs=given or None)
     except ValueError as e:
         raise BadInput(f"--shape/--factory: {str(e).splitlines()[-1].strip()}") from None

@@ -36,8 +36,9 @@ class Dataset:
 
     def __len__(self) -> int:
         for k, v in self.arrays.items():
-            if self.axes.get(k, 0) is not None:
-                return v.shape[self.axes.get(k, 0)]
+            axis = self.axes.get(k, 0)
+            if axis is not None:
+                return v.shape[axis]
         return 1
 
     def _take(self, key: str, v: np.ndarray, idx) -> np.ndarray:
@@ -188,7 +189,7 @@ def load_dataset(name: str, source, inputs: list[InputSpec], model=None) -> Data
         feeds[spec.name] = _cast(arr, spec, where)
         if axis not in (0, None) and spec.name not in unbatched:
             axes[spec.name] = axis
-        length = arr.shape[axes.get(spec.name, 0)] if arr.ndim else None
+        length = arr.shape[axes.get(spec.name) or 0] if arr.ndim else None  # set above only to an int
         if n is not None and length is not None and length != n:
             raise BadInput(f"{where}: arrays have different lengths ({n} vs {length} for {spec.name!r})")
         n = length if length is not None else n
@@ -266,8 +267,8 @@ def check_labels_fit(labels: np.ndarray, output: tuple, metric: str, what: str) 
                 f"{what}: top5 needs at least 5 classes; the model's first output has {classes}: use accuracy"
             )
     if metric == "mse" and None not in output:
-        size, want = int(np.prod(have, dtype=np.int64)), int(np.prod(output, dtype=np.int64))
-        if size != want:
+        have_n, want_n = int(np.prod(have, dtype=np.int64)), int(np.prod(output, dtype=np.int64))
+        if have_n != want_n:
             raise BadInput(
                 f"{what}: {shown}; mse compares them element by element: store targets shaped like the outputs"
             )

@@ -173,7 +173,7 @@ def numpy_cpu_flags() -> frozenset[str] | None:
         from numpy._core._multiarray_umath import __cpu_features__ as features  # numpy >= 2
     except ImportError:
         try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features  # numpy 1.x
+            from numpy.core._multiarray_umath import __cpu_features__ as features  # type: ignore[no-redef]  # numpy 1.x: the same name from the other numpy's path
         except ImportError:
             return None
     return frozenset(ours for ours, theirs in NUMPY_FLAGS.items() if features.get(theirs))

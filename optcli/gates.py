@@ -94,7 +94,7 @@ def default_gates(
 
 
 # (gate name, the kinds it judges, the per-output figure, the limit, higher is better, what the figure is)
-_FIDELITY_JUDGES = (
+_FIDELITY_JUDGES: tuple[tuple[str, tuple[str, ...], str | tuple[str, ...], float, bool, str], ...] = (
     (
         "min_fidelity_cosine",
         ("classes", "sequence", "embedding", "scores", "tensor"),
@@ -129,7 +129,7 @@ _FIDELITY_JUDGES = (
     ),
 )
 # Named in a recipe, the agreement gates also judge `scores` (floats nothing marked as class scores): the user says so.
-_ASKED_KINDS = {"min_top1_agreement": ("scores",), "min_position_agreement": ("scores",)}
+_ASKED_KINDS: dict[str, tuple[str, ...]] = {"min_top1_agreement": ("scores",), "min_position_agreement": ("scores",)}
 
 
 def fidelity_gates(fidelity: dict, limits: dict | None = None) -> list[dict]:
@@ -163,8 +163,9 @@ def fidelity_gates(fidelity: dict, limits: dict | None = None) -> list[dict]:
                 results.append({"name": name + suffix, "limit": limit, "value": None, "passed": False, "note": note})
             continue
         figures = [(next((o.get(k) for k in keys if o.get(k) is not None), None), o) for o in judged]
+        present = [(v, o) for v, o in figures if v is not None]
         missing = [o for v, o in figures if v is None]
-        worst_value, worst = (None, missing[0]) if missing else (min if higher else max)(figures, key=lambda f: f[0])
+        worst_value, worst = (None, missing[0]) if missing else (min if higher else max)(present, key=lambda f: f[0])
         passed = worst_value is not None and (worst_value >= limit - 1e-12 if higher else worst_value <= limit + 1e-12)
         label = f"output {worst.get('name')!r} ({worst.get('kind')})"
         note = f"{what}, worst of {len(judged)} outputs: {label}" if len(judged) > 1 else f"{what} of {label}"

@@ -173,7 +173,8 @@ def onnx_layers(proto, with_weights: bool) -> list:
             arr = numpy_helper.to_array(inits[weight])
             holder = torch.nn.Module()
             holder.weight = torch.nn.Parameter(torch.from_numpy(arr.astype("float32", copy=True)), requires_grad=False)
-            holder.onnx_name, holder.dtype = weight, arr.dtype
+            # nn.Module takes plain attributes at run time; its __setattr__ is typed for tensors and modules only
+            holder.onnx_name, holder.dtype = weight, arr.dtype  # type: ignore[assignment]
         layers.append(
             Layer(name, "conv" if node.op_type == "Conv" else "linear", math.prod(inits[weight].dims), holder)
         )

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 import warnings
+from collections.abc import Sequence
 
 from optcli.errors import first_line
 
@@ -18,7 +19,7 @@ _IGNORED = (DeprecationWarning, FutureWarning, PendingDeprecationWarning, Import
 
 
 class _Collector(logging.Handler):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
         self.messages: list[str] = []
 
@@ -101,7 +102,7 @@ _KNOWN = (
 _SPEAKER = re.compile(r"^(root|onnxruntime[\w.]*|onnx[\w.]*|torch[\w.]*|py\.warnings|[A-Z]\w*Warning): ")
 
 
-def in_words(messages: list[str], already: list[str] = ()) -> tuple[list[str], list[str]]:
+def in_words(messages: list[str], already: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """(what the user reads, the original texts for the report's details).
 
     Each kind of known message once, in optcli's words with its cause and fix (repeats counted, not listed);

@@ -124,6 +124,7 @@ def flatten_outputs(out) -> list:
 
 def runner_for(model: Model, threads: int, providers: list[str] | None = None) -> Runner:
     if model.format == "onnx":
+        assert model.path is not None, "an ONNX model is always a file (ORT loads it from disk)"
         return onnx_runner(model.path, model.inputs, threads, providers)
     return torch_runner(model.module, model.inputs, threads)
 
@@ -310,11 +311,14 @@ def latency(
     progress: an optcli.progress.Feedback, shown one task per batch size."""
     from optcli.progress import SILENT
 
-    results, notes = {}, []
+    results: dict = {}
+    notes: list[str] = []
     for batch in batch_sizes:
         feeds = feeds_for_batch(runner.inputs, batch, seed=batch)
         if feeds is None:
-            notes.append(batch_refusal(runner.inputs, batch))
+            refusal = batch_refusal(runner.inputs, batch)
+            assert refusal is not None, "feeds_for_batch returns None exactly where batch_refusal says why"
+            notes.append(refusal)
             continue
         times = []
         with (progress or SILENT).task(f"{label} batch {batch}", total=warmup + runs) as task:
@@ -592,6 +596,7 @@ class Evaluator:
         fixed = fixed_batch(inputs)
         if self.eval is not None:
             return (feeds for feeds, _ in self.eval.batches(batch_size=fixed))
+        assert self.generated is not None, "without eval data the inputs were generated"
         return iter(self.generated)
 
     def measure(self, path: Path, model: Model, runner=None) -> dict:

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from optcli.errors import BadInput
 
@@ -63,6 +63,8 @@ class Model:
     kind: str = ""  # how it was loaded: onnx, torchscript, torch.export, state_dict, pickle, hf ...
     task: str = ""  # Hugging Face folders: feature-extraction, text-classification, token-classification, causal-lm
     notes: tuple[str, ...] = ()  # what loading it did that the user should read (keys model.strict: false ignored)
+    # the inputs as the file declares them ({name, shape, dtype...}), before load_model resolves them into `inputs`
+    file_inputs: list[dict] = field(default_factory=list)
 
     def with_(self, **changes) -> Model:
         return replace(self, **changes)
@@ -126,7 +128,7 @@ def split_batches(feeds: dict, inputs: list[InputSpec], size: int) -> list[dict]
     import numpy as np
 
     axes = {s.name: s.batch_axis for s in inputs}
-    batched = [k for k in feeds if axes.get(k, 0) is not None and getattr(feeds[k], "ndim", 0)]
+    batched = [k for k in feeds if axes.get(k, 0) is not None and getattr(feeds[k], "ndim", 0) > 0]
     if not batched:
         return [feeds]
     n = feeds[batched[0]].shape[axes.get(batched[0], 0) or 0]
@@ -155,11 +157,11 @@ def batch_axes(file_inputs: list[dict]) -> list[int | None]:
     (layers x 1 x hidden); else, where no input has a batch axis, axis 0 (a model exported at batch 4). None: no
     batch axis (a scalar, a vector, a state with no axis of size 1): fed the same with every batch."""
     dims = [list(item["shape"]) for item in file_inputs]
-    named = {}
+    named: dict[str, int] = {}
     for shape in dims:
         if shape and _free(shape[0]) and isinstance(shape[0], str):
             named.setdefault(shape[0], 0)
-    axes: list[int | None] = []
+    axes: list[int | str | None] = []  # "fixed" until decided below
     for shape in dims:
         by_name = [a for a, d in enumerate(shape) if isinstance(d, str) and d.lower() in _BATCH_NAMES]
         if by_name:
@@ -186,7 +188,7 @@ def batch_axes(file_inputs: list[dict]) -> list[int | None]:
             axes[i] = shape.index(1, 1)
         else:
             axes[i] = None
-    return axes
+    return cast("list[int | None]", axes)  # every "fixed" was decided just above
 
 
 def copy_module(module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def session(model, threads: int = 1, opts=None, providers: list[str] | None = No
         raise Unloadable(reason(e)) from None
 
 
-def session_or_upgraded(path: Path, opts, providers: list[str] | None = None) -> tuple[object, str | None]:
+def session_or_upgraded(path: Path, opts, providers: list[str] | None = None) -> tuple[Any, str | None]:
     """A session on the file; for a graph older than ONNX Runtime's kernels (Add-6, Gemm-6), on an in-memory
     copy upgraded to opset 13. Returns (session, note on the upgrade or None); Unloadable when neither loads."""
     try:

@@ -45,7 +45,8 @@ class EpochProgress:
 
     def __init__(self, enabled: Feedback | bool | None, epochs: int):
         self.feedback = enabled if isinstance(enabled, Feedback) else SILENT
-        self.epochs, self.current = epochs, None
+        self.epochs = epochs
+        self.current: ProgressTask | None = None
 
     def epoch(self, epoch: int, steps: int):
         self.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
 
 import yaml
 from pydantic import Field, ValidationError, create_model
@@ -14,6 +14,11 @@ from optcli.errors import BadInput
 from optcli.llm.config import LlmReport
 from optcli.passes import all_passes, get_pass
 from optcli.passes.base import PassConfig
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
+    from optcli.passes.quantize.config import Config as QuantizeConfig
 
 
 class DataSpec(StrictModel):
@@ -107,7 +112,8 @@ class Recipe(StrictModel):
 def recipe_model() -> type[Recipe]:
     """The Recipe class, built from the registered passes so each `type:` picks its own config class."""
     configs = tuple(p.config for p in all_passes())
-    PassUnion = Annotated[Union[configs], Field(discriminator="type")]  # noqa: UP007 (runtime tuple)
+    # a union built from the registry at run time, which no static checker can follow: code reads Recipe.passes
+    PassUnion = Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]  # noqa: UP007 (runtime tuple)
     return create_model("Recipe", __base__=Recipe, passes=(list[PassUnion], Field(default_factory=list)))
 
 
@@ -245,7 +251,7 @@ def _keys_at(loc, raw: dict) -> list[str]:
             if cls == "passes":
                 kind = node.get("type") if isinstance(node, dict) else None
                 try:
-                    cls = get_pass(kind).config
+                    cls = get_pass(str(kind)).config
                 except KeyError:
                     return []
             continue
@@ -282,7 +288,7 @@ def _did_you_mean(key: str, known: list[str]) -> str:
     return f": did you mean `{close[0]}`?" if close else ""
 
 
-def _most_useful(errors: list[dict], raw: dict) -> dict:
+def _most_useful(errors: list[ErrorDetails], raw: dict) -> ErrorDetails:
     # An unknown pass type yields one error per union member; the tag error says it best.
     for err in errors:
         if err["type"] == "union_tag_invalid":
@@ -290,7 +296,7 @@ def _most_useful(errors: list[dict], raw: dict) -> dict:
     return errors[0]
 
 
-def _message(err: dict) -> str:
+def _message(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key (`optcli passes` lists every pass's keys)"
     if err["type"] == "union_tag_invalid":
@@ -485,10 +491,13 @@ def with_implicit_exports(recipe: Recipe) -> Recipe:
             fmt = "onnx"
             prepared_by = "export"  # our own export: initializers, a recent opset; quantize pre-processes it itself
         if cfg.type == "quantize" and fmt != "genai":  # a decoder folder is quantized as the builder wrote it
+            cfg = cast("QuantizeConfig", cfg)  # the discriminated union gave this type its own config class
             if prepared_by is None:
                 # `preprocess: false` written on quantize turns off the ORT rung of the implicit step too.
                 off = "preprocess" in cfg.model_fields_set and not cfg.preprocess
-                passes.append(prepare_config(type="prepare", preprocess="none" if off else "auto"))
+                passes.append(
+                    prepare_config.model_validate({"type": "prepare", "preprocess": "none" if off else "auto"})
+                )
                 prepared_by = "prepare"
             if prepared_by == "prepare" and "preprocess" not in cfg.model_fields_set:
                 cfg = cfg.model_copy(update={"preprocess": False})  # the prepare step ran ORT's pre-processing

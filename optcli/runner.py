@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optcli import __version__, library_warnings
 from optcli.abtest import compare_runners
@@ -28,6 +28,9 @@ from optcli.passes import get_pass
 from optcli.passes.base import Context
 from optcli.report import write_reports
 from optcli.report.model import SCHEMA_VERSION, Report
+
+if TYPE_CHECKING:  # the recipe module imports every pass; the run reads it only through the loaded object
+    from optcli.recipe import Recipe
 from optcli.report.summary import baseline_index, step_comparisons, summary
 from optcli.settings import RunSettings
 from optcli.steps import (
@@ -56,7 +59,7 @@ class RunOptions:
     recipe_path: Path | None = None  # an input like the model: an output folder holding it is refused
 
 
-def preflight(recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog]:
+def preflight(recipe: Recipe, trust_pickle: bool = False) -> tuple[Model, DataCatalog] | tuple[None, None]:
     """Open the model and every data source before any work: bad files and mismatched keys fail here (exit 2)."""
     from optcli.llm.run import is_llm_recipe, preflight_llm
 
@@ -95,18 +98,19 @@ def first_output_shape(path: Path) -> tuple | None:
     return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:])
 
 
-def run_recipe(recipe, options: RunOptions) -> dict:
+def run_recipe(recipe: Recipe, options: RunOptions) -> dict:
     """run_report's report.json as a dict (a sweep's variants hand it across processes)."""
     return run_report(recipe, options).data
 
 
-def run_report(recipe, options: RunOptions) -> Report:
+def run_report(recipe: Recipe, options: RunOptions) -> Report:
     """Apply the recipe's passes into options.out and write report.json|md|html there; return the Report."""
     from optcli.llm.run import is_llm_recipe, run_llm
 
     if is_llm_recipe(recipe):
         return run_llm(recipe, options)
     original, data = preflight(recipe, options.settings.trust_pickle)
+    assert original is not None and data is not None, "preflight returns (None, None) only for an LLM recipe"
     sources = [s for s in (recipe.data.calibration, recipe.data.eval, recipe.data.train) if s is not None]
     inputs = [recipe.model.path] + [p for s in sources for p in (s.path, s.text) if p is not None]
     inputs += [options.recipe_path] if options.recipe_path is not None else []
@@ -128,7 +132,7 @@ def run_report(recipe, options: RunOptions) -> Report:
 class _Run:
     """What every step of one run shares."""
 
-    recipe: object
+    recipe: Recipe
     options: RunOptions
     folder: OutputFolder
     original: Model
@@ -137,7 +141,7 @@ class _Run:
     reused: dict = field(default_factory=dict)  # step name -> "resume" | "step cache"
 
 
-def _run(recipe, options: RunOptions, folder: OutputFolder, original: Model, data: DataCatalog) -> Report:
+def _run(recipe: Recipe, options: RunOptions, folder: OutputFolder, original: Model, data: DataCatalog) -> Report:
     t0 = time.perf_counter()
     evaluator = Evaluator(recipe, original, data, options.log, progress=options.progress)
     run = _Run(recipe, options, folder, original, data, evaluator)
@@ -211,12 +215,13 @@ def _speed_ab(run: _Run, models: list[Model], steps: list[dict], base: int) -> d
     providers = providers_for(recipe.report.target)
     run.options.log(f"timing {steps[-1]['name']} against {steps[base]['name']} side by side")
     # Each timed as its latency row was: the original as loaded, a step's artifact as written to disk.
-    runners = [
-        runner_for(m, spec.threads, providers)
-        if m is run.original or m.format == "onnx"
-        else load_written(m.path, m.inputs, spec.threads, providers, run.original.task)
-        for m in (models[base], models[-1])
-    ]
+    runners = []
+    for m in (models[base], models[-1]):
+        if m is run.original or m.format == "onnx":
+            runners.append(runner_for(m, spec.threads, providers))
+        else:
+            assert m.path is not None, "a step's torch model is the artifact it wrote"
+            runners.append(load_written(m.path, m.inputs, spec.threads, providers, run.original.task))
     return compare_runners(runners[0], runners[1], spec.batch_sizes, spec.warmup, spec.runs)
 
 
@@ -235,7 +240,7 @@ def speed_block(ab: dict | None, base: str, final: str) -> dict | None:
     }
 
 
-def _measure_original(recipe, original: Model, evaluator: Evaluator, log) -> dict:
+def _measure_original(recipe: Recipe, original: Model, evaluator: Evaluator, log) -> dict:
     t0 = time.perf_counter()
     log(f"measuring the original model ({original.kind}, {recipe.model.path.name})")
     direct = original.format == "torch" or original.path
@@ -296,6 +301,8 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
             ctx.details["library_messages"] = originals
         if model.format == "torch" and not (model.path is not None and model.path.is_dir() and inside(model.path, tmp)):
             model = model.with_(path=save_torch(model.module, model.inputs, tmp))  # a pass that wrote a folder keeps it
+        # every pass returns a model on disk (ONNX passes write a file; a torch module was just saved above)
+        assert model.path is not None, f"{name} returned a model with no file"
     except KeyboardInterrupt:
         raise
     except OptcliError as e:

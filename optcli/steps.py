@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from optcli import owned
@@ -49,7 +50,7 @@ class OutputFolder:
     is refused, and one holding only an interrupted run's leftovers counts as empty.
     """
 
-    def __init__(self, root: Path, overwrite: bool, resume: bool, inputs: list[Path] = ()):
+    def __init__(self, root: Path, overwrite: bool, resume: bool, inputs: Sequence[Path] = ()):
         # Absolute: libraries run in a temp working directory (ORT's quantizer writes relative to it), and the
         # paths steps hand them must still point here.
         self.root = root.absolute()
@@ -178,6 +179,7 @@ def reload_step(step_dir: Path, record: dict, model: Model) -> Model:
 
 def write_final(model: Model, folder: OutputFolder) -> dict:
     src, root = model.path, folder.root
+    assert src is not None, "the final model is always a step's artifact or the user's file, both on disk"
     files = artifact_files(src)
     folder.record(*([src.name] if src.is_dir() else [f.name for f in files]))
     if src.is_dir():  # a Hugging Face folder keeps its layout (sentence-transformers modules in subfolders)

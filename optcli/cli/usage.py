@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import TYPE_CHECKING
 
 from typer.core import TyperCommand, TyperGroup
 
 from optcli.cli.guard import err
 from optcli.errors import EXIT_OK
 
+if TYPE_CHECKING:  # a mixin over Typer's Command: the checker reads super() as that class
+    _Command = TyperCommand
+else:
+    _Command = object
 
-class FlagHelp:
+
+class FlagHelp(_Command):
     """Help pages that read like a CLI's: flags without a "<bool>" beside them, arguments shown by their metavar
     (RECIPE, MODEL) without Typer's "<path>" type and usage as `optcli run [OPTIONS] RECIPE`, not `{RECIPE}`."""
 
@@ -30,7 +36,9 @@ class FlagHelp:
         params = super().get_params(ctx)
         for param in params:
             if param.param_type_name == "argument":
-                param.display_type_rich = lambda ctx: None  # the metavar says it; "<path>" is Python's word
+                # the metavar says it; "<path>" is Python's word. A TyperArgument method, which the checker cannot
+                # see on the click Parameter that get_params is typed to return
+                param.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]
             elif getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
         return params
@@ -51,7 +59,8 @@ class PlainErrorsGroup(FlagHelp, TyperGroup):
     meet one style. Help pages keep their Rich panels.
     """
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+    # Click declares main with typed, partly positional parameters; this one passes them on by keyword unchanged
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
         except Exception as e:

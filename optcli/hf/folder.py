@@ -79,8 +79,9 @@ def infer_task(raw: dict, folder: Path) -> str:
         return "feature-extraction"
     archs = raw.get("architectures") or []
     tasks = {task_of(str(a)) for a in archs}
-    if len(tasks) == 1 and None not in tasks:
-        return tasks.pop()
+    found = [t for t in tasks if t is not None]
+    if len(tasks) == 1 and found:
+        return found[0]
     raise BadInput(
         f"{folder}: cannot tell the task from config.json architectures {archs or '(none)'}; "
         f"set model.task: one of {', '.join(HF_TASKS)}"

@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -123,7 +124,9 @@ def side_by_side(base: Path, new: Path, prompt: list[int], new_tokens: int, roun
 
         return generation
 
-    decode = interleaved([call(0), call(1)], rounds, runs, warmup=1, timer=lambda c: c())
+    decode = interleaved(
+        [call(0), call(1)], rounds, runs, warmup=1, timer=lambda c: cast(float, c())
+    )  # each call returns its decode seconds
     # interleaved ran each model once to warm up, then `runs` times per round, round by round
     ttft = np.array([np.median(np.reshape(f[1:], (rounds, runs)), axis=1) for f in first]).T
     return {

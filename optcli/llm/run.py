@@ -14,12 +14,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from optcli.errors import BadInput, OptcliError, PassFailed, first_line
 from optcli.llm import FORMAT
 from optcli.llm.config import LlmReport
+
+if TYPE_CHECKING:  # the run spine imports this module: its types only, never at run time
+    from optcli.model import Model
+    from optcli.recipe import Recipe
+    from optcli.runner import RunOptions
+    from optcli.steps import OutputFolder
 
 REFERENCE = "original"  # the fp32 export of the folder: what every step's perplexity and speed are compared with
 DEFAULT_GATES = {"max_perplexity_increase": 0.05}
@@ -90,14 +97,14 @@ def preflight_llm(recipe) -> Prepared:
 
 @dataclass
 class _Run:
-    recipe: object
-    options: object  # runner.RunOptions
-    folder: object  # steps.OutputFolder
+    recipe: Recipe
+    options: RunOptions
+    folder: OutputFolder
     prepared: Prepared
     llm: LlmReport
     reused: dict = field(default_factory=dict)
     reference_tokens: list | None = None
-    reference: object = None  # the fp32 decoder (a Model), once its step ran
+    reference: Model | None = None  # the fp32 decoder, once its step ran
 
 
 def run_llm(recipe, options):
@@ -215,6 +222,7 @@ def _step(run: _Run, name: str, config, key: str, model):
     except Exception as e:
         raise PassFailed(name, f"{type(e).__name__}: {first_line(e, 400)}") from e
     seconds = time.perf_counter() - started
+    assert new.path is not None, f"{name} returned a decoder with no folder"  # every LLM pass writes one
     options.log(f"{name}: measuring perplexity and generation")
     try:
         measured, tokens = _measure(run, new.path, tmp, check=name == REFERENCE)
@@ -227,9 +235,11 @@ def _step(run: _Run, name: str, config, key: str, model):
     else:
         from optcli.llm.generate import greedy_agreement
 
+        assert run.reference_tokens is not None, "the reference step runs first"
+
         measured["generation"]["greedy_agreement"] = round(greedy_agreement(run.reference_tokens, tokens), 4)
     artifact = new.path.relative_to(tmp)
-    step = {
+    step: dict[str, Any] = {
         "name": name,
         "type": None if name == REFERENCE else config.type,
         "format": FORMAT,

@@ -76,6 +76,7 @@ def export(hf_folder: Path, out_dir: Path) -> None:
         opset_version=18,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    assert program is not None, "dynamo=True without a file argument returns the ONNXProgram"
     program.save(str(out_dir / "model.onnx"), external_data=True)
     write_genai_config(model.config, out_dir, layers, heads, head_size, hidden)
     for name in TOKENIZER_FILES:

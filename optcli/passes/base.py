@@ -83,7 +83,7 @@ class PassSpec:
     machine_key: Callable[[Any, Recipe], str] | None = None
     # The keys its step writes under "details" in report.json (a StepDetails model declared beside the pass): the
     # runner validates each step's details with it and `optcli schema --report` publishes it.
-    details: type[StepDetails] = StepDetails
+    details: builtins.type[StepDetails] = StepDetails  # `type` is the field above inside this class body
 
     def output_format(self, input_format: str) -> str:
         return self.produces or input_format
@@ -101,7 +101,7 @@ TRAINING_HOOKS = "optcli_training_hooks"
 class TrainingHooks:
     """Every hook attached to one module, driven as one."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.hooks: list[Any] = []
 
     def step(self) -> None:

@@ -70,6 +70,7 @@ def _export(module, args, inputs, output_names, config: Config, target, exporter
                 output_names=output_names or None,
                 external_data=False,
             )
+            assert program is not None, "dynamo=True without a file argument returns the ONNXProgram"
             program.save(str(target), external_data=_needs_external(module))
     else:
         axes = {s.name: {s.batch_axis: "batch"} for s in inputs if s.batch_dynamic and config.dynamic_batch}

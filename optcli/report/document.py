@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from optcli.report.model import Report, clean, report_of
 from optcli.report.passviews import view_for
-from optcli.report.sections import Chart, Charts, Checks, Document, Items, Notes, Section, Table, Text
+from optcli.report.sections import Block, Chart, Charts, Checks, Document, Items, Notes, Section, Table, Text
 from optcli.report.summary import summary
 from optcli.report.view import (
     ENV_HEADERS,
@@ -45,7 +45,7 @@ def build_document(report: Report | dict) -> Document:
     generation = generation_rows(typed)
     if generation:
         table = Table(GENERATION_HEADERS, generation, drop=("export RSS", "greedy agreement"))
-        blocks = [table, Text(generation_line(typed), "note")]
+        blocks: list[Block] = [table, Text(generation_line(typed), "note")]
         sections.append(Section("generation", "Generation", blocks, terminal=True))
     for step in typed.steps:
         sections += view_for(step.type).sections(step)
@@ -63,7 +63,7 @@ def build_document(report: Report | dict) -> Document:
     )
 
 
-def step_actions(report: Report) -> list[tuple[str, str]]:
+def step_actions(report: Report) -> list[tuple[str | None, str]]:
     """(step name, what it did) for every step after the original, from the resolved recipe and its details."""
     configs = [c for c in (report.recipe or {}).get("passes") or [] if isinstance(c, dict)]
     return [

@@ -211,7 +211,7 @@ class Speed(Open):
     baseline: str | None = None
     final: str | None = None
     confidence: Number | None = None
-    __pydantic_extra__: dict[str, SpeedRatio]  # type: ignore[assignment]
+    __pydantic_extra__: dict[str, SpeedRatio]
 
 
 class Speedup(Open):
@@ -333,7 +333,7 @@ def report_json_schema(details: Mapping[str, type[StepDetails]] | None = None) -
     from pydantic.json_schema import models_json_schema
 
     details = dict(details or {})
-    models = [Report, *dict.fromkeys(details.values())]
+    models: list[type[BaseModel]] = [Report, *dict.fromkeys(details.values())]
     refs, schema = models_json_schema([(m, "validation") for m in models], ref_template="#/$defs/{model}")
     defs = schema.get("$defs", {})
     top = defs.pop(refs[(Report, "validation")]["$ref"].rsplit("/", 1)[-1])

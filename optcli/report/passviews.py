@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from optcli.report.model import Step
-from optcli.report.sections import Chart, Items, Section, Table, Text
+from optcli.report.sections import Block, Chart, Items, Section, Table, Text
 from optcli.report.view import (
     FIDELITY_HEADERS,
     dig,
@@ -252,7 +252,7 @@ class StepView:
         if not training_epochs(raw):
             return []
         said = training_summary(raw)
-        blocks = [
+        blocks: list[Block] = [
             *([Text(said)] if said else []),
             Table(TRAINING_HEADERS, training_rows(raw), chart=Chart("loss", raw)),
         ]
@@ -304,7 +304,9 @@ class FinetuneView(StepView):
 
     def action(self, step: Step, config: dict) -> str:
         training = step.details.get("training") or {}
-        epochs = training.get("epochs") if isinstance(training.get("epochs"), list) else []
+        epochs = training.get("epochs")
+        if not isinstance(epochs, list):
+            epochs = []
         distill = " with distillation" if config.get("distill") else ""
         return (
             f"{len(epochs)} epochs of {config.get('optimizer', 'sgd')} at lr {fmt_num(config.get('lr'))}{distill}"
@@ -333,7 +335,7 @@ class QuantizeView(StepView):
             return self._weight_only(config, details)
         search = details.get("search")
         if isinstance(search, dict):
-            chosen = next((c for c in search.get("candidates") or [] if c.get("chosen")), {})
+            chosen: dict = next((c for c in search.get("candidates") or [] if c.get("chosen")), {})
             return (
                 f"accuracy-aware int8 search over {len(search.get('candidates') or [])} candidates; kept "
                 f"{candidate_label(chosen, 0) if chosen else 'none'}"

@@ -9,7 +9,7 @@ Every ratio here is new / reference: time and size alike, so < 1× is better for
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 # A final artifact at least this much slower than its reference is called slower (timing noise stays below it).
 SLOWER = 1.05
@@ -19,7 +19,7 @@ JITTER = 3.0
 INCONCLUSIVE_HINT = "rerun on a quiet machine or with more report.latency.runs"
 
 
-def _finite(x: Any) -> bool:
+def _finite(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -110,7 +110,9 @@ def verdict_sentence(report: dict) -> str:
             if size < 1
             else f"{_times(size)} bigger"
         )
-    faster, slower, same = [], [], []
+    faster: list[str] = []
+    slower: list[str] = []
+    same: list[str] = []
     side = side_by_side(report, ref)
     for key in sorted(_latency(final), key=lambda k: int(k.removeprefix("batch_")) if k[6:].isdigit() else 0):
         t = v.get(f"p50_{key}")

@@ -10,6 +10,7 @@ import json
 import math
 from html import escape
 from pathlib import Path
+from typing import TypeGuard
 
 from optcli.report.html import html_page, html_table
 from optcli.report.svg import svg_bar_chart, svg_history, svg_pareto
@@ -20,7 +21,7 @@ SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.html")
 AXIS = {"size": "size on disk", "compressed": "compressed size", "latency": "p50 latency"}
 
 
-def _finite(x) -> bool:
+def _finite(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -106,9 +107,7 @@ def verdict(sweep: dict) -> str:
     if sweep.get("study"):
         n, what = (sweep["study"].get("counts") or {}).get("complete", 0), "finished trials"
     if sweep.get("best"):
-        return (
-            f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(sweep.get('minimize'), '')}) of {n} {what}"
-        )
+        return f"best: {sweep['best']} (passes every gate, smallest {AXIS.get(str(sweep.get('minimize')), '')}) of {n} {what}"
     return f"no variant of {n} {what} passes every gate"
 
 
@@ -131,7 +130,7 @@ def why_best(sweep: dict) -> list[str]:
     if best is None:
         return ["No finished variant passes every gate of the recipe: none is chosen, and OUT/best is absent."]
     passing = [r for r in rows if r.get("passed") and not r.get("error")]
-    axis = AXIS.get(sweep.get("minimize"), "size")
+    axis = AXIS.get(str(sweep.get("minimize")), "size")
     lines = [
         f"{best['name']} passes every gate of the recipe"
         + (
@@ -172,7 +171,7 @@ def render_sweep_markdown(sweep: dict) -> str:
         "|" + "|".join("---" for _ in headers) + "|",
         *("| " + " | ".join(_md(c) for c in row) + " |" for row in rows),
         "",
-        f"◆ Pareto front ({AXIS.get(sweep.get('minimize'), '')} vs {_md(sweep.get('metric') or 'metric')}): "
+        f"◆ Pareto front ({AXIS.get(str(sweep.get('minimize')), '')} vs {_md(sweep.get('metric') or 'metric')}): "
         + (", ".join(sweep.get("pareto") or []) or DASH),
     ]
     for e in sweep.get("errors") or []:
@@ -276,7 +275,7 @@ def render_sweep_html(sweep: dict) -> str:
 def _study_charts(sweep: dict, variants: list[dict], original: dict | None) -> str:
     """The Pareto front of a study: latency (x) vs the metric (y), size as the marker's area; the trial history;
     Optuna's parameter importances per objective."""
-    sizes = [r.get("size_bytes") for r in variants if _finite(r.get("size_bytes"))]
+    sizes = [s for s in (r.get("size_bytes") for r in variants) if _finite(s)]
     smax = max(sizes) if sizes else 1
 
     def radius(size) -> float:

@@ -93,7 +93,7 @@ def _lines(block) -> list[Text]:
 
 def _tables(section: Section) -> list[Any]:
     """A section's tables, titled; figure columns right-aligned, text left (as in report.html)."""
-    out = []
+    out: list[Any] = []
     for block in section.blocks:
         if not isinstance(block, DocTable):
             continue

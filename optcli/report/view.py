@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 from optcli.report.model import Artifact, Comparison, OutputFidelity, Report, Step, clean
 from optcli.report.summary import INCONCLUSIVE_HINT, baseline_index, step_comparisons
@@ -25,7 +25,7 @@ ENV_HEADERS = ["", "value"]
 # --------------------------------------------------------------------------- numbers
 
 
-def finite(x: Any) -> bool:
+def finite(x: Any) -> TypeGuard[float]:
     """A real number (not bool, not NaN/inf)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

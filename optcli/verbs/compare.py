@@ -208,7 +208,9 @@ def latency_regression(
             + "; ".join(missing)
             + "): two p50s taken at different times do not decide a regression",
         }
-    ratios = _retime(found[0][0], found[1][0], new, base)
+    (new_file, _), (base_file, _) = found
+    assert new_file is not None and base_file is not None, "missing is empty: both were found"
+    ratios = _retime(new_file, base_file, new, base)
     if not ratios:
         return {
             **check,

@@ -30,7 +30,7 @@ def inspect_model(path: Path, trust_pickle: bool = False) -> dict:
             **parameter_counts(path),
             **_onnx_details(path),
         }
-        info["inputs"] = _described(model.inputs)
+        info["inputs"] = _described(model.file_inputs)
         return info
     return _inspect_torch(path, trust_pickle)
 
@@ -155,7 +155,7 @@ def _inspect_torch(path: Path, trust_pickle: bool) -> dict:
         tensors = {n: program.state_dict[n] for n in program.graph_signature.parameters if n in program.state_dict}
         info.update(
             format="torch.export",
-            inputs=_described(model.inputs),
+            inputs=_described(model.file_inputs),
             ops=dict(Counter(str(n.target) for n in program.graph.nodes if n.op == "call_function").most_common(20)),
         )
     elif is_torchscript(path):

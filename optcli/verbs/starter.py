@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -21,7 +23,7 @@ class Starter:
 def starter_recipe(
     path: Path,
     factory: str | None = None,
-    shapes: list[str] = (),
+    shapes: Sequence[str] = (),
     data: Path | None = None,
     trust_pickle: bool = False,
     recipe_dir: Path | None = None,
@@ -53,7 +55,7 @@ def starter_recipe(
                 f"{path} is a state_dict (weights only); pass --factory module:callable that builds the nn.Module"
             ) from None
         raise
-    spec = {"path": _shown(path, recipe_dir)}
+    spec: dict[str, Any] = {"path": _shown(path, recipe_dir)}
     if factory:
         spec["factory"] = factory
     if model.kind == "pickle":
@@ -62,7 +64,9 @@ def starter_recipe(
     cnn = _is_cnn(model)
     # Static int8 (what pays on a CNN) needs calibration inputs; without data, dynamic int8 runs as written.
     static = cnn and data is not None
-    passes = [CNN_QUANTIZE if static else {"type": "quantize", "mode": "dynamic", "per_channel": True}]
+    passes: list[dict[str, Any]] = [
+        CNN_QUANTIZE if static else {"type": "quantize", "mode": "dynamic", "per_channel": True}
+    ]
     if model.format == "torch":
         passes.insert(0, {"type": "export", "opset": 18})
     int8 = already_int8(model)
@@ -72,7 +76,7 @@ def starter_recipe(
             False,
             False,
         )  # nothing to quantize: the recipe measures the model as it is (no data to write)
-    recipe = {"model": spec}
+    recipe: dict[str, Any] = {"model": spec}
     if data is not None:
         shown = _shown(data, recipe_dir)
         # One file: calibration and evaluation take disjoint halves, so int8 is not scored on what calibrated it.
@@ -105,7 +109,7 @@ def starter_recipe(
             "# `optcli run` refuses to quantize an int8 model a second time; this recipe measures it as it is.\n"
             "# To quantize, give the fp32 model to optcli init.\n"
         )
-    elif static:
+    elif static and data is not None:  # static implies data; said again for the checker
         header += (
             "# A CNN: int8 pays only where ONNX Runtime fuses it (static QDQ, BatchNorm folded, slow regions kept fp32);\n"
             "# the quantize step searches for the fastest int8 model within the target, measured on this machine.\n"
@@ -158,11 +162,12 @@ def _check(recipe: dict, recipe_dir: Path, trust_pickle: bool) -> str | None:
 
     rec = recipe_from_dict(recipe, recipe_dir)
     _, data = preflight(rec, trust_pickle)
+    assert data is not None, "init writes a model recipe, never an LLM one (the only kind preflight opens no data for)"
     evaluation = data.get("eval")
     return evaluation.label_key if evaluation is not None else None
 
 
-def _load(path: Path, shapes: list[str], factory: str | None, trust_pickle: bool = False):
+def _load(path: Path, shapes: Sequence[str], factory: str | None, trust_pickle: bool = False):
     """The model, as `load_any` reads it; a TorchScript forward's Python numbers (a sample rate) get a placeholder
     value the recipe shows, so init writes every argument the schema names."""
     from optcli.artifact import is_torchscript, load_any
@@ -174,7 +179,10 @@ def _load(path: Path, shapes: list[str], factory: str | None, trust_pickle: bool
     from optcli.artifact import load_model, parse_shape_arg, torchscript_inputs
     from optcli.config import ModelSpec, TensorSpec
 
-    given = [TensorSpec(name=n, shape=s, dtype=d) for n, s, d in (parse_shape_arg(x) for x in shapes)]
+    given = [
+        TensorSpec.model_validate({"name": n, "shape": s, "dtype": d})
+        for n, s, d in (parse_shape_arg(x) for x in shapes)
+    ]
     try:
         schema = torchscript_inputs(torch.jit.load(str(path), map_location="cpu"))
     except BadInput:
@@ -289,6 +297,7 @@ def fidelity_gate_limits(model) -> dict:
 
     try:
         feeds = feeds_for_batch(model.inputs, batch_sizes_taken(model.inputs, [4])[0])
+        assert feeds is not None, "batch_sizes_taken picked a batch size the inputs take"
         outputs = runner_for(model, threads=1)(feeds)
     except Exception:  # noqa: BLE001 (generated inputs may not suit the model: the cosine gate then stands)
         return {"min_fidelity_cosine": DEFAULT_MIN_COSINE}

@@ -160,7 +160,8 @@ MAX_MODULE_LINES = 700
 def module_graph() -> dict[str, set[str]]:
     """optcli module -> the optcli modules it imports, at any depth (a lazy import inside a function is an edge too:
     it runs on that call). `from optcli.x import y` points at optcli.x.y where y is a module, else at optcli.x.
-    A package face's PEP 562 `__getattr__` re-export is not an edge: it loads only when that name is asked for."""
+    A package face's PEP 562 `__getattr__` re-export is not an edge: it loads only when that name is asked for; nor is
+    an import under `if TYPE_CHECKING:`, which only the type checker reads."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {}
     for me, path in modules.items():
@@ -169,6 +170,11 @@ def module_graph() -> dict[str, set[str]]:
             id(n)
             for f in ast.walk(tree)
             if isinstance(f, ast.FunctionDef) and f.name == "__getattr__"
+            for n in ast.walk(f)
+        } | {
+            id(n)
+            for f in ast.walk(tree)
+            if isinstance(f, ast.If) and isinstance(f.test, ast.Name) and f.test.id == "TYPE_CHECKING"
             for n in ast.walk(f)
         }
         edges = set()

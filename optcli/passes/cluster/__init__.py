@@ -166,7 +166,7 @@ def _cluster_torch(model, config: Config, ctx: Context):
             prune.remove(sub, "weight")  # fold the mask: the zeros it made become the pinned zero centroid
         weight = sub.weight.detach()
         values = weight.cpu().double().numpy().ravel()
-        centroids, index, keep_zero = cluster_values(values, k, SPARSE)
+        centroids, index, keep_zero = cluster_values(values, int(k), SPARSE)
         share(sub, centroids, index.reshape(weight.shape), keep_zero)
         per_layer[layer.name] = {"clusters": int(len(centroids)), "weights": layer.numel, "zero_pinned": keep_zero}
     _record(ctx, plan, per_layer)
@@ -213,7 +213,7 @@ def _cluster_onnx(model, config: Config, ctx: Context):
         init = inits[layer.handle.onnx_name]
         arr = numpy_helper.to_array(init)
         values = arr.astype(np.float64).ravel()
-        centroids, index, keep_zero = cluster_values(values, k, SPARSE)
+        centroids, index, keep_zero = cluster_values(values, int(k), SPARSE)
         if config.storage == "indices":
             store_as_indices(proto, init.name, centroids, index.reshape(arr.shape))
         else:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeGuard
+
+if TYPE_CHECKING:
+    from torch.fx import Node
 
 _CONVS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.convolution", "aten.linear")
 
@@ -52,7 +56,7 @@ def find_pairs(module, inputs) -> Pairs:
     return Pairs(pairs)
 
 
-def _is_core(node) -> bool:
+def _is_core(node) -> TypeGuard[Node]:
     target = str(getattr(node, "target", ""))
     return getattr(node, "op", "") == "call_function" and (target.startswith(_CONVS) or "batch_norm" in target)
 

@@ -92,6 +92,7 @@ def _load_other(ref: ModelRef, model, role: str, ctx: Context):
     from optcli.artifact import build_from_factory, load_model
 
     if ref.path is None:
+        assert ref.factory is not None, "ModelRef validates that it names a path or a factory"
         module = build_from_factory(ref.factory, ref.factory_kwargs, f"{role}.factory")
     else:
         # The recipe's own model: section with this file in it, so the inputs it declares carry over.

@@ -70,7 +70,7 @@ def _width_axis(t: torch.Tensor) -> int:
     return 1 if t.ndim >= 4 else t.ndim - 1
 
 
-def _width_last(linear: nn.Linear, t: torch.Tensor) -> torch.Tensor:
+def _width_last(linear: nn.Module, t: torch.Tensor) -> torch.Tensor:  # an nn.Linear from a ModuleDict
     axis = _width_axis(t)
     return linear(t.movedim(axis, -1)).movedim(-1, axis)
 

@@ -46,7 +46,7 @@ class TrainJob:
         """Write the job for a worker process: config.json, modules.pt, train.npz, eval.npz."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {
+        meta: dict[str, Any] = {
             "config": self.config.model_dump(mode="json"),
             "input_names": self.input_names,
             "checkpoint_dir": self.checkpoint_dir,

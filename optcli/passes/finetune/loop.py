@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ def _eval_metric_name(job: TrainJob) -> str | None:
     return "eval_loss" if job.teacher is not None else None
 
 
-def _lower_is_better(metric: str) -> bool:
+def _lower_is_better(metric: str | None) -> bool:
     return metric in ("mse", "eval_loss")
 
 
@@ -170,7 +170,7 @@ def feedback_for(progress: object) -> Feedback | None:
     """The run's Feedback in-process; a bool in a worker process, which makes its own (only rank 0 shows one, so
     the other workers never import the Rich terminal)."""
     if isinstance(progress, Feedback) or not progress:
-        return progress or None
+        return cast("Feedback | None", progress or None)
     from optcli.report.terminal import feedback
 
     return feedback(quiet=False)
@@ -235,6 +235,7 @@ def train(
 def build(job: TrainJob, env: Env) -> Run:
     """The data loader (sharded per rank), the student wrapped for distillation (and DDP), the optimizer."""
     cfg = job.config
+    assert cfg.seed is not None, "the finetune pass resolves the seed (its own or the recipe's) before the job"
     device = torch.device(env.device)
     names = job.input_names
 
@@ -242,7 +243,7 @@ def build(job: TrainJob, env: Env) -> Run:
     train_arrays = [torch.from_numpy(np.ascontiguousarray(job.train.arrays[n])) for n in names]
     labels = torch.from_numpy(np.ascontiguousarray(job.train.labels)) if job.train.labels is not None else None
     dataset = torch.utils.data.TensorDataset(*train_arrays, *([labels] if labels is not None else []))
-    sampler = torch.utils.data.DistributedSampler(
+    sampler: torch.utils.data.DistributedSampler = torch.utils.data.DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=cfg.shuffle, seed=cfg.seed
     )  # DDP: shard per rank
     batch_size = cfg.batch_size or job.train.batch_size
@@ -257,12 +258,14 @@ def build(job: TrainJob, env: Env) -> Run:
         set_eval_mode(teacher)
     student = job.student.to(device)
     features = list(cfg.distill.features) if cfg.distill is not None else []
-    s_widths, t_widths = {}, {}
+    s_widths: dict = {}
+    t_widths: dict = {}
     if features:
+        assert teacher is not None, "distillation features are read from the teacher the recipe names"
         example = to_tensors({n: job.train.arrays[n][:2] for n in names}, names, device)
         s_widths, t_widths = feature_widths(student, teacher, features, example)
     net = Distiller(student, features, t_widths, s_widths).to(device)
-    model = net
+    model: nn.Module = net
     if env.world_size > 1:  # DDP: gradients all-reduced across ranks on backward
         model = nn.parallel.DistributedDataParallel(net, device_ids=[env.local_rank] if device.type == "cuda" else None)
 
@@ -292,6 +295,7 @@ def build(job: TrainJob, env: Env) -> Run:
 def train_epoch(run: Run, state: State, epoch: int, bar: EpochProgress, task, started: float) -> tuple[float, int]:
     """One pass over this rank's shard of data.train (or up to max_steps); returns this rank's (loss sum, samples)."""
     cfg, env = run.job.config, run.env
+    assert cfg.seed is not None, "resolved before the job (see build)"
     run.sampler.set_epoch(epoch)  # DDP: every rank permutes with (seed, epoch) and takes its own slice
     torch.manual_seed(cfg.seed + epoch)  # dropout etc. depend only on (seed, epoch): resumable bit for bit
     set_train_mode(run.net, run.frozen)
@@ -338,6 +342,7 @@ def batch_loss(run: Run, batch: list[torch.Tensor]) -> torch.Tensor:
     logits, feats = run.model(*inputs)
     if run.teacher is None:
         return task_loss(logits, y)
+    assert distill is not None, "a teacher comes with the recipe's distill settings"
     features = run.net.features
     with torch.no_grad():
         t_caught = (
@@ -368,6 +373,7 @@ def evaluate(run: Run) -> float | None:
             logits, _ = net(*inputs)
             outs.append(logits.float().cpu().numpy())
             if run.metric_name == "eval_loss":
+                assert run.teacher is not None and distill is not None, "eval_loss is the metric only with a teacher"
                 soft = distillation_loss(
                     logits, first_output(run.teacher(*inputs)), None, distill.temperature, distill.alpha
                 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from optcli.errors import PassFailed
 from optcli.model import fixed_batch
@@ -68,7 +69,7 @@ def _kept_input(ctx: Context, path):
 
 
 # int8 settings each hardware target runs well, applied to the keys a recipe leaves unset.
-TARGET_PRESETS = {
+TARGET_PRESETS: dict[str, dict[str, Any]] = {
     # TensorRT reads explicit QDQ and wants symmetric int8 on both sides (S8S8), weights per channel.
     "tensorrt": {
         "mode": "static",
@@ -205,7 +206,7 @@ def apply(model, config: Config, ctx: Context):
         return _weight_only(model, config, ctx)
     target = ctx.recipe.report.target
     preset = for_target(config, target)
-    preset_keys = frozenset()
+    preset_keys: frozenset[str] = frozenset()
     if preset is not config:
         preset_keys = frozenset(k for k in TARGET_PRESETS[target] if k not in config.model_fields_set)
         ctx.details["target_preset"] = {"target": target, **{k: getattr(preset, k) for k in preset_keys}}

@@ -108,7 +108,7 @@ class CalibrationReader:
     Indexed by chunk (`chunk` batches each): with extra_options CalibStridedMinMax 1, quantize_static calls
     set_range(i, i + 1) and collect_data once per chunk, so the calibrator holds one chunk's outputs at a time."""
 
-    def __init__(self, batches: Iterable[dict], chunk: int | None = None, on_batch=lambda: None):
+    def __init__(self, batches: CalibrationBatches | list[dict], chunk: int | None = None, on_batch=lambda: None):
         self._batches = batches
         self._chunk = chunk or max(len(batches), 1)
         self._on_batch = on_batch  # progress: one tick per batch handed over
@@ -291,6 +291,7 @@ def quantize_onnx(
             return
         cached = static.ranges is not None and static.ranges.exists()
         title = f"{ctx.step_name}: calibration" + (" (ranges cached)" if cached else "")
+        assert calib_batches is not None, "static_setup sized the calibration chunks from them"
         with ctx.progress.task(title, total=0 if cached else len(calib_batches or [])) as task:
             quantize_static(
                 str(source),
@@ -446,18 +447,18 @@ MAX_FALLBACKS = 8
 def write_with_fallback(write, source: Path, target: Path, exclude: set[str], details: dict) -> None:
     """Run the quantizer; when it breaks on a node (raises, or writes a model ONNX Runtime refuses), keep that node
     in fp32 with the reason in details["kept_fp32"] and try again. Raises what it cannot pin on one node."""
-    import contextlib
     import tempfile
 
     from optcli.onnx_check import reason, session
     from optcli.passes.quantize.fallback import culprit
+    from optcli.passes.quantize.prepare import working_dir
 
     kept = details.setdefault("kept_fp32", {})
     proto = None
     while True:
         try:
             # ORT's quantizer and calibrator write temp models relative to the working directory.
-            with tempfile.TemporaryDirectory(dir=target.parent) as scratch, contextlib.chdir(scratch):
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch, working_dir(Path(scratch)):
                 write(exclude)
             session(target)
             break

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +30,17 @@ WEIGHT_CONSUMERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 EXTERNAL_DATA_BYTES = 256 << 20  # above this the prepared model keeps its weights in a side file
 # ONNX Runtime's inference build has no kernels for these domains: no rewrite makes such a graph loadable.
 UNLOADABLE_DOMAINS = ("ai.onnx.preview.training",)
+
+
+@contextlib.contextmanager
+def working_dir(path: Path) -> Iterator[None]:
+    """contextlib.chdir, which Python 3.10 (that optcli supports) lacks: ORT's tools write beside the working dir."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 class Config(PassConfig):
@@ -150,7 +163,7 @@ def ort_preprocess(source: Path, folder: Path, rung: str, external: bool) -> Pat
     source, folder = source.resolve(), folder.resolve()
     target = folder / "model.onnx"
     # On failure it saves sym_shape_infer_temp.onnx and uuid-named weight files into the working directory.
-    with contextlib.chdir(folder), _errors_of("onnxruntime.quantization.shape_inference") as errors:
+    with working_dir(folder), _errors_of("onnxruntime.quantization.shape_inference") as errors:
         quant_pre_process(
             str(source),
             str(target),
@@ -238,6 +251,7 @@ def prepare(source: Path, step_dir: Path, feeds: list[dict], config: Config) -> 
                 details["changes"].append(f"unused opset imports removed: {', '.join(unused)}")
             if old:
                 target = config.upgrade_opset
+                assert target is not None, "old is only set against an upgrade_opset"
                 try:
                     converted = upgrade(proto, target)
                 except ValueError as e:

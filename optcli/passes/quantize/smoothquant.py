@@ -11,10 +11,14 @@ it becomes one Mul by 1/s in front of the MatMuls. In float the graph computes t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
 from optcli.onnxgraph import load_model
+
+if TYPE_CHECKING:
+    from onnx import NodeProto
 
 
 def _groups(proto) -> dict[str, list]:
@@ -125,7 +129,7 @@ def smooth(source: Path, target: Path, batches: list[dict], alpha: float = 0.5) 
     return {"alpha": alpha, "groups": len(groups), "folded_into_layernorm": folded, "mul_inserted": inserted}
 
 
-def _foldable(producer, x, matmuls, consumers, inits, outputs) -> bool:
+def _foldable(producer, x, matmuls, consumers, inits, outputs) -> TypeGuard[NodeProto]:
     if (
         producer is None
         or producer.op_type != "LayerNormalization"

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from optcli.errors import PassFailed
 from optcli.onnxgraph import load_model
@@ -179,16 +180,17 @@ def _main(proto, config, bits: int, ops: tuple[str, ...], exclude: set[str], ctx
             g //= 2
         return g
 
-    layers = {}
+    layers: dict[str, dict[str, Any] | str] = {}  # node -> INC weight config, or "fp32" (kept float)
     changed = {}
     for n in proto.graph.node:
         if n.op_type == "MatMul":
             k = depth.get(n.input[1])
-            layers[n.name] = {"bits": bits, "group_size": block(k), "scheme": scheme}
-            if k and layers[n.name]["group_size"] != config.block_size:
-                changed[n.name] = layers[n.name]["group_size"]
-            if k and bits == 4 and -(-k // layers[n.name]["group_size"]) % 2:
-                layers[n.name]["scheme"] = "sym"  # no zero points to pack (GPTQ); k-quant always writes them
+            layer: dict[str, Any] = {"bits": bits, "group_size": block(k), "scheme": scheme}
+            layers[n.name] = layer
+            if k and layer["group_size"] != config.block_size:
+                changed[n.name] = layer["group_size"]
+            if k and bits == 4 and -(-k // layer["group_size"]) % 2:
+                layer["scheme"] = "sym"  # no zero points to pack (GPTQ); k-quant always writes them
                 if config.algorithm == "k_quant":
                     raise PassFailed(ctx.step_name, f"k_quant cannot write {n.name} (K={k}): use rtn or gptq")
     if changed and hasattr(ctx, "details"):

@@ -24,7 +24,8 @@ def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dic
 
     proto, ops, opset = prepared(model.path, config, ctx)
     calibration = calibration_for(model, config, ctx)
-    backup, mix = frozenset(), None
+    backup: frozenset[str] = frozenset()
+    mix = None
     if config.ratio < 1:
         backup, mix = backup_for_ratio(model, proto, config, exclude, ctx, calibration)
     before = float_weight_bytes(proto)

@@ -52,6 +52,8 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     planned = min(len(candidates), config.search.max_trials)
     with ctx.progress.task(f"{ctx.step_name}: search trials", total=planned) as search.progress:
         fp32, chosen = search.run(candidates)
+    # chosen is always an int8 candidate written to disk (run() refuses when none is)
+    assert chosen.settings is not None and chosen.path is not None
     if search.quantizable_count is None:
         chosen_source = search.sources[chosen.settings.source]
         search.quantizable_count = len(quantizable_nodes(chosen_source, chosen.settings, set(exclude)))

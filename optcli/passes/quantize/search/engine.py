@@ -217,6 +217,7 @@ class Search:
 
     def compare(self, trial: Trial) -> prof.Comparison:
         """fp32 vs int8 cost per region, the fp32 side profiled on the graph the candidate was written from."""
+        assert trial.settings is not None and trial.path is not None, "only a written int8 candidate is compared"
         source = self.sources[trial.settings.source]
         return prof.compare(source, self.profile_of(source), trial.path, self.profile_of(trial.path))
 
@@ -251,14 +252,17 @@ class Search:
                 break
             if self.trials_used() and self.budget_short():
                 left = budget - self.elapsed()
+                pace = self.seconds_per_trial()
+                assert pace is not None, "trials ran: budget_short measured their pace"
                 self.skip(
                     len(candidates) - i,
-                    f"the remaining time budget ({minutes(left)}) is less than one trial (~{minutes(self.seconds_per_trial())})",
+                    f"the remaining time budget ({minutes(left)}) is less than one trial (~{minutes(pace)})",
                 )
                 break
             self.try_settings(settings)
             if self.trials_used() == 1:
                 pace = self.seconds_per_trial()
+                assert pace is not None, "the trial just ran"
                 self.plan["seconds_per_trial"] = round(pace, 3)
                 self.plan["estimate_s"] = round(estimate_s(pace, planned, budget), 3)
                 self.plan["line"] = plan_line(planned, self.space.max_trials, budget, pace)

@@ -41,6 +41,7 @@ class Evaluation:
         n = len(outputs[0])
         if self.metric in FIDELITY_METRICS:
             return fidelity_metric(self.metric, fidelity([r[:n] for r in self.reference], outputs))
+        assert self.labels is not None, "a metric other than fidelity is refused without labels (eval_set)"
         return metric_value(self.metric, outputs, self.labels[:n])
 
     def measure(self, path: Path, subset: int | None = None, timed: bool = True) -> tuple[float, float | None]:
@@ -67,7 +68,7 @@ def time_ratio(fp32: Path, int8: Path, ev: Evaluation):
     """int8 time over fp32's (abtest.Ratio), both sessions run interleaved in this process at the search's batch,
     threads and runs: what the "int8 faster than fp32" gate decides on, never two p50s taken minutes apart."""
     runners = [onnx_runner(p, ev.inputs, ev.threads) for p in (fp32, int8)]
-    ratios = compare_runners(*runners, [ev.latency_batch], ev.latency_warmup, ev.latency_runs)
+    ratios = compare_runners(runners[0], runners[1], [ev.latency_batch], ev.latency_warmup, ev.latency_runs)
     return ratios.get(f"batch_{ev.latency_batch}")
 
 
