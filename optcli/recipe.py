@@ -412,7 +412,9 @@ def check_recipe(recipe: Recipe, path: Path, root, check_files: bool = True, ove
             raise BadInput(f"{where}: passes[{i}] ({cfg.type}) {_INT8_REFUSAL.get(cfg.type, _INT8_OTHER)(int8_by)}")
         if p.makes_int8:
             int8_by = f"passes[{i}] ({cfg.type})"
-        if fmt == "torch" and p.consumes == {"onnx"}:
+        if (
+            fmt == "torch" and "onnx" in p.consumes and "torch" not in p.consumes
+        ):  # an ONNX-only pass (quantize also takes a decoder folder)
             fmt = "onnx"  # an export with defaults is inserted before it (with_implicit_exports)
         if fmt not in p.consumes:
             hint = (
@@ -486,7 +488,9 @@ def with_implicit_exports(recipe: Recipe) -> Recipe:
     prepared_by = None
     for cfg in recipe.passes:
         p = get_pass(cfg.type)
-        if fmt == "torch" and p.consumes == {"onnx"}:
+        if (
+            fmt == "torch" and "onnx" in p.consumes and "torch" not in p.consumes
+        ):  # an ONNX-only pass (quantize also takes a decoder folder)
             passes.append(export_config(type="export"))
             fmt = "onnx"
             prepared_by = "export"  # our own export: initializers, a recent opset; quantize pre-processes it itself
