@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 
@@ -129,15 +129,10 @@ def pareto_front(points: list[tuple[float | None, float | None]], higher_is_bett
     (minimized where lower is better). A point beats another when it is no worse on both and better on one;
     equal points are all on the front; points missing either value are on no front."""
     sign = 1 if higher_is_better else -1
-    ok = [i for i, (x, y) in enumerate(points) if _finite(x) and _finite(y)]
+    ok = {i: (x, sign * y) for i, (x, y) in enumerate(points) if _finite(x) and _finite(y)}
     front = []
-    for i in ok:
-        xi, yi = points[i][0], sign * points[i][1]
-        beaten = any(
-            points[j][0] <= xi and sign * points[j][1] >= yi and (points[j][0] < xi or sign * points[j][1] > yi)
-            for j in ok
-            if j != i
-        )
+    for i, (xi, yi) in ok.items():
+        beaten = any(xj <= xi and yj >= yi and (xj < xi or yj > yi) for j, (xj, yj) in ok.items() if j != i)
         if not beaten:
             front.append(i)
     return front
@@ -158,7 +153,7 @@ def choose_best(rows: list[dict]) -> int | None:
     return min(passing, key=rank)
 
 
-def _finite(x) -> bool:
+def _finite(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -291,7 +286,7 @@ def _run_parallel(jobs: list[VariantJob], workers: int, log) -> list[dict]:
     import concurrent.futures as cf
     import multiprocessing
 
-    results: list[dict | None] = [None] * len(jobs)
+    results: dict[int, dict] = {}
     pool = cf.ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init
     )
@@ -299,15 +294,15 @@ def _run_parallel(jobs: list[VariantJob], workers: int, log) -> list[dict]:
         futures = {pool.submit(run_variant, job): i for i, job in enumerate(jobs)}
         for future in cf.as_completed(futures):
             i = futures[future]
-            results[i] = future.result()
-            log(f"{jobs[i].name}: {'failed' if 'error' in results[i] else 'done'}")
+            result = results[i] = future.result()
+            log(f"{jobs[i].name}: {'failed' if 'error' in result else 'done'}")
     except BaseException:
         for child in multiprocessing.active_children():
             child.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-    return results
+    return [results[i] for i in range(len(jobs))]  # in job order; as_completed gave every one or raised
 
 
 class SweepFolder:
@@ -400,7 +395,8 @@ def sweep_recipe(path: Path, options: SweepOptions) -> dict:
     for v, recipe in zip(variants, recipes, strict=True):
         for config in recipe.passes:
             spec = get_pass(config.type)
-            if spec.preflight is not None:
+            # None for a decoder LLM, which preflight never loads: as in runner.preflight, no pass preflight then
+            if spec.preflight is not None and original is not None:
                 try:
                     spec.preflight(config, recipe, original)
                 except BadInput as e:

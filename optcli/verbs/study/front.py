@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, TypeGuard
+
+Direction = Literal["minimize", "maximize"]  # what optuna.create_study takes
 
 OBJECTIVES = {"metric": "metric", "latency": "latency_ms", "size": "size_bytes", "compressed": "compressed_bytes"}
 DEFAULT_OBJECTIVES = ("metric", "latency", "size")
@@ -27,7 +30,7 @@ def check_objectives(names: Sequence[str]) -> list[str]:
     return names
 
 
-def directions(names: Sequence[str], metric_higher_is_better: bool) -> list[str]:
+def directions(names: Sequence[str], metric_higher_is_better: bool) -> list[Direction]:
     """Optuna's study directions: the metric up (down for a loss such as mse), the costs down."""
     return ["maximize" if n == "metric" and metric_higher_is_better else "minimize" for n in names]
 
@@ -35,10 +38,11 @@ def directions(names: Sequence[str], metric_higher_is_better: bool) -> list[str]
 def row_values(row: dict, names: Sequence[str]) -> list[float] | None:
     """The objective values of a finished trial, or None when one is missing (not measured)."""
     values = [row.get(OBJECTIVES[n]) for n in names]
-    return [float(v) for v in values] if all(_finite(v) for v in values) else None
+    finite = [float(v) for v in values if _finite(v)]
+    return finite if len(finite) == len(values) else None
 
 
-def _finite(x) -> bool:
+def _finite(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -55,8 +59,8 @@ def dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[int]) -> b
 def front_indices(points: Sequence[Sequence[float] | None], dirs: Sequence[str]) -> list[int]:
     """Indices of the points no other point dominates (equal points all stay); None points are on no front."""
     signs = [1 if d == "maximize" else -1 for d in dirs]
-    ok = [i for i, p in enumerate(points) if p is not None]
-    return [i for i in ok if not any(dominates(points[j], points[i], signs) for j in ok if j != i)]
+    ok = {i: p for i, p in enumerate(points) if p is not None}
+    return [i for i, p in ok.items() if not any(dominates(q, p, signs) for j, q in ok.items() if j != i)]
 
 
 def hypervolume(points: Sequence[Sequence[float]], dirs: Sequence[str], reference: Sequence[float]) -> float:

@@ -46,14 +46,20 @@ class Param:
         m = re.match(r"(passes\.\d+)\.", self.key)
         return m[1] if m else None
 
+    def bounds(self) -> tuple[float, float]:
+        """low and high of a range: parse_param sets both for every float or int key (only choices have neither)."""
+        assert self.low is not None and self.high is not None, f"sweep space {self.key}: a {self.kind} range unset"
+        return self.low, self.high
+
     def distribution(self):
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         if self.kind == "choice":
             return CategoricalDistribution(self.choices)
+        low, high = self.bounds()
         if self.kind == "int":
-            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+            return IntDistribution(int(low), int(high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(low, high, log=self.log, step=self.step)
 
     def grid_values(self) -> list:
         """Every value, for the grid sampler; a float range needs a step."""
@@ -64,18 +70,20 @@ class Param:
                 f"sweep space {self.key}: the grid sampler needs a list of values or a step for a float range "
                 f"(e.g. {{low: {self.low}, high: {self.high}, step: ...}}), or choose --sampler tpe"
             )
+        low, high = self.bounds()
         step = self.step or 1
-        n = math.floor((self.high - self.low) / step + 1e-9) + 1
+        n = math.floor((high - low) / step + 1e-9) + 1
         if n > GRID_MAX:
             raise BadInput(f"sweep space {self.key}: {n} grid points (more than {GRID_MAX}); give a larger step")
-        values = [self.low + i * step for i in range(n)]
+        values = [low + i * step for i in range(n)]
         return [int(v) for v in values] if self.kind == "int" else [round(v, 12) for v in values]
 
     def edge_values(self) -> list:
         """The values that prove the key is valid in the recipe: both ends of a range, every choice."""
         if self.kind == "choice":
             return list(self.choices)
-        return [int(self.low), int(self.high)] if self.kind == "int" else [self.low, self.high]
+        low, high = self.bounds()
+        return [int(low), int(high)] if self.kind == "int" else [low, high]
 
 
 def _number(x) -> bool:
@@ -174,9 +182,10 @@ def suggest(trial, params: list[Param]) -> dict[str, Any]:
 def _ask(trial, p: Param):
     if p.kind == "choice":
         return trial.suggest_categorical(p.key, list(p.choices))
+    low, high = p.bounds()
     if p.kind == "int":
-        return trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-    return trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+        return trial.suggest_int(p.key, int(low), int(high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_float(p.key, low, high, step=p.step, log=p.log)
 
 
 def values_to_overrides(values: dict[str, Any]) -> list[str]:

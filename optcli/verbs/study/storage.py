@@ -75,6 +75,7 @@ def open_storage(storage: str | None, out: Path, interval: int, grace: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         # The open(O_EXCL) lock holds on NFSv3+ too, where flock may not: workers on several machines share OUT.
         return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    assert storage is not None, "journal_path names a file when no --storage is given"
     storage = _driver(storage)
     try:
         return RDBStorage(

@@ -10,9 +10,14 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optcli.verbs.study.front import front_indices, row_values
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
 
 STATES = ("complete", "running", "waiting", "failed")
 
@@ -75,11 +80,16 @@ def importances(study, objectives: list[str]) -> dict[str, dict[str, float]]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "computes the importances ... to achieve low target": as meant
-                imp = optuna.importance.get_param_importances(study, target=lambda t, i=i, s=sign: s * t.values[i])
+                imp = optuna.importance.get_param_importances(study, target=_signed(i, sign))
         except Exception:  # too few distinct values, a conditional space the evaluator cannot split
             continue
         out[name] = {k: round(float(v), 4) for k, v in imp.items() if math.isfinite(v)}
     return out
+
+
+def _signed(i: int, sign: float) -> Callable[[FrozenTrial], float]:
+    """Objective i of a trial times sign (a function per objective: a lambda in the loop would see the last i)."""
+    return lambda t: sign * t.values[i]
 
 
 def summarize_study(study, meta: dict, out: Path, with_importances: bool = True) -> dict:

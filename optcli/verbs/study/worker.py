@@ -194,8 +194,9 @@ def objective(job: StudyJob, study, trial, log, current: list) -> list[float]:
             else Heartbeat(study, trial._trial_id, job.interval)
         )
         with beat:
-            if job.log is not None:  # in this process: the caller's feedback
-                result = run_variant(variant, log=lambda m: job.log(f"{name}: {m}"), progress=job.progress)
+            caller_log = job.log
+            if caller_log is not None:  # in this process: the caller's feedback
+                result = run_variant(variant, log=lambda m: caller_log(f"{name}: {m}"), progress=job.progress)
             else:
                 result = run_variant(variant)
     except KeyboardInterrupt:
