@@ -15,7 +15,7 @@ services:  ## what the PostgreSQL study test needs (Debian, as root); without it
 	else echo "postgresql: not installed (needs root and apt-get); the PostgreSQL study test will skip"; fi
 
 install: $(BIN)/python  ## editable install with the tested versions pinned (hf: the Hugging Face folder tests need it)
-	$(BIN)/pip install -q -e ".[dev,hf,postgres]" -c constraints.txt
+	$(BIN)/pip install -q -e ".[dev,hf,llm,postgres]" -c constraints.txt
 
 test: lint  ## the default test run (CI runs exactly this, after make install)
 	$(BIN)/python -m pytest -q -n 2
