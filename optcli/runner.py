@@ -25,7 +25,7 @@ from optcli.measure import Evaluator, load_written, runner_for
 from optcli.model import Model, check_feedable, check_memory
 from optcli.onnx_check import Unloadable
 from optcli.passes import get_pass
-from optcli.passes.base import Context
+from optcli.passes.base import Context, check_details
 from optcli.report import write_reports
 from optcli.report.model import SCHEMA_VERSION, Report
 
@@ -339,20 +339,6 @@ def _step(run: _Run, name: str, config, key: str, model: Model) -> tuple[Model, 
     if cache is not None:
         cache.store(name, key, final_dir)
     return model.with_(path=final_dir / model.path.name), step, record
-
-
-def check_details(spec, name: str, details: dict) -> None:
-    """A step's details against its pass type's details model (the report contract): a pass that wrote a declared key
-    with the wrong shape is a bug of that pass, said as its failure rather than as a report no reader can trust."""
-    from pydantic import ValidationError
-
-    try:
-        spec.details.model_validate(details)
-    except ValidationError as e:
-        where = ".".join(str(x) for x in e.errors()[0]["loc"])
-        raise PassFailed(
-            name, f"its report details break the contract at details.{where}: {e.errors()[0]['msg']}"
-        ) from None
 
 
 def _in_user_terms(error: OptcliError, name: str, model: Model, run: _Run) -> OptcliError:

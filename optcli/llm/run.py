@@ -183,7 +183,7 @@ def _run(run: _Run) -> dict:
 def _step(run: _Run, name: str, config, key: str, model):
     """Run (or, with --resume, reuse) one step; measure its decoder folder. Returns (model, report row)."""
     from optcli.passes import get_pass
-    from optcli.passes.base import Context
+    from optcli.passes.base import Context, check_details
     from optcli.steps import finished_step, sha256_file, write_record
 
     options, folder = run.options, run.folder
@@ -222,6 +222,7 @@ def _step(run: _Run, name: str, config, key: str, model):
     except Exception as e:
         raise PassFailed(name, f"{type(e).__name__}: {first_line(e, 400)}") from e
     seconds = time.perf_counter() - started
+    check_details(get_pass(config.type), name, ctx.details)  # the report contract, as for every other step
     assert new.path is not None, f"{name} returned a decoder with no folder"  # every LLM pass writes one
     options.log(f"{name}: measuring perplexity and generation")
     try:

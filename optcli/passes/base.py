@@ -136,3 +136,19 @@ def silent_feedback():
     from optcli.progress import SILENT
 
     return SILENT
+
+
+def check_details(spec: PassSpec, name: str, details: dict) -> None:
+    """A step's details against its pass type's details model (the report contract): a pass that wrote a declared key
+    with the wrong shape is a bug of that pass, said as its failure rather than as a report no reader can trust."""
+    from pydantic import ValidationError
+
+    from optcli.errors import PassFailed
+
+    try:
+        spec.details.model_validate(details)
+    except ValidationError as e:
+        where = ".".join(str(x) for x in e.errors()[0]["loc"])
+        raise PassFailed(
+            name, f"its report details break the contract at details.{where}: {e.errors()[0]['msg']}"
+        ) from None

@@ -32,7 +32,7 @@ def test_a_step_of_a_type_without_a_view_still_shows_its_settings_and_sections()
 def test_a_pass_whose_details_break_its_model_fails_as_that_pass():
     from optcli.errors import PassFailed
     from optcli.passes import get_pass
-    from optcli.runner import check_details
+    from optcli.passes.base import check_details
 
     check_details(get_pass("export"), "1-export", {"opset": 18, "exporter": "dynamo", "anything": [1]})
     with pytest.raises(PassFailed, match=re.escape("pass 1-export failed") + ".*details.opset"):
