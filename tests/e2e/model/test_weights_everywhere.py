@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import allow_slower, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 LATENCY = {"batch_sizes": [1], "warmup": 1, "runs": 2, "threads": 1}
@@ -114,7 +114,7 @@ def _ops(path: Path) -> dict[str, int]:
 def _recipe(tmp_path: Path, model: Path, passes: list[dict], spec: dict | None = None, **extra) -> Path:
     body = {
         "model": spec or {"path": str(model)},
-        "passes": passes,
+        "passes": allow_slower(passes),  # about where the weights are, not speed: tiny int8 graphs run slower
         "report": {"latency": LATENCY, "fidelity_samples": 4},
     }
     body.update(extra)
