@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from optcli.exporter_table import torchlib_table_built_once
+
 ARCHITECTURES = ("GPT2LMHeadModel",)
 # onnxruntime-genai picks its model class by type; "phi" is a plain decoder-only one (input_ids, attention_mask,
 # position_ids, past_key_values.N.key/value in, logits and present.N.key/value out), GPT-like as GPT-2 is.
@@ -66,15 +68,16 @@ def export(hf_folder: Path, out_dir: Path) -> None:
     )
     batch, free = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim.DYNAMIC
     token_axes = {0: batch, 1: free}
-    program = torch.onnx.export(
-        WithCache(model),
-        example,
-        input_names=["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kv)],
-        output_names=["logits", *(f"present.{n}" for n in kv)],
-        dynamic_shapes=(token_axes, token_axes, token_axes, tuple({0: batch, 2: free} for _ in kv)),
-        dynamo=True,
-        opset_version=18,
-    )
+    with torchlib_table_built_once():
+        program = torch.onnx.export(
+            WithCache(model),
+            example,
+            input_names=["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{n}" for n in kv)],
+            output_names=["logits", *(f"present.{n}" for n in kv)],
+            dynamic_shapes=(token_axes, token_axes, token_axes, tuple({0: batch, 2: free} for _ in kv)),
+            dynamo=True,
+            opset_version=18,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     assert program is not None, "dynamo=True without a file argument returns the ONNXProgram"
     program.save(str(out_dir / "model.onnx"), external_data=True)

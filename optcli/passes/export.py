@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import Field
 
 from optcli.errors import first_line
+from optcli.exporter_table import torchlib_table_built_once
 from optcli.library_warnings import quiet_loggers
 from optcli.onnxgraph import graph_view, load_model
 from optcli.passes.base import Context, PassConfig, PassSpec
@@ -57,7 +58,7 @@ def _export(module, args, inputs, output_names, config: Config, target, exporter
     names = [s.name for s in inputs]
     if exporter == "dynamo":
         dynamic = torch_dynamic_shapes(inputs, batch_free=config.dynamic_batch)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torchlib_table_built_once():
             # Inputs sharing one batch/sequence Dim get one axis name; torch says so once per input.
             warnings.filterwarnings("ignore", message=".*shares the same shape constraints with another axis")
             program = torch.onnx.export(
