@@ -20,6 +20,7 @@ def environment(threads: int, target: str = "cpu") -> dict:
         "cpu": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
+        "torch_threads": torch.get_num_threads(),
         "platform": sys.platform,
         **cpu_info(),
         **provider_info(target),

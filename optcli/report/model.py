@@ -105,11 +105,13 @@ class Fidelity(Open):
 
 
 class Comparison(Open):
-    """A step over a reference step: size and p50_batch_<n> time ratios (< 1 is better), accuracy in points."""
+    """A step over a reference step: size and p50_batch_<n> time ratios (< 1 is better), an accuracy-like share's
+    change in points, or the relative change in % of a metric on another scale (perplexity, mse)."""
 
     step: str | None = None
     size: Number | None = None
     accuracy_pt: Number | None = None
+    metric_change_pct: Number | None = None
 
     def p50(self, batch: int) -> Any:
         """The p50 time ratio at this batch size (a p50_batch_<n> key)."""
@@ -184,7 +186,8 @@ class Environment(Open):
     onnxruntime: str | None = None
     cpu: str | None = None
     cpu_count: int | None = None
-    threads: int | None = None
+    threads: int | None = None  # ONNX Runtime's intra-op threads for latency (report.latency.threads)
+    torch_threads: int | None = None  # torch's, for training and export: a --jobs worker's share of the cores
 
 
 class Artifact(Open):

@@ -56,13 +56,26 @@ def baseline_index(report: dict) -> int:
 
 
 def versus(step: dict, ref: dict) -> dict:
-    """step / ref: size and p50 time ratios per batch size (< 1 is better), accuracy difference in points."""
+    """step / ref: size and p50 time ratios per batch size (< 1 is better), the accuracy's difference in points,
+    or the relative change in % of a metric that is not a share (perplexity)."""
     out: dict[str, Any] = {"step": ref.get("name"), "size": _div(step.get("size_bytes"), ref.get("size_bytes"))}
     for key in _latency(step):
         out[f"p50_{key}"] = _div(_p50(step, key), _p50(ref, key))
     a, b = _accuracy(step), _accuracy(ref)
-    out["accuracy_pt"] = round((a - b) * 100, 4) if _finite(a) and _finite(b) else None
+    out["accuracy_pt"] = out["metric_change_pct"] = None
+    if _finite(a) and _finite(b):
+        if _is_share(step, a) and _is_share(ref, b):
+            out["accuracy_pt"] = round((a - b) * 100, 4)
+        elif b:  # perplexity, mse, a metric of the user's on another scale: points of it mean nothing
+            out["metric_change_pct"] = round((a / b - 1) * 100, 4)
     return out
+
+
+def _is_share(step: dict, value: float) -> bool:
+    """A metric read in points: a share between 0 and 1 where higher is better (accuracy, F1, agreement)."""
+    from optcli.measure import higher_is_better
+
+    return 0.0 <= value <= 1.0 and higher_is_better(_metric(step))
 
 
 def step_comparisons(report: dict) -> list[dict]:
@@ -137,6 +150,8 @@ def verdict_sentence(report: dict) -> str:
     sentence = f"{final.get('name')}: {', '.join(parts) or 'measured'} than {ref.get('name')}"
     if v["accuracy_pt"] is not None:
         sentence += f", {_metric(final)} {_signed(v['accuracy_pt'], 1)} pt"
+    elif v["metric_change_pct"] is not None:
+        sentence += f", {_metric(final)} {_signed(v['metric_change_pct'], 1)} %"
     else:
         fid = final.get("fidelity") or {}
         cos, agree = fid.get("cosine_mean"), fid.get("top1_agreement")

@@ -158,6 +158,15 @@ def _delta_pt(x: Any) -> str:
     return f"{x:+.2f}".replace("-", "−") if finite(x) else DASH
 
 
+def _metric_delta(c: Comparison) -> str:
+    """The change of the metric over the step before: points of a share, % of anything else (perplexity)."""
+    if finite(c.accuracy_pt):
+        return f"{_delta_pt(c.accuracy_pt)} pt"
+    if finite(c.metric_change_pct):
+        return f"{_delta_pt(c.metric_change_pct)} %"
+    return DASH
+
+
 def shown_sparsity(all_steps: list[Step], i: int) -> Any:
     """The sparsity worth showing: an int8 step's zeros beyond its source's are rounding (tiny weights to 0),
     not pruning, so it shows the sparsity of the weights it quantized (report.json keeps the raw count)."""
@@ -185,7 +194,8 @@ def ratio_legend(report: Report, terminal: bool = False) -> str:
     if terminal:
         return (
             f"× prev: size or p50 time over the step before (< 1× is smaller / faster); {metric_name(report)} with "
-            f"its change in points; the sentence below compares with {base}, the first ONNX step"
+            f"its change (pt: points of a share, %: relative); the sentence below compares with {base}, the first "
+            "ONNX step"
         )
     return (
         f"× prev: this step's size or p50 time over the step before it; × {base}: over {base}, the first ONNX step "
@@ -209,7 +219,7 @@ def step_table(report: Report) -> tuple[list[str], list[list[str]]]:
     headers = ["step", "format", "size", "size × prev", f"size × {base}", "compressed", "params", "sparsity"]
     for b in batches:
         headers += [f"p50 b{b} ms", f"b{b} × prev", f"b{b} × {base}"]
-    headers += [metric_name(report), "Δ pt vs prev", "fidelity cos", "top-1 agree", "seconds"]
+    headers += [metric_name(report), "Δ vs prev", "fidelity cos", "top-1 agree", "seconds"]
     rows = []
     for i, (step, (prev, vs_base)) in enumerate(zip(report.steps, comparisons(report), strict=True)):
         row = [
@@ -226,7 +236,7 @@ def step_table(report: Report) -> tuple[list[str], list[list[str]]]:
             row += [fmt_ms(step.p50(b)), _ratio_of(prev.p50(b)), _ratio_of(vs_base.p50(b))]
         row += [
             _accuracy_cell(step),
-            _delta_pt(prev.accuracy_pt),
+            _metric_delta(prev),
             fmt_num(step.cosine, 6),
             fmt_pct(_agreement(step)),
             fmt_seconds(step.seconds),
@@ -258,8 +268,8 @@ def compact_step_table(report: Report) -> tuple[list[str], list[list[str]]]:
         row += [fmt_pct(shown_sparsity(all_steps, i))] if pruning else []
         row += [with_ratio(fmt_ms(step.p50(b)), prev.p50(b)) for b in batches]
         acc_cell = _accuracy_cell(step)
-        if finite(prev.accuracy_pt):
-            acc_cell += f" {_delta_pt(prev.accuracy_pt)}"
+        if finite(prev.accuracy_pt) or finite(prev.metric_change_pct):
+            acc_cell += f" {_metric_delta(prev)}"
         row += [acc_cell, fmt_num(step.cosine, 6), fmt_seconds(step.seconds)]
         rows.append(row)
     return headers, rows

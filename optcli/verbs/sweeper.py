@@ -270,10 +270,22 @@ def run_variant(job: VariantJob, log: Callable[[str], None] | None = None, progr
         cache.release()
 
 
-def worker_init() -> None:
+def threads_per_worker(workers: int) -> int:
+    """Local workers share the machine's cores: each gets its share, never fewer than one (N workers each using
+    every core would only slow all of them down)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def worker_init(threads: int | None = None) -> None:
     # Ctrl-C reaches the whole process group: the parent alone decides, and stops workers with one SIGTERM each,
     # raised as KeyboardInterrupt once so the run's own cleanup (temp steps, lock) is not interrupted in turn.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threads is not None:
+        # Before torch is imported here (a spawned process): OpenMP reads it once; torch's own pool is set too.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
     def once(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -288,7 +300,10 @@ def _run_parallel(jobs: list[VariantJob], workers: int, log) -> list[dict]:
 
     results: dict[int, dict] = {}
     pool = cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=worker_init,
+        initargs=(threads_per_worker(workers),),
     )
     try:
         futures = {pool.submit(run_variant, job): i for i, job in enumerate(jobs)}

@@ -23,22 +23,38 @@ class Target(StrictModel):
         default="cosine",
         description="cosine | top1_agreement | value_error (fidelity vs the original, no labels needed: the worst "
         "output's cosine, its argmax agreement, or a value output's max error over its range) | accuracy | top5 | mse "
-        "| perplexity (a decoder's, on data.eval.text; max_drop is the allowed rise) | module:callable(outputs, labels)",
+        "| perplexity (a decoder's, on data.eval.text; max_increase is the allowed relative rise) "
+        "| module:callable(outputs, labels)",
     )
     max_drop: float | None = Field(
         default=None, ge=0, description="largest allowed drop vs the original (absolute; a rise for mse)"
     )
     min_value: float | None = Field(default=None, description="or: the lowest acceptable value of the metric")
+    max_increase: float | None = Field(
+        default=None,
+        ge=0,
+        description="or, for perplexity and mse: the largest allowed rise as a fraction of the original's "
+        "(0.02 = 2 %, the unit of gates.max_perplexity_increase)",
+    )
 
     @model_validator(mode="after")
     def _one_bound(self) -> Target:
-        if (self.max_drop is None) == (self.min_value is None):
-            raise ValueError("give exactly one of max_drop (e.g. 0.01) or min_value (e.g. 0.995)")
+        if sum(b is not None for b in (self.max_drop, self.min_value, self.max_increase)) != 1:
+            raise ValueError(
+                "give exactly one of max_drop (e.g. 0.01), min_value (e.g. 0.995) or, for perplexity, "
+                "max_increase (e.g. 0.02)"
+            )
         known = ("cosine", "top1_agreement", "value_error", "accuracy", "top5", "mse", "perplexity")
         if self.metric not in known and ":" not in self.metric:
             raise ValueError(f"metric {self.metric!r} is not {', '.join(known)} or module:callable")
         if self.metric in ("mse", "value_error", "perplexity") and self.min_value is not None:
-            raise ValueError(f"{self.metric} is lower-is-better: bound it with max_drop (the allowed rise)")
+            raise ValueError(
+                f"{self.metric} is lower-is-better: bound it with max_increase (relative) or max_drop (absolute rise)"
+            )
+        if self.max_increase is not None and self.metric not in ("mse", "perplexity"):
+            raise ValueError(
+                f"max_increase is a relative rise, for perplexity or mse; bound {self.metric} with max_drop or min_value"
+            )
         if self.metric == "top1_agreement" and self.min_value is not None and not 0 <= self.min_value <= 1:
             raise ValueError(f"an agreement lies in [0, 1]; min_value {self.min_value} can never be met")
         if self.metric == "cosine" and self.min_value is not None and not -1 <= self.min_value <= 1:

@@ -43,6 +43,7 @@ class StudyJob:
     quiet: bool = False
     trust_pickle: bool = False
     worker: int = 0
+    threads: int | None = None  # a --jobs process's share of the cores (None: the process's default)
     log: Callable[[str], None] | None = field(default=None, repr=False)
     progress: object = field(default=None, repr=False)
 
@@ -223,7 +224,7 @@ def worker_process(job: StudyJob) -> None:
     """A --jobs process: Ctrl-C is the parent's to decide; its SIGTERM stops the trial here (re-queued)."""
     from optcli.verbs.sweeper import worker_init
 
-    worker_init()
+    worker_init(job.threads)
     try:
         work(job)
     except KeyboardInterrupt:
@@ -238,9 +239,15 @@ def run_local(job: StudyJob, jobs: int) -> None:
     if jobs <= 1:
         work(job)
         return
+    from optcli.verbs.sweeper import threads_per_worker
+
     ctx = multiprocessing.get_context("spawn")
+    threads = threads_per_worker(jobs)
     procs = [
-        ctx.Process(target=worker_process, args=(dataclasses.replace(job, worker=i, log=None, progress=None),))
+        ctx.Process(
+            target=worker_process,
+            args=(dataclasses.replace(job, worker=i, threads=threads, log=None, progress=None),),
+        )
         for i in range(jobs)
     ]
     try:

@@ -123,7 +123,7 @@ def test_mixed_search_promotes_the_most_sensitive_layer_first_and_no_more_than_t
 
 
 def test_perplexity_target_keeps_the_most_sensitive_matmuls_in_int8_and_reports_the_table(qwen2, tmp_path):
-    target = {"metric": "perplexity", "max_drop": 1e-6}  # tighter than any all-int4 decoder: int8 layers needed
+    target = {"metric": "perplexity", "max_increase": 1e-8}  # tighter than any all-int4 decoder: int8 layers needed
     passes = [
         {"type": "decoder", "precision": "fp32"},
         {"type": "quantize", "weights": "int4", "block_size": 32, "target": target},
@@ -155,6 +155,7 @@ def test_perplexity_target_keeps_the_most_sensitive_matmuls_in_int8_and_reports_
         ({"weights": "int4", "embeddings": "int8"}, "embeddings"),
         ({"mode": "static"}, "static int8 of its activations is not offered"),
         ({"weights": "int4", "target": {"metric": "cosine", "min_value": 0.99}}, "metric: perplexity"),
+        ({"weights": "int4", "target": {"metric": "perplexity", "min_value": 10}}, "max_increase (relative)"),
     ],
 )
 def test_decoder_quantize_options_that_cannot_work_are_refused_at_load(qwen2, tmp_path, quantize, words):

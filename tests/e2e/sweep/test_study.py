@@ -88,6 +88,9 @@ def test_workers_sharing_a_journal_file_find_the_same_front_as_one_worker(
     assert fronts(out) == one_worker_front
     ops = [json.loads(line) for line in (out / "study.journal").read_text().splitlines()]
     assert len({op["worker_id"] for op in ops}) >= workers  # Optuna's journal: one JSON operation per line, per worker
+    for row in json.loads((out / "sweep.json").read_text())["variants"]:  # the cores shared, not oversubscribed
+        env = json.loads((out / row["folder"] / "report.json").read_text())["environment"]
+        assert env["torch_threads"] == max(1, (os.cpu_count() or 1) // workers)
 
 
 def sweep_args(recipe: Path, out: Path, space: Path, *extra: str) -> list[str]:

@@ -349,3 +349,24 @@ def test_epoch_progress_shows_epoch_loss_metric_and_rate_and_is_silent_when_disa
 
 if __name__ == "__main__":  # render a preview: python tests/unit/report/test_report_render.py /tmp/report_preview.html
     Path(sys.argv[1] if len(sys.argv) > 1 else "report_preview.html").write_text(rep.render_html(make_report()))
+
+
+def test_perplexity_changes_read_in_percent_not_in_points():
+    """Points of a perplexity of 600 mean nothing: its change is relative, in every view and in report.json."""
+    from optcli.report.summary import step_comparisons, verdict_sentence
+
+    report = make_report()
+    for step, ppl in zip(report["steps"], (600.0, 600.0, 606.0, 612.12), strict=False):
+        step["accuracy"] = {"metric": "perplexity", "value": ppl}
+    last = report["steps"][-1]
+    prev = step_comparisons(report)[-1]["vs_previous"]
+    assert prev["accuracy_pt"] is None
+    assert prev["metric_change_pct"] == pytest.approx((last["accuracy"]["value"] / 606.0 - 1) * 100, abs=1e-3)
+    assert " pt" not in verdict_sentence(report) and re.search(r"perplexity \+\d+\.\d %", verdict_sentence(report))
+    console = Console(record=True, width=200)
+    console.print(render_table(report))
+    assert "+1.01 %" in console.export_text()
+    assert "+1.01 %" in rep.render_markdown(report)
+    # an accuracy stays in points
+    accuracy = step_comparisons(make_report())[-1]["vs_previous"]
+    assert accuracy["accuracy_pt"] is not None and accuracy["metric_change_pct"] is None

@@ -35,13 +35,16 @@ class Goal:
 
 
 def make_goal(target, reference_value: float) -> Goal:
-    """The recipe's target (min_value, or max_drop from the reference model's own score) as a threshold."""
+    """The recipe's target (min_value, or max_drop / max_increase from the reference model's own score) as a
+    threshold."""
     if target.metric in FIDELITY_METRICS:
         higher = FIDELITY_METRICS[target.metric][1]
     else:
         higher = higher_is_better(target.metric)
     if target.min_value is not None:
         threshold = target.min_value
+    elif target.max_increase is not None:  # a lower-is-better metric (the config allows it for no other)
+        threshold = reference_value * (1 + target.max_increase)
     else:
         threshold = reference_value - target.max_drop if higher else reference_value + target.max_drop
     return Goal(target.metric, float(threshold), float(reference_value), higher)
