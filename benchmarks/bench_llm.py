@@ -13,6 +13,7 @@ text scored is its held-out split (modules it never saw). Rows, all from the sam
                     the lm_head in int8)
   optcli int4 gptq  algorithm: gptq, calibrated on a slice of the training text (never the held-out one)
   optcli int4 gptq lm4   the same with lm_head: int4, the builder's size exactly
+  gptq lm4 in order      the same in column order (act_order: false)
   optcli int4 target   gptq with target {metric: perplexity, max_increase: half the builder's rise}: the fewest
                     MatMuls in int8 (the lm_head among the candidates), ranked by their measured perplexity rise
   int8 dynamic      optcli's dynamic int8 of the decoder's MatMuls
@@ -144,6 +145,11 @@ def main() -> None:
         ("optcli int4 gptq", {"weights": "int4", "algorithm": "gptq"}),
         # the builder's size exactly: every MatMul int4, the lm_head too
         ("optcli int4 gptq lm4", {"weights": "int4", "algorithm": "gptq", "lm_head": "int4"}),
+        # GPTQ in column order (act_order: false), what optcli ran before act-order became its default
+        (
+            "gptq lm4 in order",
+            {"weights": "int4", "algorithm": "gptq", "lm_head": "int4", "act_order": False},
+        ),
         (
             "optcli int4 target",
             {
@@ -204,7 +210,7 @@ def main() -> None:
     builder_row = next(r for r in table if r["row"] == "builder int4")
     builder_rise = builder_row["perplexity"] - base["perplexity"]
     for row in table:
-        if row["row"].startswith("optcli int4") and row["size_bytes"] <= builder_row["size_bytes"]:
+        if row["row"].startswith(("optcli int4", "gptq")) and row["size_bytes"] <= builder_row["size_bytes"]:
             rise = row["perplexity"] - base["perplexity"]
             met = rise <= builder_rise / 2
             print(

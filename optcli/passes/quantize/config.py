@@ -167,6 +167,11 @@ class Config(PassConfig):
         "Runtime's GPTQ, calibrated on the text of a decoder; MatMul only, int4 only) | k_quant (llama.cpp's k-quant "
         "scales, as the model builder offers; MatMul only)",
     )
+    act_order: bool = Field(
+        default=True,
+        description="weights, gptq: quantize each layer's columns in order of falling activation energy (GPTQ's "
+        "act-order, GPTQModel's desc_act): fewer errors pushed onto the columns that matter most",
+    )
     lm_head: Literal["int4", "int8", "fp32"] | None = Field(
         default=None, description="weights, decoders: precision of the MatMul writing the logits (null: as weights)"
     )
@@ -209,6 +214,7 @@ class Config(PassConfig):
             "symmetric",
             "accuracy_level",
             "algorithm",
+            "act_order",
             "ratio",
             "backup",
             "lm_head",
@@ -258,6 +264,8 @@ class Config(PassConfig):
                 f"algorithm: {self.algorithm} quantizes MatMul only in ONNX Runtime; drop Gather from op_types (the "
                 "embeddings key sets the embedding table's precision)"
             )
+        if "act_order" in written and self.algorithm != "gptq":
+            raise ValueError("act_order is a GPTQ setting: add algorithm: gptq")
         if self.algorithm == "gptq" and self.weights != "int4":
             raise ValueError("algorithm: gptq writes int4 only in ONNX Runtime; use weights: int4 or algorithm: rtn")
         if self.algorithm == "hqq":

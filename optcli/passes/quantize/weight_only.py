@@ -211,6 +211,7 @@ def _main(proto, config, bits: int, ops: tuple[str, ...], exclude: set[str], ctx
                     group_size=config.block_size,
                     scheme=scheme,
                     n_samples=-1,
+                    actorder=config.act_order,
                     accuracy_level=level,
                 )
             else:

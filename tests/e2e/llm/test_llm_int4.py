@@ -156,6 +156,7 @@ def test_perplexity_target_keeps_the_most_sensitive_matmuls_in_int8_and_reports_
         ({"mode": "static"}, "static int8 of its activations is not offered"),
         ({"weights": "int4", "target": {"metric": "cosine", "min_value": 0.99}}, "metric: perplexity"),
         ({"weights": "int4", "target": {"metric": "perplexity", "min_value": 10}}, "max_increase (relative)"),
+        ({"weights": "int4", "act_order": False}, "act_order is a GPTQ setting"),
     ],
 )
 def test_decoder_quantize_options_that_cannot_work_are_refused_at_load(qwen2, tmp_path, quantize, words):
