@@ -177,3 +177,11 @@ class ModelSpec(StrictModel):
     @property
     def format(self) -> str:
         return "onnx" if self.path.suffix.lower() in ONNX_SUFFIXES and not self.path.is_dir() else "torch"
+
+
+LOWER_IS_BETTER_METRICS = ("mse", "perplexity")
+
+
+def higher_is_better(metric: str) -> bool:
+    """The direction of a data.eval metric (a user's module:callable scores like an accuracy)."""
+    return metric not in LOWER_IS_BETTER_METRICS

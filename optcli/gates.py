@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from optcli.abtest import FAILS, HOLDS, INCONCLUSIVE, INCONCLUSIVE_HINT, passed, verdict_at_least, verdict_at_most
-from optcli.measure import higher_is_better
+from optcli.config import higher_is_better
 
 DEFAULT_MIN_COSINE = 0.99
 DEFAULT_MAX_DROP = 0.01  # one point of accuracy: NNCF's quantize_with_accuracy_control max_drop default

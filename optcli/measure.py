@@ -381,10 +381,6 @@ def metric_value(metric: str, outputs: list[np.ndarray], labels: np.ndarray) -> 
     return float(import_ref(metric, "data.eval.metric")(outputs, labels))
 
 
-def higher_is_better(metric: str) -> bool:
-    return metric not in ("mse", "perplexity")
-
-
 def neighbour_agreement(reference: np.ndarray, output: np.ndarray) -> float | None:
     """Embeddings: for each example, is its nearest other example (cosine) the same under both models?"""
     if len(reference) < 3:

@@ -73,7 +73,7 @@ def versus(step: dict, ref: dict) -> dict:
 
 def _is_share(step: dict, value: float) -> bool:
     """A metric read in points: a share between 0 and 1 where higher is better (accuracy, F1, agreement)."""
-    from optcli.measure import higher_is_better
+    from optcli.config import higher_is_better
 
     return 0.0 <= value <= 1.0 and higher_is_better(_metric(step))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from optcli.config import higher_is_better
 from optcli.errors import BadInput
-from optcli.measure import higher_is_better
 
 
 def _load(path: Path) -> dict:

@@ -162,7 +162,7 @@ def _finite(x: object) -> TypeGuard[float]:
 
 def variant_row(variant: Variant, report: dict, minimize: str) -> dict:
     """The figures a sweep compares, read from a variant's report (final step; the metric, else fidelity)."""
-    from optcli.measure import higher_is_better
+    from optcli.config import higher_is_better
 
     last = report["steps"][-1]
     batches = sorted(last.get("latency") or {}, key=lambda b: int(b.split("_")[-1]))

@@ -51,7 +51,7 @@ def _plan(path: Path, options: StudyOptions):
     """Everything checked before any work: the recipe, the space, each key at its edge values, the sampler."""
     import yaml
 
-    from optcli.measure import higher_is_better
+    from optcli.config import higher_is_better
     from optcli.recipe import load_recipe
     from optcli.verbs.study.front import DEFAULT_OBJECTIVES, check_objectives
     from optcli.verbs.study.space import grid_size, load_space, values_to_overrides

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from optcli.abtest import FAILS, HOLDS, INCONCLUSIVE
-from optcli.measure import FIDELITY_METRICS, higher_is_better
+from optcli.config import higher_is_better
+from optcli.measure import FIDELITY_METRICS
 
 
 @dataclass

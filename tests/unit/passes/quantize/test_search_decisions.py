@@ -17,8 +17,8 @@ from optcli.passes.quantize.search.goal import best_trial
 STATIC = Settings("static", True, "minmax")
 
 
-def target(metric: str, min_value=None, max_drop=None):
-    return SimpleNamespace(metric=metric, min_value=min_value, max_drop=max_drop)
+def target(metric: str, min_value=None, max_drop=None, max_increase=None):
+    return SimpleNamespace(metric=metric, min_value=min_value, max_drop=max_drop, max_increase=max_increase)
 
 
 def trial(name: str, metric, latency_ms, meets: bool, path: str | None = "m.onnx") -> Trial:
@@ -41,6 +41,12 @@ def test_error_metric_target_is_measured_up_from_the_original_models_error():
     assert not goal.higher_better and goal.threshold == pytest.approx(2.5)
     assert goal.meets(2.5) and goal.meets(1.0) and not goal.meets(2.6)
     assert goal.better(1.0, 2.0) and not goal.better(3.0, 2.0)
+
+
+def test_relative_perplexity_target_is_a_fraction_of_the_original_models_perplexity():
+    goal = make_goal(target("perplexity", max_increase=0.02), 25.0)
+    assert not goal.higher_better and goal.threshold == pytest.approx(25.5)
+    assert goal.meets(25.5) and not goal.meets(25.6)
 
 
 def test_min_value_target_ignores_the_original_score_and_nan_never_meets_it():
