@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
-PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
+PASSES = [EXPORT, {"type": "quantize", "mode": "dynamic"}]
 
 # Measured afresh by each run: everything else in two runs of the same recipe is the same.
 MEASURED = {

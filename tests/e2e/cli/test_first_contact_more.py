@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 from onnx import TensorProto, helper
 
 # --------------------------------------------------------------------------- 1. run-time errors in user terms
@@ -237,7 +237,7 @@ def test_eval_labels_that_do_not_fit_the_outputs_are_bad_input_at_validate_and_r
 
 # --------------------------------------------------------------------------- 6. sweep: --junit, --json, Ctrl-C
 
-SWEEP_PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
+SWEEP_PASSES = [EXPORT, {"type": "quantize", "mode": "dynamic"}]
 SWEEP_REPORT = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
 SWEEP_GRID = ["--grid", "passes.1.per_channel=false,true"]
 

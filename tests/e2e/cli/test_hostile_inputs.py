@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TESTS, digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, TESTS, digits_recipe, run_cli, write_recipe
 
 CORPUS = TESTS / "corpus"
 QUIET = ("-q",)
@@ -345,7 +345,7 @@ def test_bad_data_file_is_refused_before_any_pass_runs(digits, tmp_path, section
     folder = tmp_path / "data"
     folder.mkdir()
     for name, (path, words) in _data_cases(digits, folder).items():
-        recipe = digits_recipe(digits, [{"type": "export"}, {"type": "quantize", "mode": "static"}])
+        recipe = digits_recipe(digits, [EXPORT, {"type": "quantize", "mode": "static"}])
         recipe["data"][section] = (
             {"path": str(path), "labels": "y"} if section == "eval" and "labels" in name else {"path": str(path)}
         )
@@ -396,7 +396,7 @@ def test_no_verb_modifies_its_input_files(digits, tmp_path):
     recipe_path = write_recipe(
         # allow_slower: what is checked is the input files, not the int8 model's speed (the default speed gate's)
         inputs,
-        digits_recipe(inputs, [{"type": "export"}, {"type": "quantize", "mode": "static", "allow_slower": True}]),
+        digits_recipe(inputs, [EXPORT, {"type": "quantize", "mode": "static", "allow_slower": True}]),
     )
     before = tree_hashes(inputs)
     mtimes = {p: p.stat().st_mtime_ns for p in inputs.iterdir()}

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 import yaml
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 
 
 def _reference_logits(digits):
@@ -137,9 +137,7 @@ def test_compare_two_reports(digits, tmp_path):
 
 
 def test_set_overrides_a_recipe_key(digits, tmp_path):
-    recipe = write_recipe(
-        tmp_path, digits_recipe(digits, [{"type": "export"}, {"type": "quantize", "allow_slower": True}])
-    )
+    recipe = write_recipe(tmp_path, digits_recipe(digits, [EXPORT, {"type": "quantize", "allow_slower": True}]))
     result = run_cli(
         "validate", recipe, "--set", "passes.1.mode=static", "--set", "passes.1.per_channel=true", "--json"
     )

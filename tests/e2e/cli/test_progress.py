@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import digits_recipe, run_subprocess, write_recipe
+from conftest import EXPORT, digits_recipe, run_subprocess, write_recipe
 
-PASSES = [{"type": "export"}, {"type": "quantize", "mode": "static"}]
+PASSES = [EXPORT, {"type": "quantize", "mode": "static"}]
 REPORT = {"latency": {"batch_sizes": [1], "warmup": 1, "runs": 4, "threads": 1}}
 
 

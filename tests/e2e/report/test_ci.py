@@ -11,10 +11,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from conftest import REPO, digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, REPO, digits_recipe, run_cli, write_recipe
 
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
-PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
+PASSES = [EXPORT, {"type": "quantize", "mode": "dynamic"}]
 
 
 @pytest.fixture(scope="module")

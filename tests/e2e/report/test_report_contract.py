@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 
 from optcli.report import model
 
@@ -16,7 +16,7 @@ from optcli.report import model
 def finished(digits: Path, tmp_path_factory) -> Path:
     """The digits quick recipe (export, dynamic int8) run once: its report.json."""
     folder = tmp_path_factory.mktemp("contract")
-    passes = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "allow_slower": True}]
+    passes = [EXPORT, {"type": "quantize", "mode": "dynamic", "allow_slower": True}]
     recipe = write_recipe(folder, digits_recipe(digits, passes))
     result = run_cli("run", recipe, "-o", folder / "out", "--quiet")
     assert result.exit_code == 0, result.stderr

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 
 FINAL_NAMES = ("model.onnx", "model.onnx.data", "model.pt2", "report.json", "report.md", "report.html")
 
@@ -108,7 +108,7 @@ def test_signal_exits_130_and_leaves_nothing_half_written(digits, tmp_path, phas
 def test_run_interrupted_in_the_second_step_resumes_to_the_same_bytes(digits, tmp_path):
     # allow_slower: this checks interrupts, not speed (dynamic int8 on a CNN is slower than fp32 and the default
     # speed gate would rightly fail it)
-    passes = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "allow_slower": True}]
+    passes = [EXPORT, {"type": "quantize", "mode": "dynamic", "allow_slower": True}]
     recipe = write_recipe(tmp_path, digits_recipe(digits, passes, report=FAST_MEASURE))
     whole = tmp_path / "whole"
     assert run_cli("run", recipe, "-o", whole, "-q").exit_code == 0
@@ -153,7 +153,7 @@ def test_failure_while_writing_the_final_artifact_leaves_no_partial_file(
     monkeypatch.setattr(shutil, "copyfile", _fail_copy_half_way(exc))
     out = tmp_path / "out"
     result = run_cli(
-        "run", write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}], report=FAST_MEASURE)), "-o", out, "-q"
+        "run", write_recipe(tmp_path, digits_recipe(digits, [EXPORT], report=FAST_MEASURE)), "-o", out, "-q"
     )
     assert result.exit_code == code, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -177,7 +177,7 @@ def test_disk_full_while_writing_reports_exits_3_naming_them(digits, tmp_path, m
     monkeypatch.setattr(write, "_write_temp", full)
     out = tmp_path / "out"
     result = run_cli(
-        "run", write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}], report=FAST_MEASURE)), "-o", out, "-q"
+        "run", write_recipe(tmp_path, digits_recipe(digits, [EXPORT], report=FAST_MEASURE)), "-o", out, "-q"
     )
     assert result.exit_code == 3, result.stderr
     assert result.stderr.strip().startswith("error: disk full while writing") and "report" in result.stderr
@@ -194,7 +194,7 @@ def test_disk_full_inside_a_pass_exits_3_naming_the_pass(digits, tmp_path, monke
     monkeypatch.setattr(onnx, "save_model", full)
     out = tmp_path / "out"
     recipe = digits_recipe(
-        digits, [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "allow_slower": True}], report=FAST_MEASURE
+        digits, [EXPORT, {"type": "quantize", "mode": "dynamic", "allow_slower": True}], report=FAST_MEASURE
     )
     result = run_cli("run", write_recipe(tmp_path, recipe), "-o", out, "-q")
     assert result.exit_code == 3, result.stderr
@@ -220,7 +220,7 @@ def test_pass_failing_oddly_on_a_nearly_full_disk_is_reported_as_disk_full(digit
     monkeypatch.setattr(runner.shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - 4096, 4096))
     out = tmp_path / "out"
     recipe = digits_recipe(
-        digits, [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "allow_slower": True}], report=FAST_MEASURE
+        digits, [EXPORT, {"type": "quantize", "mode": "dynamic", "allow_slower": True}], report=FAST_MEASURE
     )
     result = run_cli("run", write_recipe(tmp_path, recipe), "-o", out, "-q")
     assert result.exit_code == 3, result.stderr

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 
 # These tests check resuming, not speed: dynamic int8 on the digits CNN runs ConvInteger, slower than fp32, and the
 # default speed gate would rightly fail it.
-PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "allow_slower": True}]
+PASSES = [EXPORT, {"type": "quantize", "mode": "dynamic", "allow_slower": True}]
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
 
 
@@ -82,7 +82,7 @@ def test_changed_inputs_rerun_every_step(digits, tmp_path, change):
     work.mkdir()
     for f in ("digits_cnn.pt", "digits_calib.npz", "digits_test.npz"):
         (work / f).write_bytes((digits / f).read_bytes())
-    passes = [{"type": "export"}, {"type": "quantize", "mode": "static"}]
+    passes = [EXPORT, {"type": "quantize", "mode": "static"}]
     recipe = write_recipe(tmp_path, digits_recipe(work, passes, report=FAST, gates={}))
     out = tmp_path / "out"
     run(recipe, out)

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import digits_recipe, write_recipe
+from conftest import EXPORT, digits_recipe, write_recipe
 
 from optcli.verbs.study import StudyOptions, run_study
 
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
-PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
+PASSES = [EXPORT, {"type": "quantize", "mode": "dynamic"}]
 # Four grid points; metric and size only: both are deterministic, so every run of the study finds the same front
 GRID_SPACE = {"passes.1.per_channel": [True, False], "passes.1.reduce_range": [False, True]}
 

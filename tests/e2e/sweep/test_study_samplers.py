@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
-PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic", "allow_slower": True}]
+PASSES = [EXPORT, {"type": "quantize", "mode": "dynamic", "allow_slower": True}]
 # Pass 1 (the int8 quantize) kept or dropped; per_channel only means something when it is kept.
 SWITCH_SPACE = {"passes.1": [True, False], "passes.1.per_channel": [True, False]}
 

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 
 from optcli.verbs.sweeper import choose_best, expand, pareto_front, parse_grid
 
 FAST = {"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
-PASSES = [{"type": "export"}, {"type": "quantize", "mode": "dynamic"}]
+PASSES = [EXPORT, {"type": "quantize", "mode": "dynamic"}]
 GRID = ["--grid", "passes.1.mode=dynamic,static", "--grid", "passes.1.per_channel=false,true"]
 
 
