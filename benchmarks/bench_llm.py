@@ -8,6 +8,7 @@ The model is the small Qwen2 decoder llm_quality_model.py trains here on the sta
 text scored is its held-out split (modules it never saw). Rows, all from the same folder in one run:
   fp32              onnxruntime-genai's model builder, -p fp32 -e cpu (the reference for perplexity and agreement)
   builder int4      the builder's -p int4 -e cpu as it ships (round-to-nearest, block 32, symmetric, lm_head int4)
+  optcli int4 lm4   RTN with lm_head: int4 (the builder's int4, made by optcli's pass)
   optcli int4       optcli's weight-only int4 on the fp32 export, `weights: int4` alone: the decoder defaults of
                     docs/llm-int4.md (the builder's int4 -- RTN, symmetric blocks of 32, accuracy_level 4 -- with
                     the lm_head in int8)
@@ -105,6 +106,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--folder", type=Path, help="another Hugging Face decoder folder instead (with --text)")
     parser.add_argument("--text", type=Path, help="with --folder: the text scored and calibrated on")
+    parser.add_argument(
+        "--rows",
+        help="comma-separated optcli rows to run (default: all); fp32 and the builder's int4 always run. For a "
+        "real-size random folder, where GPTQ and the target search take long and perplexity means nothing",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.prompts, args.windows = 1, 2, 8
@@ -142,6 +148,7 @@ def main() -> None:
     notes = {}
     for name, settings in (
         ("optcli int4", {"weights": "int4"}),  # the decoder defaults: the builder's int4 with lm_head int8
+        ("optcli int4 lm4", {"weights": "int4", "lm_head": "int4"}),  # RTN at the builder's size
         ("optcli int4 gptq", {"weights": "int4", "algorithm": "gptq"}),
         # the builder's size exactly: every MatMul int4, the lm_head too
         ("optcli int4 gptq lm4", {"weights": "int4", "algorithm": "gptq", "lm_head": "int4"}),
@@ -161,6 +168,8 @@ def main() -> None:
         ),
         ("int8 dynamic", {"mode": "dynamic"}),
     ):
+        if args.rows and name not in args.rows.split(","):
+            continue
         step = work / name.replace(" ", "_")
         shutil.rmtree(step, ignore_errors=True)
         rows[name], notes[name] = quantize(rows["fp32"], step, scored, calib, window, **settings)
@@ -218,7 +227,7 @@ def main() -> None:
                 f" MB): perplexity rise {rise:+.3f} vs half the builder's {builder_rise / 2:+.3f}: "
                 f"{'met' if met else 'not met'}"
             )
-    search = notes["optcli int4 target"].get("search") or {}
+    search = (notes.get("optcli int4 target") or {}).get("search") or {}
     print(f"target search: {search.get('chosen')} (target perplexity <= {search.get('target')})")
     sens = list((search.get("sensitivity") or {}).items())[:6]
     if sens:

@@ -30,7 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH")) if p)
 
 SIZES = {
-    # Qwen2-1.5B and Qwen2.5-3B config.json dimensions (tied embeddings, 151936-token vocabulary).
+    # Qwen2-0.5B, Qwen2-1.5B and Qwen2.5-3B config.json dimensions (tied embeddings, 151936-token vocabulary).
+    "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14},
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12},
     "3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16},
     "smoke": {

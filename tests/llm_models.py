@@ -22,7 +22,8 @@ COMMON = {
 }
 
 
-def tiny_decoder(folder: Path, arch: str = "llama") -> Path:
+def tiny_decoder(folder: Path, arch: str = "llama", tied: bool = False) -> Path:
+    """tied: the lm_head shares the embedding table (tie_word_embeddings, as Qwen2-0.5B and Llama-3.2-1B ship)."""
     import torch
     import transformers as tf
 
@@ -36,7 +37,7 @@ def tiny_decoder(folder: Path, arch: str = "llama") -> Path:
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"original_max_position_embeddings": 128, "pad_token_id": 0}),
     }
     config_class, model_class, extra = kinds[arch]
-    config = config_class(vocab_size=vocab, **COMMON, **extra)
+    config = config_class(vocab_size=vocab, **{**COMMON, "tie_word_embeddings": tied}, **extra)
     model = model_class(config).eval()
     with torch.no_grad():  # random weights give near-uniform logits: spread them so greedy choices are clear-cut
         for p in model.parameters():

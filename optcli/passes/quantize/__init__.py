@@ -360,9 +360,9 @@ DECODER_DIR = "decoder"  # the folder a decoder step writes, as the decoder pass
 
 
 # A decoder's weight-only defaults where the recipe leaves them unset: the builder's int4 (symmetric blocks of 32,
-# accuracy_level 4: int8 activations in the kernel, without which MatMulNBits decoded slower than fp32 here), the
-# embedding table left float (as the builder leaves it: int4 there cost 10x the perplexity of all the MatMuls on
-# the bench's model), and the lm_head in int8 (the largest, most output-sensitive MatMul: llama.cpp's Q4_K_M keeps
+# accuracy_level 4: int8 activations in the kernel, without which MatMulNBits decoded slower than fp32 here), an
+# untied embedding table left float (as the builder leaves it: int4 there cost 10x the perplexity of all the MatMuls
+# on the bench's model; a tied one shares the lm_head's quantized blocks, see share_tied_embeddings), and the lm_head in int8 (the largest, most output-sensitive MatMul: llama.cpp's Q4_K_M keeps
 # it at 6 bits, the builder's k_quant_last in int8).
 DECODER_DEFAULTS = {
     "block_size": 32,
@@ -379,7 +379,9 @@ def decoder_defaults(config: Config) -> Config:
         unset.pop("embeddings", None)  # op_types says what is quantized
     if config.weights == "int8" or config.target is not None:
         unset.pop("lm_head", None)  # int8 weights: nothing to keep; a target: the search decides the lm_head
-    return config.model_copy(update=unset)
+    filled = config.model_copy(update=unset)
+    filled._written = frozenset(config.model_fields_set)
+    return filled
 
 
 def _decoder_step(model, config: Config, ctx: Context):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from optcli.config import StrictModel
 from optcli.passes.base import PassConfig
@@ -190,6 +190,13 @@ class Config(PassConfig):
     backup: Literal["int8", "fp32"] = Field(
         default="int8", description="weights: precision of the MatMuls ratio or a target keeps out of `weights`"
     )
+
+    # The keys the recipe itself wrote, before a decoder's defaults filled the rest (decoder_defaults): a tied
+    # decoder's embedding table is shared with its quantized lm_head unless the recipe asked for a float one.
+    _written: frozenset[str] | None = PrivateAttr(default=None)
+
+    def written_by_recipe(self, key: str) -> bool:
+        return key in (self._written if self._written is not None else self.model_fields_set)
 
     @model_validator(mode="before")
     @classmethod

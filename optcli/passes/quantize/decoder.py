@@ -45,6 +45,66 @@ def embeddings(proto) -> list[str]:
     return [n.name for n in proto.graph.node if n.op_type == "Gather" and shapes.get(n.input[0]) == 2]
 
 
+def share_tied_embeddings(proto, keep_float: bool = False) -> list[str]:
+    """A tied decoder (Qwen2-0.5B / 1.5B, Llama-3.2-1B...) reads its embedding table as Transpose(lm_head weight):
+    once the lm_head is MatMulNBits, that Gather still held the float weight (for Qwen2-0.5B, 545 MB of a 862 MB
+    int4 folder). As onnxruntime-genai's builder does, the Gather becomes GatherBlockQuantized on the lm_head's own
+    quantized blocks and scales: one table, no copy. Only for symmetric blocks (no zero points) that divide the
+    hidden size. Returns the Gather nodes rewritten, changing proto in place."""
+    from onnx import helper, numpy_helper
+
+    if keep_float:
+        return []
+    inits = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    heads = {}
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits" and (len(n.input) < 4 or not n.input[3]) and n.input[1] in inits:
+            heads[n.input[1]] = n
+    done = []
+    for gather in [n for n in proto.graph.node if n.op_type == "Gather"]:
+        t = producer.get(gather.input[0])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        weight = t.input[0]
+        head = next((h for b, h in heads.items() if b.startswith(weight + "_Q")), None)
+        if head is None:
+            continue
+        attr = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+        k, n_out, bits, block = attr.get("K"), attr.get("N"), attr.get("bits", 4), attr.get("block_size")
+        if not (k and n_out and block and bits in (4, 8) and k % block == 0):
+            continue
+        shape_name = f"{gather.name}/tied_shape"
+        proto.graph.initializer.append(numpy_helper.from_array(np.array([n_out, k * bits // 8], np.int64), shape_name))
+        table = f"{gather.name}/tied_table"
+        reshape = helper.make_node("Reshape", [head.input[1], shape_name], [table], name=f"{gather.name}/TiedReshape")
+        shared = helper.make_node(
+            "GatherBlockQuantized",
+            [table, gather.input[1], head.input[2]],
+            list(gather.output),
+            name=f"{gather.name}/TiedQuantized",
+            domain="com.microsoft",
+            bits=bits,
+            block_size=block,
+            gather_axis=0,
+            quantize_axis=1,
+        )
+        at = list(proto.graph.node).index(gather)
+        proto.graph.node.remove(gather)
+        proto.graph.node.insert(at, shared)
+        proto.graph.node.insert(at, reshape)
+        if all(c is gather for c in consumers.get(t.output[0], [])):
+            proto.graph.node.remove(t)
+            if not any(weight in n.input for n in proto.graph.node):
+                proto.graph.initializer.remove(inits[weight])
+        done.append(gather.name)
+    return done
+
+
 def copy_side_files(source_dir: Path, target_dir: Path, model_names: set[str]) -> list[str]:
     """genai_config.json, tokenizer and processing files beside the input model, copied beside the output."""
     copied = []

@@ -124,6 +124,16 @@ def write(
             rtn = config.model_copy(update={"algorithm": "rtn", "block_size": block})
             others = exclude | {name for name, b in blocks.items() if b != block}
             out = _run(out, _algo(rtn, 8, ("MatMul",)), others, ctx)  # the int4 MatMuls are MatMulNBits by now
+    from optcli.passes.quantize.decoder import is_decoder, share_tied_embeddings
+
+    if is_decoder(out):
+        asked_float = config.embeddings == "fp32" and config.written_by_recipe("embeddings")
+        tied = share_tied_embeddings(out, keep_float=asked_float)
+        if tied and hasattr(ctx, "details"):
+            ctx.details["tied_embeddings"] = (
+                f"{', '.join(tied)} read the lm_head's quantized blocks (GatherBlockQuantized), as the model builder "
+                "writes a tied decoder: one table, no float copy"
+            )
     if config.accuracy_level is not None:
         _set_accuracy_level(out, config.accuracy_level)
     return out

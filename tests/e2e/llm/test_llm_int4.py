@@ -98,6 +98,43 @@ def test_lm_head_and_embeddings_take_the_precision_the_recipe_gives_them(qwen2, 
     assert not [n for n in _nodes(out) if n.op_type == "GatherBlockQuantized"]
 
 
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """A tiny Qwen2 whose lm_head shares the embedding table, exported fp32 by the builder (Gather(Transpose(W)))."""
+    from optcli.llm.export import export_decoder
+    from optcli.llm.perplexity import text_tokens
+
+    root = tmp_path_factory.mktemp("llm_tied")
+    tiny_decoder(root / "qwen2", "qwen2", tied=True)
+    corpus(root / "text.txt")
+    export_decoder(root / "qwen2", root / "fp32", "fp32")
+    tokens = text_tokens(root / "qwen2", root / "text.txt")
+    return SimpleNamespace(root=root, folder=root / "qwen2", fp32=root / "fp32", tokens=tokens)
+
+
+def _files_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+
+
+@pytest.mark.parametrize(("lm_head", "bits"), [(None, 8), ("int4", 4)])  # None: the decoder default, int8
+def test_a_tied_decoder_shares_the_lm_heads_quantized_table_with_its_embeddings(tied, tmp_path, lm_head, bits):
+    extra = {"lm_head": lm_head} if lm_head else {}
+    shared = _quantize(tied, tmp_path / "shared", weights="int4", block_size=32, **extra)
+    floats = _quantize(tied, tmp_path / "float", weights="int4", block_size=32, embeddings="fp32", **extra)
+    nodes = _nodes(shared)
+    head = next(n for n in nodes if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    (table,) = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+    reshape = next(n for n in nodes if table.input[0] in n.output)
+    assert reshape.input[0] == head.input[1] and table.input[2] == head.input[2]  # the lm_head's blocks and scales
+    assert _bits(table) == _bits(head) == bits
+    assert not [n for n in nodes if n.op_type == "Transpose" and "embed" in n.name]  # gone with the float copy
+    # embeddings: fp32 written in the recipe keeps the float table
+    assert [n for n in _nodes(floats) if n.op_type == "Gather" and "embed" in n.name]
+    assert _files_size(shared) < _files_size(floats)
+    before, after = _perplexity(floats, tied.tokens), _perplexity(shared, tied.tokens)
+    assert abs(after / before - 1) < 0.05, (before, after)  # the decoder runs in ONNX Runtime, answers kept
+
+
 def test_dynamic_int8_of_a_decoder_quantizes_its_matmuls_and_keeps_perplexity(qwen2, tmp_path):
     out = _quantize(qwen2, tmp_path, mode="dynamic")
     ops = {n.op_type for n in _nodes(out)}
