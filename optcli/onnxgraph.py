@@ -101,16 +101,9 @@ def _parse(path: str) -> GraphView:
     }
     _drop_weight_values(graph)
     by_op: dict[str, list] = defaultdict(list)
-    producer: dict[str, Any] = {}
-    consumers: dict[str, list] = defaultdict(list)
     for node in graph.node:
         by_op[node.op_type].append(node)
-        for name in node.output:
-            if name:
-                producer[name] = node
-        for name in node.input:
-            if name:
-                consumers[name].append(node)
+    producer, consumers = links(graph.node)
     return GraphView(
         path=Path(path),
         opsets={o.domain: int(o.version) for o in proto.opset_import},
@@ -121,8 +114,23 @@ def _parse(path: str) -> GraphView:
         _proto=proto,
         _by_op=dict(by_op),
         _producer=producer,
-        _consumers=dict(consumers),
+        _consumers=consumers,
     )
+
+
+def links(nodes) -> tuple[dict[str, Any], dict[str, list]]:
+    """(tensor -> the node writing it, tensor -> the nodes reading it) over these nodes; optional (empty) names
+    left out. For a graph being rewritten, where no cached view applies."""
+    producer: dict[str, Any] = {}
+    consumers: dict[str, list] = defaultdict(list)
+    for node in nodes:
+        for name in node.output:
+            if name:
+                producer[name] = node
+        for name in node.input:
+            if name:
+                consumers[name].append(node)
+    return producer, dict(consumers)
 
 
 def _drop_weight_values(graph) -> None:

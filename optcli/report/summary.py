@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, TypeGuard
 
+from optcli.config import higher_is_better
+
 # A final artifact at least this much slower than its reference is called slower (timing noise stays below it).
 SLOWER = 1.05
 # p99 / p50 above this in one latency loop: other work kept interrupting the measurement.
@@ -73,8 +75,6 @@ def versus(step: dict, ref: dict) -> dict:
 
 def _is_share(step: dict, value: float) -> bool:
     """A metric read in points: a share between 0 and 1 where higher is better (accuracy, F1, agreement)."""
-    from optcli.config import higher_is_better
-
     return 0.0 <= value <= 1.0 and higher_is_better(_metric(step))
 
 

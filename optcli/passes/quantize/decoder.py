@@ -45,7 +45,7 @@ def embeddings(proto) -> list[str]:
     return [n.name for n in proto.graph.node if n.op_type == "Gather" and shapes.get(n.input[0]) == 2]
 
 
-def share_tied_embeddings(proto, keep_float: bool = False) -> list[str]:
+def share_tied_embeddings(proto) -> list[str]:
     """A tied decoder (Qwen2-0.5B / 1.5B, Llama-3.2-1B...) reads its embedding table as Transpose(lm_head weight):
     once the lm_head is MatMulNBits, that Gather still held the float weight (for Qwen2-0.5B, 545 MB of a 862 MB
     int4 folder). As onnxruntime-genai's builder does, the Gather becomes GatherBlockQuantized on the lm_head's own
@@ -53,25 +53,23 @@ def share_tied_embeddings(proto, keep_float: bool = False) -> list[str]:
     hidden size. Returns the Gather nodes rewritten, changing proto in place."""
     from onnx import helper, numpy_helper
 
-    if keep_float:
-        return []
+    from optcli.onnxgraph import links
+
     inits = {t.name: t for t in proto.graph.initializer}
-    producer = {o: n for n in proto.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    heads = {}
-    for n in proto.graph.node:
-        if n.op_type == "MatMulNBits" and (len(n.input) < 4 or not n.input[3]) and n.input[1] in inits:
-            heads[n.input[1]] = n
+    producer, consumers = links(proto.graph.node)
+    # ORT's weight-only quantizer names a MatMulNBits' blocks <weight>_Q4 / <weight>_Q8
+    heads = {
+        n.input[1]: n
+        for n in proto.graph.node
+        if n.op_type == "MatMulNBits" and (len(n.input) < 4 or not n.input[3]) and n.input[1] in inits
+    }
     done = []
     for gather in [n for n in proto.graph.node if n.op_type == "Gather"]:
         t = producer.get(gather.input[0])
         if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
             continue
         weight = t.input[0]
-        head = next((h for b, h in heads.items() if b.startswith(weight + "_Q")), None)
+        head = heads.get(f"{weight}_Q4") or heads.get(f"{weight}_Q8")
         if head is None:
             continue
         attr = {a.name: helper.get_attribute_value(a) for a in head.attribute}
@@ -97,7 +95,7 @@ def share_tied_embeddings(proto, keep_float: bool = False) -> list[str]:
         proto.graph.node.remove(gather)
         proto.graph.node.insert(at, shared)
         proto.graph.node.insert(at, reshape)
-        if all(c is gather for c in consumers.get(t.output[0], [])):
+        if consumers.get(t.output[0]) == [gather]:  # the Transpose fed this Gather alone: it and its weight go
             proto.graph.node.remove(t)
             if not any(weight in n.input for n in proto.graph.node):
                 proto.graph.initializer.remove(inits[weight])

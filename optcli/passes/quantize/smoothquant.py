@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 
-from optcli.onnxgraph import load_model
+from optcli.onnxgraph import links, load_model
 
 if TYPE_CHECKING:
     from onnx import NodeProto
@@ -78,11 +78,7 @@ def smooth(source: Path, target: Path, batches: list[dict], alpha: float = 0.5) 
         return {"alpha": alpha, "groups": 0, "folded_into_layernorm": 0, "mul_inserted": 0}
     amax = channel_absmax(source, list(groups), batches)
     inits = {t.name: t for t in proto.graph.initializer}
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers = links(proto.graph.node)
     outputs = {o.name for o in proto.graph.output}
     folded = inserted = 0
     new_nodes = []

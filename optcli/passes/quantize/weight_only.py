@@ -126,9 +126,9 @@ def write(
             out = _run(out, _algo(rtn, 8, ("MatMul",)), others, ctx)  # the int4 MatMuls are MatMulNBits by now
     from optcli.passes.quantize.decoder import is_decoder, share_tied_embeddings
 
-    if is_decoder(out):
-        asked_float = config.embeddings == "fp32" and config.written_by_recipe("embeddings")
-        tied = share_tied_embeddings(out, keep_float=asked_float)
+    # embeddings: fp32 written in the recipe keeps a tied table float; the decoder default means an untied one
+    if is_decoder(out) and not (config.embeddings == "fp32" and config.written_by_recipe("embeddings")):
+        tied = share_tied_embeddings(out)
         if tied and hasattr(ctx, "details"):
             ctx.details["tied_embeddings"] = (
                 f"{', '.join(tied)} read the lm_head's quantized blocks (GatherBlockQuantized), as the model builder "
