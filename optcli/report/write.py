@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -24,7 +26,8 @@ def atomic_write_texts(folder: Path, texts: Mapping[str, str]) -> list[Path]:
     temps: dict[str, Path] = {}
     try:
         for name, text in texts.items():
-            temps[name] = _write_temp(folder, name, text)
+            with _signals_held():
+                temps[name] = _write_temp(folder, name, text)
         for name in texts:
             os.replace(temps[name], folder / name)
             del temps[name]
@@ -51,17 +54,36 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        with _signals_held():
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
         yield tmp
         _fsync_file(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
-        _unlink(tmp)
+        if tmp is not None:
+            _unlink(tmp)
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM wait while a temp file is made and recorded for cleanup: Python raises
+    KeyboardInterrupt between any two bytecodes, and one landing after the file exists but before its name is kept
+    left the temp behind (a sweep worker stopped as its run wrote .optcli-output.json). Held, the signal lands once
+    the name is kept, and the caller's cleanup removes the file."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield  # Python runs its signal handlers in the main thread only: nothing to hold elsewhere
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _fsync_file(path: Path) -> None:
