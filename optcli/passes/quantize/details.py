@@ -69,6 +69,8 @@ class Search(Open):
     kept_in: str | None = None
     notes: list[str] | None = None
     profile: Int8Profile | None = None
+    # Contenders too close in p50 to rank, timed side by side: name, latency_ms, time_ratio (over fp32), interval.
+    race: list[dict[str, Any]] | None = None
 
 
 class WeightOnly(Open):

@@ -8,8 +8,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from optcli.abtest import FAILS, HOLDS, INCONCLUSIVE, measure_ratio, rounds_for, verdict_at_least, verdict_at_most
+from optcli.abtest import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    measure_ratio,
+    race,
+    rounds_for,
+    verdict_at_least,
+    verdict_at_most,
+)
 from optcli.gates import check_gates, default_gates
+from optcli.model import InputSpec
 
 
 def fake_ratio(a_times, b_times, runs=1):
@@ -51,6 +61,26 @@ def test_models_alternate_within_each_round_so_a_burst_hits_both():
     order = []
     measure_ratio(lambda: order.append("a") or 1.0, lambda: order.append("b") or 1.0, 2, 2, 0, lambda c: c())
     assert order == ["a", "b", "a", "b", "b", "a", "b", "a"]  # every other round reversed
+
+
+def test_a_race_times_every_contender_against_the_base_in_the_same_rounds():
+    # Fake runners whose "time" is a fixed cost plus a burst that hits whatever runs during round 2: the burst lands
+    # on every model of that round alike, so the ratios stay what the costs say.
+    calls = []
+
+    def runner(cost):
+        def call(feeds):
+            calls.append(cost)
+            return cost * (3.0 if 12 < len(calls) <= 24 else 1.0)  # calls 12-23: rounds 0 and 1
+
+        call.inputs = [InputSpec("x", (1, 4), "float32")]  # type: ignore[attr-defined]
+        return call
+
+    base, fast, slow = runner(10.0), runner(5.0), runner(12.0)
+    ratios = race(base, [fast, slow], batch=1, warmup=1, runs=10, timer=lambda call: call())
+    assert [round(r.value, 6) for r in ratios] == [0.5, 1.2]
+    # 3 warm-up calls and a 9-call probe, then rounds of 2 turns: every turn runs all three, every other round reversed.
+    assert calls[12:21] == [10.0, 5.0, 12.0, 10.0, 5.0, 12.0, 12.0, 5.0, 10.0]
 
 
 def test_ab_cost_follows_report_latency_runs():

@@ -14,7 +14,7 @@ from optcli.passes.quantize import profile as prof
 from optcli.passes.quantize.ort import Settings
 from optcli.passes.quantize.search import fallbacks
 from optcli.passes.quantize.search.evaluation import Evaluation, head
-from optcli.passes.quantize.search.goal import Goal, best_trial
+from optcli.passes.quantize.search.goal import Goal, best_trial, contenders
 from optcli.progress import ProgressTask
 
 
@@ -114,6 +114,7 @@ class Search:
         self.notes: list[str] = []
         self.plan: dict = {}  # planned candidates, cap, budget and, after the first trial, the estimate
         self.skipped: list[dict] = []  # candidates not tried: how many, and why
+        self.race: list[dict] = []  # the contenders timed side by side for the final choice (race_contenders)
 
     # ----------------------------------------------------------------- budget
     def elapsed(self) -> float:
@@ -187,8 +188,9 @@ class Search:
         return trial
 
     def _drop_losers(self) -> None:
-        """Delete written candidates that can no longer be chosen (disk: one int8 model per trial adds up)."""
-        keep = {id(self.choose())}
+        """Delete written candidates that can no longer be chosen (disk: one int8 model per trial adds up); the
+        contenders the final race may still pick stay."""
+        keep = {id(self.choose())} | {id(t) for t in contenders(self.trials, self.goal)}
         for t in self.trials:
             if t.settings is not None and t.path is not None and id(t) not in keep:
                 shutil.rmtree(t.path.parent, ignore_errors=True)

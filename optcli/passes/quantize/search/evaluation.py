@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optcli.abtest import compare_runners
+from optcli.abtest import compare_runners, race
 from optcli.measure import (
     FIDELITY_METRICS,
     fidelity,
@@ -70,6 +70,14 @@ def time_ratio(fp32: Path, int8: Path, ev: Evaluation):
     runners = [onnx_runner(p, ev.inputs, ev.threads) for p in (fp32, int8)]
     ratios = compare_runners(runners[0], runners[1], [ev.latency_batch], ev.latency_warmup, ev.latency_runs)
     return ratios.get(f"batch_{ev.latency_batch}")
+
+
+def race_ratios(fp32: Path, contenders: list[Path], ev: Evaluation) -> list | None:
+    """Each contender's time over fp32's (abtest.Ratio), all sessions interleaved in the same rounds at the search's
+    batch, threads and runs: the search chooses between near-equal candidates by this, not by their p50s."""
+    base = onnx_runner(fp32, ev.inputs, ev.threads)
+    others = [onnx_runner(p, ev.inputs, ev.threads) for p in contenders]
+    return race(base, others, ev.latency_batch, ev.latency_warmup, ev.latency_runs)
 
 
 def head(batches: list[dict], n: int) -> list[dict]:

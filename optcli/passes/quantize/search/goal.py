@@ -3,6 +3,7 @@ trial wins, and the int8-versus-fp32 speed verdict. Pure decisions, no model run
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,41 @@ def best_trial(trials: list, goal: Goal):
         if goal.better(t.metric, best.metric):
             best = t
     return best
+
+
+# Trials meeting the goal whose p50 is within this factor of the fastest one's are raced side by side before one is
+# chosen: p50s taken one trial after another differ by the machine's load at each moment as much as by the models
+# (a shared 2-core runner moves one model's p50 by 10-30 % between trials), so closer than this they do not rank.
+CONTENDER_SPREAD = 1.3
+MAX_CONTENDERS = 3  # each one is another int8 model on disk and another session in the race
+
+
+def contenders(trials: list, goal: Goal) -> list:
+    """The trials the final choice is raced between (fastest p50 first): the ones meeting the goal, on disk and timed,
+    within CONTENDER_SPREAD of the fastest; just the best trial when fewer than two qualify."""
+    best = best_trial(trials, goal)
+    if best is None or not best.meets or best.latency_ms is None:
+        return [best] if best is not None else []
+    near = sorted(
+        (
+            t
+            for t in trials
+            if t.settings is not None
+            and t.meets
+            and t.path is not None
+            and t.latency_ms is not None
+            and t.latency_ms <= CONTENDER_SPREAD * best.latency_ms
+        ),
+        key=lambda t: t.latency_ms,
+    )
+    return near[:MAX_CONTENDERS] if len(near) > 1 else [best]
+
+
+def race_winner(ratios: list) -> int:
+    """Index of the contender whose time over fp32's (one interleaved measurement) is lowest; ties go to the earlier
+    one (the faster p50). An unmeasured ratio never wins."""
+    values = [r.value if r is not None and math.isfinite(r.value) else math.inf for r in ratios]
+    return min(range(len(values)), key=lambda i: (values[i], i))
 
 
 def faster_verdict(ratio) -> str:

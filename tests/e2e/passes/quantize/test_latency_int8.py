@@ -90,6 +90,8 @@ def injected(monkeypatch):
     )
     # And the side-by-side int8/fp32 ratio the "int8 faster than fp32" gate decides on (no noise: a point interval).
     monkeypatch.setattr(search, "time_ratio", injected_ratio)
+    # And the race between candidates too close in p50 to rank: the same cost model, side by side.
+    monkeypatch.setattr(search, "race_ratios", lambda fp32, paths, ev: [injected_ratio(fp32, p, ev) for p in paths])
 
 
 def injected_ratio(fp32, int8, ev):

@@ -12,7 +12,7 @@ import pytest
 from optcli.passes.quantize.config import Search as SearchSpace
 from optcli.passes.quantize.ort import Settings
 from optcli.passes.quantize.search import Goal, Search, Trial, engine, fallbacks, make_goal
-from optcli.passes.quantize.search.goal import best_trial
+from optcli.passes.quantize.search.goal import best_trial, contenders, race_winner
 
 STATIC = Settings("static", True, "minmax")
 
@@ -84,6 +84,35 @@ def test_fp32_failed_and_deleted_trials_are_never_chosen():
     deleted = trial("deleted", 0.999, 0.1, True, path=None)
     failed = trial("failed", None, None, False)
     assert best_trial([fp32, deleted, failed], goal) is None
+
+
+def test_candidates_too_close_in_p50_to_rank_are_raced_the_rest_are_not():
+    goal = Goal("cosine", 0.99, 1.0, True)
+    fastest, close, closer = trial("a", 0.991, 1.0, True), trial("b", 0.995, 1.25, True), trial("c", 0.99, 1.1, True)
+    far, missing = trial("far", 0.999, 1.5, True), trial("misses", 0.9, 0.5, False)
+    untimed, deleted = trial("untimed", 0.999, None, True), trial("deleted", 0.999, 1.0, True, path=None)
+    pool = contenders([far, close, missing, untimed, deleted, closer, fastest], goal)
+    assert [t.name for t in pool] == ["a", "c", "b"]  # within 1.3x of the fastest, fastest p50 first
+    assert contenders([fastest, far], goal) == [fastest]  # one contender: no race
+    assert contenders([missing], goal) == [missing]  # nothing meets the goal: the closest, unraced
+
+
+def test_the_race_picks_the_lowest_time_ratio_and_a_tie_keeps_the_faster_p50():
+    def r(value):
+        return SimpleNamespace(value=value)
+
+    assert race_winner([r(0.80), r(0.72), r(0.75)]) == 1
+    assert race_winner([r(0.75), r(0.75)]) == 0
+    assert race_winner([None, r(float("nan")), r(0.9)]) == 2
+
+
+def test_the_search_keeps_every_contender_on_disk_until_the_race_and_drops_the_rest(tmp_path, monkeypatch):
+    search = fake_search(tmp_path, monkeypatch, lambda kept: 1.0, fallback=False)
+    latencies = iter([1.0, 1.0, 1.2, 2.0])  # fp32, then three candidates: two within 1.3x of the fastest
+    monkeypatch.setattr(search.ev, "measure", lambda path, subset=None, timed=True: (1.0, next(latencies)))
+    search.run([replace(STATIC, smooth_alpha=a) for a in (0.1, 0.2, 0.3)])
+    kept = [t.name for t in search.trials if t.path is not None]
+    assert kept == [t.name for t in contenders(search.trials, search.goal)] and len(kept) == 2
 
 
 # ----------------------------------------------------------------------------- the engine with fakes
