@@ -15,7 +15,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,10 +54,20 @@ class Ratio:
     high: float
     rounds: int
     runs: int
+    logs: tuple[float, ...] = field(default=(), repr=False)  # the per-round log-ratios, for pooling two A/Bs
 
     @property
     def interval(self) -> list[float]:
         return [round(self.low, 4), round(self.high, 4)]
+
+
+def pooled(first: Ratio, second: Ratio, confidence: float = CONFIDENCE) -> Ratio | None:
+    """One interval over the rounds of two A/Bs of the same pair (twice the rounds: about 1/sqrt(2) as wide); None
+    when either kept no rounds."""
+    if not first.logs or not second.logs:
+        return None
+    logs = np.asarray(first.logs + second.logs)
+    return ratio_interval(np.ones(len(logs)), np.exp(logs), first.runs, confidence)
 
 
 def interleaved(
@@ -106,10 +116,11 @@ def ratio_interval(
     if n == 0:
         return Ratio(math.nan, math.nan, math.nan, 0, runs)
     mean = float(logs.mean())
+    kept = tuple(float(x) for x in logs)
     if n < 2:
-        return Ratio(math.exp(mean), 0.0, math.inf, n, runs)
+        return Ratio(math.exp(mean), 0.0, math.inf, n, runs, kept)
     half = float(stdtrit(n - 1, 0.5 + confidence / 2)) * float(logs.std(ddof=1)) / math.sqrt(n)
-    return Ratio(math.exp(mean), math.exp(mean - half), math.exp(mean + half), n, runs)
+    return Ratio(math.exp(mean), math.exp(mean - half), math.exp(mean + half), n, runs, kept)
 
 
 def measure_ratio(
