@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -158,10 +159,14 @@ def _fold(node, source: str, inits, producer, consumers, own_weight) -> tuple[st
     return f"its input comes from {node.op_type}, which 1/s does not fold into exactly"
 
 
-def capture(proto, sources: list[str], calibration: list[dict], rows: int) -> tuple[dict, dict]:
+def capture(proto, sources: list[str], calibration: list[dict], rows: int, work: Path) -> tuple[dict, dict]:
     """Per source tensor: mean |x| per channel over every calibration token, and about `rows` evenly spread rows."""
+    import tempfile
+
     import onnx
     import onnxruntime as ort
+
+    from optcli.artifact import ONNX_EXTERNAL_THRESHOLD, save_onnx
 
     augmented = onnx.ModelProto()
     augmented.CopyFrom(proto)
@@ -169,21 +174,27 @@ def capture(proto, sources: list[str], calibration: list[dict], rows: int) -> tu
     augmented.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in sources if n not in have)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(augmented.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    del augmented
-    inputs = {i.name for i in session.get_inputs()}
     per_window = max(1, math.ceil(rows / max(1, len(calibration))))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     picked: dict[str, list[np.ndarray]] = {name: [] for name in sources}
-    for feeds in calibration:
-        values = session.run(sources, {k: v for k, v in feeds.items() if k in inputs})
-        for name, value in zip(sources, values, strict=True):
-            x = value.reshape(-1, value.shape[-1]).astype(np.float32, copy=False)
-            sums[name] = sums.get(name, 0) + np.abs(x).sum(0, dtype=np.float64)
-            counts[name] = counts.get(name, 0) + len(x)
-            at = np.unique(np.linspace(0, len(x) - 1, min(per_window, len(x))).round().astype(int))
-            picked[name].append(x[at].copy())
+    with tempfile.TemporaryDirectory(dir=work, prefix="awq-") as folder:  # the session reads it till it is done
+        if augmented.ByteSize() > ONNX_EXTERNAL_THRESHOLD:  # past protobuf's 2 GB: ORT reads it from a file
+            source: Any = str(save_onnx(augmented, Path(folder) / "augmented.onnx"))
+        else:
+            source = augmented.SerializeToString()
+        del augmented
+        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        inputs = {i.name for i in session.get_inputs()}
+        for feeds in calibration:
+            values = session.run(sources, {k: v for k, v in feeds.items() if k in inputs})
+            for name, value in zip(sources, values, strict=True):
+                x = value.reshape(-1, value.shape[-1]).astype(np.float32, copy=False)
+                sums[name] = sums.get(name, 0) + np.abs(x).sum(0, dtype=np.float64)
+                counts[name] = counts.get(name, 0) + len(x)
+                at = np.unique(np.linspace(0, len(x) - 1, min(per_window, len(x))).round().astype(int))
+                picked[name].append(x[at].copy())
+        del session
     means = {name: (sums[name] / counts[name]).astype(np.float32) for name in sources}
     return means, {name: np.concatenate(parts)[:rows] for name, parts in picked.items()}
 
@@ -295,8 +306,9 @@ def _feeds_q_or_k(node, consumers: dict) -> bool:
     )
 
 
-def apply(proto, int4: set[str], calibration: list[dict], block: int, symmetric: bool, log=None) -> dict:
-    """Scale and clip `proto`'s int4 MatMul weights in place (AWQ); returns the report's record of it."""
+def apply(proto, int4: set[str], calibration: list[dict], block: int, symmetric: bool, work: Path, log=None) -> dict:
+    """Scale and clip `proto`'s int4 MatMul weights in place (AWQ); returns the report's record of it. `work`: where a
+    graph past 2 GB is written for ONNX Runtime to read."""
     from optcli.onnxgraph import links
 
     t0 = time.perf_counter()
@@ -308,7 +320,7 @@ def apply(proto, int4: set[str], calibration: list[dict], block: int, symmetric:
     inits = {t.name: t for t in proto.graph.initializer}
     width = sum(int(inits[g.matmuls[0].input[1]].dims[0]) for g in found)
     rows = max(64, min(MAX_ROWS, SAMPLE_FLOATS // max(1, width)))
-    means, samples = capture(proto, [g.source for g in found], calibration, rows)
+    means, samples = capture(proto, [g.source for g in found], calibration, rows, work)
     record["rows"] = int(min(len(v) for v in samples.values()))
     for group in found:
         start = time.perf_counter()

@@ -310,8 +310,8 @@ def activation_aware(proto, config, exclude: set[str], ctx, calibration: list[di
     role = roles(proto, config, ("MatMul",))
     int4 = set(matmul_weights(proto, exclude | role.int8 | role.fp32))
     try:
-        return apply(proto, int4, calibration, config.block_size, config.symmetric, ctx.log)
-    except (ValueError, RuntimeError) as e:  # ORT's session errors are RuntimeError subclasses
+        return apply(proto, int4, calibration, config.block_size, config.symmetric, Path(ctx.step_dir), ctx.log)
+    except Exception as e:  # ORT's session errors (Fail, InvalidGraph ..) derive from Exception only
         raise PassFailed(ctx.step_name, f"awq failed: {type(e).__name__}: {str(e)[:300]}") from None
 
 

@@ -112,11 +112,14 @@ def test_awq_groups_fold_exactly_and_its_scales_lower_the_int4_error_on_outlier_
     assert all(a < 0.8 * r for a, r in zip(awq_error, rtn_error, strict=True)), (awq_error, rtn_error)
 
 
-def test_awq_apply_records_each_group_and_clips_only_where_it_helps():
+@pytest.mark.parametrize("from_file", [False, True])  # True: as a graph past 2 GB is read, from external data
+def test_awq_apply_records_each_group_and_clips_only_where_it_helps(tmp_path, monkeypatch, from_file):
+    if from_file:
+        monkeypatch.setattr("optcli.artifact.ONNX_EXTERNAL_THRESHOLD", 0)
     rng = np.random.default_rng(1)
     proto = _slice(rng)
     calibration = [{"x": _inputs(rng, 128)} for _ in range(4)]
-    record = awq.apply(proto, {"q_proj", "gate_proj", "up_proj", "down_proj"}, calibration, BLOCK, True)
+    record = awq.apply(proto, {"q_proj", "gate_proj", "up_proj", "down_proj"}, calibration, BLOCK, True, tmp_path)
     assert record["windows"] == 4 and record["rows"] == 512 and not record["skipped"]
     for group in record["groups"]:
         assert group["error_awq"] <= group["error_rtn"]
