@@ -15,6 +15,9 @@ text scored is its held-out split (modules it never saw). Rows, all from the sam
   optcli int4 gptq  algorithm: gptq, calibrated on a slice of the training text (never the held-out one)
   optcli int4 gptq lm4   the same with lm_head: int4, the builder's size exactly
   gptq lm4 in order      the same in column order (act_order: false)
+  optcli int4 awq   algorithm: awq (optcli's activation-aware scales and clipping, then RTN), calibrated on the same
+                    slice of the training text as gptq
+  optcli int4 awq lm4    the same with lm_head: int4, the builder's size exactly
   optcli int4 target   gptq with target {metric: perplexity, max_increase: half the builder's rise}: the fewest
                     MatMuls in int8 (the lm_head among the candidates), ranked by their measured perplexity rise
   int8 dynamic      optcli's dynamic int8 of the decoder's MatMuls
@@ -130,7 +133,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
-    calib = work / "calibration.txt"  # GPTQ's calibration: a slice of the training text, never the held-out one
+    calib = work / "calibration.txt"  # GPTQ's / AWQ's calibration: a slice of the training text, never the held-out one
     calib.write_text(train_text.read_text()[:200_000])
     window = 128
     t0 = time.perf_counter()
@@ -157,6 +160,8 @@ def main() -> None:
             "gptq lm4 in order",
             {"weights": "int4", "algorithm": "gptq", "lm_head": "int4", "act_order": False},
         ),
+        ("optcli int4 awq", {"weights": "int4", "algorithm": "awq"}),
+        ("optcli int4 awq lm4", {"weights": "int4", "algorithm": "awq", "lm_head": "int4"}),
         (
             "optcli int4 target",
             {

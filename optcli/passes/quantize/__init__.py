@@ -120,10 +120,13 @@ def check(config: Config, recipe, input_format: str) -> None:
         )
     preset_mode = target in TARGET_PRESETS and "mode" not in config.model_fields_set
     config = for_target(config, target)
-    if config.weights is not None and config.algorithm == "gptq" and input_format != DECODER_FORMAT:
+    if config.weights is not None and config.algorithm in ("gptq", "awq") and input_format != DECODER_FORMAT:
         raise ValueError(
-            "algorithm: gptq calibrates on a decoder's text (a decoder pass first); for other models use rtn or hqq"
+            f"algorithm: {config.algorithm} calibrates on a decoder's text (a decoder pass first); for other models "
+            "use rtn or hqq"
         )
+    if config.weights is not None and config.algorithm == "awq" and not _has_text(recipe):
+        raise ValueError("algorithm: awq calibrates on text: set data.calibration.text (or data.eval.text)")
     if config.weights is not None and config.ratio < 1 and recipe.data.eval is None:
         raise ValueError(
             "ratio < 1 ranks MatMuls by how far their low-bit weights move the outputs: add data.eval (inputs only; "
@@ -140,6 +143,10 @@ def check(config: Config, recipe, input_format: str) -> None:
             "static quantization needs calibration data: add data.calibration (path: ..., samples: 128) or use mode: dynamic"
             + (f" (report.target {target} presets mode: static)" if preset_mode else "")
         )
+
+
+def _has_text(recipe) -> bool:
+    return any(getattr(getattr(recipe.data, key, None), "text", None) is not None for key in ("calibration", "eval"))
 
 
 def calibration_samples(config: Config, recipe, available: int, where: str) -> tuple[int, int, str]:

@@ -161,11 +161,12 @@ class Config(PassConfig):
         default=None,
         description="weights: MatMulNBits compute type (4: int8 activations, the fastest on CPU; null: ORT's default)",
     )
-    algorithm: Literal["rtn", "hqq", "gptq", "k_quant"] = Field(
+    algorithm: Literal["rtn", "hqq", "gptq", "awq", "k_quant"] = Field(
         default="rtn",
         description="weights: rtn (round to nearest) | hqq (half-quadratic; MatMul only, int4 only) | gptq (ONNX "
-        "Runtime's GPTQ, calibrated on the text of a decoder; MatMul only, int4 only) | k_quant (llama.cpp's k-quant "
-        "scales, as the model builder offers; MatMul only)",
+        "Runtime's GPTQ, calibrated on the text of a decoder; MatMul only, int4 only) | awq (activation-aware "
+        "scales and clipping calibrated on the text of a decoder, then rtn; MatMul only, int4 only) | k_quant "
+        "(llama.cpp's k-quant scales, as the model builder offers; MatMul only)",
     )
     act_order: bool = Field(
         default=True,
@@ -197,16 +198,6 @@ class Config(PassConfig):
 
     def written_by_recipe(self, key: str) -> bool:
         return key in (self._written if self._written is not None else self.model_fields_set)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_awq(cls, data: Any) -> Any:
-        if isinstance(data, dict) and str(data.get("algorithm", "")).lower() == "awq":
-            raise ValueError(
-                "algorithm: awq is not available: ONNX Runtime ships no CPU AWQ (its nvidia_awq needs NVIDIA ModelOpt "
-                "and a Hugging Face dataset download), and onnx-neural-compressor's AWQ pins numpy<2; use gptq or hqq"
-            )
-        return data
 
     @model_validator(mode="after")
     def _weight_only_fits(self) -> Config:
@@ -266,15 +257,17 @@ class Config(PassConfig):
             raise ValueError(
                 f"weights: op_types can be MatMul and Gather only (got {', '.join(sorted(ops - {'MatMul', 'Gather'}))})"
             )
-        if self.algorithm in ("gptq", "k_quant") and "Gather" in ops:
+        if self.algorithm in ("gptq", "awq", "k_quant") and "Gather" in ops:
             raise ValueError(
-                f"algorithm: {self.algorithm} quantizes MatMul only in ONNX Runtime; drop Gather from op_types (the "
+                f"algorithm: {self.algorithm} quantizes MatMul only; drop Gather from op_types (the "
                 "embeddings key sets the embedding table's precision)"
             )
         if "act_order" in written and self.algorithm != "gptq":
             raise ValueError("act_order is a GPTQ setting: add algorithm: gptq")
         if self.algorithm == "gptq" and self.weights != "int4":
             raise ValueError("algorithm: gptq writes int4 only in ONNX Runtime; use weights: int4 or algorithm: rtn")
+        if self.algorithm == "awq" and self.weights != "int4":
+            raise ValueError("algorithm: awq searches int4 scales only; use weights: int4 or algorithm: rtn")
         if self.algorithm == "hqq":
             if self.weights != "int4":
                 raise ValueError("algorithm: hqq writes int4 only; use weights: int4 or algorithm: rtn")

@@ -73,12 +73,35 @@ class Search(Open):
     race: list[dict[str, Any]] | None = None
 
 
+class AwqGroup(Open):
+    """One group of MatMuls sharing an input: the scale AWQ chose and the output error it left on the sample."""
+
+    matmuls: list[str] | None = None
+    fold: str | None = None  # where 1/s went: "gamma of <norm weight>" | "columns of <up_proj weight>"
+    alpha: Number | None = None  # null: plain round-to-nearest scored best, the weights were left unscaled
+    error_rtn: Number | None = None  # mean squared output error with round-to-nearest
+    error_awq: Number | None = None  # .. with the chosen scale
+    clip: dict[str, dict[str, Any]] | None = None  # MatMul -> mean_ratio, blocks_clipped, block errors
+    seconds: Number | None = None
+
+
+class Awq(Open):
+    """algorithm: awq (passes/quantize/awq.py): per group the chosen scale and clip, and the groups left alone."""
+
+    windows: int | None = None
+    rows: int | None = None  # rows of each MatMul input sampled for the losses
+    groups: list[AwqGroup] | None = None
+    skipped: dict[str, str] | None = None  # MatMuls -> why their input could not be scaled exactly
+    seconds: Number | None = None
+
+
 class WeightOnly(Open):
     """Weight-only int4/int8 (MatMulNBits): the ops written and, for a mix, which MatMuls stayed at the backup."""
 
     quantized_ops: dict[str, int] | None = None
     mixed: dict[str, Any] | None = None
     skipped: str | None = None
+    awq: Awq | None = None
 
 
 class QuantizeDetails(GraphChanges):

@@ -177,6 +177,7 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     from optcli.passes.quantize.search.evaluation import evaluation_for
     from optcli.passes.quantize.search.goal import make_goal
     from optcli.passes.quantize.weight_only import (
+        activation_aware,
         calibration_for,
         describe,
         float_weight_bytes,
@@ -187,6 +188,7 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     t0 = time.perf_counter()
     proto, ops, opset = prepared(source, config, ctx)
     calibration = calibration_for(model, config, ctx)
+    awq = activation_aware(proto, config, exclude, ctx, calibration)
     decoder = config.target.metric == "perplexity"
     ev = sensitivity_evaluation(model, config, ctx) if decoder else evaluation_for(model, config, ctx)
     goal = make_goal(config.target, ev.score(ev.reference))
@@ -220,6 +222,8 @@ def run_search(model, config, ctx, source: Path, target: Path, exclude: set[str]
     details = describe(load_model(target, external_data=False), config, ops, opset, float_weight_bytes(proto))
     warn_if_nothing(details, ops, ctx)
     details["mixed"] = _mix_details(config, order, loss, counts, order[: chosen.promoted], time.perf_counter() - t0)
+    if awq is not None:
+        details["awq"] = awq
     record_search(ctx, config, goal, chosen, tried, order, loss, counts, time.perf_counter() - t0)
     if not chosen.meets:
         ctx.warn(

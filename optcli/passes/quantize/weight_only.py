@@ -5,8 +5,10 @@ float. `algorithm: rtn` is ORT's own blockwise round-to-nearest (its DefaultWeig
 Half-Quadratic Quantization (MatMul only in ORT). `gptq` and `k_quant` are the functions of the Intel Neural
 Compressor copy ORT ships (onnxruntime.quantization.neural_compressor, what MatMulNBitsQuantizer's GPTQ / k_quant
 configs call), called directly: the wrapper ignores nodes_to_exclude for GPTQ, and both print progress bars on
-stdout (sent to the log here). Their graphs need named nodes (name_nodes names them first). GPTQ calibrates on a
-decoder's text (decoder.calibration_feeds). A decoder's lm_head and embedding table get their own precision.
+stdout (sent to the log here). Their graphs need named nodes (name_nodes names them first). `awq` is optcli's own
+(awq.py): it scales and clips the float weights (activation_aware), then ORT's round-to-nearest writes them. GPTQ
+and AWQ calibrate on a decoder's text (decoder.calibration_feeds). A decoder's lm_head and embedding table get their
+own precision.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def prepared(source: Path, config, ctx) -> tuple[object, tuple[str, ...], dict]:
     return proto, ops, opset
 
 
-# Algorithms ORT implements for MatMul only: embeddings (Gather) then go through its round-to-nearest.
-MATMUL_ONLY = ("hqq", "gptq", "k_quant")
+# Algorithms for MatMul only: embeddings (Gather) then go through ORT's round-to-nearest.
+MATMUL_ONLY = ("hqq", "gptq", "awq", "k_quant")
 BITS = {"int4": 4, "int8": 8, "fp32": None}  # GatherBlockQuantized: 4 only (ORT)
 
 
@@ -280,18 +282,37 @@ def matmul_weights(proto, exclude: set[str]) -> dict[str, int]:
     }
 
 
-GPTQ_WINDOWS = 16  # calibration windows when data.calibration.samples is unset
+CALIBRATED = ("gptq", "awq")  # the algorithms that read the decoder's text
+CALIBRATION_WINDOWS = 16  # calibration windows when data.calibration.samples is unset
 
 
 def calibration_for(model, config, ctx) -> list[dict] | None:
-    """GPTQ's calibration feeds (windows of the decoder's text), read once per pass; None for the other algorithms."""
-    if config.algorithm != "gptq":
+    """GPTQ's / AWQ's calibration feeds (windows of the decoder's text), read once per pass; None for the others."""
+    if config.algorithm not in CALIBRATED:
         return None
     from optcli.passes.quantize.decoder import calibration_feeds
 
     source = getattr(ctx.recipe.data, "calibration", None)
-    samples = (source.samples if source is not None else None) or GPTQ_WINDOWS
+    samples = (source.samples if source is not None else None) or CALIBRATION_WINDOWS
     return calibration_feeds(Path(model.path).parent, ctx, samples)
+
+
+def activation_aware(proto, config, exclude: set[str], ctx, calibration: list[dict] | None) -> dict | None:
+    """algorithm: awq: proto's int4 MatMul weights scaled and clipped in place (awq.py), once per pass, before any
+    write (the mixed search's backups then quantize the scaled weights: the float graph is the same); the record
+    for details.weight_only.awq. None for the other algorithms."""
+    if config.algorithm != "awq":
+        return None
+    if not calibration:
+        raise PassFailed(ctx.step_name, "AWQ needs calibration text (data.calibration.text or data.eval.text)")
+    from optcli.passes.quantize.awq import apply
+
+    role = roles(proto, config, ("MatMul",))
+    int4 = set(matmul_weights(proto, exclude | role.int8 | role.fp32))
+    try:
+        return apply(proto, int4, calibration, config.block_size, config.symmetric, Path(ctx.step_dir), ctx.log)
+    except Exception as e:  # ORT's session errors (Fail, InvalidGraph ..) derive from Exception only
+        raise PassFailed(ctx.step_name, f"awq failed: {type(e).__name__}: {str(e)[:300]}") from None
 
 
 def describe(out, config, ops: tuple[str, ...], opset: dict, before: int) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from optcli.passes.quantize.weight_mix import backup_for_ratio
 from optcli.passes.quantize.weight_only import (
+    activation_aware,
     calibration_for,
     describe,
     float_weight_bytes,
@@ -24,6 +25,7 @@ def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dic
 
     proto, ops, opset = prepared(model.path, config, ctx)
     calibration = calibration_for(model, config, ctx)
+    awq = activation_aware(proto, config, exclude, ctx, calibration)
     backup: frozenset[str] = frozenset()
     mix = None
     if config.ratio < 1:
@@ -35,4 +37,6 @@ def quantize_weights(model, target: Path, config, exclude: set[str], ctx) -> dic
     warn_if_nothing(details, ops, ctx)
     if mix is not None:
         details["mixed"] = mix
+    if awq is not None:
+        details["awq"] = awq
     return details

@@ -1,5 +1,5 @@
-"""int4 for decoders beyond the builder's round-to-nearest: ONNX Runtime's RTN, HQQ, GPTQ (calibrated on the text) and
-k-quant on the fp32 decoder, a decoder's lm_head / embeddings in their own precision, the mixed int4/int8 search
+"""int4 for decoders beyond the builder's round-to-nearest: ONNX Runtime's RTN, HQQ, GPTQ (calibrated on the text),
+optcli's AWQ and k-quant on the fp32 decoder, a decoder's lm_head / embeddings in their own precision, the mixed int4/int8 search
 with a perplexity target, dynamic int8. A tiny Qwen2 decoder is built and exported once (tests/llm_models.py)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def qwen2(tmp_path_factory):
     return SimpleNamespace(root=root, folder=root / "qwen2", fp32=root / "fp32", tokens=tokens)
 
 
-def _quantize(qwen2, tmp_path, **settings) -> Path:
+def _quantize(qwen2, tmp_path, details: dict | None = None, **settings) -> Path:
     """The quantize pass on the fp32 decoder folder, as the LLM run calls it (its data: the eval text's tokens)."""
     from optcli.llm.config import LlmReport
     from optcli.model import Model
@@ -55,7 +55,10 @@ def _quantize(qwen2, tmp_path, **settings) -> Path:
         log=lambda message: None,
     )
     model = Model(format="genai", inputs=[], path=qwen2.fp32)
-    return Path(apply(model, Config(**settings), ctx).path)
+    out = Path(apply(model, Config(**settings), ctx).path)
+    if details is not None:
+        details.update(ctx.details)
+    return out
 
 
 def _nodes(folder: Path) -> list:
@@ -72,7 +75,7 @@ def _perplexity(folder: Path, tokens) -> float:
     return perplexity(folder, tokens, SMALL["context"], SMALL["stride"], threads=1)
 
 
-@pytest.mark.parametrize("algorithm", ["rtn", "hqq", "gptq", "k_quant"])
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq", "gptq", "awq", "k_quant"])
 def test_each_int4_algorithm_writes_matmulnbits_weights_and_a_decoder_that_runs(qwen2, tmp_path, algorithm):
     out = _quantize(qwen2, tmp_path, weights="int4", algorithm=algorithm, block_size=32)
     matmuls = [n for n in _nodes(qwen2.fp32) if n.op_type == "MatMul"]
@@ -86,6 +89,22 @@ def test_each_int4_algorithm_writes_matmulnbits_weights_and_a_decoder_that_runs(
     assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
     before, after = _perplexity(qwen2.fp32, qwen2.tokens), _perplexity(out, qwen2.tokens)
     assert np.isfinite(after) and abs(after / before - 1) < 0.1  # int4 moves a decoder's perplexity, a little
+
+
+def test_awq_scales_every_foldable_group_of_the_decoder_and_says_why_o_proj_is_left_alone(qwen2, tmp_path):
+    details: dict = {}
+    _quantize(qwen2, tmp_path, details, weights="int4", algorithm="awq", lm_head="int4", block_size=32)
+    record = details["weight_only"]["awq"]
+    scaled = {m for g in record["groups"] for m in g["matmuls"]}
+    matmuls = {n.name for n in _nodes(qwen2.fp32) if n.op_type == "MatMul"}
+    o_proj = {n for n in matmuls if "o_proj" in n}
+    assert scaled == matmuls - o_proj  # qkv, gate+up, down (into up_proj's columns), and the untied lm_head
+    assert all("GroupQueryAttention" in record["skipped"][n] for n in o_proj)
+    assert all(g["error_awq"] <= g["error_rtn"] for g in record["groups"])
+    assert any(g["alpha"] is not None and g["error_awq"] < g["error_rtn"] for g in record["groups"])
+    down = [g for g in record["groups"] if g["fold"].startswith("columns of") and "down_proj" in g["matmuls"][0]]
+    assert len(down) == len([n for n in matmuls if "down_proj" in n])
+    assert not any(g["clip"] for g in record["groups"] if "qkv" in g["matmuls"][0])  # q and k are never clipped
 
 
 def test_lm_head_and_embeddings_take_the_precision_the_recipe_gives_them(qwen2, tmp_path):
@@ -186,7 +205,8 @@ def test_perplexity_target_keeps_the_most_sensitive_matmuls_in_int8_and_reports_
 @pytest.mark.parametrize(
     ("quantize", "words"),
     [
-        ({"weights": "int4", "algorithm": "awq"}, "awq is not available"),
+        ({"weights": "int8", "algorithm": "awq"}, "awq searches int4 scales only"),
+        ({"weights": "int4", "algorithm": "awq", "op_types": ["MatMul", "Gather"]}, "awq quantizes MatMul only"),
         ({"weights": "int4", "algorithm": "gptx"}, "algorithm"),
         ({"weights": "int8", "algorithm": "gptq"}, "int4 only"),
         ({"weights": "int4", "embeddings": "int8"}, "embeddings"),

@@ -82,6 +82,7 @@ def test_int8_weight_only_is_closer_than_int4(encoder, tmp_path):
         ({"weights": "int4", "mode": "static"}, "weight-only"),
         ({"block_size": 32}, "add weights: int4"),
         ({"weights": "int8", "algorithm": "hqq"}, "int4 only"),
+        ({"weights": "int4", "algorithm": "awq"}, "awq calibrates on a decoder's text"),
         ({"weights": "int4", "op_types": ["Conv"]}, "MatMul and Gather only"),
         ({"weights": "int4", "ratio": 0.8, "target": {"min_value": 0.99}}, "ratio or target"),
         ({"weights": "int4", "search": {"modes": ["static"]}}, "belongs to the int8 search"),
