@@ -224,7 +224,7 @@ def test_eval_labels_that_do_not_fit_the_outputs_are_bad_input_at_validate_and_r
     checked = run_cli("validate", write_recipe(tmp_path, onnx_recipe, "onnx.yaml"))  # the file records 10 classes
     assert checked.exit_code == 2 and checked.stderr.count("\n") == 1, checked.stderr
     assert checked.stderr.startswith(f"error: data.eval ({data}): labels") and fix in checked.stderr
-    torch_recipe = digits_recipe(digits, [{"type": "export"}])  # a state_dict: outputs known once it runs
+    torch_recipe = digits_recipe(digits, [EXPORT])  # a state_dict: outputs known once it runs
     torch_recipe["data"] = {"eval": {"path": str(data), "labels": "y"}}
     out = tmp_path / "out"
     ran = run_cli("run", write_recipe(tmp_path, torch_recipe, "torch.yaml"), "-o", out, "-q")
@@ -341,7 +341,7 @@ def test_ctrl_c_on_a_parallel_sweep_exits_130_with_no_orphan_workers_and_nothing
 
 
 def test_report_html_tables_read_as_text_not_python_and_align_figures(digits, tmp_path):
-    recipe = digits_recipe(digits, [{"type": "export"}])
+    recipe = digits_recipe(digits, [EXPORT])
     result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "-q")
     assert result.exit_code == 0, result.stderr
     html = (tmp_path / "out" / "report.html").read_text()

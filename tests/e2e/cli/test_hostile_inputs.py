@@ -205,7 +205,7 @@ def test_pickle_payload_never_runs_without_trust(bad, digits, tmp_path):
     marker = bad / "PAYLOAD_RAN"
     for name in ("payload.pt", "payload_raw.pt"):
         refused(run_cli("inspect", bad / name), name, "--trust-pickle")
-        recipe = digits_recipe(digits, [{"type": "export"}])
+        recipe = digits_recipe(digits, [EXPORT])
         recipe["model"]["path"] = str(bad / name)
         refused(run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / name, *QUIET), name, "trust")
         refused(
@@ -217,7 +217,7 @@ def test_pickle_payload_never_runs_without_trust(bad, digits, tmp_path):
 @pytest.mark.parametrize("name", ["payload_data.npz", "payload_data.pt"])
 def test_pickle_payload_in_a_data_file_never_runs_even_with_trust_pickle(bad, digits, tmp_path, name):
     # --trust-pickle is about the model file; data files are read as plain arrays only.
-    recipe = digits_recipe(digits, [{"type": "export"}])
+    recipe = digits_recipe(digits, [EXPORT])
     recipe["data"] = {"eval": {"path": str(bad / name)}}
     refused(run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--trust-pickle", *QUIET), name)
     assert not (bad / "PAYLOAD_RAN").exists()
@@ -245,7 +245,7 @@ def test_yaml_python_tags_are_refused_and_never_constructed(tmp_path, recipe_fil
 
 def test_yaml_python_tag_in_a_set_override_is_refused(digits, tmp_path):
     marker = tmp_path / "SET_RAN"
-    path = write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}]))
+    path = write_recipe(tmp_path, digits_recipe(digits, [EXPORT]))
     refused(
         run_cli("validate", path, "--set", f"seed=!!python/object/apply:builtins.open [{marker}, w]"), "--set", "seed"
     )
@@ -291,7 +291,7 @@ BAD_RECIPES = [
 
 @pytest.mark.parametrize("override,words", BAD_RECIPES)
 def test_bad_recipe_value_is_refused_with_its_key_and_line(digits, tmp_path, override, words):
-    path = write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}]))
+    path = write_recipe(tmp_path, digits_recipe(digits, [EXPORT]))
     refused(run_cli("validate", path, "--set", override), words)
 
 
@@ -358,7 +358,7 @@ def test_bad_data_file_is_refused_before_any_pass_runs(digits, tmp_path, section
 
 
 def test_labels_key_missing_is_refused(digits, tmp_path):
-    recipe = digits_recipe(digits, [{"type": "export"}])
+    recipe = digits_recipe(digits, [EXPORT])
     recipe["data"]["eval"]["labels"] = "label"
     refused(run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", *QUIET), "data.eval", "'label'")
 
@@ -368,7 +368,7 @@ def test_labels_key_missing_is_refused(digits, tmp_path):
 
 def test_shape_larger_than_memory_is_refused_before_allocating(digits, tmp_path):
     # 46340^2 floats is 8.6 GB per sample; batch 4096 asks for 35 TB: refused, never attempted.
-    recipe = digits_recipe(digits, [{"type": "export"}])
+    recipe = digits_recipe(digits, [EXPORT])
     recipe["model"]["inputs"] = [{"name": "x", "shape": [1, 1, 46340, 46340], "dtype": "float32"}]
     recipe["data"] = {}
     recipe["report"]["latency"]["batch_sizes"] = [1, 4096]
@@ -426,7 +426,7 @@ def test_output_folder_holding_the_inputs_is_refused(digits, tmp_path):
     inputs.mkdir()
     for f in ("digits_cnn.pt", "digits_test.npz", "digits_calib.npz"):
         (inputs / f).write_bytes((digits / f).read_bytes())
-    path = write_recipe(inputs, digits_recipe(inputs, [{"type": "export"}]))
+    path = write_recipe(inputs, digits_recipe(inputs, [EXPORT]))
     before = tree_hashes(inputs)
     for flag in ("--overwrite", "--resume"):
         refused(run_cli("run", path, "-o", inputs, flag, *QUIET), str(inputs), "digits_cnn.pt")
@@ -450,7 +450,7 @@ def test_what_the_run_went_past_is_listed_in_report_warnings(digits, tmp_path):
     # allow_slower: this checks warnings, not speed (dynamic int8 on the digits CNN is slower than fp32, and the
     # default speed gate would rightly fail it).
     quantize = {"type": "quantize", "mode": "dynamic", "exclude": ["NoSuchNode"], "allow_slower": True}
-    passes = [{"type": "export"}, quantize]
+    passes = [EXPORT, quantize]
     recipe = digits_recipe(
         digits, passes, report={"latency": {"batch_sizes": [1], "warmup": 0, "runs": 3, "threads": 1}}
     )

@@ -156,7 +156,7 @@ def digits_batches(n: int = 64):
 
 
 def test_data_factory_feeds_evaluation(digits, tmp_path):
-    recipe = digits_recipe(digits, [{"type": "export"}])
+    recipe = digits_recipe(digits, [EXPORT])
     recipe["data"] = {
         "eval": {"factory": "test_loaders_and_verbs:digits_batches", "factory_kwargs": {"n": 48}, "labels": "y"}
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import allow_slower, run_cli, write_recipe
+from conftest import EXPORT, allow_slower, run_cli, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _recipe(folder, quantize: dict) -> dict:
             "calibration": {"path": str(folder / "tokens.npz"), "samples": 64},
             "eval": {"path": str(folder / "tokens.npz")},
         },
-        "passes": allow_slower([{"type": "export"}, {"type": "quantize", **quantize}]),
+        "passes": allow_slower([EXPORT, {"type": "quantize", **quantize}]),
         "report": {"latency": {"batch_sizes": [4], "warmup": 1, "runs": 3, "threads": 1}},
     }
 

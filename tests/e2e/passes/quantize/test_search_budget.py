@@ -3,7 +3,7 @@ cannot fit the budget."""
 
 from __future__ import annotations
 
-from conftest import digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, digits_recipe, run_cli, write_recipe
 
 
 def test_digits_search_reports_its_plan_estimate_and_skipped_count(digits, tmp_path):
@@ -13,7 +13,7 @@ def test_digits_search_reports_its_plan_estimate_and_skipped_count(digits, tmp_p
         "allow_slower": True,
         "search": {"per_channel": [True], "max_trials": 3, "latency_runs": 2, "fallback": False},
     }
-    recipe = digits_recipe(digits, [{"type": "export"}, quantize])
+    recipe = digits_recipe(digits, [EXPORT, quantize])
     recipe["report"]["latency"]["batch_sizes"] = [8]
     result = run_cli("run", write_recipe(tmp_path, recipe), "-o", tmp_path / "out", "--json", "--quiet")
     assert result.exit_code in (0, 1), result.stderr

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli, write_recipe
+from conftest import EXPORT, run_cli, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _recipe(folder, quantize: dict) -> dict:
             ],
         },
         "data": {"eval": {"path": str(folder / "tokens.npz")}},
-        "passes": [{"type": "export"}, {"type": "quantize", **quantize}],
+        "passes": [EXPORT, {"type": "quantize", **quantize}],
         "report": {"latency": {"batch_sizes": [4], "warmup": 1, "runs": 3, "threads": 1}},
     }
 
