@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO, digits_recipe, run_cli, write_recipe
+from conftest import EXPORT, REPO, digits_recipe, run_cli, write_recipe
 from onnx import TensorProto, helper
 
 from optcli import __version__
@@ -45,7 +45,7 @@ def test_readme_quick_start_command_can_be_run_twice(digits, tmp_path):
     command = next(line for line in quick.splitlines() if line.startswith("optcli run configs/digits_static_int8"))
     assert "--overwrite" in command  # the README's own command, re-runnable as written
     assert "--overwrite" in (REPO / "Makefile").read_text().split("quickstart:")[1].split("\n\n")[0]
-    recipe = write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}]))
+    recipe = write_recipe(tmp_path, digits_recipe(digits, [EXPORT]))
     for _ in range(2):
         result = run_cli("run", recipe, "-o", tmp_path / "out", "--overwrite", "-q")
         assert result.exit_code == 0, result.stderr
