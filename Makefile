@@ -17,8 +17,8 @@ services:  ## what the PostgreSQL study test needs (Debian, as root); without it
 install: $(BIN)/python  ## editable install with the tested versions pinned (hf: the Hugging Face folder tests need it)
 	$(BIN)/pip install -q -e ".[dev,hf,llm,postgres]" -c constraints.txt
 
-test: lint  ## the default test run (CI runs exactly this, after make install)
-	$(BIN)/python -m pytest -q -n 2
+test: lint  ## what CI runs after make install: the default run and the system tier, in one session
+	$(BIN)/python -m pytest -q -n 2 -m 'not slow'
 
 lint:  ## style and types held by tools: ruff lint + format check (make fmt fixes what can be fixed), mypy on optcli/
 	$(BIN)/ruff check optcli tests benchmarks

@@ -298,6 +298,7 @@ def _descendants(pid):
         return []
 
 
+@pytest.mark.system
 def test_ctrl_c_on_a_parallel_sweep_exits_130_with_no_orphan_workers_and_nothing_half_written(small_sweep, tmp_path):
     import signal
     import time

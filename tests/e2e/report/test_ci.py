@@ -142,6 +142,7 @@ def test_compare_exits_1_on_each_kind_of_regression_and_0_within_the_limits(fini
     assert plain.exit_code == 0 and "checks" not in plain.json()
 
 
+@pytest.mark.system
 def test_makefile_ci_target_runs_and_fails_on_a_regression(finished, tmp_path):
     recipe, out, _, _ = finished
     bin_dir = Path(sys.executable).parent

@@ -80,6 +80,7 @@ PHASES = {
 }
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "phase,sig",
     [
@@ -105,6 +106,7 @@ def test_signal_exits_130_and_leaves_nothing_half_written(digits, tmp_path, phas
     assert seconds < 60, f"took {seconds:.0f}s to stop"
 
 
+@pytest.mark.system
 def test_run_interrupted_in_the_second_step_resumes_to_the_same_bytes(digits, tmp_path):
     # allow_slower: this checks interrupts, not speed (dynamic int8 on a CNN is slower than fp32 and the default
     # speed gate would rightly fail it)
@@ -229,6 +231,7 @@ def test_pass_failing_oddly_on_a_nearly_full_disk_is_reported_as_disk_full(digit
     assert_nothing_half_written(out)
 
 
+@pytest.mark.system
 def test_signal_outside_a_guarded_command_still_exits_130():
     # Outside a command's own handler (start-up, option parsing, `passes`) click would say "Aborted!" and exit 1.
     import subprocess as _subprocess

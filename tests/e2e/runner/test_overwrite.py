@@ -109,6 +109,7 @@ def test_recipe_inside_the_output_folder_is_never_deleted(digits, tmp_path):
     assert moved.is_file()
 
 
+@pytest.mark.system
 def test_interrupted_run_does_not_block_the_same_command(digits, tmp_path):
     # exporter: auto, as a user's recipe has it: the signal lands during the export, which a 0.1 s one would race
     recipe = write_recipe(tmp_path, digits_recipe(digits, [{"type": "export"}], report=FAST))

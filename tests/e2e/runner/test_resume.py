@@ -175,6 +175,7 @@ def test_second_run_into_the_same_folder_is_refused_while_the_first_runs(digits,
     run(slow, out, "--resume", "--set", "report.latency.runs=3", "-q")  # the folder is usable again
 
 
+@pytest.mark.system
 def test_two_runs_into_different_folders_at_once_do_not_interfere(digits, tmp_path):
     recipe = write_recipe(tmp_path, digits_recipe(digits, PASSES, report=FAST))
     procs = [

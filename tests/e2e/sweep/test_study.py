@@ -129,6 +129,7 @@ def wait_for_trial(proc: subprocess.Popen, out: Path) -> Path:
     pytest.fail("the worker started no trial:\n" + "".join(seen))
 
 
+@pytest.mark.system
 def test_a_worker_killed_mid_trial_has_its_trial_retried_and_its_folder_never_taken_as_finished(study_recipe, tmp_path):
     from conftest import run_cli
 
@@ -162,6 +163,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_retried_and_its_folder_never_ta
     assert "killed" in dead["error"] or "stopped" in dead["error"]
 
 
+@pytest.mark.system
 def test_ctrl_c_on_one_worker_leaves_the_other_running_and_its_trial_done_by_the_other(study_recipe, tmp_path):
     out, space = tmp_path / "study", grid_file(tmp_path)
     first = start_worker(*sweep_args(study_recipe, out, space, "--worker"))
@@ -271,6 +273,7 @@ def postgres(tmp_path_factory):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("workers", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_workers_sharing_a_postgresql_study_find_the_same_front_as_one_worker(
     postgres, study_recipe, tmp_path, workers, one_worker_front

@@ -124,6 +124,7 @@ def test_two_by_two_sweep_shares_the_export_and_picks_the_best_under_the_gates(s
     assert json.loads((out / "sweep.json").read_text())["best"] is None and not os.path.lexists(out / "best")
 
 
+@pytest.mark.system
 def test_interrupted_sweep_resumes_with_the_finished_variants_reused(sweep_recipe, tmp_path):
     out = tmp_path / "sweep"
     args = [sys.executable, "-m", "optcli", "sweep", str(sweep_recipe), "-o", str(out), *GRID]

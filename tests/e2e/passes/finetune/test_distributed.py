@@ -156,6 +156,7 @@ def test_two_workers_reach_the_weights_and_metric_of_one_worker_with_the_same_gl
     assert files_under(out2) == files_under(out1)
 
 
+@pytest.mark.system
 def test_a_killed_worker_ends_the_run_with_exit_3_naming_its_rank(tmp_path, mlp_recipe):
     mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": STEPS_PER_EPOCH + 3}  # mid epoch 2
     mlp_recipe["passes"][0]["batch_size"] = GLOBAL_BATCH // 2
@@ -169,6 +170,7 @@ def test_a_killed_worker_ends_the_run_with_exit_3_naming_its_rank(tmp_path, mlp_
     assert not (tmp_path / "out" / "model.pt2").exists()
 
 
+@pytest.mark.system
 def test_max_restarts_resumes_from_the_epoch_checkpoint_and_finishes(tmp_path, mlp_recipe):
     plain = {**mlp_recipe, "passes": [dict(mlp_recipe["passes"][0])]}
     mlp_recipe["model"]["factory_kwargs"] = {"kill_rank": 1, "kill_step": STEPS_PER_EPOCH + 3}
@@ -183,6 +185,7 @@ def test_max_restarts_resumes_from_the_epoch_checkpoint_and_finishes(tmp_path, m
     assert max_abs_diff(weights(out1 / "model.pt2"), weights(tmp_path / "out" / "model.pt2")) <= 1e-5
 
 
+@pytest.mark.system
 def test_ctrl_c_stops_every_worker_and_exits_130(tmp_path, mlp_recipe):
     mlp_recipe["passes"][0].update(epochs=2000, batch_size=GLOBAL_BATCH // 2)
     tag = uuid.uuid4().hex

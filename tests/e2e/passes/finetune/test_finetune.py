@@ -198,6 +198,7 @@ def test_same_seed_twice_gives_bit_identical_weights(digits, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed does matter
 
 
+@pytest.mark.system
 def test_resume_after_an_interrupted_epoch_ends_with_the_same_weights(digits, tmp_path, monkeypatch):
     passes = [{"type": "finetune", "epochs": 3, **FAST, "optimizer": "adam", "distill": {"teacher": "reference"}}]
     assert _run(tmp_path, _recipe(digits, passes), out="whole").exit_code == 0
