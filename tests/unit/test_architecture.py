@@ -144,6 +144,19 @@ def test_every_test_file_lives_in_a_tier_folder_laid_out_like_the_code():
     )
 
 
+def test_system_tests_are_end_to_end_and_ci_runs_them_while_the_quick_run_does_not():
+    # `system` tests start, signal and kill processes: they belong to tests/e2e. The quick default run leaves them and
+    # `slow` out (pyproject addopts); make test, which CI runs, selects everything but `slow`, so none is dropped.
+    import re
+
+    marked = [p for p in TESTS.rglob("test_*.py") if re.search(r"^@pytest\.mark\.system$", p.read_text(), re.M)]
+    assert marked and all(p.relative_to(TESTS).parts[0] == "e2e" for p in marked), marked
+    assert """addopts = "-m 'not slow and not system'""" in (REPO / "pyproject.toml").read_text()
+    make_test = (REPO / "Makefile").read_text().split("\ntest:")[1].split("\n\n")[0]
+    assert "pytest -q -n 2 -m 'not slow'" in make_test
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
 def test_test_file_names_are_unique_across_the_tiers():
     # pytest imports test files by their bare name (no __init__.py in tests/), so two of one name would collide.
     seen: dict[str, list[str]] = {}
