@@ -238,12 +238,16 @@ def optcli_run(work: Path, slug: str, recipe: dict) -> dict:
     return report
 
 
-def init_recipe(model: Path) -> dict:
-    """What `optcli init MODEL` writes for this model (the default a new user starts from)."""
+def init_recipe(model: Path, data: Path) -> dict:
+    """What `optcli init MODEL --data FILE` writes for this model (the default a new user with data starts from;
+    without --data, init writes a dynamic-int8 recipe that runs on generated inputs, which is not this row)."""
     import yaml
 
     proc = subprocess.run(
-        [sys.executable, "-m", "optcli", "init", str(model)], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "optcli", "init", str(model), "--data", str(data)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return yaml.safe_load(proc.stdout)
 
@@ -260,7 +264,7 @@ def optcli_rows(m: dict, work: Path, budget: float) -> tuple[dict, dict]:
         "eval": {"path": str(work / f"{key}_eval.npz"), "labels": "y", "metric": m["target"]["metric"]},
     }
     report = {"latency": {"batch_sizes": [1], "warmup": 2, "runs": 20, "threads": THREADS}}
-    default = init_recipe(m["fp32"])
+    default = init_recipe(m["fp32"], work / f"{key}_calib.npz")
     default["data"] = data
     default["report"] = report
     default.pop("gates", None)
