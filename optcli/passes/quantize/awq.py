@@ -161,40 +161,19 @@ def _fold(node, source: str, inits, producer, consumers, own_weight) -> tuple[st
 
 def capture(proto, sources: list[str], calibration: list[dict], rows: int, work: Path) -> tuple[dict, dict]:
     """Per source tensor: mean |x| per channel over every calibration token, and about `rows` evenly spread rows."""
-    import tempfile
+    from optcli.passes.quantize.activations import tensor_values
 
-    import onnx
-    import onnxruntime as ort
-
-    from optcli.artifact import ONNX_EXTERNAL_THRESHOLD, save_onnx
-
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(proto)
-    have = {o.name for o in augmented.graph.output}
-    augmented.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in sources if n not in have)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     per_window = max(1, math.ceil(rows / max(1, len(calibration))))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     picked: dict[str, list[np.ndarray]] = {name: [] for name in sources}
-    with tempfile.TemporaryDirectory(dir=work, prefix="awq-") as folder:  # the session reads it till it is done
-        if augmented.ByteSize() > ONNX_EXTERNAL_THRESHOLD:  # past protobuf's 2 GB: ORT reads it from a file
-            source: Any = str(save_onnx(augmented, Path(folder) / "augmented.onnx"))
-        else:
-            source = augmented.SerializeToString()
-        del augmented
-        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-        inputs = {i.name for i in session.get_inputs()}
-        for feeds in calibration:
-            values = session.run(sources, {k: v for k, v in feeds.items() if k in inputs})
-            for name, value in zip(sources, values, strict=True):
-                x = value.reshape(-1, value.shape[-1]).astype(np.float32, copy=False)
-                sums[name] = sums.get(name, 0) + np.abs(x).sum(0, dtype=np.float64)
-                counts[name] = counts.get(name, 0) + len(x)
-                at = np.unique(np.linspace(0, len(x) - 1, min(per_window, len(x))).round().astype(int))
-                picked[name].append(x[at].copy())
-        del session
+    for values in tensor_values(proto, sources, calibration, work):
+        for name, value in zip(sources, values, strict=True):
+            x = value.reshape(-1, value.shape[-1]).astype(np.float32, copy=False)
+            sums[name] = sums.get(name, 0) + np.abs(x).sum(0, dtype=np.float64)
+            counts[name] = counts.get(name, 0) + len(x)
+            at = np.unique(np.linspace(0, len(x) - 1, min(per_window, len(x))).round().astype(int))
+            picked[name].append(x[at].copy())
     means = {name: (sums[name] / counts[name]).astype(np.float32) for name in sources}
     return means, {name: np.concatenate(parts)[:rows] for name, parts in picked.items()}
 

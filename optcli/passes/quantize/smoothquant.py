@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, TypeGuard
 import numpy as np
 
 from optcli.onnxgraph import links, load_model
+from optcli.passes.quantize.activations import tensor_values
 
 if TYPE_CHECKING:
     from onnx import NodeProto
@@ -44,21 +45,9 @@ def _groups(proto) -> dict[str, list]:
 
 def channel_absmax(path: Path, tensors: list[str], batches: list[dict]) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each named tensor over the batches (ONNX Runtime, float graph)."""
-    import onnx
-    import onnxruntime as ort
-
-    proto = load_model(path)  # outputs are added below: its own copy
-    have = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in tensors if n not in have)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inputs = {i.name for i in session.get_inputs()}
     result: dict[str, np.ndarray] = {}
-    for feeds in batches:
-        values = session.run(tensors, {k: v for k, v in feeds.items() if k in inputs})
-        for name, value in zip(tensors, values, strict=False):
+    for values in tensor_values(load_model(path), tensors, batches, optimize=False):
+        for name, value in zip(tensors, values, strict=True):
             m = np.abs(value.reshape(-1, value.shape[-1])).max(0)
             result[name] = np.maximum(result[name], m) if name in result else m
     return result
