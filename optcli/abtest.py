@@ -123,17 +123,16 @@ def ratio_interval(
     return Ratio(math.exp(mean), math.exp(mean - half), math.exp(mean + half), n, runs, kept)
 
 
-def measure_ratio(
-    a: Callable[[], object],
-    b: Callable[[], object],
+def measure_ratios(
+    calls: Sequence[Callable[[], object]],
     rounds: int,
     runs: int,
     warmup: int = 1,
     timer: Callable[[Callable[[], object]], float] = _wall,
-) -> Ratio:
-    """Time B over time A, interleaved in one process."""
-    medians = interleaved([a, b], rounds, runs, warmup, timer)
-    return ratio_interval(medians[:, 0], medians[:, 1], runs)
+) -> list[Ratio]:
+    """Each call's time over the first one's, all interleaved in the same rounds in one process."""
+    medians = interleaved(calls, rounds, runs, warmup, timer)
+    return [ratio_interval(medians[:, 0], medians[:, i], runs) for i in range(1, len(calls))]
 
 
 def verdict_at_most(low: float, high: float, limit: float) -> str:
@@ -211,24 +210,14 @@ def race(base, others: Sequence, batch: int, warmup: int, runs: int, timer=_wall
         for _ in range(max(1, min(warmup, 10))):
             call()
     rounds, per_round = rounds_for(runs)
-    per = runs_per_round(calls, per_round, timer)
-    medians = interleaved(calls, rounds, per, 0, timer)
-    return [ratio_interval(medians[:, 0], medians[:, i], per) for i in range(1, len(calls))]
+    return measure_ratios(calls, rounds, runs_per_round(calls, per_round, timer), 0, timer)
 
 
 def compare_runners(base, new, batch_sizes: Sequence[int], warmup: int, runs: int, timer=_wall) -> dict[str, Ratio]:
     """new/base time ratio per batch size the models take (measure.Runner objects on the same inputs)."""
-    rounds, per_round = rounds_for(runs)
     out = {}
     for batch in batch_sizes:
-        if not (takes_batch(base.inputs, batch) and takes_batch(new.inputs, batch)):
-            continue
-        feeds = feeds_for(base.inputs, batch)
-        calls = [functools.partial(base, feeds), functools.partial(new, feeds)]
-        warm = max(1, min(warmup, 10))
-        for call in calls:
-            for _ in range(warm):
-                call()
-        per_batch = runs_per_round(calls, per_round, timer)
-        out[f"batch_{batch}"] = measure_ratio(calls[0], calls[1], rounds, per_batch, 0, timer)
+        ratios = race(base, [new], batch, warmup, runs, timer)
+        if ratios:
+            out[f"batch_{batch}"] = ratios[0]
     return out

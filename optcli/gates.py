@@ -218,8 +218,8 @@ def default_speed_gate(
     if again:
         first = f"{r.value:.2f}x [{r.low:.2f}-{r.high:.2f}]"
         pool = {k: p for k in ab if k in again and (p := pooled(ab[k], again[k])) is not None}
-        both = pool if len(pool) == len(again) else again  # fakes and old results keep no rounds: the second alone
-        key, r = max(both.items(), key=lambda kv: kv[1].value)
+        both = pool if len(pool) == len(again) else again  # a measurement with no finite round: the second alone
+        _, r = max(both.items(), key=lambda kv: kv[1].value)
         second = max(x.value for x in again.values())
         verdict = _slowdown_verdict(both)
         if verdict == FAILS and second <= DEFAULT_MAX_SLOWDOWN:

@@ -12,7 +12,7 @@ from optcli.abtest import (
     FAILS,
     HOLDS,
     INCONCLUSIVE,
-    measure_ratio,
+    measure_ratios,
     race,
     ratio_interval,
     rounds_for,
@@ -24,11 +24,11 @@ from optcli.model import InputSpec
 
 
 def fake_ratio(a_times, b_times, runs=1):
-    """measure_ratio on fake runners: each call returns the next of its given times, the timer takes it as the
+    """measure_ratios on fake runners: each call returns the next of its given times, the timer takes it as the
     time the call took (deterministic, no clock)."""
     a, b = iter(a_times), iter(b_times)
     rounds = len(a_times) // runs - 1  # the first value of each is the warm-up
-    return measure_ratio(lambda: next(a), lambda: next(b), rounds, runs, warmup=1, timer=lambda call: call())
+    return measure_ratios([lambda: next(a), lambda: next(b)], rounds, runs, warmup=1, timer=lambda call: call())[0]
 
 
 def test_clearly_faster_model_holds_a_speed_limit():
@@ -60,7 +60,7 @@ def test_noisy_rounds_around_the_limit_are_inconclusive_not_a_coin_flip():
 
 def test_models_alternate_within_each_round_so_a_burst_hits_both():
     order = []
-    measure_ratio(lambda: order.append("a") or 1.0, lambda: order.append("b") or 1.0, 2, 2, 0, lambda c: c())
+    measure_ratios([lambda: order.append("a") or 1.0, lambda: order.append("b") or 1.0], 2, 2, 0, lambda c: c())
     assert order == ["a", "b", "a", "b", "b", "a", "b", "a"]  # every other round reversed
 
 

@@ -190,7 +190,7 @@ class Search:
     def _drop_losers(self) -> None:
         """Delete written candidates that can no longer be chosen (disk: one int8 model per trial adds up); the
         contenders the final race may still pick stay."""
-        keep = {id(self.choose())} | {id(t) for t in contenders(self.trials, self.goal)}
+        keep = {id(t) for t in contenders(self.trials, self.goal)}  # the best trial is always among them
         for t in self.trials:
             if t.settings is not None and t.path is not None and id(t) not in keep:
                 shutil.rmtree(t.path.parent, ignore_errors=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optcli.abtest import compare_runners, race
+from optcli.abtest import race
 from optcli.measure import (
     FIDELITY_METRICS,
     fidelity,
@@ -67,9 +67,8 @@ def time_p50(path: Path, ev: Evaluation, runner=None) -> float | None:
 def time_ratio(fp32: Path, int8: Path, ev: Evaluation):
     """int8 time over fp32's (abtest.Ratio), both sessions run interleaved in this process at the search's batch,
     threads and runs: what the "int8 faster than fp32" gate decides on, never two p50s taken minutes apart."""
-    runners = [onnx_runner(p, ev.inputs, ev.threads) for p in (fp32, int8)]
-    ratios = compare_runners(runners[0], runners[1], [ev.latency_batch], ev.latency_warmup, ev.latency_runs)
-    return ratios.get(f"batch_{ev.latency_batch}")
+    ratios = race_ratios(fp32, [int8], ev)
+    return ratios[0] if ratios else None
 
 
 def race_ratios(fp32: Path, contenders: list[Path], ev: Evaluation) -> list | None:
